@@ -1,0 +1,1 @@
+"""Model definitions. Single-device code: parallelism is applied from ``league.parallel``."""

@@ -1,0 +1,12 @@
+"""Qwen3.5 / Qwen3.6 MoE: Gated DeltaNet + gated attention + sparse MoE, with a multi-token-prediction head."""
+
+from league.models.qwen3_5_moe.args import ModelArgs
+from league.models.qwen3_5_moe.model import (
+    AttentionCache,
+    ForwardBatch,
+    GDNCache,
+    ModelCache,
+    Transformer,
+)
+
+__all__ = ["AttentionCache", "ForwardBatch", "GDNCache", "ModelArgs", "ModelCache", "Transformer"]

@@ -1,0 +1,407 @@
+"""The Qwen3.5 / Qwen3.6 MoE text model, single-device code.
+
+One forward serves training (packed variable-length sequences, ``cu_seqlens``, no cache) and the
+engine (each sequence continues from a cache slot: prefill, decode, or verify, which keeps every
+intermediate GDN state instead of committing). Knows nothing of parallelism, of how cache slots are
+allocated, or of sampling.
+
+Legend: T packed tokens, N sequences, D model dim, V vocabulary, H query heads, G KV heads, K head dim.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from league.models.qwen3_5_moe.args import ModelArgs
+from league.ops.attention import causal_attention
+from league.ops.conv import causal_conv1d, causal_conv1d_windows
+from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from league.ops.moe import route_topk, swiglu_experts
+from league.ops.norm import gated_rms_norm, rms_norm
+from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+# sequences at most this long run the GDN recurrence step by step; longer ones use the chunked form
+RECURRENT_MAX_TOKENS = 16
+
+
+@dataclass(kw_only=True, slots=True)
+class AttentionCache:
+    """Keys (after k_norm and RoPE) and values of one full-attention layer, ``[slots, max_len, G, K]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(kw_only=True, slots=True)
+class GDNCache:
+    """State of one Gated DeltaNet layer per slot, and per-step scratch rows for verify.
+
+    ``conv`` ``[slots, C, W-1]`` holds the last pre-conv inputs; ``ssm`` ``[slots, Hv, K, V]`` (fp32) the
+    recurrent state. In verify mode, batch row i writes the state after each of its tokens into
+    ``conv_steps[i, t]`` ``[rows, steps, C, W-1]`` and ``ssm_steps[i, t]`` ``[rows, steps, Hv, K, V]``.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    conv_steps: torch.Tensor | None = None
+    ssm_steps: torch.Tensor | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelCache:
+    """Per-layer caches of the trunk and of the MTP head."""
+
+    layers: list[AttentionCache | GDNCache]
+    mtp_layers: list[AttentionCache]
+
+
+@dataclass(kw_only=True, slots=True)
+class ForwardBatch:
+    """Metadata of one forward over N packed sequences.
+
+    Args:
+        cu_seqlens (torch.Tensor): ``[N + 1]`` offsets of each sequence's new tokens in the packed input.
+        seq_lens (list[int]): new tokens per sequence (host copy of the differences of ``cu_seqlens``).
+        positions (torch.Tensor): ``[T]`` absolute position of each token (for RoPE).
+        slots (list[int], Optional): cache slot of each sequence. Default: no cache.
+        cache_lens (list[int], Optional): tokens already in the cache for each sequence; 0 starts fresh.
+        record_states (bool): verify mode: keep GDN states per step in the scratch rows and leave the
+            slots' committed states untouched. Default: ``False``.
+    """
+
+    cu_seqlens: torch.Tensor
+    seq_lens: list[int]
+    positions: torch.Tensor
+    slots: list[int] | None = None
+    cache_lens: list[int] | None = None
+    record_states: bool = False
+
+    @classmethod
+    def packed(cls, seq_lens: list[int], device: torch.device | str = "cpu", cache_lens: list[int] | None = None,
+               slots: list[int] | None = None, record_states: bool = False) -> "ForwardBatch":
+        """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
+        starts = cache_lens or [0] * len(seq_lens)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]) if seq_lens else torch.zeros(0)
+        cu = torch.tensor([0, *seq_lens]).cumsum(0)
+        return cls(cu_seqlens=cu.to(device), seq_lens=list(seq_lens), positions=positions.long().to(device),
+                   slots=slots, cache_lens=cache_lens, record_states=record_states)
+
+    def sequences(self):
+        """Yield ``(i, start, end)`` of each sequence in the packed input."""
+        start = 0
+        for i, n in enumerate(self.seq_lens):
+            yield i, start, start + n
+            start += n
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred ``(1 + w)`` RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedAttention(nn.Module):
+    """Full attention with q/k RMSNorm, partial RoPE, GQA and a sigmoid output gate from ``wq``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        # wq's output is per head [query (K) | gate (K)], interleaved head by head
+        self.wq = nn.Linear(args.dim, 2 * args.num_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: AttentionCache | None) -> torch.Tensor:
+        num_tokens = x_TD.shape[0]
+        q_THK, gate_THK = self.wq(x_TD).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k_TGK = self.wk(x_TD).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v_TGK = self.wv(x_TD).view(num_tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
+        k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
+        scale = self.head_dim**-0.5
+        out_THK = torch.empty_like(q_THK)
+        for i, start, end in batch.sequences():
+            if cache is None:
+                keys, values = k_TGK[start:end], v_TGK[start:end]
+            else:
+                slot, cached = batch.slots[i], batch.cache_lens[i]
+                cache.k[slot, cached : cached + end - start] = k_TGK[start:end]
+                cache.v[slot, cached : cached + end - start] = v_TGK[start:end]
+                keys, values = cache.k[slot, : cached + end - start], cache.v[slot, : cached + end - start]
+            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale)
+        out_TD = out_THK.reshape(num_tokens, -1) * torch.sigmoid(gate_THK.reshape(num_tokens, -1))
+        return self.wo(out_TD)
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention by the gated delta rule, with a causal depthwise conv and a gated output norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = args.linear_num_key_heads, args.linear_num_value_heads
+        self.k_dim, self.v_dim = args.linear_key_head_dim, args.linear_value_head_dim
+        self.key_dim, self.value_dim = args.gdn_key_dim, args.gdn_value_dim
+        # w_qkv's output channels are [q (Hk*K) | k (Hk*K) | v (Hv*V)], each head-major
+        self.w_qkv = nn.Linear(args.dim, args.gdn_conv_dim, bias=False)
+        self.w_z = nn.Linear(args.dim, self.value_dim, bias=False)
+        self.w_b = nn.Linear(args.dim, self.num_v_heads, bias=False)
+        self.w_a = nn.Linear(args.dim, self.num_v_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(args.gdn_conv_dim, args.linear_conv_kernel_dim))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm_weight = nn.Parameter(torch.ones(self.v_dim))
+        self.norm_eps = args.norm_eps
+        self.wo = nn.Linear(self.value_dim, args.dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
+        num_tokens = x_TD.shape[0]
+        mixed_TC = self.w_qkv(x_TD)
+        beta_TH = torch.sigmoid(self.w_b(x_TD))
+        g_TH = -self.A_log.float().exp() * F.softplus(self.w_a(x_TD).float() + self.dt_bias.float())
+        if cache is not None and len(set(batch.seq_lens)) == 1 and batch.seq_lens[0] <= RECURRENT_MAX_TOKENS:
+            o_THV = self._step_batch(mixed_TC, g_TH, beta_TH, batch, cache)
+        else:
+            o_THV = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x_TD.dtype, device=x_TD.device)
+            for i, start, end in batch.sequences():
+                o_THV[start:end] = self._sequence(mixed_TC[start:end], g_TH[start:end], beta_TH[start:end],
+                                                  batch, i, cache)
+        z_THV = self.w_z(x_TD).view(num_tokens, self.num_v_heads, self.v_dim)
+        y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps)
+        return self.wo(y_THV.reshape(num_tokens, self.value_dim))
+
+    def _split(self, conv_out_TC: torch.Tensor):
+        q, k, v = conv_out_TC.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        lead = conv_out_TC.shape[:-1]
+        return (q.reshape(*lead, self.num_k_heads, self.k_dim), k.reshape(*lead, self.num_k_heads, self.k_dim),
+                v.reshape(*lead, self.num_v_heads, self.v_dim))
+
+    def _sequence(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, i: int, cache: GDNCache | None):
+        """One sequence: conv and recurrence from its slot (or from zeros), committing unless verifying."""
+        fresh = cache is None or batch.cache_lens[i] == 0
+        slot = None if cache is None else batch.slots[i]
+        window = None if fresh else cache.conv[slot]
+        state = None if fresh else cache.ssm[slot]
+        conv_TC, new_window = causal_conv1d(mixed_TC, self.conv_weight, window)
+        q, k, v = self._split(conv_TC)
+        if cache is not None and (batch.record_states or len(mixed_TC) <= RECURRENT_MAX_TOKENS):
+            if state is None:
+                state = cache.ssm.new_zeros(cache.ssm.shape[1:])
+            o, states = recurrent_gated_delta_rule(q[None], k[None], v[None], g_TH[None], beta_TH[None], state[None],
+                                                   return_all_states=batch.record_states)
+            o, state = o[0], states[0]
+        else:
+            o, state = chunk_gated_delta_rule(q, k, v, g_TH, beta_TH, state)
+        if cache is not None:
+            if batch.record_states:
+                n = len(mixed_TC)
+                cache.ssm_steps[i, :n] = state
+                base = cache.conv.new_zeros(cache.conv.shape[1:]) if window is None else window
+                cache.conv_steps[i, :n] = causal_conv1d_windows(mixed_TC, base)
+            else:
+                cache.ssm[slot] = state
+                cache.conv[slot] = new_window
+        return o
+
+    def _step_batch(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, cache: GDNCache) -> torch.Tensor:
+        """All sequences have the same few new tokens (decode, verify): one batched recurrence."""
+        num_seqs, steps = len(batch.seq_lens), batch.seq_lens[0]
+        slots = torch.tensor(batch.slots, device=mixed_TC.device)
+        fresh = torch.tensor([n == 0 for n in batch.cache_lens], device=mixed_TC.device)
+        windows = cache.conv[slots].masked_fill(fresh[:, None, None], 0.0)
+        states = cache.ssm[slots].masked_fill(fresh[:, None, None, None], 0.0)
+        mixed_NSC = mixed_TC.view(num_seqs, steps, -1)
+        conv = [causal_conv1d(mixed_NSC[n], self.conv_weight, windows[n]) for n in range(num_seqs)]
+        q, k, v = self._split(torch.stack([c[0] for c in conv]))
+        o, new_states = recurrent_gated_delta_rule(q, k, v, g_TH.view(num_seqs, steps, -1),
+                                                   beta_TH.view(num_seqs, steps, -1), states,
+                                                   return_all_states=batch.record_states)
+        if batch.record_states:
+            cache.ssm_steps[:num_seqs, :steps] = new_states
+            cache.conv_steps[:num_seqs, :steps] = torch.stack(
+                [causal_conv1d_windows(mixed_NSC[n], windows[n]) for n in range(num_seqs)])
+        else:
+            cache.ssm[slots] = new_states
+            cache.conv[slots] = torch.stack([c[1] for c in conv]).to(cache.conv.dtype)
+        return o.reshape(-1, self.num_v_heads, self.v_dim)
+
+
+class Experts(nn.Module):
+    """Routed SwiGLU experts held as fused 3-D weights."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(args.num_experts, 2 * args.moe_intermediate_size, args.dim))
+        self.w_down = nn.Parameter(torch.empty(args.num_experts, args.dim, args.moe_intermediate_size))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoE(nn.Module):
+    """Sparse MoE: fp32 softmax router, renormalised top-k, SwiGLU experts, sigmoid-gated shared expert."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.router = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.experts = Experts(args)
+        self.shared = SwiGLU(args.dim, args.shared_expert_intermediate_size)
+        self.shared_gate = nn.Linear(args.dim, 1, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weights, experts = route_topk(self.router(x_TD), self.top_k)
+        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts)
+        return routed + torch.sigmoid(self.shared_gate(x_TD)) * self.shared(x_TD)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: token mixer (gated attention or Gated DeltaNet) then the MoE, each with a residual."""
+
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        if layer_type == "full_attention":
+            self.attn = GatedAttention(args)
+        else:
+            self.gdn = GatedDeltaNet(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe = MoE(args)
+
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: AttentionCache | GDNCache | None) -> torch.Tensor:
+        h = self.attn_norm(x_TD)
+        if self.layer_type == "full_attention":
+            x_TD = x_TD + self.attn(h, batch, rope, cache)
+        else:
+            x_TD = x_TD + self.gdn(h, batch, cache)
+        return x_TD + self.moe(self.ffn_norm(x_TD))
+
+
+class MTP(nn.Module):
+    """Multi-token prediction head: row j pairs the trunk's final hidden state at j with token j+1 and
+    predicts token j+2 through the shared output head.
+
+    ``u = fc([embed_norm(embed(x_{j+1})), hidden_norm(h_j)])`` -> full-attention MoE layer(s) -> ``norm``.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_norm = RMSNorm(args.dim, args.norm_eps)
+        self.hidden_norm = RMSNorm(args.dim, args.norm_eps)
+        self.fc = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(args, "full_attention") for _ in range(args.mtp_num_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, embeds_TD: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch,
+                rope: tuple[torch.Tensor, torch.Tensor], caches: list[AttentionCache] | None) -> torch.Tensor:
+        x_TD = self.fc(torch.cat([self.embed_norm(embeds_TD), self.hidden_norm(hidden_TD)], dim=-1))
+        for j, layer in enumerate(self.layers):
+            x_TD = layer(x_TD, batch, rope, None if caches is None else caches[j])
+        return self.norm(x_TD)
+
+
+class Transformer(nn.Module):
+    """The trunk (embedding, decoder layers, final norm), the output head and the MTP head."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args, kind) for kind in args.layer_types)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = MTP(args) if args.mtp_num_layers > 0 else None
+        self.register_buffer("inv_freq", rope_inv_freq(args.rotary_dim, args.rope_theta), persistent=False)
+
+    def rope(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions_T, self.inv_freq)
+
+    def forward(self, tokens_T: torch.Tensor, batch: ForwardBatch, cache: ModelCache | None = None) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, D]`` (the input of the output head and of the MTP head).
+
+        Args:
+            tokens_T (torch.Tensor): ``[T]`` packed token ids.
+            batch (ForwardBatch): how the tokens split into sequences, their positions and cache slots.
+            cache (ModelCache, Optional): read and written per ``batch``. Default: no cache (training).
+        """
+        x_TD = self.tok_embeddings(tokens_T)
+        rope = self.rope(batch.positions)
+        for i, layer in enumerate(self.layers):
+            x_TD = layer(x_TD, batch, rope, None if cache is None else cache.layers[i])
+        return self.norm(x_TD)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """``[T, V]`` logits in the parameters' dtype."""
+        return F.linear(hidden_TD, self.output_weight())
+
+    def mtp_forward(self, hidden_TD: torch.Tensor, next_tokens_T: torch.Tensor, batch: ForwardBatch,
+                    cache: ModelCache | None = None, detach_trunk: bool = False) -> torch.Tensor:
+        """The MTP head's output (after ``mtp.norm``) for rows pairing ``hidden[j]`` with ``next_tokens[j]``.
+
+        Args:
+            hidden_TD (torch.Tensor): trunk hidden states after the final norm (or the previous draft
+                step's MTP output, when chaining drafts).
+            next_tokens_T (torch.Tensor): the token after each row's position.
+            batch (ForwardBatch): positions are those of the hidden states (row j at position j).
+            cache (ModelCache, Optional): the MTP layers' KV caches are read and written.
+            detach_trunk (bool): cut the gradient to the embedding and to ``hidden`` (MTP training reaches
+                only MTP parameters). Default: ``False``.
+        """
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (mtp_num_hidden_layers is 0)")
+        embeds_TD = self.tok_embeddings(next_tokens_T)
+        if detach_trunk:
+            embeds_TD, hidden_TD = embeds_TD.detach(), hidden_TD.detach()
+        return self.mtp(embeds_TD, hidden_TD, batch, self.rope(batch.positions),
+                        None if cache is None else cache.mtp_layers)
+
+    def mtp_logits(self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False) -> torch.Tensor:
+        """Logits of the MTP head through the shared output head (detached from it if asked)."""
+        weight = self.output_weight()
+        return F.linear(mtp_hidden_TD, weight.detach() if detach_head else weight)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Random initialisation as the published family's: normal(0, std) matrices, zero (1+w) norms,
+        ones for the GDN gated norm and dt_bias, ``A_log = log(U(0.01, 16))``."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                value = torch.empty(p.shape).uniform_(0.01, 16.0, generator=gen).log()
+            elif leaf in ("dt_bias", "norm_weight"):
+                value = torch.ones(p.shape)
+            elif leaf == "conv_weight":
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                value = torch.empty(p.shape).uniform_(-bound, bound, generator=gen)
+            elif p.ndim == 1:
+                value = torch.zeros(p.shape)
+            else:
+                value = torch.empty(p.shape).normal_(0.0, std, generator=gen)
+            p.copy_(value)

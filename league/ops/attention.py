@@ -1,0 +1,33 @@
+"""Causal softmax attention with grouped KV heads, for one sequence whose queries are the last T of S
+key positions (S == T in training; S > T when earlier keys come from a cache).
+
+Legend: T query tokens, S key tokens, H query heads, G KV heads, K head dim.
+"""
+
+import torch
+
+
+def causal_attention(q_THK: torch.Tensor, k_SGK: torch.Tensor, v_SGK: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + causal) v``; query i sits at key position ``S - T + i``.
+
+    Query head h reads KV head ``h // (H / G)``. Scores and softmax are fp32.
+
+    Args:
+        q_THK (torch.Tensor): ``[T, H, K]``.
+        k_SGK, v_SGK (torch.Tensor): ``[S, G, K]``, S >= T.
+        scale (float): score scale, usually ``K ** -0.5``.
+
+    Returns:
+        ``[T, H, K]`` in the dtype of q.
+    """
+    num_q, num_heads, _ = q_THK.shape
+    num_k, num_kv_heads, _ = k_SGK.shape
+    groups = num_heads // num_kv_heads
+    k_HSK = k_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).float()
+    v_HSK = v_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).float()
+    scores_HTS = (q_THK.transpose(0, 1).float() @ k_HSK.transpose(-1, -2)) * scale
+    query_pos = torch.arange(num_k - num_q, num_k, device=q_THK.device)
+    key_pos = torch.arange(num_k, device=q_THK.device)
+    scores_HTS = scores_HTS.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    out_HTK = scores_HTS.softmax(-1) @ v_HSK
+    return out_HTK.transpose(0, 1).to(q_THK.dtype)

@@ -1,0 +1,77 @@
+"""The gated delta rule in chunked (parallel) form, for one sequence: training and prefill.
+
+Within a chunk of C tokens with cumulative log-decay gamma and entering state S (q already normalised
+and scaled), the recurrence equals:
+    L_ij = beta_i (k_i . k_j) exp(gamma_i - gamma_j) for i > j, else 0
+    (I + L) U = diag(beta) V,   (I + L) W = diag(beta exp(gamma)) K
+    V' = U - W S
+    O  = diag(exp(gamma)) Q S + (M o Q K^T) V',   M_ij = exp(gamma_i - gamma_j) for i >= j, else 0
+    S <- exp(gamma_C) S + (diag(exp(gamma_C - gamma)) K)^T V'
+Everything but the state hand-off between chunks is batched over chunks and heads.
+
+Legend: T tokens, N chunks, C chunk size, H value heads, K key dim, V value dim.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from league.ops.gdn.naive import prepare_qk
+
+
+def chunk_gated_delta_rule(
+    q_THK: torch.Tensor,
+    k_THK: torch.Tensor,
+    v_THV: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    initial_state_HKV: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`league.ops.gdn.naive.naive_gated_delta_rule`; differentiable.
+
+    Args:
+        chunk_size (int): tokens per chunk. Default: ``64``.
+    """
+    num_tokens, num_heads, v_dim = v_THV.shape
+    q, k = prepare_qk(q_THK, k_THK, num_heads, scale)
+    v, g, beta = v_THV.float(), g_TH.float(), beta_TH.float()
+    k_dim = q.shape[-1]
+    pad = (-num_tokens) % chunk_size
+    # padded steps have k = v = beta = g = 0: they write nothing and do not decay
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
+    num_chunks = (num_tokens + pad) // chunk_size
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # [T, H, ...] -> [H, N, C, ...]
+        return x.reshape(num_chunks, chunk_size, num_heads, *x.shape[2:]).movedim(2, 0)
+
+    q_HNCK, k_HNCK, v_HNCV = to_chunks(q), to_chunks(k), to_chunks(v)
+    beta_HNC = to_chunks(beta)
+    gamma_HNC = to_chunks(g).cumsum(-1)
+
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    decay_HNCC = (gamma_HNC[..., :, None] - gamma_HNC[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    strictly_lower = decay_HNCC.tril(-1)
+    lower_HNCC = beta_HNC[..., None] * (k_HNCK @ k_HNCK.transpose(-1, -2)) * strictly_lower
+    system = lower_HNCC + torch.eye(chunk_size, device=q.device)
+    u_HNCV = torch.linalg.solve_triangular(system, beta_HNC[..., None] * v_HNCV, upper=False, unitriangular=True)
+    w_HNCK = torch.linalg.solve_triangular(
+        system, (beta_HNC * gamma_HNC.exp())[..., None] * k_HNCK, upper=False, unitriangular=True
+    )
+    attn_HNCC = (q_HNCK @ k_HNCK.transpose(-1, -2)) * decay_HNCC
+    q_decayed = q_HNCK * gamma_HNC.exp()[..., None]
+    k_to_end = k_HNCK * (gamma_HNC[..., -1:] - gamma_HNC).exp()[..., None]
+    chunk_decay_HN = gamma_HNC[..., -1].exp()
+
+    if initial_state_HKV is None:
+        state = q.new_zeros(num_heads, k_dim, v_dim)
+    else:
+        state = initial_state_HKV.float()
+    outs = []
+    for n in range(num_chunks):
+        v_new = u_HNCV[:, n] - w_HNCK[:, n] @ state
+        outs.append(q_decayed[:, n] @ state + attn_HNCC[:, n] @ v_new)
+        state = chunk_decay_HN[:, n, None, None] * state + k_to_end[:, n].transpose(-1, -2) @ v_new
+    o_HTV = torch.cat(outs, dim=1)[:, :num_tokens]
+    return o_HTV.transpose(0, 1).to(v_THV.dtype), state
