@@ -1,0 +1,1 @@
+"""Reinforcement learning: data, rewards, algorithms, batching, training and the loop."""
