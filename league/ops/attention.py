@@ -23,9 +23,10 @@ def causal_attention(q_THK: torch.Tensor, k_SGK: torch.Tensor, v_SGK: torch.Tens
     num_q, num_heads, _ = q_THK.shape
     num_k, num_kv_heads, _ = k_SGK.shape
     groups = num_heads // num_kv_heads
-    k_HSK = k_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).float()
-    v_HSK = v_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).float()
-    scores_HTS = (q_THK.transpose(0, 1).float() @ k_HSK.transpose(-1, -2)) * scale
+    acc = torch.promote_types(q_THK.dtype, torch.float32)
+    k_HSK = k_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).to(acc)
+    v_HSK = v_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).to(acc)
+    scores_HTS = (q_THK.transpose(0, 1).to(acc) @ k_HSK.transpose(-1, -2)) * scale
     query_pos = torch.arange(num_k - num_q, num_k, device=q_THK.device)
     key_pos = torch.arange(num_k, device=q_THK.device)
     scores_HTS = scores_HTS.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))

@@ -13,7 +13,7 @@ def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor
     Returns:
         ``(weights_TA, experts_TA)``: weights in the dtype of the logits, expert indices (int64).
     """
-    probs_TE = router_logits_TE.float().softmax(-1)
+    probs_TE = router_logits_TE.to(torch.promote_types(router_logits_TE.dtype, torch.float32)).softmax(-1)
     weights_TA, experts_TA = probs_TE.topk(top_k, dim=-1)
     weights_TA = weights_TA / weights_TA.sum(-1, keepdim=True)
     return weights_TA.to(router_logits_TE.dtype), experts_TA

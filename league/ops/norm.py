@@ -15,9 +15,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         weight (torch.Tensor): ``[D]``, initialised to zeros.
         eps (float): added to the mean square.
     """
-    x32 = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(acc)
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    return (y * (1.0 + weight.to(acc))).to(x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,7 +33,8 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
         weight (torch.Tensor): ``[D]``, initialised to ones.
         eps (float): added to the mean square.
     """
-    x32 = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(acc)
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = weight * y
-    return (y * F.silu(gate.float())).to(x.dtype)
+    return (y * F.silu(gate.to(acc))).to(x.dtype)

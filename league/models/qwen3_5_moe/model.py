@@ -80,14 +80,28 @@ class ForwardBatch:
     record_states: bool = False
 
     @classmethod
-    def packed(cls, seq_lens: list[int], device: torch.device | str = "cpu", cache_lens: list[int] | None = None,
-               slots: list[int] | None = None, record_states: bool = False) -> "ForwardBatch":
+    def packed(
+        cls,
+        seq_lens: list[int],
+        device: torch.device | str = "cpu",
+        cache_lens: list[int] | None = None,
+        slots: list[int] | None = None,
+        record_states: bool = False,
+    ) -> "ForwardBatch":
         """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
         starts = cache_lens or [0] * len(seq_lens)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]) if seq_lens else torch.zeros(0)
+        positions = (
+            torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]) if seq_lens else torch.zeros(0)
+        )
         cu = torch.tensor([0, *seq_lens]).cumsum(0)
-        return cls(cu_seqlens=cu.to(device), seq_lens=list(seq_lens), positions=positions.long().to(device),
-                   slots=slots, cache_lens=cache_lens, record_states=record_states)
+        return cls(
+            cu_seqlens=cu.to(device),
+            seq_lens=list(seq_lens),
+            positions=positions.long().to(device),
+            slots=slots,
+            cache_lens=cache_lens,
+            record_states=record_states,
+        )
 
     def sequences(self):
         """Yield ``(i, start, end)`` of each sequence in the packed input."""
@@ -123,8 +137,13 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
-    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: AttentionCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: AttentionCache | None,
+    ) -> torch.Tensor:
         num_tokens = x_TD.shape[0]
         q_THK, gate_THK = self.wq(x_TD).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k_TGK = self.wk(x_TD).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -171,14 +190,16 @@ class GatedDeltaNet(nn.Module):
         num_tokens = x_TD.shape[0]
         mixed_TC = self.w_qkv(x_TD)
         beta_TH = torch.sigmoid(self.w_b(x_TD))
-        g_TH = -self.A_log.float().exp() * F.softplus(self.w_a(x_TD).float() + self.dt_bias.float())
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        g_TH = -self.A_log.to(acc).exp() * F.softplus(self.w_a(x_TD).to(acc) + self.dt_bias.to(acc))
         if cache is not None and len(set(batch.seq_lens)) == 1 and batch.seq_lens[0] <= RECURRENT_MAX_TOKENS:
             o_THV = self._step_batch(mixed_TC, g_TH, beta_TH, batch, cache)
         else:
             o_THV = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x_TD.dtype, device=x_TD.device)
             for i, start, end in batch.sequences():
-                o_THV[start:end] = self._sequence(mixed_TC[start:end], g_TH[start:end], beta_TH[start:end],
-                                                  batch, i, cache)
+                o_THV[start:end] = self._sequence(
+                    mixed_TC[start:end], g_TH[start:end], beta_TH[start:end], batch, i, cache
+                )
         z_THV = self.w_z(x_TD).view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps)
         return self.wo(y_THV.reshape(num_tokens, self.value_dim))
@@ -186,8 +207,11 @@ class GatedDeltaNet(nn.Module):
     def _split(self, conv_out_TC: torch.Tensor):
         q, k, v = conv_out_TC.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         lead = conv_out_TC.shape[:-1]
-        return (q.reshape(*lead, self.num_k_heads, self.k_dim), k.reshape(*lead, self.num_k_heads, self.k_dim),
-                v.reshape(*lead, self.num_v_heads, self.v_dim))
+        return (
+            q.reshape(*lead, self.num_k_heads, self.k_dim),
+            k.reshape(*lead, self.num_k_heads, self.k_dim),
+            v.reshape(*lead, self.num_v_heads, self.v_dim),
+        )
 
     def _sequence(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, i: int, cache: GDNCache | None):
         """One sequence: conv and recurrence from its slot (or from zeros), committing unless verifying."""
@@ -200,8 +224,9 @@ class GatedDeltaNet(nn.Module):
         if cache is not None and (batch.record_states or len(mixed_TC) <= RECURRENT_MAX_TOKENS):
             if state is None:
                 state = cache.ssm.new_zeros(cache.ssm.shape[1:])
-            o, states = recurrent_gated_delta_rule(q[None], k[None], v[None], g_TH[None], beta_TH[None], state[None],
-                                                   return_all_states=batch.record_states)
+            o, states = recurrent_gated_delta_rule(
+                q[None], k[None], v[None], g_TH[None], beta_TH[None], state[None], return_all_states=batch.record_states
+            )
             o, state = o[0], states[0]
         else:
             o, state = chunk_gated_delta_rule(q, k, v, g_TH, beta_TH, state)
@@ -226,13 +251,20 @@ class GatedDeltaNet(nn.Module):
         mixed_NSC = mixed_TC.view(num_seqs, steps, -1)
         conv = [causal_conv1d(mixed_NSC[n], self.conv_weight, windows[n]) for n in range(num_seqs)]
         q, k, v = self._split(torch.stack([c[0] for c in conv]))
-        o, new_states = recurrent_gated_delta_rule(q, k, v, g_TH.view(num_seqs, steps, -1),
-                                                   beta_TH.view(num_seqs, steps, -1), states,
-                                                   return_all_states=batch.record_states)
+        o, new_states = recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            g_TH.view(num_seqs, steps, -1),
+            beta_TH.view(num_seqs, steps, -1),
+            states,
+            return_all_states=batch.record_states,
+        )
         if batch.record_states:
             cache.ssm_steps[:num_seqs, :steps] = new_states
             cache.conv_steps[:num_seqs, :steps] = torch.stack(
-                [causal_conv1d_windows(mixed_NSC[n], windows[n]) for n in range(num_seqs)])
+                [causal_conv1d_windows(mixed_NSC[n], windows[n]) for n in range(num_seqs)]
+            )
         else:
             cache.ssm[slots] = new_states
             cache.conv[slots] = torch.stack([c[1] for c in conv]).to(cache.conv.dtype)
@@ -290,8 +322,13 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.moe = MoE(args)
 
-    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: AttentionCache | GDNCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: AttentionCache | GDNCache | None,
+    ) -> torch.Tensor:
         h = self.attn_norm(x_TD)
         if self.layer_type == "full_attention":
             x_TD = x_TD + self.attn(h, batch, rope, cache)
@@ -315,8 +352,14 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, "full_attention") for _ in range(args.mtp_num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, embeds_TD: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch,
-                rope: tuple[torch.Tensor, torch.Tensor], caches: list[AttentionCache] | None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds_TD: torch.Tensor,
+        hidden_TD: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        caches: list[AttentionCache] | None,
+    ) -> torch.Tensor:
         x_TD = self.fc(torch.cat([self.embed_norm(embeds_TD), self.hidden_norm(hidden_TD)], dim=-1))
         for j, layer in enumerate(self.layers):
             x_TD = layer(x_TD, batch, rope, None if caches is None else caches[j])
@@ -360,8 +403,14 @@ class Transformer(nn.Module):
         """``[T, V]`` logits in the parameters' dtype."""
         return F.linear(hidden_TD, self.output_weight())
 
-    def mtp_forward(self, hidden_TD: torch.Tensor, next_tokens_T: torch.Tensor, batch: ForwardBatch,
-                    cache: ModelCache | None = None, detach_trunk: bool = False) -> torch.Tensor:
+    def mtp_forward(
+        self,
+        hidden_TD: torch.Tensor,
+        next_tokens_T: torch.Tensor,
+        batch: ForwardBatch,
+        cache: ModelCache | None = None,
+        detach_trunk: bool = False,
+    ) -> torch.Tensor:
         """The MTP head's output (after ``mtp.norm``) for rows pairing ``hidden[j]`` with ``next_tokens[j]``.
 
         Args:
@@ -378,8 +427,9 @@ class Transformer(nn.Module):
         embeds_TD = self.tok_embeddings(next_tokens_T)
         if detach_trunk:
             embeds_TD, hidden_TD = embeds_TD.detach(), hidden_TD.detach()
-        return self.mtp(embeds_TD, hidden_TD, batch, self.rope(batch.positions),
-                        None if cache is None else cache.mtp_layers)
+        return self.mtp(
+            embeds_TD, hidden_TD, batch, self.rope(batch.positions), None if cache is None else cache.mtp_layers
+        )
 
     def mtp_logits(self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False) -> torch.Tensor:
         """Logits of the MTP head through the shared output head (detached from it if asked)."""

@@ -35,7 +35,7 @@ def chunk_gated_delta_rule(
     """
     num_tokens, num_heads, v_dim = v_THV.shape
     q, k = prepare_qk(q_THK, k_THK, num_heads, scale)
-    v, g, beta = v_THV.float(), g_TH.float(), beta_TH.float()
+    v, g, beta = (x.to(q.dtype) for x in (v_THV, g_TH, beta_TH))
     k_dim = q.shape[-1]
     pad = (-num_tokens) % chunk_size
     # padded steps have k = v = beta = g = 0: they write nothing and do not decay
@@ -54,7 +54,7 @@ def chunk_gated_delta_rule(
     decay_HNCC = (gamma_HNC[..., :, None] - gamma_HNC[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     strictly_lower = decay_HNCC.tril(-1)
     lower_HNCC = beta_HNC[..., None] * (k_HNCK @ k_HNCK.transpose(-1, -2)) * strictly_lower
-    system = lower_HNCC + torch.eye(chunk_size, device=q.device)
+    system = lower_HNCC + torch.eye(chunk_size, dtype=q.dtype, device=q.device)
     u_HNCV = torch.linalg.solve_triangular(system, beta_HNC[..., None] * v_HNCV, upper=False, unitriangular=True)
     w_HNCK = torch.linalg.solve_triangular(
         system, (beta_HNC * gamma_HNC.exp())[..., None] * k_HNCK, upper=False, unitriangular=True
@@ -67,7 +67,7 @@ def chunk_gated_delta_rule(
     if initial_state_HKV is None:
         state = q.new_zeros(num_heads, k_dim, v_dim)
     else:
-        state = initial_state_HKV.float()
+        state = initial_state_HKV.to(q.dtype)
     outs = []
     for n in range(num_chunks):
         v_new = u_HNCV[:, n] - w_HNCK[:, n] @ state

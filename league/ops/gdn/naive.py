@@ -11,6 +11,11 @@ Value head j reads key head ``j // (Hv / Hk)``. q and k are L2-normalised (eps 1
 import torch
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (used by precision tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
@@ -28,8 +33,9 @@ def prepare_qk(
     """
     groups = num_value_heads // q.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q = l2norm(q.float()) * scale
-    k = l2norm(k.float())
+    acc = compute_dtype(q)
+    q = l2norm(q.to(acc)) * scale
+    k = l2norm(k.to(acc))
     if groups > 1:
         q = q.repeat_interleave(groups, dim=-2)
         k = k.repeat_interleave(groups, dim=-2)
@@ -60,11 +66,11 @@ def naive_gated_delta_rule(
     """
     num_tokens, num_v_heads, v_dim = v_THV.shape
     q, k = prepare_qk(q_THK, k_THK, num_v_heads, scale)
-    v, g, beta = v_THV.float(), g_TH.float(), beta_TH.float()
+    v, g, beta = (x.to(q.dtype) for x in (v_THV, g_TH, beta_TH))
     if initial_state_HKV is None:
         state = v.new_zeros(num_v_heads, q.shape[-1], v_dim)
     else:
-        state = initial_state_HKV.float().clone()
+        state = initial_state_HKV.to(q.dtype).clone()
     out = v.new_empty(num_tokens, num_v_heads, v_dim)
     for t in range(num_tokens):
         state = state * g[t].exp()[:, None, None]

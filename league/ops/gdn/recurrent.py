@@ -38,8 +38,7 @@ def recurrent_gated_delta_rule(
     """
     num_tokens = v_BTHV.shape[1]
     q, k = prepare_qk(q_BTHK, k_BTHK, v_BTHV.shape[2], scale)
-    v, g, beta = v_BTHV.float(), g_BTH.float(), beta_BTH.float()
-    state = state_BHKV.float()
+    v, g, beta, state = (x.to(q.dtype) for x in (v_BTHV, g_BTH, beta_BTH, state_BHKV))
     out = torch.empty_like(v)
     all_states = []
     for t in range(num_tokens):

@@ -1,0 +1,1 @@
+"""The rollout engine: continuous batching, cache slots, sampling, MTP speculative decoding, HTTP serving."""

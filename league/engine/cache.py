@@ -1,0 +1,112 @@
+"""Cache slots for the engine: preallocated per-layer tensors indexed by slot.
+
+A request owns one slot: full-attention KV ``[slots, max_len, G, K]`` per layer (trunk and MTP), GDN conv
+window ``[slots, C, W-1]`` and recurrent state ``[slots, Hv, K, V]`` (fp32) per GDN layer, and verify
+scratch rows for the per-step GDN states. Not responsible for deciding which request gets which slot
+beyond a free list, nor for the model's math.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from league.models.qwen3_5_moe import AttentionCache, GDNCache, ModelArgs, ModelCache
+
+
+def allocate_cache(
+    args: ModelArgs,
+    num_slots: int,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    max_rows: int = 0,
+    max_steps: int = 0,
+    state_dtype: torch.dtype = torch.float32,
+) -> ModelCache:
+    """Zeroed caches for ``num_slots`` requests of up to ``max_len`` tokens.
+
+    Args:
+        max_rows (int): batch rows with verify scratch (the most requests verified at once). Default: ``0``.
+        max_steps (int): tokens per verify (speculative draft tokens + 1). Default: ``0``.
+        state_dtype (torch.dtype): dtype of the GDN recurrent state. Default: ``torch.float32``.
+    """
+
+    def kv() -> AttentionCache:
+        shape = (num_slots, max_len, args.num_kv_heads, args.head_dim)
+        return AttentionCache(
+            k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device)
+        )
+
+    def gdn() -> GDNCache:
+        conv_shape = (args.gdn_conv_dim, args.linear_conv_kernel_dim - 1)
+        ssm_shape = (args.linear_num_value_heads, args.linear_key_head_dim, args.linear_value_head_dim)
+        scratch = max_rows > 0 and max_steps > 0
+        return GDNCache(
+            conv=torch.zeros((num_slots, *conv_shape), dtype=dtype, device=device),
+            ssm=torch.zeros((num_slots, *ssm_shape), dtype=state_dtype, device=device),
+            conv_steps=torch.zeros((max_rows, max_steps, *conv_shape), dtype=dtype, device=device) if scratch else None,
+            ssm_steps=torch.zeros((max_rows, max_steps, *ssm_shape), dtype=state_dtype, device=device)
+            if scratch
+            else None,
+        )
+
+    layers = [kv() if kind == "full_attention" else gdn() for kind in args.layer_types]
+    return ModelCache(layers=layers, mtp_layers=[kv() for _ in range(args.mtp_num_layers)])
+
+
+def cache_bytes_per_slot(
+    args: ModelArgs, max_len: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes one slot takes (KV for ``max_len`` tokens, GDN conv window and state)."""
+    item, state_item = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=state_dtype).element_size()
+    num_full = sum(kind == "full_attention" for kind in args.layer_types) + args.mtp_num_layers
+    num_gdn = len(args.layer_types) - sum(kind == "full_attention" for kind in args.layer_types)
+    kv = 2 * max_len * args.num_kv_heads * args.head_dim * item
+    conv = args.gdn_conv_dim * (args.linear_conv_kernel_dim - 1) * item
+    ssm = args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * state_item
+    return num_full * kv + num_gdn * (conv + ssm)
+
+
+def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: list[int]) -> None:
+    """After a verify, copy each row's GDN state at its last accepted step into the row's slot."""
+    rows = torch.arange(len(slots))
+    steps = torch.tensor(accepted_steps)
+    index = torch.tensor(slots)
+    for layer in cache.layers:
+        if isinstance(layer, GDNCache):
+            device = layer.ssm.device
+            layer.ssm[index.to(device)] = layer.ssm_steps[rows.to(device), steps.to(device)]
+            layer.conv[index.to(device)] = layer.conv_steps[rows.to(device), steps.to(device)]
+
+
+def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None:
+    """Copy slot ``src``'s first ``length`` cached tokens and states into each slot of ``dsts`` (n samples)."""
+    index = torch.tensor(dsts)
+    for layer in [*cache.layers, *cache.mtp_layers]:
+        if isinstance(layer, GDNCache):
+            layer.ssm[index.to(layer.ssm.device)] = layer.ssm[src]
+            layer.conv[index.to(layer.conv.device)] = layer.conv[src]
+        else:
+            layer.k[index.to(layer.k.device), :length] = layer.k[src, :length]
+            layer.v[index.to(layer.v.device), :length] = layer.v[src, :length]
+
+
+@dataclass(kw_only=True, slots=True)
+class SlotPool:
+    """A free list of cache slots."""
+
+    num_slots: int
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.num_slots - 1, -1, -1))
+
+    def allocate(self) -> int | None:
+        return self.free.pop() if self.free else None
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
