@@ -1,0 +1,336 @@
+"""LLMEngine: requests in, outputs out, with continuous batching over cache slots.
+
+Each ``step()`` runs at most one prefill forward (prompt chunks under the token budget) and one decode
+forward (one token per running request, or, with speculation, a draft chain and one verify of
+``num_steps + 1`` tokens per request). Finished requests leave at once and new ones take their slots.
+The engine runs the same ``Transformer`` as the trainer, so a token's log-prob is computed the same way
+when it is sampled and when it is trained on. Not responsible for tokenising prompts, HTTP, or threads.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_verified_states, copy_slot
+from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats
+from league.engine.scheduler import Scheduler
+from league.engine.speculative import accept, draft_chain
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.ops.logprob import token_logprobs
+from league.ops.sampling import filtered_probs, sample_from
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """Engine sizes and speculative decoding. Names follow SGLang's server arguments."""
+
+    max_running_requests: int = 64
+    """Requests decoded at once; more wait for a free slot."""
+    max_num_batched_tokens: int = 4096
+    """Prompt tokens prefilled per step; longer prompts are prefilled in chunks."""
+    context_length: int = 4096
+    """Prompt plus generated tokens a request may reach (capped by the model's max_position_embeddings)."""
+    num_slots: int | None = None
+    """Cache slots to allocate; default: from mem_fraction_static on a GPU, max_running_requests on CPU."""
+    mem_fraction_static: float = 0.7
+    """Fraction of GPU memory for weights plus cache slots."""
+    speculative_algorithm: str | None = None
+    """``EAGLE`` or ``NEXTN`` (both: the model's own MTP head) or None."""
+    speculative_num_steps: int = 2
+    """Draft tokens the MTP head proposes per verify."""
+    speculative_eagle_topk: int = 1
+    """Branching of the draft tree; league drafts chains (1)."""
+    speculative_num_draft_tokens: int | None = None
+    """Tokens per verify: must be speculative_num_steps + 1 (the default)."""
+    seed: int = 0
+    """Seeds the per-request generators of requests that bring no seed."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
+        if self.speculative_algorithm is not None:
+            if self.speculative_algorithm.upper() not in ("EAGLE", "NEXTN", "MTP"):
+                raise ValueError(f"`speculative_algorithm` {self.speculative_algorithm!r}: expected EAGLE, NEXTN or None")
+            if self.speculative_num_steps < 1:
+                raise ValueError(f"`speculative_num_steps` must be >= 1, got {self.speculative_num_steps}")
+            if self.speculative_eagle_topk != 1:
+                raise ValueError(f"`speculative_eagle_topk` {self.speculative_eagle_topk}: league drafts chains (1)")
+            expected = self.speculative_num_steps + 1
+            if self.speculative_num_draft_tokens not in (None, expected):
+                raise ValueError(f"`speculative_num_draft_tokens` ({self.speculative_num_draft_tokens}) must be "
+                                 f"speculative_num_steps + 1 ({expected}) with topk 1")
+
+    @property
+    def num_spec_steps(self) -> int:
+        return self.speculative_num_steps if self.speculative_algorithm else 0
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)
+
+
+class LLMEngine:
+    """Generation over one model with preallocated cache slots.
+
+    Args:
+        model (Transformer): the model, read in place (colocated with a trainer, nothing is copied).
+        config (EngineConfig): sizes and speculative decoding.
+        tokenizer (Optional): for stop strings and output text. Default: None.
+    """
+
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer=None):
+        self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
+        self.args = model.args
+        if self.config.num_spec_steps and model.mtp is None:
+            raise ValueError("speculative decoding needs the model's MTP head (mtp_num_hidden_layers >= 1)")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.context_length = min(self.config.context_length, self.args.max_position_embeddings)
+        slot_len = self.context_length + self.config.num_spec_steps + 1
+        num_slots = self.config.num_slots or self._slots_that_fit(slot_len)
+        steps = self.config.num_spec_steps + 1 if self.config.num_spec_steps else 0
+        self.cache = allocate_cache(self.args, num_slots, slot_len, self.dtype, self.device,
+                                    max_rows=self.config.max_running_requests if steps else 0, max_steps=steps)
+        self.scheduler = Scheduler(num_slots=num_slots, max_running=self.config.max_running_requests,
+                                   token_budget=self.config.max_num_batched_tokens)
+        self.eos_ids = set(self.args.eos_token_id)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.stats = EngineStats()
+        self._seeds = torch.Generator().manual_seed(self.config.seed)
+        self._ids = itertools.count()
+
+    def _slots_that_fit(self, slot_len: int) -> int:
+        if self.device.type != "cuda":
+            return self.config.max_running_requests
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.mem_fraction_static - (total - free)
+        per_slot = cache_bytes_per_slot(self.args, slot_len, self.dtype)
+        fit = int(budget // per_slot)
+        if fit < 1:
+            raise ValueError(f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
+                             f"slot of {per_slot / 2**20:.0f} MiB (context_length {self.context_length})")
+        return min(fit, self.config.max_running_requests)
+
+    # requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1,
+                    rid: str | None = None) -> list[str]:
+        """Queue a prompt; returns the ids of its ``n`` samples (``rid`` or a generated id, ``-i`` suffixed
+        when n > 1). Sample i of a seeded request uses seed ``seed + i``."""
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("input_ids is empty: a prompt needs at least one token")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"input_ids contains token ids outside [0, {self.args.vocab_size}): {bad[:5]}")
+        if len(prompt_ids) >= self.context_length:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n > self.scheduler.max_running or n > self.scheduler.pool.num_slots:
+            raise ValueError(f"n ({n}) exceeds max_running_requests / cache slots ({self.scheduler.max_running})")
+        base = rid if rid is not None else f"req-{next(self._ids)}"
+        members = []
+        for i in range(n):
+            seed = params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            members.append(Request(rid=base if n == 1 else f"{base}-{i}", prompt_ids=list(prompt_ids), params=params,
+                                   generator=generator))
+        for member in members[1:]:
+            member.leader = members[0]
+        members[0].group = members
+        self.scheduler.add(members[0])
+        self.stats.prompt_tokens += len(prompt_ids)
+        return [m.rid for m in members]
+
+    def abort(self, rid: str) -> bool:
+        """End a request now with finish reason ``abort``; its output so far is returned by the next step."""
+        return self.scheduler.abort(rid)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 n: int = 1) -> list[GenerateOutput]:
+        """Generate for every prompt (n samples each, consecutive in the result)."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        order = [rid for p, sp in zip(prompts, params_list) for rid in self.add_request(p, sp, n=n)]
+        done: dict[str, GenerateOutput] = {}
+        while len(done) < len(order):
+            for out in self.step():
+                done[out.rid] = out
+        return [done[rid] for rid in order]
+
+    # one step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[GenerateOutput]:
+        """Admit, prefill a budget of prompt tokens, decode every running request once; return finished ones."""
+        with torch.no_grad():
+            plan = self.scheduler.schedule()
+            if plan.prefill:
+                self._prefill(plan.prefill)
+            decoding = [r for r in self.scheduler.running if r.finish_reason is None and r.pending_token is not None]
+            if decoding:
+                if self.config.num_spec_steps:
+                    self._decode_speculative(decoding)
+                else:
+                    self._decode(decoding)
+        return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
+
+    def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
+        tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
+        batch = ForwardBatch.packed([e - s for _, s, e in chunks], device=self.device,
+                                    cache_lens=[s for _, s, _ in chunks], slots=[r.slot for r, _, _ in chunks])
+        hidden = self.model(tokens, batch, self.cache)
+        self.stats.forward_passes += 1
+        if self.config.num_spec_steps:
+            self._mtp_extend_prompt(chunks, hidden, batch)
+        finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.prompt_ids)]
+        if not finishing:
+            for r, _, e in chunks:
+                r.num_prefilled = e
+            return
+        logits = self.model.logits(hidden[[end - 1 for _, end in finishing]])
+        for r, _, e in chunks:
+            r.num_prefilled = e
+        for (leader, end), row in zip(finishing, logits):
+            for member in leader.group:
+                if member.params.max_new_tokens == 0 or member.finish_reason is not None:
+                    member.finish_reason = member.finish_reason or "length"
+                    continue
+                if member is not leader:
+                    member.num_prefilled = leader.num_prefilled
+                    copy_slot(self.cache, leader.slot, [member.slot], len(leader.prompt_ids))
+                token = self._sample(member, row)
+                if self.config.num_spec_steps:
+                    member.mtp_rows = (hidden[end - 1 : end], [token], len(leader.prompt_ids) - 1)
+                self._append(member, [token], token_logprobs(row[None], torch.tensor([token], device=self.device)))
+
+    def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
+        """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
+        rows, tokens, lens, starts, slots = [], [], [], [], []
+        for (r, s, e), (_, start, end) in zip(chunks, batch.sequences()):
+            known_end = min(e, len(r.prompt_ids) - 1)
+            if known_end <= s:
+                continue
+            rows.append(hidden[start : start + known_end - s])
+            tokens.extend(r.prompt_ids[s + 1 : known_end + 1])
+            lens.append(known_end - s)
+            starts.append(s)
+            slots.append(r.slot)
+        if rows:
+            mtp_batch = ForwardBatch.packed(lens, device=self.device, cache_lens=starts, slots=slots)
+            self.model.mtp_forward(torch.cat(rows), torch.tensor(tokens, device=self.device), mtp_batch, self.cache)
+
+    def _decode(self, reqs: list[Request]) -> None:
+        tokens = torch.tensor([r.pending_token for r in reqs], device=self.device)
+        batch = ForwardBatch.packed([1] * len(reqs), device=self.device, cache_lens=[r.num_cached for r in reqs],
+                                    slots=[r.slot for r in reqs])
+        logits = self.model.logits(self.model(tokens, batch, self.cache))
+        self.stats.forward_passes += 1
+        sampled = [self._sample(r, row) for r, row in zip(reqs, logits)]
+        logprobs = token_logprobs(logits, torch.tensor(sampled, device=self.device))
+        for i, (r, token) in enumerate(zip(reqs, sampled)):
+            self._append(r, [token], logprobs[i : i + 1])
+
+    def _decode_speculative(self, reqs: list[Request]) -> None:
+        num_steps = self.config.num_spec_steps
+        self._mtp_extend_pending(reqs)
+        committed = [r.num_cached for r in reqs]
+        slots = [r.slot for r in reqs]
+        drafts = draft_chain(self.model, self.cache, torch.cat([r.draft_hidden for r in reqs]),
+                             [r.first_draft for r in reqs], [n - 1 for n in committed], slots, num_steps)
+        tokens = torch.tensor([t for r, d in zip(reqs, drafts) for t in [r.pending_token, *d]], device=self.device)
+        batch = ForwardBatch.packed([num_steps + 1] * len(reqs), device=self.device, cache_lens=committed,
+                                    slots=slots, record_states=True)
+        hidden = self.model(tokens, batch, self.cache)
+        logits = self.model.logits(hidden).view(len(reqs), num_steps + 1, -1)
+        self.stats.forward_passes += 1
+        results = [accept(logits[i], drafts[i], r.params, r.generator) for i, r in enumerate(reqs)]
+        commit_verified_states(self.cache, slots, [a for a, _ in results])
+        hidden = hidden.view(len(reqs), num_steps + 1, -1)
+        for i, (r, (num_accepted, bonus)) in enumerate(zip(reqs, results)):
+            emitted = [*drafts[i][:num_accepted], bonus]
+            logprobs = token_logprobs(logits[i, : num_accepted + 1], torch.tensor(emitted, device=self.device))
+            stats = SpecStats(draft_tokens=num_steps, accepted_tokens=num_accepted, verify_steps=1,
+                              verified_output_tokens=len(emitted))
+            r.spec.add(stats)
+            self.stats.spec.add(stats)
+            r.mtp_rows = (hidden[i, : num_accepted + 1], emitted, committed[i])
+            self._append(r, emitted, logprobs)
+
+    def _mtp_extend_pending(self, reqs: list[Request]) -> None:
+        """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""
+        rows = [r.mtp_rows for r in reqs]
+        batch = ForwardBatch.packed([len(t) for _, t, _ in rows], device=self.device,
+                                    cache_lens=[p for _, _, p in rows], slots=[r.slot for r in reqs])
+        tokens = torch.tensor([t for _, ts, _ in rows for t in ts], device=self.device)
+        out = self.model.mtp_forward(torch.cat([h for h, _, _ in rows]), tokens, batch, self.cache)
+        last = out[batch.cu_seqlens[1:] - 1]
+        first = self.model.mtp_logits(last).argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            r.draft_hidden, r.first_draft, r.mtp_rows = last[i : i + 1], first[i], None
+
+    # sampling and stopping ----------------------------------------------------------------------------------
+
+    def _sample(self, r: Request, logits_V: torch.Tensor) -> int:
+        if r.params.greedy:
+            return int(logits_V.argmax())
+        p = r.params
+        return sample_from(filtered_probs(logits_V, p.temperature, p.top_k, p.top_p, p.min_p), r.generator)
+
+    def _append(self, r: Request, tokens: list[int], logprobs: torch.Tensor) -> None:
+        """Add generated tokens until one ends the request; the last one stays pending for the next step."""
+        for token, logprob in zip(tokens, logprobs.tolist()):
+            r.output_ids.append(token)
+            r.output_logprobs.append(logprob)
+            r.pending_token = token
+            self.stats.generated_tokens += 1
+            reason = self._finish_reason(r, token)
+            if reason:
+                r.finish_reason = reason
+                return
+
+    def _finish_reason(self, r: Request, token: int) -> str | None:
+        p = r.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(r.output_ids)
+            if any(s in text for s in p.stop):
+                return "stop"
+        if len(r.output_ids) >= p.max_new_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.context_length:
+            return "length"
+        return None
+
+    def _text(self, r: Request) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(r.output_ids)
+
+    # weights -------------------------------------------------------------------------------------------------
+
+    def update_weights_from_disk(self, path: str) -> None:
+        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head)."""
+        from league.checkpoint.hf import load_hf_weights
+
+        load_hf_weights(self.model, path)
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors given under league parameter names into the model in place."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise ValueError(f"update_weights: no parameter named {name!r}")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
+                                     f"got {tuple(tensor.shape)}")
+                params[name].copy_(tensor)

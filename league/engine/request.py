@@ -1,0 +1,143 @@
+"""What a generation request is: its sampling parameters, its state in the engine, and its output.
+
+Not responsible for scheduling or for the model.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    """How to sample one request. Field names follow SGLang's ``sampling_params``."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all."""
+    min_p: float = 0.0
+    """Drop tokens below min_p times the most likely one's probability."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens, whatever else is in the batch."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end the request (besides the model's EOS)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the request when the decoded text contains them (needs a tokenizer)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+             and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0"),
+            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+             and self.temperature >= 0, "temperature", "a number >= 0"),
+            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1"),
+            (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1, "min_p", "in [0, 1)"),
+            (self.seed is None or isinstance(self.seed, int), "seed", "an integer"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "a list of token ids"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(kw_only=True, slots=True)
+class SpecStats:
+    """Speculative-decoding counters of one request (or summed over the engine)."""
+
+    draft_tokens: int = 0
+    """Draft tokens proposed."""
+    accepted_tokens: int = 0
+    """Draft tokens accepted."""
+    verify_steps: int = 0
+    """Target forwards that verified drafts."""
+    verified_output_tokens: int = 0
+    """Tokens emitted by verify steps (accepted drafts + one bonus each)."""
+
+    def add(self, other: "SpecStats") -> None:
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self.verify_steps += other.verify_steps
+        self.verified_output_tokens += other.verified_output_tokens
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens emitted per verify step (1.0 means no draft was ever accepted)."""
+        return self.verified_output_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def accept_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateOutput:
+    """The result of one request."""
+
+    rid: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    """fp32 log-softmax of the raw logits at each generated token."""
+    finish_reason: str
+    """``stop`` (EOS, stop token or stop string), ``length`` (max_new_tokens or context) or ``abort``."""
+    text: str | None = None
+    spec: SpecStats = field(default_factory=SpecStats)
+
+
+@dataclass(kw_only=True, slots=True)
+class Request:
+    """A request's state inside the engine."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    group: list["Request"] = field(default_factory=list)
+    """Siblings that share this request's prefill (n samples); filled on the group's leader only."""
+    leader: "Request | None" = None
+    slot: int | None = None
+    num_prefilled: int = 0
+    """Prompt tokens already run through the model (the cache holds them)."""
+    pending_token: int | None = None
+    """The last sampled token, not yet run through the model (the bonus token under speculation)."""
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    spec: SpecStats = field(default_factory=SpecStats)
+    mtp_rows: tuple[torch.Tensor, list[int], int] | None = None
+    """Rows the MTP head must still extend: (trunk hidden states, next tokens, first position)."""
+    draft_hidden: torch.Tensor | None = None
+    """MTP output at the last committed position (chained into the next draft)."""
+    first_draft: int | None = None
+    """The MTP head's top-1 guess for the token after the pending one."""
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens whose KV and GDN state are committed in the slot."""
+        return self.num_prefilled + max(len(self.output_ids) - 1, 0) if self.output_ids else self.num_prefilled
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled >= len(self.prompt_ids)
+
+    def to_output(self, text: str | None = None) -> GenerateOutput:
+        return GenerateOutput(rid=self.rid, prompt_ids=self.prompt_ids, output_ids=list(self.output_ids),
+                              output_logprobs=list(self.output_logprobs), finish_reason=self.finish_reason or "abort",
+                              text=text, spec=self.spec)
