@@ -84,11 +84,11 @@ def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None
     index = torch.tensor(dsts)
     for layer in [*cache.layers, *cache.mtp_layers]:
         if isinstance(layer, GDNCache):
-            layer.ssm[index.to(layer.ssm.device)] = layer.ssm[src]
-            layer.conv[index.to(layer.conv.device)] = layer.conv[src]
+            layer.ssm[index.to(layer.ssm.device)] = layer.ssm[src].clone()
+            layer.conv[index.to(layer.conv.device)] = layer.conv[src].clone()
         else:
-            layer.k[index.to(layer.k.device), :length] = layer.k[src, :length]
-            layer.v[index.to(layer.v.device), :length] = layer.v[src, :length]
+            layer.k[index.to(layer.k.device), :length] = layer.k[src, :length].clone()
+            layer.v[index.to(layer.v.device), :length] = layer.v[src, :length].clone()
 
 
 @dataclass(kw_only=True, slots=True)

@@ -54,15 +54,19 @@ class EngineConfig:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
         if self.speculative_algorithm is not None:
             if self.speculative_algorithm.upper() not in ("EAGLE", "NEXTN", "MTP"):
-                raise ValueError(f"`speculative_algorithm` {self.speculative_algorithm!r}: expected EAGLE, NEXTN or None")
+                raise ValueError(
+                    f"`speculative_algorithm` {self.speculative_algorithm!r}: expected EAGLE, NEXTN or None"
+                )
             if self.speculative_num_steps < 1:
                 raise ValueError(f"`speculative_num_steps` must be >= 1, got {self.speculative_num_steps}")
             if self.speculative_eagle_topk != 1:
                 raise ValueError(f"`speculative_eagle_topk` {self.speculative_eagle_topk}: league drafts chains (1)")
             expected = self.speculative_num_steps + 1
             if self.speculative_num_draft_tokens not in (None, expected):
-                raise ValueError(f"`speculative_num_draft_tokens` ({self.speculative_num_draft_tokens}) must be "
-                                 f"speculative_num_steps + 1 ({expected}) with topk 1")
+                raise ValueError(
+                    f"`speculative_num_draft_tokens` ({self.speculative_num_draft_tokens}) must be "
+                    f"speculative_num_steps + 1 ({expected}) with topk 1"
+                )
 
     @property
     def num_spec_steps(self) -> int:
@@ -97,10 +101,20 @@ class LLMEngine:
         slot_len = self.context_length + self.config.num_spec_steps + 1
         num_slots = self.config.num_slots or self._slots_that_fit(slot_len)
         steps = self.config.num_spec_steps + 1 if self.config.num_spec_steps else 0
-        self.cache = allocate_cache(self.args, num_slots, slot_len, self.dtype, self.device,
-                                    max_rows=self.config.max_running_requests if steps else 0, max_steps=steps)
-        self.scheduler = Scheduler(num_slots=num_slots, max_running=self.config.max_running_requests,
-                                   token_budget=self.config.max_num_batched_tokens)
+        self.cache = allocate_cache(
+            self.args,
+            num_slots,
+            slot_len,
+            self.dtype,
+            self.device,
+            max_rows=self.config.max_running_requests if steps else 0,
+            max_steps=steps,
+        )
+        self.scheduler = Scheduler(
+            num_slots=num_slots,
+            max_running=self.config.max_running_requests,
+            token_budget=self.config.max_num_batched_tokens,
+        )
         self.eos_ids = set(self.args.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -116,14 +130,17 @@ class LLMEngine:
         per_slot = cache_bytes_per_slot(self.args, slot_len, self.dtype)
         fit = int(budget // per_slot)
         if fit < 1:
-            raise ValueError(f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
-                             f"slot of {per_slot / 2**20:.0f} MiB (context_length {self.context_length})")
+            raise ValueError(
+                f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
+                f"slot of {per_slot / 2**20:.0f} MiB (context_length {self.context_length})"
+            )
         return min(fit, self.config.max_running_requests)
 
     # requests ---------------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1,
-                    rid: str | None = None) -> list[str]:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1, rid: str | None = None
+    ) -> list[str]:
         """Queue a prompt; returns the ids of its ``n`` samples (``rid`` or a generated id, ``-i`` suffixed
         when n > 1). Sample i of a seeded request uses seed ``seed + i``."""
         params = params or SamplingParams()
@@ -141,10 +158,18 @@ class LLMEngine:
         base = rid if rid is not None else f"req-{next(self._ids)}"
         members = []
         for i in range(n):
-            seed = params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+            seed = (
+                params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+            )
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            members.append(Request(rid=base if n == 1 else f"{base}-{i}", prompt_ids=list(prompt_ids), params=params,
-                                   generator=generator))
+            members.append(
+                Request(
+                    rid=base if n == 1 else f"{base}-{i}",
+                    prompt_ids=list(prompt_ids),
+                    params=params,
+                    generator=generator,
+                )
+            )
         for member in members[1:]:
             member.leader = members[0]
         members[0].group = members
@@ -159,8 +184,9 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 n: int = 1) -> list[GenerateOutput]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, n: int = 1
+    ) -> list[GenerateOutput]:
         """Generate for every prompt (n samples each, consecutive in the result)."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         order = [rid for p, sp in zip(prompts, params_list) for rid in self.add_request(p, sp, n=n)]
@@ -188,8 +214,12 @@ class LLMEngine:
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
         tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
-        batch = ForwardBatch.packed([e - s for _, s, e in chunks], device=self.device,
-                                    cache_lens=[s for _, s, _ in chunks], slots=[r.slot for r, _, _ in chunks])
+        batch = ForwardBatch.packed(
+            [e - s for _, s, e in chunks],
+            device=self.device,
+            cache_lens=[s for _, s, _ in chunks],
+            slots=[r.slot for r, _, _ in chunks],
+        )
         hidden = self.model(tokens, batch, self.cache)
         self.stats.forward_passes += 1
         if self.config.num_spec_steps:
@@ -233,8 +263,9 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         tokens = torch.tensor([r.pending_token for r in reqs], device=self.device)
-        batch = ForwardBatch.packed([1] * len(reqs), device=self.device, cache_lens=[r.num_cached for r in reqs],
-                                    slots=[r.slot for r in reqs])
+        batch = ForwardBatch.packed(
+            [1] * len(reqs), device=self.device, cache_lens=[r.num_cached for r in reqs], slots=[r.slot for r in reqs]
+        )
         logits = self.model.logits(self.model(tokens, batch, self.cache))
         self.stats.forward_passes += 1
         sampled = [self._sample(r, row) for r, row in zip(reqs, logits)]
@@ -247,11 +278,19 @@ class LLMEngine:
         self._mtp_extend_pending(reqs)
         committed = [r.num_cached for r in reqs]
         slots = [r.slot for r in reqs]
-        drafts = draft_chain(self.model, self.cache, torch.cat([r.draft_hidden for r in reqs]),
-                             [r.first_draft for r in reqs], [n - 1 for n in committed], slots, num_steps)
+        drafts = draft_chain(
+            self.model,
+            self.cache,
+            torch.cat([r.draft_hidden for r in reqs]),
+            [r.first_draft for r in reqs],
+            [n - 1 for n in committed],
+            slots,
+            num_steps,
+        )
         tokens = torch.tensor([t for r, d in zip(reqs, drafts) for t in [r.pending_token, *d]], device=self.device)
-        batch = ForwardBatch.packed([num_steps + 1] * len(reqs), device=self.device, cache_lens=committed,
-                                    slots=slots, record_states=True)
+        batch = ForwardBatch.packed(
+            [num_steps + 1] * len(reqs), device=self.device, cache_lens=committed, slots=slots, record_states=True
+        )
         hidden = self.model(tokens, batch, self.cache)
         logits = self.model.logits(hidden).view(len(reqs), num_steps + 1, -1)
         self.stats.forward_passes += 1
@@ -261,8 +300,12 @@ class LLMEngine:
         for i, (r, (num_accepted, bonus)) in enumerate(zip(reqs, results)):
             emitted = [*drafts[i][:num_accepted], bonus]
             logprobs = token_logprobs(logits[i, : num_accepted + 1], torch.tensor(emitted, device=self.device))
-            stats = SpecStats(draft_tokens=num_steps, accepted_tokens=num_accepted, verify_steps=1,
-                              verified_output_tokens=len(emitted))
+            stats = SpecStats(
+                draft_tokens=num_steps,
+                accepted_tokens=num_accepted,
+                verify_steps=1,
+                verified_output_tokens=len(emitted),
+            )
             r.spec.add(stats)
             self.stats.spec.add(stats)
             r.mtp_rows = (hidden[i, : num_accepted + 1], emitted, committed[i])
@@ -271,8 +314,12 @@ class LLMEngine:
     def _mtp_extend_pending(self, reqs: list[Request]) -> None:
         """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""
         rows = [r.mtp_rows for r in reqs]
-        batch = ForwardBatch.packed([len(t) for _, t, _ in rows], device=self.device,
-                                    cache_lens=[p for _, _, p in rows], slots=[r.slot for r in reqs])
+        batch = ForwardBatch.packed(
+            [len(t) for _, t, _ in rows],
+            device=self.device,
+            cache_lens=[p for _, _, p in rows],
+            slots=[r.slot for r in reqs],
+        )
         tokens = torch.tensor([t for _, ts, _ in rows for t in ts], device=self.device)
         out = self.model.mtp_forward(torch.cat([h for h, _, _ in rows]), tokens, batch, self.cache)
         last = out[batch.cu_seqlens[1:] - 1]
@@ -331,6 +378,7 @@ class LLMEngine:
                 if name not in params:
                     raise ValueError(f"update_weights: no parameter named {name!r}")
                 if params[name].shape != tensor.shape:
-                    raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
-                                     f"got {tuple(tensor.shape)}")
+                    raise ValueError(
+                        f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
+                    )
                 params[name].copy_(tensor)

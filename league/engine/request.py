@@ -36,16 +36,25 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-             and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0"),
-            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-             and self.temperature >= 0, "temperature", "a number >= 0"),
+            (
+                isinstance(self.max_new_tokens, int)
+                and not isinstance(self.max_new_tokens, bool)
+                and self.max_new_tokens >= 0,
+                "max_new_tokens",
+                "an integer >= 0",
+            ),
+            (
+                isinstance(self.temperature, (int, float))
+                and math.isfinite(self.temperature)
+                and self.temperature >= 0,
+                "temperature",
+                "a number >= 0",
+            ),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1"),
             (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1, "min_p", "in [0, 1)"),
             (self.seed is None or isinstance(self.seed, int), "seed", "an integer"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-             "a list of token ids"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of token ids"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings"),
         ]
         for ok, name, expected in checks:
@@ -138,6 +147,12 @@ class Request:
         return self.num_prefilled >= len(self.prompt_ids)
 
     def to_output(self, text: str | None = None) -> GenerateOutput:
-        return GenerateOutput(rid=self.rid, prompt_ids=self.prompt_ids, output_ids=list(self.output_ids),
-                              output_logprobs=list(self.output_logprobs), finish_reason=self.finish_reason or "abort",
-                              text=text, spec=self.spec)
+        return GenerateOutput(
+            rid=self.rid,
+            prompt_ids=self.prompt_ids,
+            output_ids=list(self.output_ids),
+            output_logprobs=list(self.output_logprobs),
+            finish_reason=self.finish_reason or "abort",
+            text=text,
+            spec=self.spec,
+        )

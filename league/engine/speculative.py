@@ -16,8 +16,15 @@ from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
 from league.ops.sampling import filtered_probs, sample_from, uniform
 
 
-def draft_chain(model: Transformer, cache: ModelCache, hidden_BD: torch.Tensor, first_tokens: list[int],
-                positions: list[int], slots: list[int], num_steps: int) -> list[list[int]]:
+def draft_chain(
+    model: Transformer,
+    cache: ModelCache,
+    hidden_BD: torch.Tensor,
+    first_tokens: list[int],
+    positions: list[int],
+    slots: list[int],
+    num_steps: int,
+) -> list[list[int]]:
     """Propose ``num_steps`` tokens per request.
 
     Args:
@@ -41,8 +48,9 @@ def draft_chain(model: Transformer, cache: ModelCache, hidden_BD: torch.Tensor, 
     return drafts
 
 
-def accept(logits_NV: torch.Tensor, drafts: list[int], params: SamplingParams,
-           generator: torch.Generator) -> tuple[int, int]:
+def accept(
+    logits_NV: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator
+) -> tuple[int, int]:
     """Decide how many drafts to keep and the bonus token.
 
     Args:

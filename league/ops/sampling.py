@@ -10,8 +10,9 @@ Legend: V vocabulary.
 import torch
 
 
-def filtered_probs(logits_V: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0,
-                   min_p: float = 0.0) -> torch.Tensor:
+def filtered_probs(
+    logits_V: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """The sampling distribution of one row, fp32: ``softmax(logits / T)``, then top-k, top-p and min-p
     filtering with renormalisation.
 

@@ -1,0 +1,163 @@
+"""The engine: greedy output equals transformers' generate with and without speculation, continuous
+batching (requests join and leave), n samples, waiting for slots, abort, per-request seeds."""
+
+import pytest
+import torch
+from transformers import Qwen3_5MoeForCausalLM
+
+from league.checkpoint.qwen3_5_moe import from_hf
+from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.request import SamplingParams
+from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
+from league.ops.logprob import token_logprobs
+from tests.conftest import hf_text_config, randomize_vectors
+
+
+@pytest.fixture(scope="module")
+def hf_and_league():
+    torch.manual_seed(0)
+    config = hf_text_config("gqa2_interval2", mtp_num_hidden_layers=1)
+    hf = Qwen3_5MoeForCausalLM(config).eval()
+    randomize_vectors(hf)
+    args = ModelArgs.from_hf_config(config.to_dict())
+    model = Transformer(args).eval()
+    model.init_weights(seed=3, std=0.05)  # the MTP head (transformers has none) stays random
+    model.load_state_dict(from_hf(hf.state_dict(), args.moe_intermediate_size, args.num_experts), strict=False)
+    return hf, model
+
+
+def prompts_of(lengths, vocab, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def engine(model, **kw):
+    config = dict(max_running_requests=3, max_num_batched_tokens=16, context_length=128)
+    eng = LLMEngine(model, EngineConfig(**{**config, **kw}))
+    eng.eos_ids = set()  # random weights: let every request run to its length
+    return eng
+
+
+@pytest.mark.parametrize("num_steps", [None, 1, 2, 3])
+def test_greedy_equals_transformers_generate(hf_and_league, num_steps):
+    hf, model = hf_and_league
+    prompts = prompts_of([5, 40, 17, 2, 33, 9], model.args.vocab_size)
+    lengths = [12, 20, 7, 16, 3, 20]  # requests leave at different steps; 6 requests, 3 slots: others join
+    expected = []
+    for p, n in zip(prompts, lengths):
+        out = hf.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(p) :].tolist())
+    spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=num_steps) if num_steps else {}
+    eng = engine(model, **spec)
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths])
+    assert [o.output_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    if num_steps:
+        assert (
+            eng.stats.spec.verify_steps > 0 and eng.stats.spec.draft_tokens == num_steps * eng.stats.spec.verify_steps
+        )
+
+
+def test_seeded_output_does_not_depend_on_the_batch(hf_and_league):
+    _, model = hf_and_league
+    prompts = prompts_of([5, 17, 33, 2, 9], model.args.vocab_size)
+    params = SamplingParams(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=11)
+    alone = engine(model).generate([prompts[1]], params)[0]
+    together = engine(model, max_running_requests=5).generate(prompts, params)[1]
+    assert alone.output_ids == together.output_ids
+    assert torch.allclose(torch.tensor(alone.output_logprobs), torch.tensor(together.output_logprobs), atol=1e-5)
+
+
+def test_logprobs_equal_teacher_forced_scoring(hf_and_league):
+    _, model = hf_and_league
+    prompt = prompts_of([21], model.args.vocab_size)[0]
+    out = engine(model).generate([prompt], SamplingParams(max_new_tokens=30, temperature=1.0, seed=5))[0]
+    full = torch.tensor(prompt + out.output_ids)
+    with torch.no_grad():
+        logits = model.logits(model(full, ForwardBatch.packed([len(full)])))
+    scored = token_logprobs(logits[len(prompt) - 1 : -1], torch.tensor(out.output_ids))
+    assert torch.allclose(scored, torch.tensor(out.output_logprobs), atol=1e-5)
+
+
+def test_n_samples_share_one_prefill(hf_and_league):
+    _, model = hf_and_league
+    prompt = prompts_of([30], model.args.vocab_size)[0]
+    eng = engine(model, max_running_requests=4)
+    outs = eng.generate([prompt], SamplingParams(max_new_tokens=10, temperature=1.0, seed=100), n=4)
+    assert [o.rid for o in outs] == ["req-0-0", "req-0-1", "req-0-2", "req-0-3"]
+    assert eng.stats.prompt_tokens == 30  # one prefill for the group
+    for i, out in enumerate(outs):
+        alone = engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=1.0, seed=100 + i))[0]
+        assert out.output_ids == alone.output_ids
+    assert len({tuple(o.output_ids) for o in outs}) > 1
+
+
+def test_requests_wait_for_slots_and_all_finish(hf_and_league):
+    _, model = hf_and_league
+    prompts = prompts_of([3, 4, 5, 6, 7, 8, 9], model.args.vocab_size)
+    eng = engine(model, num_slots=2, max_running_requests=2)
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0), n=1)
+    assert [len(o.output_ids) for o in outs] == [6] * 7
+    assert eng.scheduler.pool.num_free == 2
+
+
+def test_abort_ends_a_running_request(hf_and_league):
+    _, model = hf_and_league
+    eng = engine(model)
+    [rid] = eng.add_request(prompts_of([5], model.args.vocab_size)[0], SamplingParams(max_new_tokens=100))
+    for _ in range(4):
+        assert eng.step() == []
+    assert eng.abort(rid)
+    [out] = eng.step()
+    assert out.finish_reason == "abort" and 1 <= len(out.output_ids) < 100
+    assert not eng.has_unfinished()
+
+
+def test_stop_token_and_eos(hf_and_league):
+    _, model = hf_and_league
+    prompt = prompts_of([8], model.args.vocab_size)[0]
+    free = engine(model).generate([prompt], SamplingParams(max_new_tokens=20, temperature=0))[0].output_ids
+    stop_at = free[5]
+    first = free.index(stop_at)
+    out = engine(model).generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[stop_at]))[
+        0
+    ]
+    assert out.output_ids == free[: first + 1] and out.finish_reason == "stop"
+    eng = engine(model)
+    eng.eos_ids = {stop_at}
+    assert eng.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0))[0].output_ids == free[: first + 1]
+    ignoring = eng.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert ignoring.output_ids == free
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**bad)
+
+
+def test_bad_prompts_are_rejected(hf_and_league):
+    _, model = hf_and_league
+    eng = engine(model)
+    with pytest.raises(ValueError, match="outside"):
+        eng.add_request([1, 2, model.args.vocab_size])
+    with pytest.raises(ValueError, match="context length"):
+        eng.add_request([1] * 128)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([])
