@@ -1,0 +1,124 @@
+"""Optimizer and learning-rate schedule for the policy: AdamW with decoupled weight decay on matrices
+only (norm weights and other vectors are not decayed), global-norm gradient clipping, and optional CPU
+offload (fp32 master weights, Adam moments and the update on the host, parameters copied back).
+
+Not responsible for which parameters train (the caller passes them) nor for the loss.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Optimizer settings (flag names as the reference system's)."""
+
+    optimizer: str = "adam"
+    """``adam`` (AdamW: decoupled weight decay)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    lr_decay_style: str = "constant"
+    """``constant``, ``linear`` or ``cosine`` decay after warm-up."""
+    lr_warmup_iters: int = 0
+    """Optimizer steps of linear warm-up from 0."""
+    lr_decay_iters: int | None = None
+    """Steps over which the rate decays to min_lr (default: the run's total steps)."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.98
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global L2 gradient-norm clip (0 disables)."""
+    optimizer_cpu_offload: bool = False
+    """Keep fp32 master weights and Adam states on the CPU and step there."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer != "adam":
+            raise ValueError(f"`--optimizer` {self.optimizer!r} is not supported (expected 'adam')")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"`--lr-decay-style` {self.lr_decay_style!r}: expected constant, linear or cosine")
+        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("`--lr`, `--min-lr`, `--weight-decay` and `--clip-grad` must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got ({self.adam_beta1}, {self.adam_beta2})")
+
+
+def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if config.lr_warmup_iters and step < config.lr_warmup_iters:
+        return config.lr * (step + 1) / config.lr_warmup_iters
+    if config.lr_decay_style == "constant":
+        return config.lr
+    span = max(1, (config.lr_decay_iters or total_steps) - config.lr_warmup_iters)
+    progress = min(1.0, (step - config.lr_warmup_iters) / span)
+    if config.lr_decay_style == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr + (config.lr - config.min_lr) * factor
+
+
+class Optimizer:
+    """AdamW over the given parameters, stepping on their device or on the CPU (offload).
+
+    Args:
+        params (list[tuple[str, torch.nn.Parameter]]): named trainable parameters.
+        config (OptimConfig): settings.
+    """
+
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig):
+        self.config, self.params = config, params
+        self.offload = config.optimizer_cpu_offload
+        self.masters = [p.detach().to("cpu", torch.float32, copy=True) if self.offload else p for _, p in params]
+        decay = [m for (_, p), m in zip(params, self.masters) if p.ndim >= 2]
+        no_decay = [m for (_, p), m in zip(params, self.masters) if p.ndim < 2]
+        self.inner = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+        )
+
+    def zero_grad(self) -> None:
+        for _, p in self.params:
+            p.grad = None
+
+    def step(self, lr: float) -> float:
+        """Clip, update, and return the gradient norm before clipping."""
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if self.config.clip_grad > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.config.clip_grad, norm)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        if self.offload:
+            for (_, p), master in zip(self.params, self.masters):
+                master.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
+        self.inner.step()
+        if self.offload:
+            with torch.no_grad():
+                for (_, p), master in zip(self.params, self.masters):
+                    p.copy_(master, non_blocking=True)
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        state = {"inner": self.inner.state_dict()}
+        if self.offload:
+            state["masters"] = [m.clone() for m in self.masters]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        if self.offload:
+            with torch.no_grad():
+                for master, saved, (_, p) in zip(self.masters, state["masters"], self.params):
+                    master.copy_(saved)
+                    p.copy_(saved)

@@ -1,0 +1,83 @@
+"""Built-in verifiable tasks for the embedded default run: generated problems with exact answers of
+several tokens, their reward, and a short supervised warm-up on the answer format.
+
+Not responsible for file datasets (``rl.data``) nor for math grading (``rl.rewards``).
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
+
+TASKS = ("add",)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    question: str
+    answer: str
+
+
+def make_problems(task: str, num: int, seed: int) -> list[Problem]:
+    """``num`` distinct problems of ``task``, in a fixed order for a given seed.
+
+    ``add``: ``a+b=`` with a, b in [0, 100); the answer (1 to 3 digits) is the sum.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown built-in task {task!r}; expected one of {TASKS}")
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(pairs)
+    if num > len(pairs):
+        raise ValueError(f"task {task!r} has {len(pairs)} distinct problems, asked for {num}")
+    return [Problem(question=f"{a}+{b}=", answer=str(a + b)) for a, b in pairs[:num]]
+
+
+def exact_match_reward(response: str, label: str) -> float:
+    """1.0 when the response, stripped of whitespace, is exactly the label, else 0.0."""
+    return 1.0 if response.strip() == label.strip() else 0.0
+
+
+def supervised_warmup(
+    model: Transformer, examples: list[tuple[list[int], list[int]]], steps: int, lr: float, batch_size: int, seed: int
+) -> list[float]:
+    """A few steps of next-token cross-entropy on (prompt, answer) pairs, on the answer tokens only.
+
+    Returns the loss of each step. The MTP head trains alongside (its loss reaches only its parameters).
+    """
+    gen = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = [examples[gen.randrange(len(examples))] for _ in range(batch_size)]
+        seqs = [p + a for p, a in batch]
+        tokens = torch.tensor([t for s in seqs for t in s])
+        fb = ForwardBatch.packed([len(s) for s in seqs])
+        hidden = model(tokens, fb)
+        rows, labels, mtp_rows, mtp_labels = [], [], [], []
+        offset = 0
+        for p, a in batch:
+            for j in range(len(a)):
+                rows.append(offset + len(p) + j - 1)
+                labels.append(a[j])
+                if j + 1 < len(a):
+                    mtp_rows.append(offset + len(p) + j - 1)
+                    mtp_labels.append(a[j + 1])
+            offset += len(p) + len(a)
+        loss = F.cross_entropy(model.logits(hidden[rows]).float(), torch.tensor(labels))
+        if model.mtp is not None and mtp_rows:
+            next_tokens = torch.roll(tokens, -1)
+            mtp_hidden = model.mtp_forward(hidden, next_tokens, fb, detach_trunk=True)
+            mtp_logits = model.mtp_logits(mtp_hidden[mtp_rows], detach_head=True)
+            loss = loss + F.cross_entropy(mtp_logits.float(), torch.tensor(mtp_labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses

@@ -1,0 +1,255 @@
+"""The policy update: log-prob passes and the train step on packed micro-batches.
+
+One optimizer step consumes ``global_batch_size`` samples, packed into micro-batches of at most
+``max_tokens_per_gpu`` tokens whose gradients accumulate. The loss is the clipped policy loss (plus the
+KL and entropy terms when their coefficients are non-zero) aggregated as the mean over samples of each
+sample's token mean, plus the MTP loss, which reaches only the MTP head's parameters. Not responsible for
+generating, rewarding, or checkpoint files.
+
+Legend: T packed tokens, R response tokens of a micro-batch, V vocabulary.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.ops.logprob import entropy, token_logprobs
+from league.rl import algorithms as algo
+from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
+from league.rl.optim import OptimConfig, Optimizer, lr_at
+from league.rl.sample import Sample
+
+
+@dataclass(kw_only=True, slots=True)
+class AlgorithmConfig:
+    """The RL objective (flag names as the reference system's)."""
+
+    advantage_estimator: str = "grpo"
+    """``grpo`` (group-normalised rewards broadcast to every response token)."""
+    disable_grpo_std_normalization: bool = False
+    """Only subtract the group mean (Dr. GRPO)."""
+    eps_clip: float = 0.2
+    """Lower clip of the ratio: 1 - eps_clip."""
+    eps_clip_high: float | None = None
+    """Upper clip of the ratio: 1 + eps_clip_high (default: eps_clip)."""
+    eps_clip_c: float | None = None
+    """Dual-clip constant (> 1) bounding the loss of negative-advantage tokens; None disables."""
+    use_kl_loss: bool = False
+    """Keep a frozen reference model and compute the KL to it (logged; added when kl_loss_coef != 0)."""
+    kl_loss_coef: float = 0.0
+    """Weight of the KL loss."""
+    kl_loss_type: str = "low_var_kl"
+    """KL estimator: k1, k2, k3 or low_var_kl."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (entropy is computed only when != 0)."""
+    use_tis: bool = False
+    """Truncated importance sampling: weight each token by clamp(exp(logp_old - logp_rollout), low, high)."""
+    tis_clip: float = 2.0
+    """Upper clamp of the TIS weight."""
+    tis_clip_low: float = 0.0
+    """Lower clamp of the TIS weight."""
+    calculate_per_token_loss: bool = False
+    """Average the loss over all tokens of the step instead of per-sample token means."""
+    enable_mtp_training: bool = False
+    """Train the MTP head alongside the policy (its loss reaches only MTP parameters)."""
+    mtp_loss_scaling_factor: float = 0.2
+    """Weight of the MTP loss."""
+
+    def __post_init__(self) -> None:
+        if self.advantage_estimator != "grpo":
+            raise ValueError(f"`--advantage-estimator` {self.advantage_estimator!r} is not supported (expected grpo)")
+        if self.kl_loss_type not in ("k1", "k2", "k3", "low_var_kl"):
+            raise ValueError(f"`--kl-loss-type` {self.kl_loss_type!r}: expected k1, k2, k3 or low_var_kl")
+        if self.eps_clip < 0 or (self.eps_clip_high is not None and self.eps_clip_high < 0):
+            raise ValueError("`--eps-clip` and `--eps-clip-high` must be >= 0")
+        if self.eps_clip_c is not None and self.eps_clip_c <= 1:
+            raise ValueError(f"`--eps-clip-c` must be > 1, got {self.eps_clip_c}")
+        if self.kl_loss_coef != 0 and not self.use_kl_loss:
+            raise ValueError("`--kl-loss-coef` is non-zero but `--use-kl-loss` is off")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Batching of the policy update."""
+
+    global_batch_size: int = 16
+    """Samples per optimizer step."""
+    max_tokens_per_gpu: int = 8192
+    """Token budget of one micro-batch (dynamic batching)."""
+    log_probs_max_tokens_per_gpu: int | None = None
+    """Token budget of the forward-only log-prob passes (default: max_tokens_per_gpu)."""
+    recompute: bool = True
+    """Full activation recompute, one layer per checkpoint (``--no-recompute`` keeps activations)."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.max_tokens_per_gpu < 1:
+            raise ValueError("`--global-batch-size` and `--max-tokens-per-gpu` must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class MicroBatch:
+    """Some samples packed end to end, with their positions in the list they were cut from."""
+
+    packed: PackedBatch
+    batch: ForwardBatch
+    indices: list[int]
+
+
+def response_logprobs(
+    model: Transformer, mb: MicroBatch, temperature: float = 1.0, hidden_TD: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens ``[R]`` (fp32) and the trunk hidden states ``[T, D]``."""
+    if hidden_TD is None:
+        hidden_TD = model(mb.packed.tokens_T, mb.batch)
+    logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R])
+    if temperature != 1.0:
+        logits_RV = logits_RV / temperature
+    return token_logprobs(logits_RV, mb.packed.response_tokens_R), hidden_TD
+
+
+class Trainer:
+    """Owns the optimizer and (when a KL term needs it) a frozen reference copy of the policy.
+
+    Args:
+        model (Transformer): the policy, trained in place (the engine reads the same parameters).
+        train (TrainConfig), algo_config (AlgorithmConfig), optim (OptimConfig): settings.
+        total_steps (int): optimizer steps of the run (for LR decay).
+        temperature (float): rollout temperature; log-probs use logits / temperature. Default: ``1.0``.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        train: TrainConfig,
+        algo_config: AlgorithmConfig,
+        optim: OptimConfig,
+        total_steps: int,
+        temperature: float = 1.0,
+    ):
+        self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
+        self.total_steps, self.temperature = total_steps, temperature
+        self.device = next(model.parameters()).device
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not algo_config.enable_mtp_training:
+            trainable = [(n, p) for n, p in trainable if not n.startswith("mtp.")]
+        self.optimizer = Optimizer(trainable, optim)
+        self.ref_model = None
+        if algo_config.use_kl_loss:
+            self.ref_model = copy.deepcopy(model).requires_grad_(False)
+        self.num_steps = 0
+
+    def _micro_batches(self, samples: list[Sample], budget: int) -> list[MicroBatch]:
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        micro = []
+        for group in pack_by_token_budget(lengths, budget):
+            packed = pack_samples([samples[i] for i in group], self.device)
+            micro.append(
+                MicroBatch(
+                    packed=packed, batch=ForwardBatch.packed(packed.seq_lens, device=self.device), indices=list(group)
+                )
+            )
+        return micro
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample], model: Transformer | None = None) -> list[torch.Tensor]:
+        """Forward-only response log-probs of each sample (policy, or ``model`` e.g. the reference)."""
+        model = model or self.model
+        budget = self.config.log_probs_max_tokens_per_gpu or self.config.max_tokens_per_gpu
+        out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+        for mb in self._micro_batches(samples, budget):
+            logp, _ = response_logprobs(model, mb, self.temperature)
+            for i, lp in zip(mb.indices, logp.split(mb.packed.response_lengths)):
+                out[i] = lp
+        return out
+
+    def train(self, samples: list[Sample]) -> dict[str, float]:
+        """All optimizer steps of one rollout; returns the metrics averaged over them."""
+        gbs = self.config.global_batch_size
+        if len(samples) % gbs:
+            raise ValueError(f"a rollout of {len(samples)} samples does not split into global batches of {gbs}")
+        # several updates per rollout: the ratio needs the log-probs from before the first update
+        old = self.compute_logprobs(samples) if len(samples) > gbs else None
+        ref = self.compute_logprobs(samples, self.ref_model) if self.ref_model is not None else None
+        metrics: dict[str, list[float]] = {}
+        for start in range(0, len(samples), gbs):
+            window = slice(start, start + gbs)
+            result = self._optimizer_step(
+                samples[window], None if old is None else old[window], None if ref is None else ref[window]
+            )
+            for key, value in result.items():
+                metrics.setdefault(key, []).append(value)
+        return {k: sum(v) / len(v) for k, v in metrics.items()}
+
+    def _optimizer_step(
+        self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None, ref_logprobs: list[torch.Tensor] | None
+    ) -> dict[str, float]:
+        cfg = self.algo
+        eps_high = cfg.eps_clip if cfg.eps_clip_high is None else cfg.eps_clip_high
+        micro = self._micro_batches(samples, self.config.max_tokens_per_gpu)
+        num_tokens = sum(sum(s.response_loss_mask) for s in samples)
+        sums: dict[str, float] = {}
+
+        def add(key: str, value: torch.Tensor | float) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+        self.model.train()
+        self.optimizer.zero_grad()
+        for mb in micro:
+            logp, hidden = response_logprobs(self.model, mb, self.temperature)
+            # one update per rollout: the old policy is the current one, so the ratio is 1 by construction
+            old = logp.detach() if old_logprobs is None else torch.cat([old_logprobs[i] for i in mb.indices])
+            rollout, adv, mask = mb.packed.rollout_logprobs_R, mb.packed.advantages_R, mb.packed.loss_mask_R
+
+            def reduce(x_R: torch.Tensor) -> torch.Tensor:
+                if cfg.calculate_per_token_loss:
+                    return algo.token_mean(x_R, mask, num_tokens)
+                return algo.sample_mean_of_token_means(x_R, mask, mb.packed.sample_of_R, len(samples))
+
+            pg_tok, clip_tok, ppo_kl_tok = algo.policy_loss(logp, old, adv, cfg.eps_clip, eps_high, cfg.eps_clip_c)
+            if cfg.use_tis:
+                weight = algo.tis_weights(old, rollout, cfg.tis_clip_low, cfg.tis_clip)
+                pg_tok = pg_tok * weight
+                add("train/tis", reduce(weight))
+            loss = reduce(pg_tok)
+            add("train/pg_loss", loss.detach())
+            add("train/pg_clipfrac", reduce(clip_tok.float()))
+            add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
+            add("train/train_rollout_logprob_abs_diff", reduce((old - rollout).abs()))
+            if ref_logprobs is not None:
+                ref = torch.cat([ref_logprobs[i] for i in mb.indices])
+                kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
+                add("train/kl_loss", kl.detach())
+                if cfg.kl_loss_coef != 0:
+                    loss = loss + cfg.kl_loss_coef * kl
+            if cfg.entropy_coef != 0:
+                logits = self.model.logits(hidden[mb.packed.logit_index_R]) / self.temperature
+                ent = reduce(entropy(logits))
+                add("train/entropy_loss", ent.detach())
+                loss = loss - cfg.entropy_coef * ent
+            if cfg.enable_mtp_training:
+                mtp_loss = self._mtp_loss(mb, hidden)
+                add("train/mtp_loss", mtp_loss.detach() / len(micro))
+                loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss / len(micro)
+            loss.backward()
+        lr = lr_at(self.optim_config, self.num_steps, self.total_steps)
+        grad_norm = self.optimizer.step(lr)
+        self.num_steps += 1
+        return {**sums, "train/grad_norm": grad_norm, "train/lr": lr}
+
+    def _mtp_loss(self, mb: MicroBatch, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """Token-mean CE of the MTP head predicting token t+2 at row t, over response tokens only."""
+        packed = mb.packed
+        next_tokens, labels, mask = algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
+        mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
+        rows = mask.nonzero()[:, 0]
+        logits = self.model.mtp_logits(mtp_hidden[rows], detach_head=True)
+        return algo.mtp_loss(logits, labels[rows], mask[rows])
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_steps = state["num_steps"]
