@@ -43,8 +43,10 @@ class EngineConfig:
     """Branching of the draft tree; league drafts chains (1)."""
     speculative_num_draft_tokens: int | None = None
     """Tokens per verify: must be speculative_num_steps + 1 (the default)."""
-    seed: int = 0
+    random_seed: int = 0
     """Seeds the per-request generators of requests that bring no seed."""
+    cuda_graph_bs: list[int] | None = None
+    """Batch sizes of captured CUDA-graph decode steps (GPU only; ignored with a warning on CPU)."""
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
@@ -119,7 +121,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.stats = EngineStats()
-        self._seeds = torch.Generator().manual_seed(self.config.seed)
+        self._seeds = torch.Generator().manual_seed(self.config.random_seed)
         self._ids = itertools.count()
 
     def _slots_that_fit(self, slot_len: int) -> int:

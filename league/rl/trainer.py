@@ -202,10 +202,10 @@ class Trainer:
             old = logp.detach() if old_logprobs is None else torch.cat([old_logprobs[i] for i in mb.indices])
             rollout, adv, mask = mb.packed.rollout_logprobs_R, mb.packed.advantages_R, mb.packed.loss_mask_R
 
-            def reduce(x_R: torch.Tensor) -> torch.Tensor:
+            def reduce(x_R: torch.Tensor, mask=mask, sample_of=mb.packed.sample_of_R) -> torch.Tensor:
                 if cfg.calculate_per_token_loss:
                     return algo.token_mean(x_R, mask, num_tokens)
-                return algo.sample_mean_of_token_means(x_R, mask, mb.packed.sample_of_R, len(samples))
+                return algo.sample_mean_of_token_means(x_R, mask, sample_of, len(samples))
 
             pg_tok, clip_tok, ppo_kl_tok = algo.policy_loss(logp, old, adv, cfg.eps_clip, eps_high, cfg.eps_clip_c)
             if cfg.use_tis:
