@@ -1,0 +1,135 @@
+"""EngineClient: the in-process engine's ``generate`` interface, against a league (or SGLang) server.
+
+Prompts go out as token ids and outputs come back as ``GenerateOutput``s, so the RL loop does not care
+whether the engine is in its process or behind HTTP. Standard library only (``urllib``); proxies from the
+environment are not used. Not responsible for starting servers, retrying, or tokenization.
+"""
+
+import dataclasses
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from league.engine.request import GenerateOutput, SamplingParams, SpecStats
+
+
+class EngineServerError(RuntimeError):
+    """The server answered with an error; ``status`` is the HTTP status, ``message`` the server's words."""
+
+    def __init__(self, status: int, message: str, url: str):
+        super().__init__(f"{url}: HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+class EngineClient:
+    """A remote engine: ``generate`` sends one HTTP request per prompt, many in flight at once.
+
+    Args:
+        base_url (str): the server, e.g. ``http://127.0.0.1:30000``.
+        timeout (float, Optional): seconds to wait for one answer (a whole generation). Default: 600.
+        max_workers (int, Optional): requests one ``generate`` keeps in flight at once. Default: 256.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 600.0, max_workers: int = 256):
+        self.base_url, self.timeout, self.max_workers = base_url.rstrip("/"), timeout, max_workers
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, n: int = 1
+    ) -> list[GenerateOutput]:
+        """Generate for every prompt (n samples each, consecutive in the result), as ``LLMEngine.generate``."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        bodies = [
+            {"input_ids": list(p), "sampling_params": _sampling_json(sp, n), "return_logprob": True}
+            for p, sp in zip(prompts, params_list)
+        ]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(bodies)))) as pool:
+            answers = list(pool.map(lambda body: self._request("POST", "/generate", body), bodies))
+        return [
+            _output(result, prompt)
+            for prompt, answer in zip(prompts, answers)
+            for result in (answer if isinstance(answer, list) else [answer])
+        ]
+
+    def health(self) -> bool:
+        """Whether the server answers ``/health`` with 200."""
+        try:
+            self._request("GET", "/health")
+        except (EngineServerError, ConnectionError, TimeoutError):
+            return False
+        return True
+
+    def wait_until_healthy(self, timeout: float) -> None:
+        """Poll ``/health`` until it answers 200; TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.health():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.base_url} did not become healthy within {timeout} s")
+            time.sleep(0.1)
+
+    def model_info(self) -> dict:
+        return self._request("GET", "/get_model_info")
+
+    def update_weights_from_disk(self, path: str) -> dict:
+        """Have the server load a Hugging Face checkpoint folder (between two engine steps)."""
+        return self._request("POST", "/update_weights_from_disk", {"model_path": path})
+
+    def abort(self, rid: str) -> int:
+        """End a request now (its output so far goes to its caller); returns how many requests ended."""
+        return (self._request("POST", "/abort_request", {"rid": rid}) or {}).get("num_aborted", 0)
+
+    def abort_all(self) -> int:
+        return (self._request("POST", "/abort_request", {"abort_all": True}) or {}).get("num_aborted", 0)
+
+    def flush_cache(self) -> dict:
+        return self._request("POST", "/flush_cache", {})
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            raise EngineServerError(e.code, _error_message(e.read()), url) from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"{url}: {e.reason}") from None
+        return json.loads(raw) if raw else None
+
+
+def _sampling_json(params: SamplingParams, n: int) -> dict:
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)} | {"n": n}
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+        return body["error"]["message"] if "error" in body else body.get("message", raw.decode())
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return raw.decode(errors="replace")
+
+
+def _output(result: dict, prompt: list[int]) -> GenerateOutput:
+    meta = result["meta_info"]
+    verify_steps = meta.get("spec_verify_ct", 0)
+    spec = SpecStats(
+        draft_tokens=meta.get("spec_draft_token_num", 0),
+        accepted_tokens=meta.get("spec_accept_token_num", 0),
+        verify_steps=verify_steps,
+        verified_output_tokens=round(meta.get("spec_accept_length", 0.0) * verify_steps),
+    )
+    return GenerateOutput(
+        rid=meta["id"],
+        prompt_ids=list(prompt),
+        output_ids=result["output_ids"],
+        output_logprobs=[entry[0] for entry in meta.get("output_token_logprobs", [])],
+        finish_reason=meta["finish_reason"]["type"],
+        text=result.get("text"),
+        spec=spec,
+    )

@@ -1,0 +1,195 @@
+"""The wire format of the server's SGLang and OpenAI routes: request bodies in, answers out.
+
+Pure functions: they check the fields the engine does not know about (unknown keys, types, whether the
+prompt and ``max_new_tokens`` fit in the context) and leave the rest to ``SamplingParams`` and
+``LLMEngine.add_request``, whose ValueErrors name the field. Not responsible for HTTP, threads or
+tokenization (text arrives encoded and leaves decoded through the callables the server passes in).
+"""
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from league.engine.request import GenerateOutput, SamplingParams
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+# SGLang options besides SamplingParams': n and how output text is decoded (spaces_...: accepted, ignored)
+SAMPLING_EXTRA = frozenset({"n", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"})
+# options league does not implement, accepted at their neutral value only
+SAMPLING_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0}
+# the last two are accepted and ignored: league returns the log-probs of output tokens only
+GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
+GENERATE_FIELDS |= {"logprob_start_len", "return_text_in_logprobs"}
+OPENAI_SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+OPENAI_SAMPLING |= {k: k for k in ("temperature", "top_p", "top_k", "min_p", "n", "stop", "seed")}
+OPENAI_SAMPLING |= {k: k for k in ("stop_token_ids", "ignore_eos", "skip_special_tokens")}
+OPENAI_FIELDS = set(OPENAI_SAMPLING) | {"model", "logprobs", "stream", "user"}
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingOptions:
+    """The sampling options of one HTTP request, before they meet each prompt's length."""
+
+    fields: dict[str, Any]
+    """SamplingParams keyword arguments."""
+    n: int = 1
+    """Samples per prompt."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the output text."""
+    trim_stop: bool = True
+    """Cut the output text before a matched stop string (SGLang's ``no_stop_trim`` false)."""
+    default_max_new_tokens: int | None = 128
+    """Used when the request gives none; None: the room the context leaves."""
+
+
+def check_fields(body: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known fields: {sorted(allowed)}")
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"`{key}` must be true or false, got {value!r}")
+    return value
+
+
+def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> SamplingOptions:
+    """Check an SGLang ``sampling_params`` object; the values themselves are checked by SamplingParams."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"`{where}` must be a JSON object, got {raw!r}")
+    raw = {("seed" if k == "sampling_seed" else k): v for k, v in raw.items() if v is not None}
+    for key, neutral in SAMPLING_NEUTRAL.items():
+        if key in raw and raw.pop(key) != neutral:
+            raise ValueError(f"{where}.{key} is not supported by league (only the neutral value {neutral})")
+    check_fields(raw, set(SAMPLING_FIELDS | SAMPLING_EXTRA), f"`{where}`")
+    n = raw.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{where}.n must be an integer >= 1, got {n!r}")
+    for key, kind in (("stop", (list, str)), ("stop_token_ids", list)):
+        if key in raw and not isinstance(raw[key], kind):
+            raise ValueError(f"{where}.{key} must be a list, got {raw[key]!r}")
+    return SamplingOptions(
+        fields={k: v for k, v in raw.items() if k in SAMPLING_FIELDS},
+        n=n,
+        skip_special_tokens=flag(raw, "skip_special_tokens", True),
+        trim_stop=not flag(raw, "no_stop_trim"),
+        default_max_new_tokens=default_max_new_tokens,
+    )
+
+
+def params_for(options: SamplingOptions, prompt_len: int, context_length: int, field: str) -> SamplingParams:
+    """SamplingParams for one prompt; the prompt and max_new_tokens must fit in the context together."""
+    room = context_length - prompt_len
+    if room <= 0:
+        raise ValueError(f"`{field}` has {prompt_len} tokens; the context length is {context_length}")
+    fields = dict(options.fields)
+    fields.setdefault("max_new_tokens", min(options.default_max_new_tokens or room, room))
+    params = SamplingParams(**fields)
+    if params.max_new_tokens > room:
+        raise ValueError(
+            f"sampling_params.max_new_tokens ({params.max_new_tokens}) does not fit: the context length is "
+            f"{context_length} and the prompt has {prompt_len} tokens, leaving room for {room}"
+        )
+    return params
+
+
+def parse_prompts(
+    value: Any, field: str, encode: Callable[[str], list[int]], text: bool, ids: bool
+) -> tuple[list[list[int]], bool]:
+    """A prompt or a batch, as text and/or token ids -> (token id lists, whether it was a batch).
+
+    Token ids are checked by ``LLMEngine.add_request`` (empty, outside the vocabulary, too long).
+    """
+    if text and isinstance(value, str):
+        return [encode(value)], False
+    if text and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [encode(v) for v in value], True
+    if ids and isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return value, True
+    if ids and isinstance(value, list) and not any(isinstance(v, list) for v in value):
+        return [value], False
+    kinds = ["a string", "a list of strings"] * text + ["a list of token ids", "a list of such lists"] * ids
+    raise ValueError(f"`{field}` must be {' or '.join(kinds)}, got {value!r:.200}")
+
+
+def parse_rids(value: Any, count: int, batched: bool) -> list[str]:
+    if value is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    rids = value if batched else [value]
+    if not (isinstance(rids, list) and len(rids) == count and all(isinstance(r, str) and r for r in rids)):
+        raise ValueError(f"`rid` must be {f'a list of {count} strings' if batched else 'a string'}, got {value!r}")
+    if len(set(rids)) != count:
+        raise ValueError("`rid` has duplicates")
+    return rids
+
+
+def finish_reason(out: GenerateOutput, params: SamplingParams) -> dict:
+    """SGLang's finish reason: length, abort, or stop with the stop string or token that matched."""
+    if out.finish_reason == "length":
+        return {"type": "length", "length": len(out.output_ids)}
+    if out.finish_reason == "abort":
+        return {"type": "abort", "message": "aborted by /abort_request"}
+    last = out.output_ids[-1] if out.output_ids else None
+    return {"type": "stop", "matched": next((s for s in params.stop if out.text and s in out.text), last)}
+
+
+def trim(text: str, out: GenerateOutput, params: SamplingParams, options: SamplingOptions) -> str:
+    """The output text, cut before the stop string that ended it (unless ``no_stop_trim``)."""
+    matched = finish_reason(out, params).get("matched")
+    if options.trim_stop and isinstance(matched, str) and matched in text:
+        return text[: text.index(matched)]
+    return text
+
+
+def generate_result(
+    out: GenerateOutput, params: SamplingParams, text: str, return_logprob: bool, finished: bool
+) -> dict:
+    """One SGLang ``/generate`` answer (or, unfinished, one streamed snapshot)."""
+    meta = {
+        "id": out.rid,
+        "finish_reason": finish_reason(out, params) if finished else None,
+        "prompt_tokens": len(out.prompt_ids),
+        "completion_tokens": len(out.output_ids),
+        "cached_tokens": 0,
+        "spec_verify_ct": out.spec.verify_steps,
+        "spec_accept_token_num": out.spec.accepted_tokens,
+        "spec_draft_token_num": out.spec.draft_tokens,
+        "spec_accept_length": out.spec.accept_length,
+    }
+    if return_logprob:
+        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(out.output_logprobs, out.output_ids)]
+    return {"text": text, "output_ids": out.output_ids, "meta_info": meta}
+
+
+def openai_choice(index: int, out: GenerateOutput, text: str, tokens: list[str], logprobs: bool, chat: bool) -> dict:
+    """One choice of an OpenAI completion (``chat``: a chat completion); ``tokens`` are the output tokens' text."""
+    if chat:
+        content = [{"token": t, "logprob": lp, "top_logprobs": []} for t, lp in zip(tokens, out.output_logprobs)]
+        choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": {"content": content}}
+    else:
+        choice = {"index": index, "text": text}
+        choice["logprobs"] = {"tokens": tokens, "token_logprobs": out.output_logprobs, "top_logprobs": None}
+    return choice | {"logprobs": choice["logprobs"] if logprobs else None, "finish_reason": out.finish_reason}
+
+
+def openai_response(choices: list[dict], prompts: list[list[int]], outs: list[GenerateOutput], model: str, chat: bool):
+    prompt_tokens, completion_tokens = sum(len(p) for p in prompts), sum(len(o.output_ids) for o in outs)
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }

@@ -1,0 +1,218 @@
+"""EngineWorker: one background thread drives an LLMEngine; other threads submit, abort and reload through it.
+
+The engine is not thread-safe, so exactly one thread calls it: it runs ``engine.step()`` while there is
+work, sleeps on a condition variable when there is none, and between two steps runs what other threads
+queued with ``call`` (new requests, aborts, weight loads). Each submission gets its outputs on its own
+queue. Not responsible for HTTP, JSON or tokenization (``server.py``), nor for validating requests beyond
+what ``LLMEngine.add_request`` checks.
+"""
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from league.engine.engine import LLMEngine
+from league.engine.request import GenerateOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine thread has stopped (shutdown) or failed (the server answers HTTP 503)."""
+
+
+@dataclass(eq=False)
+class Submission:
+    """Prompts submitted together, as the engine thread tracks them; the submitter waits on ``events``."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    n: int
+    rids: list[str]
+    stream: bool
+    members: list[str] = field(default_factory=list)
+    """Engine request ids, prompt-major (n consecutive samples per prompt)."""
+    sent: list[int] = field(default_factory=list)
+    remaining: int = 0
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    """(member index, output, finished); (None, exception, True) when the engine stops or fails."""
+
+    def updates(self) -> Iterator[tuple[int, GenerateOutput, bool]]:
+        """Yield (member index, output, finished) until every member has finished; streaming submissions
+        also get unfinished snapshots. Raises EngineUnavailable if the engine stops first."""
+        left = len(self.members)
+        while left:
+            i, out, finished = self.events.get()
+            if i is None:
+                raise out
+            left -= finished
+            yield i, out, finished
+
+    def outputs(self) -> list[GenerateOutput]:
+        """Wait for every member; outputs in member order (n consecutive samples per prompt)."""
+        done = {i: out for i, out, finished in self.updates() if finished}
+        return [done[i] for i in range(len(self.members))]
+
+
+class EngineWorker:
+    """Drives one LLMEngine from one background thread; other threads reach it only through ``call``.
+
+    Args:
+        engine (LLMEngine): the engine; once the worker starts, only its thread touches it.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.error: str | None = None
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[Callable[[], Any], Future]] = []
+        self._stopped = False
+        self._owner: dict[str, tuple[Submission, int]] = {}
+        self._groups: dict[str, list[str]] = {}
+        self._streaming: set[Submission] = set()
+        self._discarded: set[str] = set()
+        """Requests of rejected submissions, aborted but not yet collected from the engine."""
+        self._thread = threading.Thread(target=self._loop, name="league-engine", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between two steps; return its result or raise its error."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise EngineUnavailable("the server is shutting down")
+            self._inbox.append((fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def submit(
+        self, prompts: list[list[int]], params: list[SamplingParams], n: int, rids: list[str], stream: bool = False
+    ) -> Submission:
+        """Queue prompts (n samples each, under the given distinct rids) after the engine's own checks.
+
+        Raises the engine's ValueError for a bad prompt (nothing of the submission is left running), or
+        EngineUnavailable. With ``stream``, the submission also receives unfinished snapshots.
+        """
+        sub = Submission(prompts=prompts, params=params, n=n, rids=rids, stream=stream)
+        self.call(lambda: self._add(sub))
+        return sub
+
+    def abort(self, rid: str | None) -> int:
+        """Abort one request (a prompt's rid covers its n samples), or all with None; returns how many."""
+        return self.call(lambda: self._abort(rid))
+
+    def update_weights_from_disk(self, path: str, abort_all: bool) -> int:
+        """Load a checkpoint folder between two steps; returns the requests still in flight (they go on)."""
+
+        def load() -> int:
+            aborted = self._abort(None) if abort_all else 0
+            self.engine.update_weights_from_disk(path)
+            return len(self._owner) - aborted
+
+        return self.call(load)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _has_work(self) -> bool:
+        return self.error is None and self.engine.has_unfinished()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._inbox or self._has_work()):
+                    self._cond.wait()
+                if self._stopped:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for fn, future in inbox:
+                try:
+                    future.set_result(fn())
+                except Exception as e:
+                    future.set_exception(e)
+            if self._has_work():
+                self._step()
+        closed = EngineUnavailable("the server is shutting down")
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        for _, future in inbox:
+            future.set_exception(closed)
+        self._fail_all(closed)
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; the server stops generating")
+            self.error = f"the engine failed: {e!r}"
+            self._fail_all(EngineUnavailable(self.error))
+            return
+        for out in finished:
+            self._finish(out)
+        if self._streaming:
+            running = {r.rid: r for r in self.engine.scheduler.running}
+            for sub in self._streaming:
+                for i, rid in enumerate(sub.members):
+                    r = running.get(rid)
+                    if r is not None and r.finish_reason is None and len(r.output_ids) > sub.sent[i]:
+                        sub.sent[i] = len(r.output_ids)
+                        out = r.to_output()
+                        out.spec = dataclasses.replace(r.spec)
+                        sub.events.put((i, out, False))
+
+    def _add(self, sub: Submission) -> None:
+        if self.error:
+            raise EngineUnavailable(self.error)
+        taken = [rid for rid in sub.rids if rid in self._groups or rid in self._owner or rid in self._discarded]
+        if taken:
+            raise ValueError(f"`rid` {taken[0]!r} is already in flight")
+        added: list[str] = []
+        try:
+            for prompt, params, rid in zip(sub.prompts, sub.params, sub.rids):
+                added.extend(self.engine.add_request(prompt, params, n=sub.n, rid=rid))
+        except ValueError as e:
+            for rid in added:
+                self.engine.abort(rid)
+            self._discarded.update(added)
+            where = f"prompt {len(added) // sub.n}: " if len(sub.prompts) > 1 else ""
+            raise ValueError(where + str(e)) from None
+        sub.members, sub.sent, sub.remaining = added, [0] * len(added), len(added)
+        self._owner.update({rid: (sub, i) for i, rid in enumerate(added)})
+        self._groups.update({rid: added[k * sub.n : (k + 1) * sub.n] for k, rid in enumerate(sub.rids)})
+        if sub.stream:
+            self._streaming.add(sub)
+
+    def _finish(self, out: GenerateOutput) -> None:
+        owner = self._owner.pop(out.rid, None)
+        if owner is None:
+            self._discarded.discard(out.rid)
+            return
+        sub, i = owner
+        sub.events.put((i, out, True))
+        sub.remaining -= 1
+        base = sub.rids[i // sub.n]
+        if all(m not in self._owner for m in self._groups[base]):
+            del self._groups[base]
+        if sub.remaining == 0:
+            self._streaming.discard(sub)
+
+    def _abort(self, rid: str | None) -> int:
+        targets = list(self._owner) if rid is None else self._groups.get(rid, [rid] if rid in self._owner else [])
+        for target in targets:
+            self.engine.abort(target)
+        return len(targets)
+
+    def _fail_all(self, error: Exception) -> None:
+        for sub in {sub for sub, _ in self._owner.values()}:
+            sub.events.put((None, error, True))
+        self._owner.clear()
+        self._groups.clear()
+        self._streaming.clear()
