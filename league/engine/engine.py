@@ -45,6 +45,9 @@ class EngineConfig:
     """Tokens per verify: must be speculative_num_steps + 1 (the default)."""
     random_seed: int = 0
     """Seeds the per-request generators of requests that bring no seed."""
+    batch_invariant: bool = False
+    """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
+    sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
     cuda_graph_bs: list[int] | None = None
     """Batch sizes of captured CUDA-graph decode steps (GPU only; ignored with a warning on CPU)."""
 
@@ -217,7 +220,8 @@ class LLMEngine:
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
         tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
         batch = ForwardBatch.packed(
-            [e - s for _, s, e in chunks],
+            batch_invariant=self.config.batch_invariant,
+            seq_lens=[e - s for _, s, e in chunks],
             device=self.device,
             cache_lens=[s for _, s, _ in chunks],
             slots=[r.slot for r, _, _ in chunks],
@@ -231,7 +235,7 @@ class LLMEngine:
             for r, _, e in chunks:
                 r.num_prefilled = e
             return
-        logits = self.model.logits(hidden[[end - 1 for _, end in finishing]])
+        logits = self._logits(hidden[[end - 1 for _, end in finishing]])
         for r, _, e in chunks:
             r.num_prefilled = e
         for (leader, end), row in zip(finishing, logits):
@@ -250,7 +254,7 @@ class LLMEngine:
     def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
         """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
         rows, tokens, lens, starts, slots = [], [], [], [], []
-        for (r, s, e), (_, start, end) in zip(chunks, batch.sequences()):
+        for (r, s, e), (_, start, _end) in zip(chunks, batch.sequences()):
             known_end = min(e, len(r.prompt_ids) - 1)
             if known_end <= s:
                 continue
@@ -260,15 +264,25 @@ class LLMEngine:
             starts.append(s)
             slots.append(r.slot)
         if rows:
-            mtp_batch = ForwardBatch.packed(lens, device=self.device, cache_lens=starts, slots=slots)
+            mtp_batch = ForwardBatch.packed(
+                batch_invariant=self.config.batch_invariant,
+                seq_lens=lens,
+                device=self.device,
+                cache_lens=starts,
+                slots=slots,
+            )
             self.model.mtp_forward(torch.cat(rows), torch.tensor(tokens, device=self.device), mtp_batch, self.cache)
 
     def _decode(self, reqs: list[Request]) -> None:
         tokens = torch.tensor([r.pending_token for r in reqs], device=self.device)
         batch = ForwardBatch.packed(
-            [1] * len(reqs), device=self.device, cache_lens=[r.num_cached for r in reqs], slots=[r.slot for r in reqs]
+            batch_invariant=self.config.batch_invariant,
+            seq_lens=[1] * len(reqs),
+            device=self.device,
+            cache_lens=[r.num_cached for r in reqs],
+            slots=[r.slot for r in reqs],
         )
-        logits = self.model.logits(self.model(tokens, batch, self.cache))
+        logits = self._logits(self.model(tokens, batch, self.cache))
         self.stats.forward_passes += 1
         sampled = [self._sample(r, row) for r, row in zip(reqs, logits)]
         logprobs = token_logprobs(logits, torch.tensor(sampled, device=self.device))
@@ -281,6 +295,7 @@ class LLMEngine:
         committed = [r.num_cached for r in reqs]
         slots = [r.slot for r in reqs]
         drafts = draft_chain(
+            self.config.batch_invariant,
             self.model,
             self.cache,
             torch.cat([r.draft_hidden for r in reqs]),
@@ -291,10 +306,15 @@ class LLMEngine:
         )
         tokens = torch.tensor([t for r, d in zip(reqs, drafts) for t in [r.pending_token, *d]], device=self.device)
         batch = ForwardBatch.packed(
-            [num_steps + 1] * len(reqs), device=self.device, cache_lens=committed, slots=slots, record_states=True
+            batch_invariant=self.config.batch_invariant,
+            seq_lens=[num_steps + 1] * len(reqs),
+            device=self.device,
+            cache_lens=committed,
+            slots=slots,
+            record_states=True,
         )
         hidden = self.model(tokens, batch, self.cache)
-        logits = self.model.logits(hidden).view(len(reqs), num_steps + 1, -1)
+        logits = self._logits(hidden).view(len(reqs), num_steps + 1, -1)
         self.stats.forward_passes += 1
         results = [accept(logits[i], drafts[i], r.params, r.generator) for i, r in enumerate(reqs)]
         commit_verified_states(self.cache, slots, [a for a, _ in results])
@@ -317,7 +337,8 @@ class LLMEngine:
         """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""
         rows = [r.mtp_rows for r in reqs]
         batch = ForwardBatch.packed(
-            [len(t) for _, t, _ in rows],
+            batch_invariant=self.config.batch_invariant,
+            seq_lens=[len(t) for _, t, _ in rows],
             device=self.device,
             cache_lens=[p for _, _, p in rows],
             slots=[r.slot for r in reqs],
@@ -325,9 +346,15 @@ class LLMEngine:
         tokens = torch.tensor([t for _, ts, _ in rows for t in ts], device=self.device)
         out = self.model.mtp_forward(torch.cat([h for h, _, _ in rows]), tokens, batch, self.cache)
         last = out[batch.cu_seqlens[1:] - 1]
-        first = self.model.mtp_logits(last).argmax(-1).tolist()
+        first = self._mtp_logits(last).argmax(-1).tolist()
         for i, r in enumerate(reqs):
             r.draft_hidden, r.first_draft, r.mtp_rows = last[i : i + 1], first[i], None
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden, self.config.batch_invariant)
+
+    def _mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.mtp_logits(hidden, batch_invariant=self.config.batch_invariant)
 
     # sampling and stopping ----------------------------------------------------------------------------------
 

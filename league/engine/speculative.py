@@ -17,6 +17,7 @@ from league.ops.sampling import filtered_probs, sample_from, uniform
 
 
 def draft_chain(
+    batch_invariant: bool,
     model: Transformer,
     cache: ModelCache,
     hidden_BD: torch.Tensor,
@@ -28,6 +29,7 @@ def draft_chain(
     """Propose ``num_steps`` tokens per request.
 
     Args:
+        batch_invariant (bool): row-independent numerics (see ``ForwardBatch``).
         hidden_BD (torch.Tensor): each request's MTP output at its last committed position ``L - 1``.
         first_tokens (list[int]): each request's first draft ``d_1`` (from that output).
         positions (list[int]): ``L - 1`` per request; draft step s runs at position ``L - 1 + s``.
@@ -40,9 +42,11 @@ def draft_chain(
     hidden, tokens = hidden_BD, torch.tensor(first_tokens, device=hidden_BD.device)
     for step in range(1, num_steps):
         starts = [p + step for p in positions]
-        batch = ForwardBatch.packed([1] * len(slots), device=hidden.device, cache_lens=starts, slots=slots)
+        batch = ForwardBatch.packed(
+            [1] * len(slots), device=hidden.device, cache_lens=starts, slots=slots, batch_invariant=batch_invariant
+        )
         hidden = model.mtp_forward(hidden, tokens, batch, cache)
-        tokens = model.mtp_logits(hidden).argmax(-1)
+        tokens = model.mtp_logits(hidden, batch_invariant=batch_invariant).argmax(-1)
         for chain, token in zip(drafts, tokens.tolist()):
             chain.append(token)
     return drafts

@@ -4,7 +4,9 @@ Legend: T tokens, D model dim, E experts, I expert intermediate dim, A experts p
 """
 
 import torch
-import torch.nn.functional as F
+
+from league.ops.activations import silu
+from league.ops.linear import linear
 
 
 def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +27,7 @@ def swiglu_experts(
     w_down_EDI: torch.Tensor,
     weights_TA: torch.Tensor,
     experts_TA: torch.Tensor,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
@@ -35,6 +38,7 @@ def swiglu_experts(
         w_gate_up_E2ID (torch.Tensor): ``[E, 2I, D]``; rows ``[:I]`` are the gate, ``[I:]`` the up projection.
         w_down_EDI (torch.Tensor): ``[E, D, I]``.
         weights_TA, experts_TA (torch.Tensor): from :func:`route_topk`.
+        batch_invariant (bool): row-independent matmuls (see ``ops.linear``). Default: ``False``.
     """
     out_TD = torch.zeros_like(x_TD)
     flat_experts = experts_TA.reshape(-1)
@@ -47,8 +51,9 @@ def swiglu_experts(
         if count == 0:
             continue
         rows = token_of[start : start + count]
-        gate, up = F.linear(x_TD[rows], w_gate_up_E2ID[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w_down_EDI[expert]) * weight_of[start : start + count, None]
+        gate, up = linear(x_TD[rows], w_gate_up_E2ID[expert], batch_invariant).chunk(2, dim=-1)
+        hidden = silu(gate, batch_invariant) * up
+        y = linear(hidden, w_down_EDI[expert], batch_invariant) * weight_of[start : start + count, None]
         out_TD.index_add_(0, rows, y.to(out_TD.dtype))
         start += count
     return out_TD

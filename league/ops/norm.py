@@ -4,7 +4,8 @@ Legend: T tokens, D feature dim.
 """
 
 import torch
-import torch.nn.functional as F
+
+from league.ops.activations import silu
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,7 +22,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * (1.0 + weight.to(acc))).to(x.dtype)
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool = False
+) -> torch.Tensor:
     """The GDN output norm: ``w * (x / rms(x)) * silu(gate)``, with a plain (not 1+w) weight.
 
     The normalised value is cast back to the input dtype before the weight multiplies it, and the
@@ -37,4 +40,4 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     x32 = x.to(acc)
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = weight * y
-    return (y * F.silu(gate.to(acc))).to(x.dtype)
+    return (y * silu(gate.to(acc), batch_invariant)).to(x.dtype)

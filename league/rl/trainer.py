@@ -103,7 +103,7 @@ def response_logprobs(
     """Log-probs of the response tokens ``[R]`` (fp32) and the trunk hidden states ``[T, D]``."""
     if hidden_TD is None:
         hidden_TD = model(mb.packed.tokens_T, mb.batch)
-    logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R])
+    logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R], mb.batch.batch_invariant)
     if temperature != 1.0:
         logits_RV = logits_RV / temperature
     return token_logprobs(logits_RV, mb.packed.response_tokens_R), hidden_TD
@@ -117,6 +117,8 @@ class Trainer:
         train (TrainConfig), algo_config (AlgorithmConfig), optim (OptimConfig): settings.
         total_steps (int): optimizer steps of the run (for LR decay).
         temperature (float): rollout temperature; log-probs use logits / temperature. Default: ``1.0``.
+        batch_invariant (bool): row-independent numerics, matching an engine run the same way bitwise.
+            Default: ``False``.
     """
 
     def __init__(
@@ -127,9 +129,10 @@ class Trainer:
         optim: OptimConfig,
         total_steps: int,
         temperature: float = 1.0,
+        batch_invariant: bool = False,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
-        self.total_steps, self.temperature = total_steps, temperature
+        self.total_steps, self.temperature, self.batch_invariant = total_steps, temperature, batch_invariant
         self.device = next(model.parameters()).device
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not algo_config.enable_mtp_training:
@@ -147,7 +150,11 @@ class Trainer:
             packed = pack_samples([samples[i] for i in group], self.device)
             micro.append(
                 MicroBatch(
-                    packed=packed, batch=ForwardBatch.packed(packed.seq_lens, device=self.device), indices=list(group)
+                    packed=packed,
+                    batch=ForwardBatch.packed(
+                        packed.seq_lens, device=self.device, batch_invariant=self.batch_invariant
+                    ),
+                    indices=list(group),
                 )
             )
         return micro
@@ -224,7 +231,7 @@ class Trainer:
                 if cfg.kl_loss_coef != 0:
                     loss = loss + cfg.kl_loss_coef * kl
             if cfg.entropy_coef != 0:
-                logits = self.model.logits(hidden[mb.packed.logit_index_R]) / self.temperature
+                logits = self.model.logits(hidden[mb.packed.logit_index_R], self.batch_invariant) / self.temperature
                 ent = reduce(entropy(logits))
                 add("train/entropy_loss", ent.detach())
                 loss = loss - cfg.entropy_coef * ent
@@ -244,7 +251,7 @@ class Trainer:
         next_tokens, labels, mask = algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
         mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
         rows = mask.nonzero()[:, 0]
-        logits = self.model.mtp_logits(mtp_hidden[rows], detach_head=True)
+        logits = self.model.mtp_logits(mtp_hidden[rows], detach_head=True, batch_invariant=self.batch_invariant)
         return algo.mtp_loss(logits, labels[rows], mask[rows])
 
     def state_dict(self) -> dict:

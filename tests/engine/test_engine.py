@@ -161,3 +161,30 @@ def test_bad_prompts_are_rejected(hf_and_league):
         eng.add_request([1] * 128)
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([])
+
+
+def test_batch_invariant_mode_is_bitwise():
+    """With batch_invariant numerics, a seeded request's log-probs are bitwise the same alone or in a
+    batch, with or without speculation, and equal a teacher-forced forward of the same tokens."""
+    model = tiny_model_f32()
+    prompts = prompts_of([5, 17, 33, 2, 9], model.args.vocab_size)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=7)
+    results = []
+    for spec in ({}, dict(speculative_algorithm="EAGLE", speculative_num_steps=2)):
+        alone = engine(model, batch_invariant=True, **spec).generate([prompts[1]], params)[0]
+        mixed = engine(model, batch_invariant=True, max_running_requests=5, **spec).generate(prompts, params)[1]
+        assert alone.output_ids == mixed.output_ids and alone.output_logprobs == mixed.output_logprobs
+        results.append(alone)
+    full = torch.tensor(prompts[1] + results[0].output_ids)
+    with torch.no_grad():
+        hidden = model(full, ForwardBatch.packed([len(full)], batch_invariant=True))
+        scored = token_logprobs(
+            model.logits(hidden, batch_invariant=True)[len(prompts[1]) - 1 : -1], torch.tensor(results[0].output_ids)
+        )
+    assert scored.tolist() == results[0].output_logprobs
+
+
+def tiny_model_f32():
+    from tests.models.test_forms import tiny_model
+
+    return tiny_model("gqa2_interval2").float()

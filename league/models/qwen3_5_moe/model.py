@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
+from league.ops.activations import sigmoid, silu, softplus
 from league.ops.attention import causal_attention
 from league.ops.conv import causal_conv1d, causal_conv1d_windows
 from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -70,6 +71,9 @@ class ForwardBatch:
         cache_lens (list[int], Optional): tokens already in the cache for each sequence; 0 starts fresh.
         record_states (bool): verify mode: keep GDN states per step in the scratch rows and leave the
             slots' committed states untouched. Default: ``False``.
+        batch_invariant (bool): every op computes a token's numbers independently of the other tokens and
+            sequences in the forward (row-wise matmuls, step-by-step GDN, per-row attention), so prefill,
+            decode, verify and training agree bitwise. Slower. Default: ``False``.
     """
 
     cu_seqlens: torch.Tensor
@@ -78,6 +82,7 @@ class ForwardBatch:
     slots: list[int] | None = None
     cache_lens: list[int] | None = None
     record_states: bool = False
+    batch_invariant: bool = False
 
     @classmethod
     def packed(
@@ -87,6 +92,7 @@ class ForwardBatch:
         cache_lens: list[int] | None = None,
         slots: list[int] | None = None,
         record_states: bool = False,
+        batch_invariant: bool = False,
     ) -> "ForwardBatch":
         """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
         starts = cache_lens or [0] * len(seq_lens)
@@ -101,6 +107,7 @@ class ForwardBatch:
             slots=slots,
             cache_lens=cache_lens,
             record_states=record_states,
+            batch_invariant=batch_invariant,
         )
 
     def sequences(self):
@@ -144,10 +151,11 @@ class GatedAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        num_tokens = x_TD.shape[0]
-        q_THK, gate_THK = self.wq(x_TD).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        k_TGK = self.wk(x_TD).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v_TGK = self.wv(x_TD).view(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, inv = x_TD.shape[0], batch.batch_invariant
+        q_and_gate = linear(x_TD, self.wq.weight, inv).view(num_tokens, self.num_heads, 2 * self.head_dim)
+        q_THK, gate_THK = q_and_gate.chunk(2, dim=-1)
+        k_TGK = linear(x_TD, self.wk.weight, inv).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v_TGK = linear(x_TD, self.wv.weight, inv).view(num_tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
@@ -161,9 +169,9 @@ class GatedAttention(nn.Module):
                 cache.k[slot, cached : cached + end - start] = k_TGK[start:end]
                 cache.v[slot, cached : cached + end - start] = v_TGK[start:end]
                 keys, values = cache.k[slot, : cached + end - start], cache.v[slot, : cached + end - start]
-            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale)
-        out_TD = out_THK.reshape(num_tokens, -1) * torch.sigmoid(gate_THK.reshape(num_tokens, -1))
-        return self.wo(out_TD)
+            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, inv)
+        out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), inv)
+        return linear(out_TD, self.wo.weight, inv)
 
 
 class GatedDeltaNet(nn.Module):
@@ -187,11 +195,13 @@ class GatedDeltaNet(nn.Module):
         self.wo = nn.Linear(self.value_dim, args.dim, bias=False)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
-        num_tokens = x_TD.shape[0]
-        mixed_TC = self.w_qkv(x_TD)
-        beta_TH = torch.sigmoid(self.w_b(x_TD))
+        num_tokens, inv = x_TD.shape[0], batch.batch_invariant
+        mixed_TC = linear(x_TD, self.w_qkv.weight, inv)
+        beta_TH = sigmoid(linear(x_TD, self.w_b.weight, inv), inv)
         acc = torch.promote_types(x_TD.dtype, torch.float32)
-        g_TH = -self.A_log.to(acc).exp() * F.softplus(self.w_a(x_TD).to(acc) + self.dt_bias.to(acc))
+        g_TH = -self.A_log.to(acc).exp() * softplus(
+            linear(x_TD, self.w_a.weight, inv).to(acc) + self.dt_bias.to(acc), inv
+        )
         if cache is not None and len(set(batch.seq_lens)) == 1 and batch.seq_lens[0] <= RECURRENT_MAX_TOKENS:
             o_THV = self._step_batch(mixed_TC, g_TH, beta_TH, batch, cache)
         else:
@@ -200,9 +210,9 @@ class GatedDeltaNet(nn.Module):
                 o_THV[start:end] = self._sequence(
                     mixed_TC[start:end], g_TH[start:end], beta_TH[start:end], batch, i, cache
                 )
-        z_THV = self.w_z(x_TD).view(num_tokens, self.num_v_heads, self.v_dim)
-        y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps)
-        return self.wo(y_THV.reshape(num_tokens, self.value_dim))
+        z_THV = linear(x_TD, self.w_z.weight, inv).view(num_tokens, self.num_v_heads, self.v_dim)
+        y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
+        return linear(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight, inv)
 
     def _split(self, conv_out_TC: torch.Tensor):
         q, k, v = conv_out_TC.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -219,11 +229,14 @@ class GatedDeltaNet(nn.Module):
         slot = None if cache is None else batch.slots[i]
         window = None if fresh else cache.conv[slot]
         state = None if fresh else cache.ssm[slot]
-        conv_TC, new_window = causal_conv1d(mixed_TC, self.conv_weight, window)
+        conv_TC, new_window = causal_conv1d(mixed_TC, self.conv_weight, window, batch.batch_invariant)
         q, k, v = self._split(conv_TC)
-        if cache is not None and (batch.record_states or len(mixed_TC) <= RECURRENT_MAX_TOKENS):
+        step_by_step = batch.record_states or len(mixed_TC) <= RECURRENT_MAX_TOKENS
+        if batch.batch_invariant or (cache is not None and step_by_step):
             if state is None:
-                state = cache.ssm.new_zeros(cache.ssm.shape[1:])
+                state = q.new_zeros(
+                    self.num_v_heads, self.k_dim, self.v_dim, dtype=torch.promote_types(q.dtype, torch.float32)
+                )
             o, states = recurrent_gated_delta_rule(
                 q[None], k[None], v[None], g_TH[None], beta_TH[None], state[None], return_all_states=batch.record_states
             )
@@ -249,7 +262,9 @@ class GatedDeltaNet(nn.Module):
         windows = cache.conv[slots].masked_fill(fresh[:, None, None], 0.0)
         states = cache.ssm[slots].masked_fill(fresh[:, None, None, None], 0.0)
         mixed_NSC = mixed_TC.view(num_seqs, steps, -1)
-        conv = [causal_conv1d(mixed_NSC[n], self.conv_weight, windows[n]) for n in range(num_seqs)]
+        conv = [
+            causal_conv1d(mixed_NSC[n], self.conv_weight, windows[n], batch.batch_invariant) for n in range(num_seqs)
+        ]
         q, k, v = self._split(torch.stack([c[0] for c in conv]))
         o, new_states = recurrent_gated_delta_rule(
             q,
@@ -287,8 +302,10 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+    def forward(self, x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+        gate = silu(linear(x, self.w_gate.weight, batch_invariant), batch_invariant)
+        hidden = gate * linear(x, self.w_up.weight, batch_invariant)
+        return linear(hidden, self.w_down.weight, batch_invariant)
 
 
 class MoE(nn.Module):
@@ -302,10 +319,11 @@ class MoE(nn.Module):
         self.shared = SwiGLU(args.dim, args.shared_expert_intermediate_size)
         self.shared_gate = nn.Linear(args.dim, 1, bias=False)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        weights, experts = route_topk(self.router(x_TD), self.top_k)
-        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts)
-        return routed + torch.sigmoid(self.shared_gate(x_TD)) * self.shared(x_TD)
+    def forward(self, x_TD: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+        inv = batch_invariant
+        weights, experts = route_topk(linear(x_TD, self.router.weight, inv), self.top_k)
+        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
+        return routed + sigmoid(linear(x_TD, self.shared_gate.weight, inv), inv) * self.shared(x_TD, inv)
 
 
 class DecoderLayer(nn.Module):
@@ -334,7 +352,7 @@ class DecoderLayer(nn.Module):
             x_TD = x_TD + self.attn(h, batch, rope, cache)
         else:
             x_TD = x_TD + self.gdn(h, batch, cache)
-        return x_TD + self.moe(self.ffn_norm(x_TD))
+        return x_TD + self.moe(self.ffn_norm(x_TD), batch.batch_invariant)
 
 
 class MTP(nn.Module):
@@ -360,7 +378,8 @@ class MTP(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         caches: list[AttentionCache] | None,
     ) -> torch.Tensor:
-        x_TD = self.fc(torch.cat([self.embed_norm(embeds_TD), self.hidden_norm(hidden_TD)], dim=-1))
+        joined = torch.cat([self.embed_norm(embeds_TD), self.hidden_norm(hidden_TD)], dim=-1)
+        x_TD = linear(joined, self.fc.weight, batch.batch_invariant)
         for j, layer in enumerate(self.layers):
             x_TD = layer(x_TD, batch, rope, None if caches is None else caches[j])
         return self.norm(x_TD)
@@ -399,9 +418,9 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_TD: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
         """``[T, V]`` logits in the parameters' dtype."""
-        return F.linear(hidden_TD, self.output_weight())
+        return linear(hidden_TD, self.output_weight(), batch_invariant)
 
     def mtp_forward(
         self,
@@ -431,27 +450,44 @@ class Transformer(nn.Module):
             embeds_TD, hidden_TD, batch, self.rope(batch.positions), None if cache is None else cache.mtp_layers
         )
 
-    def mtp_logits(self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False) -> torch.Tensor:
+    def mtp_logits(
+        self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False, batch_invariant: bool = False
+    ) -> torch.Tensor:
         """Logits of the MTP head through the shared output head (detached from it if asked)."""
         weight = self.output_weight()
-        return F.linear(mtp_hidden_TD, weight.detach() if detach_head else weight)
+        return linear(mtp_hidden_TD, weight.detach() if detach_head else weight, batch_invariant)
 
     @torch.no_grad()
     def init_weights(self, seed: int, std: float = 0.02) -> None:
-        """Random initialisation as the published family's: normal(0, std) matrices, zero (1+w) norms,
-        ones for the GDN gated norm and dt_bias, ``A_log = log(U(0.01, 16))``."""
+        """Random initialisation of every parameter by :func:`init_parameter`, in ``named_parameters`` order
+        from one generator seeded with ``seed``."""
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "A_log":
-                value = torch.empty(p.shape).uniform_(0.01, 16.0, generator=gen).log()
-            elif leaf in ("dt_bias", "norm_weight"):
-                value = torch.ones(p.shape)
-            elif leaf == "conv_weight":
-                bound = 1.0 / math.sqrt(p.shape[-1])
-                value = torch.empty(p.shape).uniform_(-bound, bound, generator=gen)
-            elif p.ndim == 1:
-                value = torch.zeros(p.shape)
-            else:
-                value = torch.empty(p.shape).normal_(0.0, std, generator=gen)
-            p.copy_(value)
+            p.copy_(init_parameter(name, p.shape, gen, std))
+
+
+def init_parameter(name: str, shape: torch.Size, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """The fp32 initial value of one parameter, as the published family initialises it: normal(0, std)
+    matrices, zero (1+w) norms, ones for the GDN gated norm and dt_bias, ``A_log = log(U(0.01, 16))``,
+    ``U(-1/sqrt(W), 1/sqrt(W))`` conv kernels.
+
+    A pure function of the name, the shape and the generator's state, so that ``league init`` can stream a
+    checkpoint tensor by tensor and get the same numbers as :meth:`Transformer.init_weights`.
+
+    Args:
+        name (str): league parameter name (only its last component matters).
+        shape (torch.Size): the parameter's shape.
+        generator (torch.Generator): CPU generator, advanced by the draw.
+        std (float): standard deviation of the matrices. Default: ``0.02``.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "A_log":
+        return torch.empty(shape, dtype=torch.float32).uniform_(0.01, 16.0, generator=generator).log()
+    if leaf in ("dt_bias", "norm_weight"):
+        return torch.ones(shape, dtype=torch.float32)
+    if leaf == "conv_weight":
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    if len(shape) == 1:
+        return torch.zeros(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)

@@ -34,8 +34,9 @@ def prepare_qk(
     groups = num_value_heads // q.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = compute_dtype(q)
-    q = l2norm(q.to(acc)) * scale
-    k = l2norm(k.to(acc))
+    # contiguous first: a reduction's rounding depends on the memory layout of the reduced dim
+    q = l2norm(q.to(acc).contiguous()) * scale
+    k = l2norm(k.to(acc).contiguous())
     if groups > 1:
         q = q.repeat_interleave(groups, dim=-2)
         k = k.repeat_interleave(groups, dim=-2)
@@ -74,8 +75,8 @@ def naive_gated_delta_rule(
     out = v.new_empty(num_tokens, num_v_heads, v_dim)
     for t in range(num_tokens):
         state = state * g[t].exp()[:, None, None]
-        predicted = torch.einsum("hkv,hk->hv", state, k[t])
+        predicted = (state * k[t][:, :, None]).sum(-2)
         delta = beta[t][:, None] * (v[t] - predicted)
         state = state + k[t][:, :, None] * delta[:, None, :]
-        out[t] = torch.einsum("hkv,hk->hv", state, q[t])
+        out[t] = (state * q[t][:, :, None]).sum(-2)
     return out.to(v_THV.dtype), state

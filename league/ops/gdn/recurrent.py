@@ -1,7 +1,8 @@
 """The gated delta rule stepped for a batch of requests, a few tokens each (decode and verify).
 
 Not responsible for where states live: the caller passes each request's state and decides what to
-commit. In verify mode every intermediate state is returned, so a rejected suffix is dropped by
+commit. Reductions are elementwise products summed over K, so a request's numbers do not depend on
+the other requests in the batch. In verify mode every intermediate state is returned, so a rejected suffix is dropped by
 choosing which one to keep, with no recomputation.
 
 Legend: B requests, T tokens per request, Hk key heads, Hv value heads, K key dim, V value dim.
@@ -43,10 +44,10 @@ def recurrent_gated_delta_rule(
     all_states = []
     for t in range(num_tokens):
         state = state * g[:, t].exp()[:, :, None, None]
-        predicted = torch.einsum("bhkv,bhk->bhv", state, k[:, t])
+        predicted = (state * k[:, t][..., None]).sum(-2)
         delta = beta[:, t][:, :, None] * (v[:, t] - predicted)
         state = state + k[:, t][:, :, :, None] * delta[:, :, None, :]
-        out[:, t] = torch.einsum("bhkv,bhk->bhv", state, q[:, t])
+        out[:, t] = (state * q[:, t][..., None]).sum(-2)
         if return_all_states:
             all_states.append(state)
     states = torch.stack(all_states, dim=1) if return_all_states else state

@@ -1,0 +1,58 @@
+"""Named architectures: the published Qwen3.6-35B-A3B and a tiny model of the same family for CPU runs.
+
+Not responsible for weights (``league init`` writes random ones, ``checkpoint.hf`` loads real ones).
+Each entry is shared: derive variants with ``PRESETS[name].replace(...)`` rather than mutating it.
+"""
+
+from league.models.qwen3_5_moe.args import ModelArgs
+from league.tokenizer import EOS_TOKEN_ID, VOCAB
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+TINY = ModelArgs(
+    vocab_size=_round_up(len(VOCAB), 64),
+    dim=128,
+    num_layers=4,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    rope_theta=10_000.0,
+    partial_rotary_factor=0.25,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=64,
+    max_position_embeddings=4096,
+    mtp_num_layers=1,
+    eos_token_id=[EOS_TOKEN_ID],
+    dtype="float32",
+)
+"""A few hundred thousand parameters; its vocabulary is :mod:`league.tokenizer`'s, padded to 64."""
+
+PRESETS: dict[str, ModelArgs] = {
+    "qwen3.6-35b-a3b": ModelArgs(),
+    "tiny": TINY,
+}
+"""Preset name -> architecture. ``qwen3.6-35b-a3b`` is spec/model.md section 1 (the ModelArgs defaults)."""
+
+
+def with_num_layers(args: ModelArgs, num_layers: int) -> ModelArgs:
+    """``args`` with ``num_layers`` decoder layers, repeating its layer-type pattern from the start.
+
+    Args:
+        args (ModelArgs): the architecture to shorten or lengthen.
+        num_layers (int): decoder layers of the result (>= 1).
+    """
+    if num_layers < 1:
+        raise ValueError(f"`num_layers` must be >= 1, got {num_layers}")
+    pattern = args.layer_types
+    return args.replace(num_layers=num_layers, layer_types=[pattern[i % len(pattern)] for i in range(num_layers)])
