@@ -89,7 +89,7 @@ def hf_to_league(hf_name: str, text_prefix: str) -> Target | None:
         if theirs.format(text=text_prefix) == hf_name:
             return Target(ours)
     if hf_name.startswith(text_prefix + "layers."):
-        rel = hf_name[len(text_prefix):]
+        rel = hf_name[len(text_prefix) :]
     elif hf_name.startswith("mtp.layers."):
         rel = hf_name
     else:
@@ -151,8 +151,11 @@ def from_hf(hf_sd: dict[str, torch.Tensor], moe_intermediate_size: int, num_expe
             out[target.name] = to_league_tensor(target, tensor)
             continue
         if target.name not in out:
-            shape = (num_experts, 2 * moe_intermediate_size, tensor.shape[1]) if target.part != "down" else (
-                num_experts, tensor.shape[0], moe_intermediate_size)
+            shape = (
+                (num_experts, 2 * moe_intermediate_size, tensor.shape[1])
+                if target.part != "down"
+                else (num_experts, tensor.shape[0], moe_intermediate_size)
+            )
             out[target.name] = tensor.new_zeros(shape)
         out[target.name][expert_slice(target, moe_intermediate_size)] = tensor
     return out

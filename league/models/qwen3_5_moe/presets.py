@@ -38,11 +38,16 @@ TINY = ModelArgs(
 )
 """A few hundred thousand parameters; its vocabulary is :mod:`league.tokenizer`'s, padded to 64."""
 
+QWEN3_6_35B_A3B = ModelArgs(
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10
+)
+"""spec/model.md section 1: the ModelArgs defaults, with every 4th layer (3, 7, ..., 39) full attention."""
+
 PRESETS: dict[str, ModelArgs] = {
-    "qwen3.6-35b-a3b": ModelArgs(),
+    "qwen3.6-35b-a3b": QWEN3_6_35B_A3B,
     "tiny": TINY,
 }
-"""Preset name -> architecture. ``qwen3.6-35b-a3b`` is spec/model.md section 1 (the ModelArgs defaults)."""
+"""Preset name -> architecture."""
 
 
 def with_num_layers(args: ModelArgs, num_layers: int) -> ModelArgs:

@@ -1,0 +1,438 @@
+"""Hugging Face checkpoint folders in and out of a league :class:`Transformer`, tensor by tensor.
+
+Loading copies each tensor of the folder into its parameter in place (a per-expert tensor into its slice
+of the fused expert weight), so host memory stays near one copy of the weights; everything is checked
+against the folder's headers before the first copy, so a bad checkpoint leaves the model untouched.
+Saving writes the published naming (fused experts, ``mtp.*`` included), sharded with an index above a
+size limit. ``init_checkpoint`` streams a randomly initialised checkpoint without building the model.
+
+Not responsible for the name map (``checkpoint.qwen3_5_moe``), the file format (``checkpoint.safetensors``)
+or training state (``checkpoint.dcp``).
+"""
+
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from league.checkpoint.qwen3_5_moe import (
+    MULTIMODAL_PREFIX,
+    TEXT_PREFIX,
+    Target,
+    detect_text_prefix,
+    expert_slice,
+    hf_to_league,
+    is_skipped,
+    league_to_hf,
+    to_hf_tensor,
+    to_league_tensor,
+)
+from league.checkpoint.safetensors import (
+    DEFAULT_MAX_SHARD_BYTES,
+    TensorInfo,
+    TensorSpec,
+    iter_tensors,
+    list_tensors,
+    staged_folder,
+    write_tensors,
+)
+from league.models.qwen3_5_moe.args import ModelArgs
+from league.models.qwen3_5_moe.model import Transformer, init_parameter
+from league.ops.rope import rope_inv_freq
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+"""Files copied from ``tokenizer_from`` by :func:`save_hf` when present."""
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""Parameter dtypes a checkpoint may be loaded in or written with."""
+_SHOWN = 5
+
+
+@dataclass(kw_only=True, slots=True)
+class LoadReport:
+    """What :func:`load_hf_weights` did."""
+
+    folder: Path
+    """The checkpoint folder."""
+    text_prefix: str
+    """``model.language_model.`` (multimodal naming) or ``model.`` (text-only)."""
+    num_loaded: int = 0
+    """Checkpoint tensors copied into the model."""
+    num_skipped_visual: int = 0
+    """``model.visual.*`` tensors skipped (the vision tower)."""
+    num_skipped_mtp: int = 0
+    """``mtp.*`` tensors skipped because the model has no MTP head."""
+    unexpected: list[str] = field(default_factory=list)
+    """Tensors that are not part of the model (ignored, with a warning)."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or a torch dtype) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} is not supported; expected one of {DTYPE_NAMES}")
+    return getattr(torch, name)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def meta_model(args: ModelArgs, dtype: torch.dtype) -> Transformer:
+    """The model on the meta device (names, shapes and dtypes, no memory), parameters in ``dtype``.
+
+    Parameters the model creates with an explicit dtype keep it; the RoPE table stays fp32.
+    """
+    with _default_dtype(dtype), torch.device("meta"):
+        return Transformer(args)
+
+
+def empty_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model with allocated but uninitialised parameters (no random init is paid for); buffers filled.
+
+    Args:
+        args (ModelArgs): the architecture.
+        device (str | torch.device): where the parameters live. Default: ``cpu``.
+        dtype (torch.dtype): parameter dtype. Default: ``torch.float32``.
+    """
+    model = meta_model(args, dtype).to_empty(device=device)
+    buffers = dict(model.named_buffers())
+    # the only buffer is derived from the config; anything new must be filled here
+    assert set(buffers) == {"inv_freq"}, f"empty_model does not know how to fill buffers {sorted(buffers)}"
+    with torch.no_grad():
+        buffers["inv_freq"].copy_(rope_inv_freq(args.rotary_dim, args.rope_theta))
+    return model
+
+
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> Transformer:
+    """Build a :class:`Transformer` from a Hugging Face checkpoint folder (config.json + safetensors).
+
+    Args:
+        folder (str | Path): the checkpoint folder (multimodal or text-only, fused or per-expert experts).
+        device (str | torch.device): where the parameters live. Default: ``cpu``.
+        dtype (str | torch.dtype, Optional): parameter dtype. Default: the config's ``dtype``.
+    """
+    args = ModelArgs.from_dir(folder)
+    model = empty_model(args, device, parse_dtype(dtype or args.dtype))
+    load_hf_weights(model, folder)
+    return model
+
+
+def load_hf_weights(model: Transformer, folder: str | Path) -> LoadReport:
+    """Copy a checkpoint folder's tensors into ``model``'s parameters in place, one tensor at a time.
+
+    Each tensor is converted to its parameter's dtype and device. ``model.visual.*`` is skipped (one log
+    line); ``mtp.*`` is skipped when the model has no MTP head; other tensors that are not part of the
+    model are ignored with a warning.
+
+    Args:
+        model (Transformer): the model to fill (its config decides what must be there).
+        folder (str | Path): the checkpoint folder.
+
+    Raises:
+        ValueError: before any parameter is changed, when a tensor has the wrong shape (naming the tensor,
+            its file, the expected and found shapes), or when parameters are missing (naming the first few,
+            with their league names), including single experts of a per-expert layout.
+    """
+    folder = Path(folder)
+    listing = list_tensors(folder)
+    params = dict(model.named_parameters())
+    report = LoadReport(folder=folder, text_prefix=detect_text_prefix(listing))
+    plan: list[tuple[TensorInfo, Target]] = []
+    covered: dict[str, set] = {name: set() for name in params}
+    for hf_name, info in listing.items():
+        if is_skipped(hf_name):
+            report.num_skipped_visual += 1
+            continue
+        target = hf_to_league(hf_name, report.text_prefix)
+        if target is None or target.name not in params:
+            if hf_name.startswith("mtp.") and model.mtp is None:
+                report.num_skipped_mtp += 1
+            else:
+                report.unexpected.append(hf_name)
+            continue
+        param = params[target.name]
+        _check_shape(info, target, param, model.args)
+        part = "all" if target.expert is None else (target.expert, target.part)
+        seen = covered[target.name]
+        if part in seen or "all" in seen or (part == "all" and seen):
+            raise ValueError(f"{info.file}: tensor {hf_name} duplicates weights already given for {target.name}")
+        covered[target.name].add(part)
+        plan.append((info, target))
+    _check_complete(covered, params, model.args, report)
+    if report.num_skipped_visual:
+        logger.info("%s: skipped %d vision-tower tensors (model.visual.*)", folder, report.num_skipped_visual)
+    if report.num_skipped_mtp:
+        logger.info("%s: skipped %d mtp.* tensors (the model has no MTP head)", folder, report.num_skipped_mtp)
+    if report.unexpected:
+        shown = ", ".join(report.unexpected[:10]) + (", ..." if len(report.unexpected) > 10 else "")
+        warnings.warn(
+            f"{folder}: ignored {len(report.unexpected)} tensors that are not part of the model: {shown}", stacklevel=2
+        )
+    targets = {info.name: target for info, target in plan}
+    with torch.no_grad():
+        for info, tensor in iter_tensors(info for info, _ in plan):
+            target = targets[info.name]
+            value = to_league_tensor(target, tensor)
+            param = params[target.name]
+            if target.expert is None:
+                param.copy_(value)
+            else:
+                param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
+            report.num_loaded += 1
+    return report
+
+
+def _expected_hf_shape(target: Target, param: torch.Tensor, args: ModelArgs) -> tuple[int, ...]:
+    if target.expert is None:
+        return tuple(to_hf_tensor(target.name, torch.empty(param.shape, device="meta")).shape)
+    if target.part == "down":
+        return (args.dim, args.moe_intermediate_size)
+    return (args.moe_intermediate_size, args.dim)
+
+
+def _check_shape(info: TensorInfo, target: Target, param: torch.Tensor, args: ModelArgs) -> None:
+    expected = _expected_hf_shape(target, param, args)
+    if tuple(info.shape) != expected:
+        raise ValueError(
+            f"{info.file}: tensor {info.name} has shape {list(info.shape)}, expected {list(expected)} "
+            f"(league parameter {target.name}; does config.json match the weights?)"
+        )
+    if target.expert is not None and target.expert >= args.num_experts:
+        raise ValueError(
+            f"{info.file}: tensor {info.name} is expert {target.expert}, but the config has {args.num_experts} experts"
+        )
+
+
+def _check_complete(covered: dict[str, set], params: dict[str, torch.Tensor], args: ModelArgs, report) -> None:
+    missing: list[tuple[str, str]] = []
+    for name in params:
+        parts = covered[name]
+        if "all" in parts:
+            continue
+        if name.endswith(("moe.experts.w_gate_up", "moe.experts.w_down")) and parts:
+            kinds = ("down",) if name.endswith("w_down") else ("gate", "up")
+            fused = league_to_hf(name, report.text_prefix)
+            expert_prefix = fused.rsplit(".", 1)[0]
+            for expert in range(args.num_experts):
+                for kind in kinds:
+                    if (expert, kind) not in parts:
+                        missing.append((f"{expert_prefix}.{expert}.{kind}_proj.weight", f"{name}[{expert}]"))
+            continue
+        missing.append((league_to_hf(name, report.text_prefix), name))
+    if missing:
+        shown = ", ".join(f"{hf} ({ours})" for hf, ours in missing[:_SHOWN])
+        more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
+        raise ValueError(
+            f"{report.folder}: {len(missing)} tensors the config needs are missing from the checkpoint: {shown}{more}"
+        )
+
+
+def hf_config(args: ModelArgs, text_prefix: str = TEXT_PREFIX) -> dict[str, Any]:
+    """config.json for ``args``: text-only (``qwen3_5_moe_text``) for ``model.`` naming, the multimodal
+    form (``qwen3_5_moe`` with a ``text_config``, no vision tower) for ``model.language_model.`` naming."""
+    text = args.to_hf_config()
+    if text["eos_token_id"] == []:
+        text["eos_token_id"] = None
+    if text_prefix == TEXT_PREFIX:
+        return text
+    text.pop("architectures")
+    return {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "dtype": args.dtype,
+    }
+
+
+def hf_tensor_specs(model: Transformer, text_prefix: str = TEXT_PREFIX) -> list[tuple[str, TensorSpec]]:
+    """(league name, Hugging Face :class:`TensorSpec`) for each parameter, in ``named_parameters`` order.
+
+    Works on a meta-device model, so the published checkpoint's tensor list costs no memory.
+    """
+    return [
+        (
+            name,
+            TensorSpec(
+                name=league_to_hf(name, text_prefix),
+                shape=tuple(to_hf_tensor(name, torch.empty(p.shape, device="meta")).shape),
+                dtype=p.dtype,
+            ),
+        )
+        for name, p in model.named_parameters()
+    ]
+
+
+def save_hf(
+    model: Transformer,
+    folder: str | Path,
+    *,
+    text_prefix: str = TEXT_PREFIX,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_from: Any = None,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint folder that transformers and league load.
+
+    config.json, fused experts (``mlp.experts.gate_up_proj`` / ``down_proj``), ``mtp.*`` when the model has
+    an MTP head, one ``model.safetensors`` or shards with ``model.safetensors.index.json``. Parameters are
+    moved to the host one at a time. The folder appears complete or not at all.
+
+    Args:
+        model (Transformer): the model to save (any device).
+        folder (str | Path): the checkpoint folder to create.
+        text_prefix (str): ``model.`` (text-only, ``Qwen3_5MoeForCausalLM``) or ``model.language_model.``
+            (the multimodal naming of the published checkpoints). Default: ``model.``.
+        max_shard_bytes (int): tensor bytes per shard at most. Default: 5 GB.
+        tokenizer_from (str | Path | tokenizer, Optional): a folder whose tokenizer files are copied, or a
+            tokenizer object with ``save_pretrained``. Default: none.
+        dtype (str | torch.dtype, Optional): cast every tensor to this dtype. Default: keep each one's.
+        force (bool): replace a non-empty ``folder``. Default: ``False``.
+    """
+    if text_prefix not in (TEXT_PREFIX, MULTIMODAL_PREFIX):
+        raise ValueError(f"`text_prefix` {text_prefix!r} must be {TEXT_PREFIX!r} or {MULTIMODAL_PREFIX!r}")
+    cast = None if dtype is None else parse_dtype(dtype)
+    params = dict(model.named_parameters())
+    specs = hf_tensor_specs(model, text_prefix)
+    if cast is not None:
+        specs = [(name, TensorSpec(name=s.name, shape=s.shape, dtype=cast)) for name, s in specs]
+    saved_dtype = cast or model.tok_embeddings.weight.dtype
+    args = model.args.replace(
+        dtype=str(saved_dtype).removeprefix("torch."),
+        mtp_num_layers=0 if model.mtp is None else len(model.mtp.layers),
+    )
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for name, spec in specs:
+            yield to_hf_tensor(name, params[name].detach()).to(device="cpu", dtype=spec.dtype)
+
+    with staged_folder(folder, force) as stage:
+        _write_config(stage, hf_config(args, text_prefix))
+        write_tensors(stage, [spec for _, spec in specs], tensors(), max_shard_bytes)
+        if tokenizer_from is not None:
+            _copy_tokenizer(tokenizer_from, stage)
+    return Path(folder)
+
+
+def _write_config(folder: Path, config: dict[str, Any]) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _copy_tokenizer(source: Any, folder: Path) -> None:
+    if hasattr(source, "save_pretrained"):
+        source.save_pretrained(folder)
+        return
+    source = Path(source)
+    found = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not found:
+        raise ValueError(f"{source}: no tokenizer files (expected some of {', '.join(TOKENIZER_FILES[:3])}, ...)")
+    for name in found:
+        shutil.copy2(source / name, folder / name)
+
+
+def preset_args(
+    preset: str,
+    num_layers: int | None = None,
+    mtp_num_layers: int | None = None,
+    dtype: str | None = None,
+) -> ModelArgs:
+    """A preset's architecture with the ``league init`` overrides applied (see :func:`init_checkpoint`)."""
+    from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    args = PRESETS[preset]
+    if num_layers is not None:
+        args = with_num_layers(args, num_layers)
+    if mtp_num_layers is not None:
+        if mtp_num_layers < 0:
+            raise ValueError(f"`mtp_num_layers` must be >= 0, got {mtp_num_layers}")
+        args = args.replace(mtp_num_layers=mtp_num_layers)
+    if dtype is not None:
+        args = args.replace(dtype=str(parse_dtype(dtype)).removeprefix("torch."))
+    return args
+
+
+def iter_init_tensors(model: Transformer, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
+    """(league name, initial value) of each parameter of a (meta-device) model, one tensor at a time,
+    equal to what :meth:`Transformer.init_weights` with ``seed`` puts in a model of that dtype.
+
+    Args:
+        model (Transformer): gives names, shapes and dtypes; on the meta device it costs no memory.
+        seed (int): the generator's seed. Default: ``0``.
+        std (float): standard deviation of the matrices. Default: ``0.02``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        yield name, init_parameter(name, p.shape, generator, std).to(p.dtype)
+
+
+def init_checkpoint(
+    preset: str,
+    out: str | Path,
+    *,
+    num_layers: int | None = None,
+    mtp_num_layers: int | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a randomly initialised checkpoint of a preset in Hugging Face format, streaming.
+
+    The model is never built: each parameter is drawn by :func:`init_parameter` (the rule of
+    :meth:`Transformer.init_weights`, same order, same generator) and written before the next is drawn,
+    so the 35B preset needs memory for its largest tensor only. The ``tiny`` preset also gets the tiny
+    tokenizer.
+
+    Args:
+        preset (str): a name in :data:`league.models.qwen3_5_moe.presets.PRESETS`.
+        out (str | Path): the folder to create.
+        num_layers (int, Optional): decoder layers, repeating the preset's layer pattern. Default: the preset's.
+        mtp_num_layers (int, Optional): MTP layers (0: none). Default: the preset's.
+        seed (int): initialisation seed. Default: ``0``.
+        dtype (str, Optional): ``float32`` / ``bfloat16`` / ``float16``. Default: the preset's.
+        force (bool): replace a non-empty ``out``. Default: ``False``.
+        max_shard_bytes (int): tensor bytes per shard at most. Default: 5 GB.
+    """
+    args = preset_args(preset, num_layers, mtp_num_layers, dtype)
+    model = meta_model(args, parse_dtype(args.dtype))
+    specs = hf_tensor_specs(model)
+    values = (to_hf_tensor(name, value) for name, value in iter_init_tensors(model, seed))
+    with staged_folder(out, force) as stage:
+        _write_config(stage, hf_config(args))
+        write_tensors(stage, [spec for _, spec in specs], values, max_shard_bytes)
+        if preset == "tiny":
+            from league.tokenizer import build_tiny_tokenizer
+
+            build_tiny_tokenizer().save_pretrained(stage)
+    return Path(out)

@@ -1,0 +1,57 @@
+"""The tiny character-level tokenizer that goes with the ``tiny`` model preset.
+
+One token per character (digits, arithmetic and punctuation marks, a-z, A-Z, space, newline) plus the
+Qwen chat specials, so that everything league does with a real Qwen tokenizer (chat template, eos, pad,
+``<think>`` markers) can be tried with no download. Not responsible for real checkpoints' tokenizers,
+which transformers' ``AutoTokenizer`` loads from their folders.
+"""
+
+CHARACTERS = "0123456789" + "+-*/=().,:;?!'\"" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + " \n"
+"""The ordinary tokens, one per character, ids ``0 .. len(CHARACTERS) - 1`` in this order."""
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_CHAT_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+THINK_TOKENS = ("<think>", "</think>")
+UNK_TOKEN = "<|unk|>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_CHAT_TOKEN, EOS_TOKEN, *THINK_TOKENS, UNK_TOKEN)
+"""Tokens after the characters, in id order. ``<think>``/``</think>`` are kept by
+``decode(skip_special_tokens=True)``, as in Qwen's tokenizer; the others are special."""
+
+VOCAB: dict[str, int] = {token: i for i, token in enumerate([*CHARACTERS, *SPECIAL_TOKENS])}
+EOS_TOKEN_ID = VOCAB[EOS_TOKEN]
+PAD_TOKEN_ID = VOCAB[PAD_TOKEN]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""Qwen-style ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then
+``<|im_start|>assistant\\n`` when a generation prompt is asked for."""
+
+
+def build_tiny_tokenizer():
+    """The tiny tokenizer as a ``transformers`` fast tokenizer (``save_pretrained`` writes it to a folder).
+
+    Characters outside :data:`CHARACTERS` encode as ``<|unk|>``. Decoding joins the tokens with nothing
+    between them, so ``decode(encode(text)) == text`` for text made of known characters and specials.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(dict(VOCAB), unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    special = [PAD_TOKEN, BOS_CHAT_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
