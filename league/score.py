@@ -114,6 +114,8 @@ def score_file(
     args = ModelArgs.from_dir(model_dir)
     sequences = read_sequences(input_path, args.vocab_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA device is available")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     results = [

@@ -231,7 +231,9 @@ def _check_shape(info: TensorInfo, target: Target, param: torch.Tensor, args: Mo
         )
 
 
-def _check_complete(covered: dict[str, set], params: dict[str, torch.Tensor], args: ModelArgs, report) -> None:
+def _check_complete(
+    covered: dict[str, set], params: dict[str, torch.Tensor], args: ModelArgs, report: LoadReport
+) -> None:
     missing: list[tuple[str, str]] = []
     for name in params:
         parts = covered[name]

@@ -10,6 +10,7 @@ no ``.weight``) or stored one by one (``mlp.experts.{e}.{gate,up,down}_proj.weig
 """
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ class Target:
     part: str | None = None
 
 
-def detect_text_prefix(hf_names) -> str:
+def detect_text_prefix(hf_names: Iterable[str]) -> str:
     """``model.language_model.`` if any name uses it, else ``model.``."""
     return MULTIMODAL_PREFIX if any(n.startswith(MULTIMODAL_PREFIX) for n in hf_names) else TEXT_PREFIX
 
@@ -94,9 +95,10 @@ def hf_to_league(hf_name: str, text_prefix: str) -> Target | None:
         rel = hf_name
     else:
         return None
-    head, index, rest = _LAYER_PREFIX.match(rel).groups() if _LAYER_PREFIX.match(rel) else (None, None, None)
-    if head is None:
+    match = _LAYER_PREFIX.match(rel)
+    if match is None:
         return None
+    head, index, rest = match.groups()
     base = f"{head}.{index}."
     if rest in _LAYER_MAP_INV:
         return Target(base + _LAYER_MAP_INV[rest])
@@ -125,13 +127,15 @@ def to_league_tensor(target: Target, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def to_hf_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Layout change from a league parameter to its Hugging Face tensor (the conv kernel gains a middle dim)."""
     if name.endswith("gdn.conv_weight"):
         return tensor.reshape(tensor.shape[0], 1, tensor.shape[-1])
     return tensor
 
 
-def expert_slice(target: Target, intermediate: int) -> tuple:
-    """Index into the fused parameter for a per-expert tensor."""
+def expert_slice(target: Target, intermediate: int) -> tuple[int | slice, ...]:
+    """Index into the fused parameter for a per-expert tensor: ``w_gate_up[e, :I]`` (gate),
+    ``w_gate_up[e, I:]`` (up) or ``w_down[e]`` (down)."""
     if target.part == "gate":
         return (target.expert, slice(0, intermediate))
     if target.part == "up":

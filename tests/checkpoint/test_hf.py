@@ -215,3 +215,29 @@ def test_report_counts(saved):
     report = load_hf_weights(Transformer(model.args), folder)
     assert isinstance(report, LoadReport) and report.text_prefix == "model."
     assert report.num_loaded == len(list(model.parameters())) and report.num_skipped_visual == 0
+
+
+def test_fused_and_per_expert_copies_of_one_weight_are_refused(saved, tmp_path):
+    _, folder = saved
+    fused = read_folder(folder)
+    both = {
+        **fused,
+        **split_experts({"model.layers.0.mlp.experts.down_proj": fused["model.layers.0.mlp.experts.down_proj"]}),
+    }
+    with pytest.raises(ValueError, match=r"duplicates weights already given for layers\.0\.moe\.experts\.w_down"):
+        load_model(rewrite(folder, tmp_path / "both", both))
+
+
+def test_tokenizer_files_travel_with_the_checkpoint(saved, tmp_path):
+    from transformers import AutoTokenizer
+
+    from league.tokenizer import build_tiny_tokenizer
+
+    model, _ = saved
+    first = save_hf(model, tmp_path / "a", tokenizer_from=build_tiny_tokenizer())
+    second = save_hf(model, tmp_path / "b", tokenizer_from=first)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in second.iterdir()}
+    assert AutoTokenizer.from_pretrained(second)("1+1")["input_ids"] == [1, 10, 1]
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        save_hf(model, tmp_path / "c", tokenizer_from=tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
