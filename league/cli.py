@@ -92,6 +92,13 @@ def score(
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
+    batch_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--batch-invariant",
+            help="Row-independent numerics (slower): bitwise equal to an engine run with batch_invariant.",
+        ),
+    ] = False,
 ) -> None:
     """Teacher-forced per-token log-probabilities of given token sequences.
 
@@ -102,7 +109,7 @@ def score(
     with user_errors():
         from league.score import score_file
 
-        results = score_file(model, input, output, device=device, dtype=dtype)
+        results = score_file(model, input, output, device=device, dtype=dtype, batch_invariant=batch_invariant)
     if json_lines:
         for record in results:
             typer.echo(json.dumps(record))

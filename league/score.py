@@ -23,12 +23,14 @@ LOGIT_ROWS = 1024
 
 
 @torch.inference_mode()
-def score_sequences(model: Transformer, sequences: list[list[int]]) -> list[list[float]]:
+def score_sequences(model: Transformer, sequences: list[list[int]], batch_invariant: bool = False) -> list[list[float]]:
     """``log p(x_t | x_<t)`` for t = 1 .. n-1 of each sequence (n - 1 numbers; none for n <= 1).
 
     Args:
         model (Transformer): the model (its device and dtype are used as they are).
         sequences (list[list[int]]): token ids, each in ``[0, vocab_size)``.
+        batch_invariant (bool): row-independent numerics (see ``ForwardBatch``), bitwise equal to an engine
+            run in that mode. Default: ``False``.
     """
     device, vocab = model.output_weight().device, model.args.vocab_size
     out = []
@@ -40,10 +42,13 @@ def score_sequences(model: Transformer, sequences: list[list[int]]) -> list[list
             out.append([])
             continue
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
-        hidden = model(tokens, ForwardBatch.packed([len(ids)], device=device))[:-1]
+        batch = ForwardBatch.packed([len(ids)], device=device, batch_invariant=batch_invariant)
+        hidden = model(tokens, batch)[:-1]
         targets = tokens[1:]
         scores = [
-            token_logprobs(model.logits(hidden[start : start + LOGIT_ROWS]), targets[start : start + LOGIT_ROWS])
+            token_logprobs(
+                model.logits(hidden[start : start + LOGIT_ROWS], batch_invariant), targets[start : start + LOGIT_ROWS]
+            )
             for start in range(0, len(targets), LOGIT_ROWS)
         ]
         out.append(torch.cat(scores).tolist())
@@ -92,6 +97,7 @@ def score_file(
     output_path: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    batch_invariant: bool = False,
 ) -> list[dict]:
     """Score every line of ``input_path`` with the checkpoint in ``model_dir``.
 
@@ -104,6 +110,7 @@ def score_file(
         output_path (str | Path, Optional): where to write the JSON Lines results. Default: nowhere.
         device (str, Optional): Default: ``cuda`` when available, else ``cpu``.
         dtype (str, Optional): parameter dtype. Default: bfloat16 on GPU, float32 on CPU.
+        batch_invariant (bool): row-independent numerics, as the engine's mode of that name. Default: ``False``.
 
     Returns:
         one ``{"input_ids", "token_logprobs"}`` dict per sequence.
@@ -119,7 +126,8 @@ def score_file(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     results = [
-        {"input_ids": ids, "token_logprobs": lps} for ids, lps in zip(sequences, score_sequences(model, sequences))
+        {"input_ids": ids, "token_logprobs": lps}
+        for ids, lps in zip(sequences, score_sequences(model, sequences, batch_invariant))
     ]
     if output_path is not None:
         write_jsonl(output_path, results)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from league.checkpoint.hf import load_model
 from league.cli import app
 from league.models.qwen3_5_moe import ForwardBatch
+from league.ops.logprob import token_logprobs
 from league.score import score_sequences
 
 runner = CliRunner()
@@ -61,6 +62,14 @@ def test_init_then_score(tiny_dir, tmp_path):
             expected = torch.tensor(direct_logprobs(model, ids))
             assert (torch.tensor(record["token_logprobs"], dtype=torch.float64) - expected).abs().max() < 1e-5
     assert score_sequences(model, seqs) == [r["token_logprobs"] for r in printed]
+    invariant = invoke("score", "--model", tiny_dir, "--input", src, "--json", "--batch-invariant")
+    assert invariant.exit_code == 0, invariant.output
+    for line, ids in zip(invariant.stdout.splitlines(), seqs):
+        tokens = torch.tensor(ids)
+        with torch.no_grad():
+            hidden = model(tokens, ForwardBatch.packed([len(ids)], batch_invariant=True))
+            logits = model.logits(hidden, batch_invariant=True)[:-1]
+        assert json.loads(line)["token_logprobs"] == token_logprobs(logits, tokens[1:]).tolist()
     table = invoke("score", "--model", tiny_dir, "--input", src)
     assert table.exit_code == 0 and "mean log-prob" in table.stdout
 
