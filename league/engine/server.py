@@ -176,8 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, message: str, **extra: Any) -> None:
-        self._send_json(status, {**extra, "error": {"message": message, "code": status}})
+    def _send_error(self, status: int, text: str, **extra: Any) -> None:
+        self._send_json(status, {**extra, "error": {"message": text, "code": status}})
 
     def _prompts(self, value: Any, field: str, text: bool, ids: bool) -> tuple[list[list[int]], bool]:
         return protocol.parse_prompts(value, field, lambda s: self.server.encode(s, field), text, ids)

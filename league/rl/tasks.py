@@ -1,7 +1,7 @@
 """Built-in verifiable tasks for the embedded default run: generated problems with exact answers of
-several tokens, their reward, and a short supervised warm-up on the answer format.
+several tokens, and a short supervised warm-up on the answer format.
 
-Not responsible for file datasets (``rl.data``) nor for math grading (``rl.rewards``).
+Their reward is ``exact`` (``rl.rewards.exact``). Not responsible for file datasets (``rl.data``).
 """
 
 import random
@@ -34,11 +34,6 @@ def make_problems(task: str, num: int, seed: int) -> list[Problem]:
     if num > len(pairs):
         raise ValueError(f"task {task!r} has {len(pairs)} distinct problems, asked for {num}")
     return [Problem(question=f"{a}+{b}=", answer=str(a + b)) for a, b in pairs[:num]]
-
-
-def exact_match_reward(response: str, label: str) -> float:
-    """1.0 when the response, stripped of whitespace, is exactly the label, else 0.0."""
-    return 1.0 if response.strip() == label.strip() else 0.0
 
 
 def supervised_warmup(

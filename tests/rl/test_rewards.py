@@ -247,8 +247,9 @@ def test_normalize_final_answer():
 
 
 def test_registry_and_errors():
-    assert sorted(REWARDS) == ["dapo", "deepscaler", "math"]
-    with pytest.raises(ValueError, match="'nope'.*'dapo', 'deepscaler', 'math'"):
+    assert sorted(REWARDS) == ["dapo", "deepscaler", "exact", "math"]
+    assert REWARDS["exact"](" 42 ", "42") == 1.0 and REWARDS["exact"]("42.", "42") == 0.0
+    with pytest.raises(ValueError, match="'nope'.*'dapo', 'deepscaler', 'exact', 'math'"):
         compute_reward("nope", "\\boxed{1}", "1")
     with pytest.raises(ValueError, match="not a built-in reward"):
         RewardModel(RewardConfig(rm_type="nope"))

@@ -79,7 +79,9 @@ class ModelArgs:
     """Hidden size."""
     num_layers: int = 40
     """Decoder layers of the trunk."""
-    layer_types: list[str] = field(default_factory=lambda: ["linear_attention"] * 3 * 10 + ["full_attention"] * 10)
+    layer_types: list[str] = field(
+        default_factory=lambda: ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10
+    )
     """``linear_attention`` (Gated DeltaNet) or ``full_attention`` (gated attention) for each layer."""
     num_heads: int = 16
     """Query heads of a full-attention layer."""

@@ -17,14 +17,14 @@ from torch import nn
 from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu, softplus
 from league.ops.attention import causal_attention
-from league.ops.conv import causal_conv1d, causal_conv1d_windows
+from league.ops.conv import causal_conv1d_batched
 from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
-# sequences at most this long run the GDN recurrence step by step; longer ones use the chunked form
+# with a cache, runs of at most this many new tokens step the GDN recurrence; longer ones use the chunked form
 RECURRENT_MAX_TOKENS = 16
 
 
@@ -202,14 +202,7 @@ class GatedDeltaNet(nn.Module):
         g_TH = -self.A_log.to(acc).exp() * softplus(
             linear(x_TD, self.w_a.weight, inv).to(acc) + self.dt_bias.to(acc), inv
         )
-        if cache is not None and len(set(batch.seq_lens)) == 1 and batch.seq_lens[0] <= RECURRENT_MAX_TOKENS:
-            o_THV = self._step_batch(mixed_TC, g_TH, beta_TH, batch, cache)
-        else:
-            o_THV = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x_TD.dtype, device=x_TD.device)
-            for i, start, end in batch.sequences():
-                o_THV[start:end] = self._sequence(
-                    mixed_TC[start:end], g_TH[start:end], beta_TH[start:end], batch, i, cache
-                )
+        o_THV = self._mix(mixed_TC, g_TH, beta_TH, batch, cache)
         z_THV = linear(x_TD, self.w_z.weight, inv).view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
         return linear(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight, inv)
@@ -223,67 +216,71 @@ class GatedDeltaNet(nn.Module):
             v.reshape(*lead, self.num_v_heads, self.v_dim),
         )
 
-    def _sequence(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, i: int, cache: GDNCache | None):
-        """One sequence: conv and recurrence from its slot (or from zeros), committing unless verifying."""
-        fresh = cache is None or batch.cache_lens[i] == 0
-        slot = None if cache is None else batch.slots[i]
-        window = None if fresh else cache.conv[slot]
-        state = None if fresh else cache.ssm[slot]
-        conv_TC, new_window = causal_conv1d(mixed_TC, self.conv_weight, window, batch.batch_invariant)
-        q, k, v = self._split(conv_TC)
-        step_by_step = batch.record_states or len(mixed_TC) <= RECURRENT_MAX_TOKENS
-        if batch.batch_invariant or (cache is not None and step_by_step):
-            if state is None:
-                state = q.new_zeros(
-                    self.num_v_heads, self.k_dim, self.v_dim, dtype=torch.promote_types(q.dtype, torch.float32)
-                )
-            o, states = recurrent_gated_delta_rule(
-                q[None], k[None], v[None], g_TH[None], beta_TH[None], state[None], return_all_states=batch.record_states
-            )
-            o, state = o[0], states[0]
+    def _mix(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
+        """Conv and gated delta rule for all sequences at once (padded to the longest), each continuing from
+        its slot (or from zeros), committing the new states unless verifying.
+
+        Padding steps have k = v = beta = g = 0, so they leave a state exactly as it was."""
+        lens, num_seqs = batch.seq_lens, len(batch.seq_lens)
+        longest, device = max(lens), mixed_TC.device
+        acc = torch.promote_types(mixed_TC.dtype, torch.float32)
+        rows = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lens)])
+
+        def pad(x_T: torch.Tensor) -> torch.Tensor:  # packed [T, ...] -> [N, longest, ...]
+            out = x_T.new_zeros(num_seqs * longest, *x_T.shape[1:])
+            out[rows] = x_T
+            return out.view(num_seqs, longest, *x_T.shape[1:])
+
+        conv_dim, width1 = mixed_TC.shape[1], self.conv_weight.shape[1] - 1
+        windows = mixed_TC.new_zeros(num_seqs, conv_dim, width1)
+        states = mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
+        if cache is not None:
+            slots = torch.tensor(batch.slots, device=device)
+            resume = torch.tensor([n > 0 for n in batch.cache_lens], device=device)
+            windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
+            states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
+        mixed_NTC = pad(mixed_TC)
+        conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
+        q, k, v = self._split(conv_NTC)
+        g, beta = pad(g_TH), pad(beta_TH)
+        step_by_step = (
+            batch.batch_invariant or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
+        )
+        if step_by_step:
+            o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
         else:
-            o, state = chunk_gated_delta_rule(q, k, v, g_TH, beta_TH, state)
+            o, new_states = self._chunk_folded(q, k, v, g, beta, states)
         if cache is not None:
             if batch.record_states:
-                n = len(mixed_TC)
-                cache.ssm_steps[i, :n] = state
-                base = cache.conv.new_zeros(cache.conv.shape[1:]) if window is None else window
-                cache.conv_steps[i, :n] = causal_conv1d_windows(mixed_TC, base)
+                cache.ssm_steps[:num_seqs, :longest] = new_states.to(cache.ssm_steps.dtype)
+                cache.conv_steps[:num_seqs, :longest] = (
+                    full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
+                )
             else:
-                cache.ssm[slot] = state
-                cache.conv[slot] = new_window
-        return o
+                ends = torch.tensor(lens, device=device)
+                index = ends[:, None] + torch.arange(width1, device=device)[None]  # last W-1 inputs of each sequence
+                new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, conv_dim, -1))
+                cache.ssm[slots] = new_states.to(cache.ssm.dtype)
+                cache.conv[slots] = new_windows.to(cache.conv.dtype)
+        return o.reshape(num_seqs * longest, self.num_v_heads, self.v_dim)[rows]
 
-    def _step_batch(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, cache: GDNCache) -> torch.Tensor:
-        """All sequences have the same few new tokens (decode, verify): one batched recurrence."""
-        num_seqs, steps = len(batch.seq_lens), batch.seq_lens[0]
-        slots = torch.tensor(batch.slots, device=mixed_TC.device)
-        fresh = torch.tensor([n == 0 for n in batch.cache_lens], device=mixed_TC.device)
-        windows = cache.conv[slots].masked_fill(fresh[:, None, None], 0.0)
-        states = cache.ssm[slots].masked_fill(fresh[:, None, None, None], 0.0)
-        mixed_NSC = mixed_TC.view(num_seqs, steps, -1)
-        conv = [
-            causal_conv1d(mixed_NSC[n], self.conv_weight, windows[n], batch.batch_invariant) for n in range(num_seqs)
-        ]
-        q, k, v = self._split(torch.stack([c[0] for c in conv]))
-        o, new_states = recurrent_gated_delta_rule(
-            q,
-            k,
-            v,
-            g_TH.view(num_seqs, steps, -1),
-            beta_TH.view(num_seqs, steps, -1),
-            states,
-            return_all_states=batch.record_states,
+    def _chunk_folded(self, q, k, v, g, beta, states):
+        """The chunked rule over N padded sequences at once, folding sequences into the head dim."""
+        num_seqs, longest = q.shape[:2]
+
+        def fold(x):  # [N, T, H, ...] -> [T, N*H, ...]
+            return x.transpose(0, 1).reshape(longest, num_seqs * x.shape[2], *x.shape[3:])
+
+        o, final = chunk_gated_delta_rule(
+            fold(q),
+            fold(k),
+            fold(v),
+            fold(g[..., None])[..., 0],
+            fold(beta[..., None])[..., 0],
+            states.reshape(num_seqs * self.num_v_heads, self.k_dim, self.v_dim),
         )
-        if batch.record_states:
-            cache.ssm_steps[:num_seqs, :steps] = new_states
-            cache.conv_steps[:num_seqs, :steps] = torch.stack(
-                [causal_conv1d_windows(mixed_NSC[n], windows[n]) for n in range(num_seqs)]
-            )
-        else:
-            cache.ssm[slots] = new_states
-            cache.conv[slots] = torch.stack([c[1] for c in conv]).to(cache.conv.dtype)
-        return o.reshape(-1, self.num_v_heads, self.v_dim)
+        o = o.view(longest, num_seqs, self.num_v_heads, self.v_dim).transpose(0, 1)
+        return o, final.view(num_seqs, self.num_v_heads, self.k_dim, self.v_dim)
 
 
 class Experts(nn.Module):

@@ -16,6 +16,7 @@ from typing import Any
 
 from league.rl.rewards.dapo import dapo_reward
 from league.rl.rewards.deepscaler import deepscaler_reward
+from league.rl.rewards.exact import exact_match_reward
 from league.rl.rewards.mathverify import math_verify_reward
 
 RuleReward = Callable[[str, str], float]
@@ -27,6 +28,7 @@ REWARDS: dict[str, RuleReward] = {
     "deepscaler": deepscaler_reward,
     "dapo": dapo_reward,
     "math": math_verify_reward,
+    "exact": exact_match_reward,
 }
 
 

@@ -1,0 +1,142 @@
+"""The RL loop, top to bottom: rollout -> reward -> advantages -> train -> weight sync -> eval -> checkpoint.
+
+Not responsible for the math of any step (engine, rewards, algorithms, trainer own it): this file only
+wires them in order and keeps the run's bookkeeping (metrics, checkpoints, resume).
+"""
+
+import random
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from league.config import JobConfig, write_config
+from league.engine.request import SamplingParams
+from league.parallel.parallelize import parallelize_qwen3_5_moe
+from league.rl import algorithms as algo
+from league.rl import setup
+from league.rl.metrics import MetricsLogger
+from league.rl.sample import Sample
+from league.rl.trainer import Trainer
+
+
+def train(job: JobConfig) -> Path:
+    """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png, checkpoints)."""
+    dims = job.parallel.check_single_process()
+    run_dir = setup.make_run_dir(job)
+    write_config(job, run_dir / "config.json")
+    setup.seed_everything(job.run.seed)
+    model, tokenizer = setup.build_policy(job.model, job.run.seed)
+    prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
+    sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
+    eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
+    reward = setup.build_reward(job.reward)
+    if job.model.sft_warmup_steps and not job.checkpoint.load:
+        setup.warmup(model, tokenizer, job)
+    parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
+    steps_per_rollout = job.rollout.rollout_batch_size * job.rollout.n_samples_per_prompt // job.train.global_batch_size
+    trainer = Trainer(
+        model,
+        job.train,
+        job.algo,
+        job.optim,
+        total_steps=job.rollout.num_rollout * steps_per_rollout,
+        temperature=job.rollout.rollout_temperature,
+    )
+    engine = setup.build_engine(job, model, tokenizer)
+    start = setup.resume(job.checkpoint.load, model, trainer, sampler) if job.checkpoint.load else 0
+    logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard)
+    n = job.rollout.n_samples_per_prompt
+    with Progress(
+        TextColumn("[bold]league train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=logger.console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("rollout", total=job.rollout.num_rollout, completed=start)
+        for step in range(start, job.rollout.num_rollout):
+            t0 = time.perf_counter()
+            # 1. rollout: n samples of each prompt, with per-request seeds fixed by (run seed, step, prompt)
+            batch = [prompts[i] for i in sampler.next_batch()]
+            params = [rollout_params(job, step, i) for i in range(len(batch))]
+            outputs = engine.generate([p.prompt_ids for p in batch], params, n=n)
+            t1 = time.perf_counter()
+            # 2. reward
+            texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
+            result = reward.score(
+                texts, [p.label for p in batch for _ in range(n)], [p.metadata for p in batch for _ in range(n)]
+            )
+            # 3. advantages: group-normalised rewards, broadcast to every response token
+            advantages = algo.grpo_advantages(
+                torch.tensor(result.rewards, dtype=torch.float32),
+                n,
+                std_normalization=not job.algo.disable_grpo_std_normalization,
+            )
+            samples = [
+                Sample(
+                    prompt_ids=o.prompt_ids,
+                    response_ids=o.output_ids,
+                    rollout_logprobs=o.output_logprobs,
+                    reward=r,
+                    advantage=float(a),
+                    status=setup.STATUS[o.finish_reason],
+                    group_index=k // n,
+                    index=k,
+                    label=batch[k // n].label,
+                    metadata=batch[k // n].metadata,
+                )
+                for k, (o, r, a) in enumerate(zip(outputs, result.rewards, advantages))
+            ]
+            t2 = time.perf_counter()
+            # 4. train: log-prob passes, loss, backward, optimizer step(s)
+            train_metrics = trainer.train(samples)
+            t3 = time.perf_counter()
+            # 5. weight sync: the in-process engine reads the trained parameters in place; a remote one reloads
+            setup.sync_weights(engine, model, run_dir)
+            t4 = time.perf_counter()
+            # 6. eval and checkpoint
+            last = step + 1 == job.rollout.num_rollout
+            eval_metrics = {}
+            if eval_sets and job.eval.eval_interval and ((step + 1) % job.eval.eval_interval == 0 or last):
+                eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step)
+            t5 = time.perf_counter()
+            if (
+                job.checkpoint.save
+                and job.checkpoint.save_interval
+                and ((step + 1) % job.checkpoint.save_interval == 0 or last)
+            ):
+                setup.save_checkpoint(Path(job.checkpoint.save), step, model, trainer, sampler, tokenizer)
+            metrics = {
+                **setup.rollout_metrics(outputs, result, engine),
+                **train_metrics,
+                **eval_metrics,
+                "perf/rollout_time": t1 - t0,
+                "perf/reward_time": t2 - t1,
+                "perf/train_time": t3 - t2,
+                "perf/sync_time": t4 - t3,
+                "perf/eval_time": t5 - t4,
+                "perf/step_time": time.perf_counter() - t0,
+                "perf/rollout_tokens_per_s": sum(len(o.output_ids) for o in outputs) / max(t1 - t0, 1e-9),
+                "perf/train_tokens_per_s": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+                / max(t3 - t2, 1e-9),
+            }
+            logger.log(step, metrics)
+            progress.update(bar, advance=1)
+    logger.close()
+    reward.close()
+    return run_dir
+
+
+def rollout_params(job: JobConfig, step: int, prompt_index: int) -> SamplingParams:
+    """Sampling parameters of one prompt's group; sample i of the group uses seed ``seed + i``."""
+    seed = random.Random(f"{job.run.seed}/{step}/{prompt_index}").getrandbits(48)
+    return SamplingParams(
+        max_new_tokens=job.rollout.rollout_max_response_len,
+        temperature=job.rollout.rollout_temperature,
+        top_p=job.rollout.rollout_top_p,
+        top_k=job.rollout.rollout_top_k,
+        seed=seed,
+    )
