@@ -122,3 +122,157 @@ def score(
     stdout.print(table)
     if output is not None:
         stdout.print(f"wrote {output}")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
+    prompt: Annotated[str | None, typer.Option(help="A text prompt (needs the checkpoint's tokenizer).")] = None,
+    input_ids: Annotated[str | None, typer.Option(help="A prompt as comma-separated token ids, e.g. 1,2,3.")] = None,
+    input_file: Annotated[
+        Path | None, typer.Option(help='JSON Lines of prompts: {"input_ids": [...]} or {"text": "..."} per line.')
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap --prompt in the tokenizer's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate per sample.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; -1 keeps all.")] = -1,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p times the top probability.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (sample i of a prompt uses seed + i).")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Samples per prompt (the prompt is prefilled once).")] = 1,
+    speculative_algorithm: Annotated[
+        str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
+    ] = None,
+    speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
+    max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 64,
+    context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
+    batch_invariant: Annotated[
+        bool, typer.Option("--batch-invariant", help="Row-independent numerics: log-probs equal `league score`'s.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
+) -> None:
+    """Generate from a checkpoint with league's engine (continuous batching, optional MTP speculation),
+    then print throughput and speculative acceptance."""
+    with user_errors():
+        from league.engine.engine import EngineConfig
+        from league.engine.request import SamplingParams
+        from league.generate import generate as run
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, seed=seed)
+        config = EngineConfig(max_running_requests=max_running_requests, context_length=context_length,
+                              speculative_algorithm=speculative_algorithm, speculative_num_steps=speculative_num_steps,
+                              batch_invariant=batch_invariant)
+        report, tokenizer = run(model, prompt, input_ids, input_file, params, n, config, device, dtype, chat)
+    for out in report.outputs:
+        if json_lines:
+            record = {"id": out.rid, "output_ids": out.output_ids, "output_token_logprobs": out.output_logprobs,
+                      "finish_reason": out.finish_reason}
+            if out.text is not None:
+                record["text"] = out.text
+            typer.echo(json.dumps(record))
+        else:
+            stdout.print(f"[{out.rid}] ({out.finish_reason}) " + (out.text if out.text is not None else
+                                                                  " ".join(map(str, out.output_ids))))
+    summary = (f"{report.generated_tokens} tokens in {report.seconds:.2f} s "
+               f"({report.generated_tokens / max(report.seconds, 1e-9):.1f} tokens/s)")
+    if report.accept_length:
+        summary += f", speculative acceptance length {report.accept_length:.2f}"
+    stderr.print(summary)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0 picks a free one).")] = 30000,
+    max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 256,
+    max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step.")] = 4096,
+    context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
+    mem_fraction_static: Annotated[float, typer.Option(help="GPU memory fraction for weights and cache.")] = 0.7,
+    speculative_algorithm: Annotated[
+        str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
+    ] = None,
+    speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
+    batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")] = None,
+) -> None:
+    """Serve a checkpoint over HTTP with SGLang's /generate API (and OpenAI-style completions)."""
+    with user_errors():
+        from league.engine.engine import EngineConfig
+        from league.engine.server import serve as run
+
+        config = EngineConfig(max_running_requests=max_running_requests,
+                              max_num_batched_tokens=max_num_batched_tokens, context_length=context_length,
+                              mem_fraction_static=mem_fraction_static, speculative_algorithm=speculative_algorithm,
+                              speculative_num_steps=speculative_num_steps, batch_invariant=batch_invariant)
+        run(str(model), host, port, config, device=device, dtype=dtype)
+
+
+@app.command()
+def reward(
+    label: Annotated[str, typer.Option(help="The ground-truth answer.")],
+    rm_type: Annotated[str, typer.Option(help="deepscaler, dapo, math or exact.")] = "deepscaler",
+    response: Annotated[str | None, typer.Option(help="The response text to grade.")] = None,
+    response_file: Annotated[Path | None, typer.Option(help="A file holding the response text.")] = None,
+    custom_rm_path: Annotated[
+        str | None, typer.Option(help="module:function or file.py:function taking (response, label, metadata).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds the grader may take.")] = 10.0,
+) -> None:
+    """Print the reward of one response (a tool for checking graders)."""
+    with user_errors():
+        from league.rl.rewards import reward_one
+
+        if (response is None) == (response_file is None):
+            raise ValueError("give exactly one of --response or --response-file")
+        if response_file is not None:
+            if not response_file.is_file():
+                raise ValueError(f"--response-file {response_file}: no such file")
+            response = response_file.read_text()
+        value = reward_one(rm_type, label, response, custom_rm_path=custom_rm_path, timeout_s=timeout)
+    typer.echo(f"{value:g}")
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (with metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write. Default: RUN_DIR/curves.png.")] = None,
+) -> None:
+    """Write PNG curves of a run's metrics (reward, MTP acceptance, losses, ...)."""
+    with user_errors():
+        from league.rl.metrics import plot_run
+
+        path = plot_run(run_dir, out)
+    stdout.print(f"wrote {path}")
+
+
+def _run_train(job, dry_run: bool) -> None:
+    from league.rl.loop import train as run
+
+    if dry_run:
+        typer.echo(job.to_json())
+        return
+    run_dir = run(job)
+    stdout.print(f"run folder: {run_dir}  (metrics.jsonl, config.json, tensorboard/)")
+    stdout.print(f"curves: {run_dir / 'curves.png'}  (redraw with `league plot {run_dir}`)")
+
+
+def _train_entry():
+    from league.config import train_command
+
+    command = train_command(_run_train)
+
+    def wrapped(**kwargs):
+        with user_errors():
+            command(**kwargs)
+
+    wrapped.__signature__ = command.__signature__
+    wrapped.__doc__ = command.__doc__
+    return wrapped
+
+
+app.command("train")(_train_entry())

@@ -11,11 +11,11 @@ from league.rl.trainer import AlgorithmConfig, TrainConfig
 
 
 def recipe(mode: str | None = None) -> JobConfig:
-    num_rollout = {None: 40, "debug_minimal": 6, "normal": 40}[mode]
+    num_rollout = {None: 30, "debug_minimal": 6, "normal": 30}[mode]
     return JobConfig(
         recipe="tiny",
         mode=mode,
-        model=ModelConfig(model_preset="tiny", dtype="float32", device="cpu", sft_warmup_steps=60, sft_warmup_lr=3e-3),
+        model=ModelConfig(model_preset="tiny", dtype="float32", device="cpu", sft_warmup_steps=150, sft_warmup_lr=3e-3),
         data=DataConfig(prompt_data="builtin:add", apply_chat_template=True, rollout_shuffle=True),
         rollout=RolloutConfig(
             num_rollout=num_rollout,

@@ -92,7 +92,7 @@ def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
 def builtin_problems(spec: str, seed: int):
     from league.rl.tasks import make_problems
 
-    return make_problems(spec.removeprefix(BUILTIN), num=2000, seed=seed)
+    return make_problems(spec.removeprefix(BUILTIN), num=100, seed=seed)
 
 
 def render(tokenizer, question: str, apply_chat_template: bool) -> list[int]:
@@ -129,7 +129,7 @@ def load_eval_sets(config: EvalConfig, data, tokenizer, seed: int) -> dict[str, 
     pairs = list(zip(config.eval_prompt_data[::2], config.eval_prompt_data[1::2]))
     for name, path in pairs:
         if path.startswith(BUILTIN):
-            problems = builtin_problems(path, seed + 1)[-200:]
+            problems = builtin_problems(path, seed + 1)
             sets[name] = [
                 Prompt(prompt_ids=render(tokenizer, p.question, data.apply_chat_template), label=p.answer)
                 for p in problems

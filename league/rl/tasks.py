@@ -24,12 +24,12 @@ class Problem:
 def make_problems(task: str, num: int, seed: int) -> list[Problem]:
     """``num`` distinct problems of ``task``, in a fixed order for a given seed.
 
-    ``add``: ``a+b=`` with a, b in [0, 100); the answer (1 to 3 digits) is the sum.
+    ``add``: ``a+b=`` with a, b in [0, 10); the answer (1 or 2 digits, then EOS) is the sum.
     """
     if task not in TASKS:
         raise ValueError(f"unknown built-in task {task!r}; expected one of {TASKS}")
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(100) for b in range(100)]
+    pairs = [(a, b) for a in range(10) for b in range(10)]
     rng.shuffle(pairs)
     if num > len(pairs):
         raise ValueError(f"task {task!r} has {len(pairs)} distinct problems, asked for {num}")
@@ -73,6 +73,6 @@ def supervised_warmup(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses

@@ -1,0 +1,109 @@
+"""``league generate``: prompts from the command line or a JSONL file, through the engine, on a checkpoint.
+
+Not responsible for the engine (``league.engine``) nor for loading weights (``league.checkpoint``).
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.request import GenerateOutput, SamplingParams
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateReport:
+    outputs: list[GenerateOutput]
+    seconds: float
+    accept_length: float
+    """Mean tokens per verify step under speculation (0 without)."""
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(o.output_ids) for o in self.outputs)
+
+
+def read_prompt_file(path: Path, tokenizer, vocab_size: int) -> list[list[int]]:
+    """One prompt per line: ``{"input_ids": [...]}``, ``{"text": "..."}`` or ``{"prompt": "..."}``."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        if "input_ids" in row:
+            prompts.append(check_ids(row["input_ids"], vocab_size, f"{path}:{number}"))
+        elif isinstance(row.get("text", row.get("prompt")), str):
+            prompts.append(encode(tokenizer, row.get("text", row.get("prompt")), f"{path}:{number}"))
+        else:
+            raise ValueError(f'{path}:{number}: expected "input_ids" (a list of ints) or "text" (a string)')
+    if not prompts:
+        raise ValueError(f"{path}: the file has no prompts")
+    return prompts
+
+
+def check_ids(ids: Any, vocab_size: int, where: str) -> list[int]:
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{where}: input_ids must be a non-empty list of integers")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where}: token ids outside [0, {vocab_size}): {bad[:5]}")
+    return ids
+
+
+def encode(tokenizer, text: str, where: str) -> list[int]:
+    if tokenizer is None:
+        raise ValueError(f"{where}: a text prompt needs a tokenizer, and the checkpoint has none (pass input_ids)")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def parse_ids(value: str) -> list[int]:
+    try:
+        return [int(t) for t in value.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--input-ids {value!r}: expected comma-separated integers such as 1,2,3") from None
+
+
+def generate(model_dir: Path, prompt: str | None, input_ids: str | None, input_file: Path | None,
+             params: SamplingParams, n: int, engine_config: EngineConfig, device: str | None = None,
+             dtype: str | None = None, chat: bool = False) -> tuple[GenerateReport, Any]:
+    """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance."""
+    import torch
+
+    from league.checkpoint.hf import load_model
+    from league.engine.server import load_tokenizer
+
+    given = [x is not None for x in (prompt, input_ids, input_file)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --prompt, --input-ids, --input-file")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    model = load_model(model_dir, device=device, dtype=torch_dtype).eval()
+    tokenizer = load_tokenizer(model_dir)
+    vocab = model.args.vocab_size
+    if prompt is not None:
+        text = prompt
+        if chat:
+            if tokenizer is None or not tokenizer.chat_template:
+                raise ValueError("--chat needs a tokenizer with a chat template in the checkpoint folder")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        prompts = [encode(tokenizer, text, "--prompt")]
+    elif input_ids is not None:
+        prompts = [check_ids(parse_ids(input_ids), vocab, "--input-ids")]
+    else:
+        prompts = read_prompt_file(Path(input_file), tokenizer, vocab)
+    engine = LLMEngine(model, engine_config, tokenizer)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params, n=n)
+    report = GenerateReport(outputs=outputs, seconds=time.perf_counter() - start,
+                            accept_length=engine.stats.spec.accept_length)
+    return report, tokenizer
