@@ -150,7 +150,9 @@ def generate(
         bool, typer.Option("--batch-invariant", help="Row-independent numerics: log-probs equal `league score`'s.")
     ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
+    ] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
 ) -> None:
     """Generate from a checkpoint with league's engine (continuous batching, optional MTP speculation),
@@ -160,24 +162,37 @@ def generate(
         from league.engine.request import SamplingParams
         from league.generate import generate as run
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                min_p=min_p, seed=seed)
-        config = EngineConfig(max_running_requests=max_running_requests, context_length=context_length,
-                              speculative_algorithm=speculative_algorithm, speculative_num_steps=speculative_num_steps,
-                              batch_invariant=batch_invariant)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
+        )
+        config = EngineConfig(
+            max_running_requests=max_running_requests,
+            context_length=context_length,
+            speculative_algorithm=speculative_algorithm,
+            speculative_num_steps=speculative_num_steps,
+            batch_invariant=batch_invariant,
+        )
         report, tokenizer = run(model, prompt, input_ids, input_file, params, n, config, device, dtype, chat)
     for out in report.outputs:
         if json_lines:
-            record = {"id": out.rid, "output_ids": out.output_ids, "output_token_logprobs": out.output_logprobs,
-                      "finish_reason": out.finish_reason}
+            record = {
+                "id": out.rid,
+                "output_ids": out.output_ids,
+                "output_token_logprobs": out.output_logprobs,
+                "finish_reason": out.finish_reason,
+            }
             if out.text is not None:
                 record["text"] = out.text
             typer.echo(json.dumps(record))
         else:
-            stdout.print(f"[{out.rid}] ({out.finish_reason}) " + (out.text if out.text is not None else
-                                                                  " ".join(map(str, out.output_ids))))
-    summary = (f"{report.generated_tokens} tokens in {report.seconds:.2f} s "
-               f"({report.generated_tokens / max(report.seconds, 1e-9):.1f} tokens/s)")
+            stdout.print(
+                f"[{out.rid}] ({out.finish_reason}) "
+                + (out.text if out.text is not None else " ".join(map(str, out.output_ids)))
+            )
+    summary = (
+        f"{report.generated_tokens} tokens in {report.seconds:.2f} s "
+        f"({report.generated_tokens / max(report.seconds, 1e-9):.1f} tokens/s)"
+    )
     if report.accept_length:
         summary += f", speculative acceptance length {report.accept_length:.2f}"
     stderr.print(summary)
@@ -198,17 +213,24 @@ def serve(
     speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
     batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
+    ] = None,
 ) -> None:
     """Serve a checkpoint over HTTP with SGLang's /generate API (and OpenAI-style completions)."""
     with user_errors():
         from league.engine.engine import EngineConfig
         from league.engine.server import serve as run
 
-        config = EngineConfig(max_running_requests=max_running_requests,
-                              max_num_batched_tokens=max_num_batched_tokens, context_length=context_length,
-                              mem_fraction_static=mem_fraction_static, speculative_algorithm=speculative_algorithm,
-                              speculative_num_steps=speculative_num_steps, batch_invariant=batch_invariant)
+        config = EngineConfig(
+            max_running_requests=max_running_requests,
+            max_num_batched_tokens=max_num_batched_tokens,
+            context_length=context_length,
+            mem_fraction_static=mem_fraction_static,
+            speculative_algorithm=speculative_algorithm,
+            speculative_num_steps=speculative_num_steps,
+            batch_invariant=batch_invariant,
+        )
         run(str(model), host, port, config, device=device, dtype=dtype)
 
 

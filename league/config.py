@@ -41,6 +41,8 @@ class ModelConfig:
     """Supervised steps on the built-in task's answers before RL (built-in task only)."""
     sft_warmup_lr: float = 3e-3
     """Learning rate of the supervised warm-up."""
+    sft_warmup_label_smoothing: float = 0.0
+    """Label smoothing of the warm-up: the policy learns the answers but stays unsure of them."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):

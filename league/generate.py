@@ -72,9 +72,18 @@ def parse_ids(value: str) -> list[int]:
         raise ValueError(f"--input-ids {value!r}: expected comma-separated integers such as 1,2,3") from None
 
 
-def generate(model_dir: Path, prompt: str | None, input_ids: str | None, input_file: Path | None,
-             params: SamplingParams, n: int, engine_config: EngineConfig, device: str | None = None,
-             dtype: str | None = None, chat: bool = False) -> tuple[GenerateReport, Any]:
+def generate(
+    model_dir: Path,
+    prompt: str | None,
+    input_ids: str | None,
+    input_file: Path | None,
+    params: SamplingParams,
+    n: int,
+    engine_config: EngineConfig,
+    device: str | None = None,
+    dtype: str | None = None,
+    chat: bool = False,
+) -> tuple[GenerateReport, Any]:
     """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance."""
     import torch
 
@@ -94,8 +103,9 @@ def generate(model_dir: Path, prompt: str | None, input_ids: str | None, input_f
         if chat:
             if tokenizer is None or not tokenizer.chat_template:
                 raise ValueError("--chat needs a tokenizer with a chat template in the checkpoint folder")
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         prompts = [encode(tokenizer, text, "--prompt")]
     elif input_ids is not None:
         prompts = [check_ids(parse_ids(input_ids), vocab, "--input-ids")]
@@ -104,6 +114,7 @@ def generate(model_dir: Path, prompt: str | None, input_ids: str | None, input_f
     engine = LLMEngine(model, engine_config, tokenizer)
     start = time.perf_counter()
     outputs = engine.generate(prompts, params, n=n)
-    report = GenerateReport(outputs=outputs, seconds=time.perf_counter() - start,
-                            accept_length=engine.stats.spec.accept_length)
+    report = GenerateReport(
+        outputs=outputs, seconds=time.perf_counter() - start, accept_length=engine.stats.spec.accept_length
+    )
     return report, tokenizer

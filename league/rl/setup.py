@@ -163,7 +163,13 @@ def warmup(model: Transformer, tokenizer, job: JobConfig) -> None:
         for p in problems
     ]
     supervised_warmup(
-        model, examples, steps=job.model.sft_warmup_steps, lr=job.model.sft_warmup_lr, batch_size=64, seed=job.run.seed
+        model,
+        examples,
+        steps=job.model.sft_warmup_steps,
+        lr=job.model.sft_warmup_lr,
+        batch_size=64,
+        seed=job.run.seed,
+        label_smoothing=job.model.sft_warmup_label_smoothing,
     )
 
 
@@ -182,7 +188,7 @@ def sync_weights(engine, model: Transformer, run_dir: Path) -> None:
     from league.checkpoint.hf import save_hf
 
     folder = run_dir / "weights_for_engine"
-    save_hf(model, folder, overwrite=True)
+    save_hf(model, folder, force=True)
     engine.update_weights_from_disk(str(folder.resolve()))
 
 
@@ -247,7 +253,7 @@ def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler,
     tmp = root / f".tmp_step_{step + 1:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_hf(model, tmp / "model", tokenizer=tokenizer)
+    save_hf(model, tmp / "model", tokenizer_from=tokenizer)
     if trainer.ref_model is not None:
         save_hf(trainer.ref_model, tmp / "ref")
     torch.save(

@@ -4,6 +4,7 @@ several tokens, and a short supervised warm-up on the answer format.
 Their reward is ``exact`` (``rl.rewards.exact``). Not responsible for file datasets (``rl.data``).
 """
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 
-TASKS = ("add",)
+TASKS = ("add", "reverse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,19 +26,30 @@ def make_problems(task: str, num: int, seed: int) -> list[Problem]:
     """``num`` distinct problems of ``task``, in a fixed order for a given seed.
 
     ``add``: ``a+b=`` with a, b in [0, 10); the answer (1 or 2 digits, then EOS) is the sum.
+    ``reverse``: ``abc=`` with 3 letters from a..f; the answer (3 letters, then EOS) is the reverse.
     """
     if task not in TASKS:
         raise ValueError(f"unknown built-in task {task!r}; expected one of {TASKS}")
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    rng.shuffle(pairs)
-    if num > len(pairs):
-        raise ValueError(f"task {task!r} has {len(pairs)} distinct problems, asked for {num}")
-    return [Problem(question=f"{a}+{b}=", answer=str(a + b)) for a, b in pairs[:num]]
+    if task == "add":
+        problems = [Problem(question=f"{a}+{b}=", answer=str(a + b)) for a in range(10) for b in range(10)]
+    else:
+        words = ["".join(w) for w in itertools.product("abcdef", repeat=3)]
+        problems = [Problem(question=f"{w}=", answer=w[::-1]) for w in words]
+    rng.shuffle(problems)
+    if num > len(problems):
+        raise ValueError(f"task {task!r} has {len(problems)} distinct problems, asked for {num}")
+    return problems[:num]
 
 
 def supervised_warmup(
-    model: Transformer, examples: list[tuple[list[int], list[int]]], steps: int, lr: float, batch_size: int, seed: int
+    model: Transformer,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    label_smoothing: float = 0.0,
 ) -> list[float]:
     """A few steps of next-token cross-entropy on (prompt, answer) pairs, on the answer tokens only.
 
@@ -64,7 +76,9 @@ def supervised_warmup(
                     mtp_rows.append(offset + len(p) + j - 1)
                     mtp_labels.append(a[j + 1])
             offset += len(p) + len(a)
-        loss = F.cross_entropy(model.logits(hidden[rows]).float(), torch.tensor(labels))
+        loss = F.cross_entropy(
+            model.logits(hidden[rows]).float(), torch.tensor(labels), label_smoothing=label_smoothing
+        )
         if model.mtp is not None and mtp_rows:
             next_tokens = torch.roll(tokens, -1)
             mtp_hidden = model.mtp_forward(hidden, next_tokens, fb, detach_trunk=True)
