@@ -16,7 +16,7 @@ from league.engine.request import SamplingParams
 from league.parallel.parallelize import parallelize_qwen3_5_moe
 from league.rl import algorithms as algo
 from league.rl import setup
-from league.rl.metrics import MetricsLogger
+from league.rl.metrics import MetricsLogger, plot_run
 from league.rl.sample import Sample
 from league.rl.trainer import Trainer
 
@@ -127,6 +127,7 @@ def train(job: JobConfig) -> Path:
             progress.update(bar, advance=1)
     logger.close()
     reward.close()
+    plot_run(run_dir)
     return run_dir
 
 
