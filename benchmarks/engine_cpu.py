@@ -157,8 +157,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "settings": {
-            **vars(args),
-            "out": str(args.out),
+            **{k: v for k, v in vars(args).items() if k != "out"},
             "model": "tiny (4 layers: 3 GDN + 1 attention, 8 experts top-2, dim 128, MTP 1 layer)",
             "greedy": True,
             "train_loss": final_loss,
