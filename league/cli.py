@@ -140,6 +140,7 @@ def generate(
     min_p: Annotated[float, typer.Option(help="Drop tokens below min_p times the top probability.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (sample i of a prompt uses seed + i).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt (the prompt is prefilled once).")] = 1,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS.")] = False,
     speculative_algorithm: Annotated[
         str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
     ] = None,
@@ -163,7 +164,13 @@ def generate(
         from league.generate import generate as run
 
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            ignore_eos=ignore_eos,
         )
         config = EngineConfig(
             max_running_requests=max_running_requests,
@@ -298,3 +305,7 @@ def _train_entry():
 
 
 app.command("train")(_train_entry())
+
+
+if __name__ == "__main__":
+    app()

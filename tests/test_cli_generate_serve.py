@@ -1,0 +1,142 @@
+"""``league generate`` and ``league serve`` as a user runs them: greedy output equal to transformers' ``generate``,
+log-probs equal to ``league score``, speculative flags, JSONL input, bad input, and the real server process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from league.cli import app
+from league.engine.client import EngineClient
+from league.engine.request import SamplingParams
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "tiny"
+    result = invoke("init", "--preset", "tiny", "--out", out, "--seed", "3")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def generate_json(tiny_dir, *args):
+    result = invoke("generate", "--model", tiny_dir, "--json", "--ignore-eos", *args)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("spec", [[], ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2"]])
+def test_greedy_generate_equals_transformers_and_score(tiny_dir, tmp_path, spec):
+    prompt = [5, 17, 23, 42, 8, 60]
+    [out] = generate_json(
+        tiny_dir,
+        "--input-ids",
+        ",".join(map(str, prompt)),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--batch-invariant",
+        *spec,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    expected = hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=16,
+        min_new_tokens=16,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    assert out["output_ids"] == expected[0, len(prompt) :].tolist()
+    seqs = tmp_path / "seq.jsonl"
+    seqs.write_text(json.dumps({"input_ids": prompt + out["output_ids"]}) + "\n")
+    scored = invoke("score", "--model", tiny_dir, "--input", seqs, "--json", "--batch-invariant")
+    assert scored.exit_code == 0, scored.output
+    token_logprobs = json.loads(scored.stdout.strip().splitlines()[-1])["token_logprobs"]
+    assert token_logprobs[len(prompt) - 1 :] == out["output_token_logprobs"]  # bitwise
+
+
+def test_generate_from_a_jsonl_file_with_n_samples(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "12+7="}) + "\n" + json.dumps({"input_ids": [3, 4, 5]}) + "\n")
+    outs = generate_json(tiny_dir, "--input-file", prompts, "--n", "3", "--seed", "1", "--max-new-tokens", "5")
+    assert len(outs) == 6 and all(len(o["output_ids"]) == 5 for o in outs)
+    assert all("text" in o for o in outs)
+    result = invoke(
+        "generate",
+        "--model",
+        tiny_dir,
+        "--input-ids",
+        "1,2",
+        "--max-new-tokens",
+        "4",
+        "--speculative-algorithm",
+        "EAGLE",
+    )
+    assert result.exit_code == 0 and "tokens/s" in result.output and "acceptance length" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-ids", "1,2,99999"], "outside"),
+        (["--input-ids", "1,x"], "comma-separated"),
+        (["--prompt", "a", "--input-ids", "1"], "exactly one"),
+        (["--input-file", "/nonexistent.jsonl"], "no such file"),
+        (["--input-ids", "1", "--temperature", "0", "--top-p", "0"], "top_p"),
+    ],
+)
+def test_generate_bad_input(tiny_dir, args, message):
+    result = invoke("generate", "--model", tiny_dir, *args)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_league_serve_process_answers_like_the_engine(tiny_dir):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "league.cli",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--port",
+            "0",
+            "--context-length",
+            "64",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = ""
+        for _ in range(200):
+            line = proc.stdout.readline()
+            if "league serve:" in line or not line:
+                break
+        assert "league serve:" in line, line
+        url = line.strip().rsplit(" on ", 1)[1]
+        client = EngineClient(url, timeout=60)
+        client.wait_until_healthy(30)
+        prompts = [[1, 2, 3], [4, 5, 6, 7]] * 4
+        outs = client.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+        assert all(len(o.output_ids) == 6 for o in outs)
+        assert outs[0].output_ids == outs[2].output_ids
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
