@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from league.checkpoint.hf import load_model
 from league.cli import app
 from league.engine.client import EngineClient
+from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 
 runner = CliRunner()
@@ -131,12 +133,17 @@ def test_league_serve_process_answers_like_the_engine(tiny_dir):
                 break
         assert "league serve:" in line, line
         url = line.strip().rsplit(" on ", 1)[1]
-        client = EngineClient(url, timeout=60)
+        client = EngineClient(url, timeout=120)
         client.wait_until_healthy(30)
-        prompts = [[1, 2, 3], [4, 5, 6, 7]] * 4
-        outs = client.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
-        assert all(len(o.output_ids) == 6 for o in outs)
-        assert outs[0].output_ids == outs[2].output_ids
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 80, (int(n),), generator=gen).tolist() for n in torch.randint(2, 12, (64,))]
+        params = [
+            SamplingParams(max_new_tokens=6, temperature=[0.0, 1.0][i % 2], seed=i, ignore_eos=True) for i in range(64)
+        ]
+        outs = client.generate(prompts, params)  # 64 requests in flight at once
+        engine = LLMEngine(load_model(tiny_dir), EngineConfig(max_running_requests=64, context_length=64))
+        expected = engine.generate(prompts, params)
+        assert [o.output_ids for o in outs] == [o.output_ids for o in expected]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
