@@ -85,17 +85,15 @@ def generate(
     chat: bool = False,
 ) -> tuple[GenerateReport, Any]:
     """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance."""
-    import torch
 
-    from league.checkpoint.hf import load_model
+    from league.checkpoint.hf import load_model, resolve_device_dtype
     from league.engine.server import load_tokenizer
 
     given = [x is not None for x in (prompt, input_ids, input_file)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --prompt, --input-ids, --input-file")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = load_model(model_dir, device=device, dtype=torch_dtype).eval()
+    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    model = load_model(model_dir, device=torch_device, dtype=torch_dtype).eval()
     tokenizer = load_tokenizer(model_dir)
     vocab = model.args.vocab_size
     if prompt is not None:

@@ -115,15 +115,12 @@ def score_file(
     Returns:
         one ``{"input_ids", "token_logprobs"}`` dict per sequence.
     """
-    from league.checkpoint.hf import load_model
+    from league.checkpoint.hf import load_model, resolve_device_dtype
     from league.models.qwen3_5_moe import ModelArgs
 
     args = ModelArgs.from_dir(model_dir)
     sequences = read_sequences(input_path, args.vocab_size)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but no CUDA device is available")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve_device_dtype(device, dtype)
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     results = [
         {"input_ids": ids, "token_logprobs": lps}

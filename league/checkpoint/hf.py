@@ -93,6 +93,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype to run: ``None`` (or ``auto``) picks cuda when available, and bfloat16 on a GPU,
+    float32 on the CPU. Asking for cuda without a CUDA device is an error."""
+    name = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA device is available")
+    if dtype in (None, "auto"):
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    return resolved, parse_dtype(dtype)
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
-
 from league.engine import protocol
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import GenerateOutput
@@ -346,13 +344,10 @@ def build_server(
         dtype (str, Optional): parameter dtype, e.g. ``bfloat16``. Default: bfloat16 on GPU, float32 on CPU.
         tokenizer_dir (str, Optional): where the tokenizer is. Default: ``model_dir`` (none if it has none).
     """
-    from league.checkpoint.hf import load_model
+    from league.checkpoint.hf import load_model, resolve_device_dtype
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"`dtype` {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
-    model = load_model(model_dir, device, torch_dtype).eval()
+    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    model = load_model(model_dir, torch_device, torch_dtype).eval()
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     engine = LLMEngine(model, engine_config, tokenizer)
     return EngineServer(engine, host, port, model_path=model_dir, tokenizer=tokenizer)

@@ -43,22 +43,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`--device cuda` was asked for but no CUDA device is available")
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, config.dtype)
-
-
 def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
     """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset."""
-    device, dtype = resolve_device(config)
+    from league.checkpoint.hf import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
     if config.hf_checkpoint:
         from transformers import AutoTokenizer
 
