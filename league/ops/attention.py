@@ -1,10 +1,21 @@
-"""Causal softmax attention with grouped KV heads, for one sequence whose queries are the last T of S
-key positions (S == T in training; S > T when earlier keys come from a cache).
+"""Causal softmax attention with grouped KV heads.
 
-Legend: T query tokens, S key tokens, H query heads, G KV heads, K head dim.
+``causal_attention`` is the definition: one sequence whose queries are the last T of S key positions (S == T in
+training; S > T when earlier keys come from a cache). The batched forms take many sequences at once and pick a
+backend by device: on CPU (or with ``batch_invariant``) they loop over ``causal_attention``, which makes them the
+reference; on CUDA ``varlen_causal_attention`` runs torch's flash varlen kernel and ``cached_attention`` the Triton
+kernel of ``triton_attention.py``. This module does not write caches; callers store new keys first.
+
+Legend: T query tokens, S key tokens, N sequences, H query heads, G KV heads, K head dim, L cache length per slot.
 """
 
+import functools
+import importlib.util
+import inspect
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 
 def causal_attention(
@@ -52,3 +63,181 @@ def _row_by_row(q_THK, k_SGK, v_SGK, scale: float, groups: int) -> torch.Tensor:
         probs_SH = scores_SH.softmax(0)
         rows.append((probs_SH[..., None] * v_SHK[:visible]).sum(0))
     return torch.stack(rows).to(q_THK.dtype) if rows else q_THK.clone()
+
+
+def varlen_causal_attention(
+    q_THK: torch.Tensor,
+    k_TGK: torch.Tensor,
+    v_TGK: torch.Tensor,
+    cu_seqlens_N1: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
+    """Causal attention of N packed sequences, each attending only to its own tokens (no cache). Differentiable.
+
+    On CUDA in bf16/fp16: torch's flash varlen kernel. On CUDA in fp32: SDPA per sequence (fp32 math). Elsewhere,
+    or with ``batch_invariant``: ``varlen_causal_attention_reference``.
+
+    Args:
+        q_THK (torch.Tensor): ``[T, H, K]`` queries of all sequences laid end to end.
+        k_TGK, v_TGK (torch.Tensor): ``[T, G, K]`` keys and values, packed the same way.
+        cu_seqlens_N1 (torch.Tensor): ``[N + 1]`` integer offsets of the sequences, on q's device.
+        max_seqlen (int): the longest sequence (host int, so that no device value is read).
+        scale (float): score scale, usually ``K ** -0.5``.
+        batch_invariant (bool): row-by-row reference (see ``causal_attention``). Default: ``False``.
+
+    Returns:
+        ``[T, H, K]`` in the dtype of q.
+    """
+    if q_THK.is_cuda and not batch_invariant:
+        return _varlen_cuda(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
+    return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale, batch_invariant)
+
+
+def varlen_causal_attention_reference(
+    q_THK: torch.Tensor,
+    k_TGK: torch.Tensor,
+    v_TGK: torch.Tensor,
+    cu_seqlens_N1: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
+    """``varlen_causal_attention`` as a loop of ``causal_attention``, one call per sequence (reads
+    ``cu_seqlens_N1`` on the host). Same arguments."""
+    bounds = cu_seqlens_N1.tolist()
+    outs = [
+        causal_attention(q_THK[start:end], k_TGK[start:end], v_TGK[start:end], scale, batch_invariant)
+        for start, end in zip(bounds[:-1], bounds[1:])
+        if end > start
+    ]
+    return torch.cat(outs) if outs else q_THK[:0].clone()
+
+
+def cached_attention(
+    q_THK: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q_N1: torch.Tensor,
+    slots_N: torch.Tensor,
+    kv_lens_N: torch.Tensor,
+    scale: float,
+    max_q: int,
+    max_kv: int,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
+    """Causal attention of the new tokens of N sequences over the keys in their cache slots. Inference only.
+
+    Sequence i has ``q_len_i = cu[i+1] - cu[i]`` new tokens, the last ``q_len_i`` of its ``kv_lens_N[i]``
+    positions, whose keys and values (new ones included) are at ``k_cache[slots_N[i], :kv_lens_N[i]]``. One
+    call covers chunked prefill, decode (q_len 1) and speculative verify (q_len 2..8), mixed in a batch. A
+    sequence with q_len 0 (padding) is skipped.
+
+    On CUDA in bf16/fp16/fp32 with Triton installed: ``triton_attention.cached_attention_fwd``, which reads no
+    device value on the host (CUDA-graph safe) and computes each sequence in its own programs, so a row's result
+    does not depend on the rest of the batch. Elsewhere, or with ``batch_invariant``:
+    ``cached_attention_reference``.
+
+    Args:
+        q_THK (torch.Tensor): ``[T, H, K]`` queries of the new tokens, packed.
+        k_cache, v_cache (torch.Tensor): ``[num_slots, L, G, K]``.
+        cu_seqlens_q_N1 (torch.Tensor): ``[N + 1]`` integer offsets of each sequence's queries in q.
+        slots_N (torch.Tensor): ``[N]`` integer cache slot of each sequence.
+        kv_lens_N (torch.Tensor): ``[N]`` integer key count of each sequence (cached + new), ``<= L``.
+        scale (float): score scale, usually ``K ** -0.5``.
+        max_q (int): upper bound of the q_len_i (host int; sizes the kernel grid, rows beyond it are not
+            computed).
+        max_kv (int): upper bound of the kv_lens_N (host int). The kernels here loop to each sequence's own
+            length and do not need it; it is part of the signature for backends that size work from it.
+        batch_invariant (bool): row-by-row reference (see ``causal_attention``). Default: ``False``.
+
+    Returns:
+        ``[T, H, K]`` in the dtype of q.
+    """
+    if q_THK.is_cuda and not batch_invariant and q_THK.dtype != torch.float64:
+        if _has_triton():
+            from league.ops.triton_attention import cached_attention_fwd
+
+            return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
+        warnings.warn(
+            "cached_attention: triton is not installed; falling back to its reference PyTorch implementation",
+            stacklevel=2,
+        )
+    return cached_attention_reference(
+        q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, batch_invariant
+    )
+
+
+def cached_attention_reference(
+    q_THK: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q_N1: torch.Tensor,
+    slots_N: torch.Tensor,
+    kv_lens_N: torch.Tensor,
+    scale: float,
+    max_q: int,
+    max_kv: int,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
+    """``cached_attention`` as a loop of ``causal_attention`` over each sequence's slot (reads the index tensors
+    on the host). Same arguments."""
+    bounds, slots, kv_lens = cu_seqlens_q_N1.tolist(), slots_N.tolist(), kv_lens_N.tolist()
+    out_THK = torch.empty_like(q_THK)
+    for start, end, slot, kv_len in zip(bounds[:-1], bounds[1:], slots, kv_lens):
+        if end > start:
+            keys, values = k_cache[slot, :kv_len], v_cache[slot, :kv_len]
+            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, batch_invariant)
+    return out_THK
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _torch_varlen_attn():
+    """torch's ``varlen_attn`` (torch >= 2.10) and its keyword names, which changed between releases; ``None``
+    when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_cuda(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen: int, scale: float) -> torch.Tensor:
+    varlen_attn, params = _torch_varlen_attn()
+    default_scale = scale == q_THK.shape[-1] ** -0.5
+    if (
+        varlen_attn is None
+        or q_THK.dtype not in (torch.bfloat16, torch.float16)
+        or not ("scale" in params or default_scale)
+    ):
+        return _varlen_sdpa(q_THK, k_TGK, v_TGK, cu_seqlens_N1, scale)
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    groups = q_THK.shape[1] // k_TGK.shape[1]
+    if groups > 1 and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    elif groups > 1:
+        k_TGK, v_TGK = k_TGK.repeat_interleave(groups, dim=1), v_TGK.repeat_interleave(groups, dim=1)
+    cu_N1 = cu_seqlens_N1.to(torch.int32)
+    q_THK, k_TGK, v_TGK = q_THK.contiguous(), k_TGK.contiguous(), v_TGK.contiguous()
+    return varlen_attn(q_THK, k_TGK, v_TGK, cu_N1, cu_N1, max_seqlen, max_seqlen, **kwargs)
+
+
+def _varlen_sdpa(q_THK, k_TGK, v_TGK, cu_seqlens_N1, scale: float) -> torch.Tensor:
+    """One SDPA call per sequence; KV heads repeated so that the fused fp32 kernel (not the math one) serves GQA."""
+    groups = q_THK.shape[1] // k_TGK.shape[1]
+    k_THK, v_THK = k_TGK.repeat_interleave(groups, dim=1), v_TGK.repeat_interleave(groups, dim=1)
+    bounds = cu_seqlens_N1.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            q, k, v = (x[start:end].transpose(0, 1)[None] for x in (q_THK, k_THK, v_THK))
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q_THK[:0].clone()
