@@ -1,6 +1,12 @@
 """Mixture-of-experts routing and expert compute. Not responsible for placing experts on devices.
 
-Legend: T tokens, D model dim, E experts, I expert intermediate dim, A experts per token (top-k).
+:func:`swiglu_experts` picks the form: the reference loop over experts (CPU, batch-invariant runs, and the ground
+truth of the tests) or, on CUDA, :func:`grouped_swiglu_experts`, two grouped GEMMs over the token-expert pairs
+sorted by expert. The grouped form never reads a value back to the host, so a CUDA graph can capture it (when
+``torch._grouped_mm`` takes its native path: bf16 on sm90/sm100; other dtypes run torch's per-group loop).
+
+Legend: T tokens, D model dim, E experts, I expert intermediate dim, A experts per token (top-k),
+N = T * A token-expert pairs.
 """
 
 import torch
@@ -31,7 +37,8 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
-    The reference loops over the experts that received tokens.
+    Runs :func:`grouped_swiglu_experts` on CUDA (unless ``batch_invariant``, or the shapes do not meet the
+    grouped GEMM's 16-byte alignment), :func:`swiglu_experts_loop` otherwise.
 
     Args:
         x_TD (torch.Tensor): ``[T, D]``.
@@ -40,6 +47,20 @@ def swiglu_experts(
         weights_TA, experts_TA (torch.Tensor): from :func:`route_topk`.
         batch_invariant (bool): row-independent matmuls (see ``ops.linear``). Default: ``False``.
     """
+    if x_TD.is_cuda and not batch_invariant and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
+        return grouped_swiglu_experts(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
+    return swiglu_experts_loop(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)
+
+
+def swiglu_experts_loop(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    weights_TA: torch.Tensor,
+    experts_TA: torch.Tensor,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
+    """The reference: a loop over the experts that received tokens (arguments as :func:`swiglu_experts`)."""
     out_TD = torch.zeros_like(x_TD)
     flat_experts = experts_TA.reshape(-1)
     order = flat_experts.argsort(stable=True)
@@ -57,3 +78,80 @@ def swiglu_experts(
         out_TD.index_add_(0, rows, y.to(out_TD.dtype))
         start += count
     return out_TD
+
+
+def grouped_mm_fits(x_TD: torch.Tensor, w_gate_up_E2ID: torch.Tensor, w_down_EDI: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: one float dtype, rows of D and I a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_TD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if w_gate_up_E2ID.dtype != x_TD.dtype or w_down_EDI.dtype != x_TD.dtype:
+        return False
+    align = 16 // x_TD.element_size()
+    return x_TD.shape[-1] % align == 0 and w_down_EDI.shape[-1] % align == 0
+
+
+def grouped_swiglu_experts(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    weights_TA: torch.Tensor,
+    experts_TA: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`swiglu_experts` as two grouped GEMMs over the token-expert pairs sorted by expert.
+
+    The pairs are sorted by expert (stable), the group ends are found by a binary search in the sorted expert
+    ids, and each pair's output is read back through the inverse permutation and summed over the token's A
+    experts: no host synchronisation and no atomic adds, in forward or backward. Differentiable in ``x``, both
+    weights and ``weights_TA``. Arguments as :func:`swiglu_experts`; needs :func:`grouped_mm_fits`.
+    """
+    num_experts, num_topk = w_gate_up_E2ID.shape[0], experts_TA.shape[1]
+    sorted_experts_N, order_N = experts_TA.reshape(-1).sort(stable=True)
+    expert_ids_E = torch.arange(num_experts, device=x_TD.device, dtype=sorted_experts_N.dtype)
+    offs_E = torch.searchsorted(sorted_experts_N, expert_ids_E, right=True).to(torch.int32)
+    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TD.device))
+    token_N = order_N // num_topk
+    x_ND = _Dispatch.apply(x_TD, token_N, inverse_N, num_topk)
+    gate_NI, up_NI = torch._grouped_mm(x_ND, w_gate_up_E2ID.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
+    y_ND = torch._grouped_mm(silu(gate_NI) * up_NI, w_down_EDI.transpose(-2, -1), offs=offs_E)
+    y_ND = (y_ND * weights_TA.reshape(-1).index_select(0, order_N)[:, None]).to(x_TD.dtype)
+    return _Combine.apply(y_ND, token_N, inverse_N, num_topk)
+
+
+def _dispatch(x_TD: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` of the result is the token of pair ``i`` (pairs in expert order)."""
+    return x_TD.index_select(0, token_N)
+
+
+def _combine(y_ND: torch.Tensor, inverse_N: torch.Tensor, num_topk: int) -> torch.Tensor:
+    """Sum of each token's A pair rows: pair ``t * A + a`` sits at row ``inverse_N[t * A + a]`` of ``y_ND``."""
+    num_tokens = y_ND.shape[0] // num_topk
+    return y_ND.index_select(0, inverse_N).view(num_tokens, num_topk, y_ND.shape[-1]).sum(1)
+
+
+class _Dispatch(torch.autograd.Function):
+    """:func:`_dispatch`, whose backward is :func:`_combine` (a gather and a sum, where autograd would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, token_N: torch.Tensor, inverse_N: torch.Tensor, num_topk: int):
+        ctx.save_for_backward(token_N, inverse_N)
+        ctx.num_topk = num_topk
+        return _dispatch(x_TD, token_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        token_N, inverse_N = ctx.saved_tensors
+        return _combine(grad_ND, inverse_N, ctx.num_topk), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """:func:`_combine`, whose backward is :func:`_dispatch`."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, token_N: torch.Tensor, inverse_N: torch.Tensor, num_topk: int):
+        ctx.save_for_backward(token_N, inverse_N)
+        return _combine(y_ND, inverse_N, num_topk)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        token_N, inverse_N = ctx.saved_tensors
+        return _dispatch(grad_TD, token_N), None, None, None
