@@ -1,12 +1,16 @@
 """Log-probabilities and entropy from logits, in fp32 over the whole vocabulary.
 
 This one function serves the engine (log-prob of a sampled token) and the trainer (log-prob of a
-trained token), so both compute a token's log-probability the same way.
+trained token), so both compute a token's log-probability the same way. :func:`linear_token_logprobs`
+computes the same number from the output head's input and weight, without holding all the logits (training
+on a 248k vocabulary); it does not promise bitwise agreement with the engine, so batch-invariant runs keep the
+unfused form.
 
-Legend: T rows, V vocabulary.
+Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
@@ -35,3 +39,137 @@ def entropy(logits_TV: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
         z = logits_TV[start : start + chunk_size].float()
         out.append(z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1))
     return torch.cat(out) if out else logits_TV.new_zeros(0, dtype=torch.float32)
+
+
+def linear_token_logprobs(
+    hidden_TD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    tokens_T: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``log_softmax(float(hidden @ weight^T) / temperature)[t, tokens[t]]``, the output head fused in.
+
+    Equals ``token_logprobs(F.linear(hidden, weight).float() / temperature, tokens)`` without holding the
+    ``[T, V]`` logits: forward and backward compute them ``chunk_size`` rows at a time (the backward computes
+    each chunk's logits again), so at most ``chunk_size`` rows of ``[rows, V]`` logits exist at once.
+    Differentiable in ``hidden_TD`` and ``weight_VD``.
+
+    Args:
+        hidden_TD (torch.Tensor): ``[T, D]`` inputs of the output head, in the dtype of ``weight_VD``.
+        weight_VD (torch.Tensor): ``[V, D]`` output head.
+        tokens_T (torch.Tensor): ``[T]`` token ids.
+        temperature (float): the fp32 logits are divided by it. Default: ``1.0``.
+        chunk_size (int): rows of logits computed at once. Default: ``1024``.
+
+    Returns:
+        ``[T]`` fp32.
+    """
+    logp_T, _ = _LinearLogprobs.apply(hidden_TD, weight_VD, tokens_T, temperature, chunk_size, False)
+    return logp_T
+
+
+def linear_token_logprobs_entropy(
+    hidden_TD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    tokens_T: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_token_logprobs` and the :func:`entropy` of the same tempered logits, both ``[T]`` fp32 and
+    both differentiable. Arguments as :func:`linear_token_logprobs`."""
+    return _LinearLogprobs.apply(hidden_TD, weight_VD, tokens_T, temperature, chunk_size, True)
+
+
+def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[C, V]`` fp32 tempered logits, the linear in the parameters' dtype as ``F.linear``."""
+    z_CV = F.linear(hidden_CD, weight_VD).float()
+    return z_CV if temperature == 1.0 else z_CV / temperature
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Forward keeps only the per-row log-sum-exp (and entropy); backward rebuilds one chunk of logits at a time.
+
+    With ``p = softmax(z)`` and ``g``, ``h`` the incoming gradients of the log-prob and the entropy:
+    ``dL/dz = g * (onehot(token) - p) - h * p * (z - (lse - H))``. The weight's gradient is summed over the
+    chunks in fp32 and rounded to the weight's dtype once.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_TD: torch.Tensor,
+        weight_VD: torch.Tensor,
+        tokens_T: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ):
+        num_rows = hidden_TD.shape[0]
+        logp_T = hidden_TD.new_empty(num_rows, dtype=torch.float32)
+        lse_T = torch.empty_like(logp_T)
+        ent_T = torch.empty_like(logp_T) if with_entropy else logp_T.new_empty(0)
+        for start in range(0, num_rows, chunk_size):
+            rows = slice(start, start + chunk_size)
+            z_CV = _chunk_logits(hidden_TD[rows], weight_VD, temperature)
+            lse_T[rows] = z_CV.logsumexp(-1)
+            logp_T[rows] = z_CV.gather(-1, tokens_T[rows, None])[:, 0] - lse_T[rows]
+            if with_entropy:
+                ent_T[rows] = lse_T[rows] - (z_CV.softmax(-1) * z_CV).sum(-1)
+        ctx.save_for_backward(hidden_TD, weight_VD, tokens_T, lse_T, ent_T)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent_T)
+        return logp_T, ent_T
+
+    @staticmethod
+    def backward(ctx, grad_logp_T: torch.Tensor | None, grad_ent_T: torch.Tensor | None):
+        hidden_TD, weight_VD, tokens_T, lse_T, ent_T = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden_TD = torch.empty_like(hidden_TD) if want_hidden else None
+        acc_dtype = torch.promote_types(weight_VD.dtype, torch.float32)
+        grad_weight_VD = torch.zeros_like(weight_VD, dtype=acc_dtype) if want_weight else None
+        for start in range(0, hidden_TD.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            z_CV = _chunk_logits(hidden_TD[rows], weight_VD, ctx.temperature)
+            grad_z_CV = _grad_chunk_logits(
+                z_CV,
+                lse_T[rows],
+                tokens_T[rows],
+                None if grad_logp_T is None else grad_logp_T[rows].float(),
+                None if grad_ent_T is None else ent_T[rows],
+                None if grad_ent_T is None else grad_ent_T[rows].float(),
+            )
+            if ctx.temperature != 1.0:
+                grad_z_CV /= ctx.temperature
+            grad_logits_CV = grad_z_CV.to(weight_VD.dtype)
+            if want_hidden:
+                grad_hidden_TD[rows] = grad_logits_CV @ weight_VD
+            if want_weight:
+                grad_weight_VD.add_(grad_logits_CV.t() @ hidden_TD[rows])
+        if want_weight:
+            grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
+        return grad_hidden_TD, grad_weight_VD, None, None, None, None
+
+
+def _grad_chunk_logits(
+    z_CV: torch.Tensor,
+    lse_C: torch.Tensor,
+    tokens_C: torch.Tensor,
+    grad_logp_C: torch.Tensor | None,
+    ent_C: torch.Tensor | None,
+    grad_ent_C: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dL/dz`` of one chunk (see :class:`_LinearLogprobs`), written over ``z_CV``: two ``[C, V]`` fp32 buffers."""
+    p_CV = (z_CV - lse_C[:, None]).exp_()
+    if grad_ent_C is None:
+        coef_CV = grad_logp_C[:, None]
+    else:
+        coef_CV = z_CV.sub_((lse_C - ent_C)[:, None]).mul_(grad_ent_C[:, None])
+        if grad_logp_C is not None:
+            coef_CV.add_(grad_logp_C[:, None])
+    grad_z_CV = p_CV.mul_(coef_CV).neg_()
+    if grad_logp_C is not None:
+        grad_z_CV.scatter_add_(-1, tokens_C[:, None], grad_logp_C[:, None])
+    return grad_z_CV

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
-from league.ops.logprob import entropy, token_logprobs
+from league.ops.logprob import entropy, linear_token_logprobs, token_logprobs
 from league.rl import algorithms as algo
 from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
@@ -100,9 +100,17 @@ class MicroBatch:
 def response_logprobs(
     model: Transformer, mb: MicroBatch, temperature: float = 1.0, hidden_TD: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the response tokens ``[R]`` (fp32) and the trunk hidden states ``[T, D]``."""
+    """Log-probs of the response tokens ``[R]`` (fp32) and the trunk hidden states ``[T, D]``.
+
+    The output head is fused into the log-prob (no ``[R, V]`` logits held) unless the batch is batch-invariant,
+    where the log-probs must equal the engine's bitwise and so take the engine's own path.
+    """
     if hidden_TD is None:
         hidden_TD = model(mb.packed.tokens_T, mb.batch)
+    if not mb.batch.batch_invariant:
+        hidden_RD = hidden_TD[mb.packed.logit_index_R]
+        logp_R = linear_token_logprobs(hidden_RD, model.output_weight(), mb.packed.response_tokens_R, temperature)
+        return logp_R, hidden_TD
     logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R], mb.batch.batch_invariant)
     if temperature != 1.0:
         logits_RV = logits_RV / temperature

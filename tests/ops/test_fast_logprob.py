@@ -1,0 +1,135 @@
+"""The fused output head + log-prob against the unfused ``token_logprobs(F.linear(h, W))``: values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
+
+
+def make_inputs(num_rows, dim, vocab, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(num_rows, dim, generator=gen) * 2).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(dtype)
+    tokens = torch.randint(0, vocab, (num_rows,), generator=gen)
+    return hidden, weight, tokens
+
+
+def unfused(hidden, weight, tokens, temperature):
+    logits = F.linear(hidden, weight).float() / temperature
+    return token_logprobs(logits, tokens), entropy(logits)
+
+
+def assert_near(out, ref, tol=1e-6):
+    """``max |out - ref| <= tol * max(1, max |ref|)``: fp32 rounding, relative to the largest entry."""
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    assert (out - ref).abs().max().item() <= tol * scale if ref.numel() else out.shape == ref.shape
+
+
+def grads_of(fn, hidden, weight, tokens, temperature, seed=1):
+    """Value and the gradients of hidden and weight under random cotangents of the log-prob (and entropy)."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    outs = fn(h, w, tokens, temperature)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    if loss.requires_grad:
+        loss.backward()
+    return [o.detach() for o in outs], h.grad, w.grad
+
+
+@pytest.mark.parametrize("num_rows,chunk_size", [(37, 8), (37, 37), (37, 100), (64, 16), (1, 4)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_grads_equal_unfused(num_rows, chunk_size, temperature):
+    hidden, weight, tokens = make_inputs(num_rows, 24, 103)
+    (ref,), gh_ref, gw_ref = grads_of(lambda *a: unfused(*a)[:1], hidden, weight, tokens, temperature)
+    fused = lambda h, w, t, temp: (linear_token_logprobs(h, w, t, temp, chunk_size=chunk_size),)
+    (out,), gh, gw = grads_of(fused, hidden, weight, tokens, temperature)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert_near(gh, gh_ref)
+    assert_near(gw, gw_ref)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_entropy_and_grads_equal_unfused(temperature):
+    hidden, weight, tokens = make_inputs(29, 16, 67)
+    ref, gh_ref, gw_ref = grads_of(unfused, hidden, weight, tokens, temperature)
+    fused = lambda h, w, t, temp: linear_token_logprobs_entropy(h, w, t, temp, chunk_size=7)
+    out, gh, gw = grads_of(fused, hidden, weight, tokens, temperature)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-6)
+    assert_near(gh, gh_ref)
+    assert_near(gw, gw_ref)
+    # entropy alone (no gradient reaches the log-prob output)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    linear_token_logprobs_entropy(h, w, tokens, temperature, chunk_size=7)[1].sum().backward()
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    unfused(h_ref, w_ref, tokens, temperature)[1].sum().backward()
+    assert_near(h.grad, h_ref.grad)
+    assert_near(w.grad, w_ref.grad)
+
+
+def test_bf16_weights_round_like_the_unfused_path():
+    """Logits in the parameter dtype, then fp32: one chunk is the unfused computation; more chunks round the
+    weight's gradient once per chunk, which stays at the unfused path's distance from the fp32 gradient."""
+    hidden, weight, tokens = make_inputs(64, 32, 50, torch.bfloat16)
+    logp = lambda h, w, t, temp: unfused(h, w, t, temp)[:1]
+    (ref,), gh_ref, gw_ref = grads_of(logp, hidden, weight, tokens, 1.0)
+    _, _, gw_fp32 = grads_of(logp, hidden.float(), weight.float(), tokens, 1.0)
+    for chunk_size in (64, 6):
+        fused = lambda h, w, t, temp, c=chunk_size: (linear_token_logprobs(h, w, t, temp, chunk_size=c),)
+        (out,), gh, gw = grads_of(fused, hidden, weight, tokens, 1.0)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        assert gh.dtype == gw.dtype == torch.bfloat16
+        assert torch.equal(gh, gh_ref)
+        if chunk_size == 64:
+            assert torch.equal(gw, gw_ref)
+        rel = lambda g: ((g.float() - gw_fp32).norm() / gw_fp32.norm()).item()
+        assert rel(gw) <= 1.5 * rel(gw_ref) + 1e-4
+
+
+def test_no_rows():
+    hidden, weight, tokens = make_inputs(0, 24, 103)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    out = linear_token_logprobs(h, w, tokens)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out.sum().backward()
+    assert h.grad.shape == (0, 24) and torch.count_nonzero(w.grad) == 0
+    logp, ent = linear_token_logprobs_entropy(hidden, weight, tokens)
+    assert logp.shape == ent.shape == (0,)
+
+
+def test_no_grad_forward_and_frozen_weight():
+    hidden, weight, tokens = make_inputs(11, 24, 103)
+    with torch.no_grad():
+        out = linear_token_logprobs(hidden, weight, tokens, chunk_size=4)
+    torch.testing.assert_close(out, unfused(hidden, weight, tokens, 1.0)[0], rtol=0, atol=1e-6)
+    h = hidden.clone().requires_grad_()
+    linear_token_logprobs(h, weight, tokens, chunk_size=4).sum().backward()
+    h_ref = hidden.clone().requires_grad_()
+    unfused(h_ref, weight, tokens, 1.0)[0].sum().backward()
+    assert_near(h.grad, h_ref.grad)
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_trainer_response_logprobs(batch_invariant):
+    """The trainer fuses the head unless batch-invariant, where it keeps the engine's unfused path bitwise."""
+    from league.rl.trainer import response_logprobs
+    from tests.models.test_forms import tiny_model
+    from tests.rl.test_trainer import make_samples, trainer_for
+
+    model = tiny_model().float()
+    trainer = trainer_for(model)
+    trainer.batch_invariant = batch_invariant
+    mb = trainer._micro_batches(make_samples(4, model.args.vocab_size), 4096)[0]
+    logp, hidden = response_logprobs(model, mb, temperature=0.8)
+    logits = model.logits(hidden[mb.packed.logit_index_R], batch_invariant)
+    if batch_invariant:
+        assert torch.equal(logp, token_logprobs(logits / 0.8, mb.packed.response_tokens_R))
+        return
+    ref = token_logprobs(logits.float() / 0.8, mb.packed.response_tokens_R)
+    torch.testing.assert_close(logp, ref, rtol=0, atol=1e-6)
+    weight = model.output_weight()
+    (grad,) = torch.autograd.grad(logp.sum(), weight)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), weight)
+    assert_near(grad, grad_ref)
