@@ -38,7 +38,7 @@ def swiglu_experts(
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
     Runs :func:`grouped_swiglu_experts` on CUDA (unless ``batch_invariant``, or the shapes do not meet the
-    grouped GEMM's 16-byte alignment), :func:`swiglu_experts_loop` otherwise.
+    grouped GEMM's 16-byte alignment), :func:`swiglu_experts_reference` otherwise.
 
     Args:
         x_TD (torch.Tensor): ``[T, D]``.
@@ -49,10 +49,10 @@ def swiglu_experts(
     """
     if x_TD.is_cuda and not batch_invariant and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
         return grouped_swiglu_experts(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
-    return swiglu_experts_loop(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)
+    return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)
 
 
-def swiglu_experts_loop(
+def swiglu_experts_reference(
     x_TD: torch.Tensor,
     w_gate_up_E2ID: torch.Tensor,
     w_down_EDI: torch.Tensor,

@@ -7,7 +7,7 @@ here keep D and I multiples of 4 fp32 values.
 import pytest
 import torch
 
-from league.ops.moe import grouped_mm_fits, grouped_swiglu_experts, route_topk, swiglu_experts, swiglu_experts_loop
+from league.ops.moe import grouped_mm_fits, grouped_swiglu_experts, route_topk, swiglu_experts, swiglu_experts_reference
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
 
@@ -46,7 +46,7 @@ def run(fn, inputs, seed=1):
 )
 def test_grouped_equals_loop_forward_and_grads(num_tokens, dim, num_experts, inter, top_k, used_experts):
     inputs = make_inputs(num_tokens, dim, num_experts, inter, top_k, used_experts)
-    out_ref, grads_ref = run(swiglu_experts_loop, inputs)
+    out_ref, grads_ref = run(swiglu_experts_reference, inputs)
     out, grads = run(grouped_swiglu_experts, inputs)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for name, g, g_ref in zip(["x", "w_gate_up", "w_down", "weights"], grads, grads_ref):
@@ -69,10 +69,10 @@ def test_grouped_is_deterministic():
 
 def test_dispatch_keeps_reference_on_cpu_and_in_batch_invariant_mode():
     x, w_gate_up, w_down, weights, experts = (t.detach() for t in make_inputs(9, 24, 4, 8, 2, 4))
-    ref = swiglu_experts_loop(x, w_gate_up, w_down, weights, experts)
+    ref = swiglu_experts_reference(x, w_gate_up, w_down, weights, experts)
     assert torch.equal(swiglu_experts(x, w_gate_up, w_down, weights, experts), ref)
     assert torch.equal(
-        swiglu_experts_loop(x, w_gate_up, w_down, weights, experts, True),
+        swiglu_experts_reference(x, w_gate_up, w_down, weights, experts, True),
         swiglu_experts(x, w_gate_up, w_down, weights, experts, True),
     )
 
