@@ -1,21 +1,47 @@
-"""RMS norms of the Qwen3.5 family. Not responsible for choosing a kernel per device.
+"""RMS norms of the Qwen3.5 family.
+
+``rms_norm_reference`` defines the (1 + w) norm and runs on CPU; on CUDA ``rms_norm`` runs the Triton kernels of
+``ops.triton_norm`` (same formula, fp32 inside, each row reduced on its own), imported only when Triton is
+installed. The gated norm has only its reference.
 
 Legend: T tokens, D feature dim.
 """
+
+import functools
+import importlib.util
+import warnings
 
 import torch
 
 from league.ops.activations import silu
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm: ``x / rms(x) * (1 + w)``, all in fp32, cast back at the end.
+
+    On CUDA in fp32/bf16/fp16 with Triton installed: ``triton_norm.triton_rms_norm``; elsewhere
+    :func:`rms_norm_reference`.
 
     Args:
         x (torch.Tensor): ``[..., D]`` input.
         weight (torch.Tensor): ``[D]``, initialised to zeros.
         eps (float): added to the mean square.
     """
+    if x.is_cuda and x.dtype in _TRITON_DTYPES:
+        if _has_triton():
+            from league.ops.triton_norm import triton_rms_norm
+
+            return triton_rms_norm(x, weight, eps)
+        warnings.warn(
+            "rms_norm: triton is not installed; falling back to its reference PyTorch implementation", stacklevel=2
+        )
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm` in plain torch (the definition). Same arguments."""
     acc = torch.promote_types(x.dtype, torch.float32)
     x32 = x.to(acc)
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -41,3 +67,8 @@ def gated_rms_norm(
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = weight * y
     return (y * silu(gate.to(acc), batch_invariant)).to(x.dtype)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
