@@ -18,7 +18,7 @@ from league.engine.scheduler import Scheduler
 from league.engine.speculative import accept, draft_chain
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
-from league.ops.sampling import filtered_probs, sample_from
+from league.ops.sampling import filtered_probs, sample_rows
 
 
 @dataclass(kw_only=True, slots=True)
@@ -249,7 +249,8 @@ class LLMEngine:
                 token = self._sample(member, row)
                 if self.config.num_spec_steps:
                     member.mtp_rows = (hidden[end - 1 : end], [token], len(leader.prompt_ids) - 1)
-                self._append(member, [token], token_logprobs(row[None], torch.tensor([token], device=self.device)))
+                logprob = token_logprobs(row[None], torch.tensor([token], device=self.device))
+                self._append(member, [token], logprob.tolist())
 
     def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
         """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
@@ -284,10 +285,10 @@ class LLMEngine:
         )
         logits = self._logits(self.model(tokens, batch, self.cache))
         self.stats.forward_passes += 1
-        sampled = [self._sample(r, row) for r, row in zip(reqs, logits)]
-        logprobs = token_logprobs(logits, torch.tensor(sampled, device=self.device))
-        for i, (r, token) in enumerate(zip(reqs, sampled)):
-            self._append(r, [token], logprobs[i : i + 1])
+        sampled = self._sample_batch(reqs, logits)
+        logprobs = token_logprobs(logits, sampled)
+        for r, token, logprob in zip(reqs, sampled.tolist(), logprobs.tolist()):
+            self._append(r, [token], [logprob])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
         num_steps = self.config.num_spec_steps
@@ -331,7 +332,7 @@ class LLMEngine:
             r.spec.add(stats)
             self.stats.spec.add(stats)
             r.mtp_rows = (hidden[i, : num_accepted + 1], emitted, committed[i])
-            self._append(r, emitted, logprobs)
+            self._append(r, emitted, logprobs.tolist())
 
     def _mtp_extend_pending(self, reqs: list[Request]) -> None:
         """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""
@@ -359,14 +360,27 @@ class LLMEngine:
     # sampling and stopping ----------------------------------------------------------------------------------
 
     def _sample(self, r: Request, logits_V: torch.Tensor) -> int:
-        if r.params.greedy:
-            return int(logits_V.argmax())
-        p = r.params
-        return sample_from(filtered_probs(logits_V, p.temperature, p.top_k, p.top_p, p.min_p), r.generator)
+        return int(self._sample_batch([r], logits_V[None])[0])
 
-    def _append(self, r: Request, tokens: list[int], logprobs: torch.Tensor) -> None:
+    def _sample_batch(self, reqs: list[Request], logits_BV: torch.Tensor) -> torch.Tensor:
+        """One token per row, ``[B]`` on the device: argmax for greedy requests; rows sharing sampling settings
+        are filtered together and drawn with each request's own generator (so a row's token does not depend on
+        the batch)."""
+        tokens = logits_BV.argmax(-1)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            if not r.params.greedy:
+                p = r.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+        for settings, rows in groups.items():
+            index = slice(None) if len(rows) == len(reqs) else torch.tensor(rows, device=logits_BV.device)
+            probs = filtered_probs(logits_BV[index], *settings)
+            tokens[index] = sample_rows(probs, [reqs[i].generator for i in rows])
+        return tokens
+
+    def _append(self, r: Request, tokens: list[int], logprobs: list[float]) -> None:
         """Add generated tokens until one ends the request; the last one stays pending for the next step."""
-        for token, logprob in zip(tokens, logprobs.tolist()):
+        for token, logprob in zip(tokens, logprobs):
             r.output_ids.append(token)
             r.output_logprobs.append(logprob)
             r.pending_token = token

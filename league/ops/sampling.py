@@ -13,11 +13,11 @@ import torch
 def filtered_probs(
     logits_V: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0
 ) -> torch.Tensor:
-    """The sampling distribution of one row, fp32: ``softmax(logits / T)``, then top-k, top-p and min-p
+    """The sampling distribution of each row, fp32: ``softmax(logits / T)``, then top-k, top-p and min-p
     filtering with renormalisation.
 
     Args:
-        logits_V (torch.Tensor): ``[V]`` raw logits.
+        logits_V (torch.Tensor): ``[..., V]`` raw logits (one row, or a batch of rows sharing the settings).
         temperature (float): > 0.
         top_k (int): keep the k most likely tokens; ``-1`` or ``0`` keeps all. Default: ``-1``.
         top_p (float): keep the smallest set of most likely tokens whose mass reaches ``top_p``. Default: ``1.0``.
@@ -25,18 +25,18 @@ def filtered_probs(
     """
     probs = (logits_V.float() / temperature).softmax(-1)
     if 0 < top_k < probs.shape[-1]:
-        kth = probs.topk(top_k).values[-1]
+        kth = probs.topk(top_k).values[..., -1:]
         probs = probs.masked_fill(probs < kth, 0.0)
-        probs = probs / probs.sum()
+        probs = probs / probs.sum(-1, keepdim=True)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
         drop_sorted = before >= top_p
-        probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
-        probs = probs / probs.sum()
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
@@ -44,6 +44,15 @@ def sample_from(probs_V: torch.Tensor, generator: torch.Generator) -> int:
     """Draw one token from a distribution with an explicit generator (exponential race: argmax p / E)."""
     noise = torch.empty_like(probs_V).exponential_(generator=generator)
     return int((probs_V / noise).argmax())
+
+
+def sample_rows(probs_BV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """:func:`sample_from` for each row with its own generator, as one argmax: ``[B]`` token ids (on the
+    device, not synchronised). Row i draws the same noise, and so the same token, as ``sample_from`` would."""
+    noise = torch.empty_like(probs_BV)
+    for row, generator in zip(noise, generators):
+        row.exponential_(generator=generator)
+    return (probs_BV / noise).argmax(-1)
 
 
 def uniform(generator: torch.Generator, device: torch.device | str = "cpu") -> float:

@@ -8,6 +8,7 @@ allocated, or of sampling.
 Legend: T packed tokens, N sequences, D model dim, V vocabulary, H query heads, G KV heads, K head dim.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu, softplus
-from league.ops.attention import causal_attention
+from league.ops.attention import cached_attention, varlen_causal_attention
 from league.ops.conv import causal_conv1d_batched
 from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from league.ops.linear import linear
@@ -74,6 +75,12 @@ class ForwardBatch:
         batch_invariant (bool): every op computes a token's numbers independently of the other tokens and
             sequences in the forward (row-wise matmuls, step-by-step GDN, per-row attention), so prefill,
             decode, verify and training agree bitwise. Slower. Default: ``False``.
+
+    The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
+    forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
+    ``slots_t`` and ``cache_lens_t`` ``[N]`` (with a cache), ``token_slots`` ``[T]`` (each token's slot), and
+    ``pad_rows`` ``[T]``, each token's row in the ``[N * longest]`` padded layout (``None`` when every sequence
+    has the same length, which needs no padding).
     """
 
     cu_seqlens: torch.Tensor
@@ -83,6 +90,11 @@ class ForwardBatch:
     cache_lens: list[int] | None = None
     record_states: bool = False
     batch_invariant: bool = False
+    seq_lens_t: torch.Tensor | None = None
+    slots_t: torch.Tensor | None = None
+    cache_lens_t: torch.Tensor | None = None
+    token_slots: torch.Tensor | None = None
+    pad_rows: torch.Tensor | None = None
 
     @classmethod
     def packed(
@@ -95,20 +107,34 @@ class ForwardBatch:
         batch_invariant: bool = False,
     ) -> "ForwardBatch":
         """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
-        starts = cache_lens or [0] * len(seq_lens)
-        positions = (
-            torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]) if seq_lens else torch.zeros(0)
-        )
-        cu = torch.tensor([0, *seq_lens]).cumsum(0)
+        num_seqs = len(seq_lens)
+        starts = cache_lens or [0] * num_seqs
+        longest = max(seq_lens, default=0)
+        parts = {
+            "positions": [p for s, n in zip(starts, seq_lens) for p in range(s, s + n)],
+            "cu_seqlens": list(itertools.accumulate(seq_lens, initial=0)),
+            "seq_lens_t": list(seq_lens),
+        }
+        if slots is not None:
+            parts["slots_t"] = list(slots)
+            parts["cache_lens_t"] = list(starts)
+            parts["token_slots"] = [slot for slot, n in zip(slots, seq_lens) for _ in range(n)]
+        if any(n != longest for n in seq_lens):
+            parts["pad_rows"] = [i * longest + j for i, n in enumerate(seq_lens) for j in range(n)]
+        flat = torch.tensor([v for values in parts.values() for v in values], dtype=torch.long).to(device)
+        fields = dict(zip(parts, flat.split([len(v) for v in parts.values()])))
         return cls(
-            cu_seqlens=cu.to(device),
             seq_lens=list(seq_lens),
-            positions=positions.long().to(device),
             slots=slots,
             cache_lens=cache_lens,
             record_states=record_states,
             batch_invariant=batch_invariant,
+            **fields,
         )
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seq_lens, default=0)
 
     def sequences(self):
         """Yield ``(i, start, end)`` of each sequence in the packed input."""
@@ -160,16 +186,25 @@ class GatedAttention(nn.Module):
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
         scale = self.head_dim**-0.5
-        out_THK = torch.empty_like(q_THK)
-        for i, start, end in batch.sequences():
-            if cache is None:
-                keys, values = k_TGK[start:end], v_TGK[start:end]
-            else:
-                slot, cached = batch.slots[i], batch.cache_lens[i]
-                cache.k[slot, cached : cached + end - start] = k_TGK[start:end]
-                cache.v[slot, cached : cached + end - start] = v_TGK[start:end]
-                keys, values = cache.k[slot, : cached + end - start], cache.v[slot, : cached + end - start]
-            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, inv)
+        if cache is None:
+            out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, inv)
+        else:  # a token's cache row is its position
+            cache.k[batch.token_slots, batch.positions] = k_TGK.to(cache.k.dtype)
+            cache.v[batch.token_slots, batch.positions] = v_TGK.to(cache.v.dtype)
+            kv_lens_N = batch.cache_lens_t + batch.seq_lens_t
+            max_kv = max(c + n for c, n in zip(batch.cache_lens, batch.seq_lens))
+            out_THK = cached_attention(
+                q_THK,
+                cache.k,
+                cache.v,
+                batch.cu_seqlens,
+                batch.slots_t,
+                kv_lens_N,
+                scale,
+                batch.max_seqlen,
+                max_kv,
+                batch_invariant=inv,
+            )
         out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), inv)
         return linear(out_TD, self.wo.weight, inv)
 
@@ -221,12 +256,13 @@ class GatedDeltaNet(nn.Module):
         its slot (or from zeros), committing the new states unless verifying.
 
         Padding steps have k = v = beta = g = 0, so they leave a state exactly as it was."""
-        lens, num_seqs = batch.seq_lens, len(batch.seq_lens)
-        longest, device = max(lens), mixed_TC.device
+        num_seqs, longest, rows = len(batch.seq_lens), batch.max_seqlen, batch.pad_rows
+        device = mixed_TC.device
         acc = torch.promote_types(mixed_TC.dtype, torch.float32)
-        rows = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lens)])
 
         def pad(x_T: torch.Tensor) -> torch.Tensor:  # packed [T, ...] -> [N, longest, ...]
+            if rows is None:  # all sequences have the same length
+                return x_T.view(num_seqs, longest, *x_T.shape[1:])
             out = x_T.new_zeros(num_seqs * longest, *x_T.shape[1:])
             out[rows] = x_T
             return out.view(num_seqs, longest, *x_T.shape[1:])
@@ -235,8 +271,7 @@ class GatedDeltaNet(nn.Module):
         windows = mixed_TC.new_zeros(num_seqs, conv_dim, width1)
         states = mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
         if cache is not None:
-            slots = torch.tensor(batch.slots, device=device)
-            resume = torch.tensor([n > 0 for n in batch.cache_lens], device=device)
+            slots, resume = batch.slots_t, batch.cache_lens_t > 0
             windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
             states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
         mixed_NTC = pad(mixed_TC)
@@ -257,12 +292,13 @@ class GatedDeltaNet(nn.Module):
                     full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
                 )
             else:
-                ends = torch.tensor(lens, device=device)
-                index = ends[:, None] + torch.arange(width1, device=device)[None]  # last W-1 inputs of each sequence
+                # the last W-1 inputs of each sequence
+                index = batch.seq_lens_t[:, None] + torch.arange(width1, device=device)[None]
                 new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, conv_dim, -1))
                 cache.ssm[slots] = new_states.to(cache.ssm.dtype)
                 cache.conv[slots] = new_windows.to(cache.conv.dtype)
-        return o.reshape(num_seqs * longest, self.num_v_heads, self.v_dim)[rows]
+        o = o.reshape(num_seqs * longest, self.num_v_heads, self.v_dim)
+        return o.contiguous() if rows is None else o[rows]
 
     def _chunk_folded(self, q, k, v, g, beta, states):
         """The chunked rule over N padded sequences at once, folding sequences into the head dim."""
