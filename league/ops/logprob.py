@@ -87,6 +87,23 @@ def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, temperature:
     return z_CV if temperature == 1.0 else z_CV / temperature
 
 
+def _chunk_forward(
+    hidden_CD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    tokens_C: torch.Tensor,
+    temperature: float,
+    lse_C: torch.Tensor,
+    logp_C: torch.Tensor,
+    ent_C: torch.Tensor,
+) -> None:
+    """Writes one chunk's log-sum-exp, log-probs and (unless ``ent_C`` is empty) entropies."""
+    z_CV = _chunk_logits(hidden_CD, weight_VD, temperature)
+    lse_C.copy_(z_CV.logsumexp(-1))
+    logp_C.copy_(z_CV.gather(-1, tokens_C[:, None])[:, 0] - lse_C)
+    if ent_C.numel():
+        ent_C.copy_(lse_C - (z_CV.softmax(-1) * z_CV).sum(-1))
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Forward keeps only the per-row log-sum-exp (and entropy); backward rebuilds one chunk of logits at a time.
 
@@ -111,11 +128,9 @@ class _LinearLogprobs(torch.autograd.Function):
         ent_T = torch.empty_like(logp_T) if with_entropy else logp_T.new_empty(0)
         for start in range(0, num_rows, chunk_size):
             rows = slice(start, start + chunk_size)
-            z_CV = _chunk_logits(hidden_TD[rows], weight_VD, temperature)
-            lse_T[rows] = z_CV.logsumexp(-1)
-            logp_T[rows] = z_CV.gather(-1, tokens_T[rows, None])[:, 0] - lse_T[rows]
-            if with_entropy:
-                ent_T[rows] = lse_T[rows] - (z_CV.softmax(-1) * z_CV).sum(-1)
+            _chunk_forward(
+                hidden_TD[rows], weight_VD, tokens_T[rows], temperature, lse_T[rows], logp_T[rows], ent_T[rows]
+            )
         ctx.save_for_backward(hidden_TD, weight_VD, tokens_T, lse_T, ent_T)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.set_materialize_grads(False)
@@ -132,18 +147,16 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight_VD = torch.zeros_like(weight_VD, dtype=acc_dtype) if want_weight else None
         for start in range(0, hidden_TD.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            z_CV = _chunk_logits(hidden_TD[rows], weight_VD, ctx.temperature)
-            grad_z_CV = _grad_chunk_logits(
-                z_CV,
+            grad_logits_CV = _grad_chunk_logits(
+                hidden_TD[rows],
+                weight_VD,
+                ctx.temperature,
                 lse_T[rows],
                 tokens_T[rows],
                 None if grad_logp_T is None else grad_logp_T[rows].float(),
                 None if grad_ent_T is None else ent_T[rows],
                 None if grad_ent_T is None else grad_ent_T[rows].float(),
             )
-            if ctx.temperature != 1.0:
-                grad_z_CV /= ctx.temperature
-            grad_logits_CV = grad_z_CV.to(weight_VD.dtype)
             if want_hidden:
                 grad_hidden_TD[rows] = grad_logits_CV @ weight_VD
             if want_weight:
@@ -154,14 +167,18 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def _grad_chunk_logits(
-    z_CV: torch.Tensor,
+    hidden_CD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    temperature: float,
     lse_C: torch.Tensor,
     tokens_C: torch.Tensor,
     grad_logp_C: torch.Tensor | None,
     ent_C: torch.Tensor | None,
     grad_ent_C: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``dL/dz`` of one chunk (see :class:`_LinearLogprobs`), written over ``z_CV``: two ``[C, V]`` fp32 buffers."""
+    """The gradient of one chunk's logits (in the weight's dtype, as autograd through ``.float()`` gives it),
+    from its recomputed logits ``z`` (see :class:`_LinearLogprobs`); two ``[C, V]`` fp32 buffers at most."""
+    z_CV = _chunk_logits(hidden_CD, weight_VD, temperature)
     p_CV = (z_CV - lse_C[:, None]).exp_()
     if grad_ent_C is None:
         coef_CV = grad_logp_C[:, None]
@@ -170,6 +187,9 @@ def _grad_chunk_logits(
         if grad_logp_C is not None:
             coef_CV.add_(grad_logp_C[:, None])
     grad_z_CV = p_CV.mul_(coef_CV).neg_()
+    del z_CV, coef_CV
     if grad_logp_C is not None:
         grad_z_CV.scatter_add_(-1, tokens_C[:, None], grad_logp_C[:, None])
-    return grad_z_CV
+    if temperature != 1.0:
+        grad_z_CV /= temperature
+    return grad_z_CV.to(weight_VD.dtype)

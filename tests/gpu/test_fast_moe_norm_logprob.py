@@ -1,0 +1,166 @@
+"""The CUDA paths of the MoE experts (grouped GEMM), the output-head log-prob (fused, chunked) and the (1 + w)
+RMSNorm (Triton) against their references, at the real model's sizes (skipped without CUDA).
+
+bf16 results are held to the distance of the bf16 reference from the fp32 truth; fp32 results to the reference.
+Run on the GPU machine with ``python -m pytest tests/gpu/test_fast_moe_norm_logprob.py -q``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from league.ops.logprob import linear_token_logprobs, token_logprobs
+from league.ops.moe import (
+    grouped_mm_fits,
+    grouped_swiglu_experts,
+    route_topk,
+    swiglu_experts,
+    swiglu_experts_reference,
+)
+from league.ops.norm import rms_norm, rms_norm_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Qwen3.6-35B-A3B: hidden 2048, 256 experts of intermediate 512, top-8, vocabulary 248,320, head dim 128
+DIM, NUM_EXPERTS, INTER, TOP_K, VOCAB = 2048, 256, 512, 8, 248_320
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def randn(*shape, seed, scale=1.0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device="cuda") * scale
+
+
+def moe_inputs(num_tokens: int) -> list[torch.Tensor]:
+    """fp32 inputs; experts 17 and 200..255 are never chosen, so they receive no tokens."""
+    logits = randn(num_tokens, NUM_EXPERTS, seed=3)
+    logits[:, 200:] = float("-inf")
+    logits[:, 17] = float("-inf")
+    weights, experts = route_topk(logits, TOP_K)
+    return [
+        randn(num_tokens, DIM, seed=0),
+        randn(NUM_EXPERTS, 2 * INTER, DIM, seed=1, scale=DIM**-0.5),
+        randn(NUM_EXPERTS, DIM, INTER, seed=2, scale=INTER**-0.5),
+        weights,
+        experts,
+    ]
+
+
+def moe_run(fn, inputs, dtype, grad_out):
+    x, w_gate_up, w_down, weights = (t.to(dtype).requires_grad_() for t in inputs[:4])
+    out = fn(x, w_gate_up, w_down, weights, inputs[4])
+    out.backward(grad_out.to(dtype))
+    return [out.detach(), x.grad, w_gate_up.grad, w_down.grad, weights.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_moe_matches_reference(dtype):
+    inputs = moe_inputs(512)
+    grad_out = randn(512, DIM, seed=4)
+    assert grouped_mm_fits(inputs[0].to(dtype), inputs[1].to(dtype), inputs[2].to(dtype))
+    fast = moe_run(swiglu_experts, inputs, dtype, grad_out)  # dispatches to the grouped form on CUDA
+    ref = moe_run(swiglu_experts_reference, inputs, dtype, grad_out)
+    names = ["out", "x", "w_gate_up", "w_down", "weights"]
+    assert all(f.dtype == dtype for f in fast)
+    assert torch.count_nonzero(fast[2][200:]) == 0 and torch.count_nonzero(fast[2][17]) == 0
+    if dtype == torch.float32:
+        for name, f, r in zip(names, fast, ref):
+            assert rel_err(f, r) < 1e-5, name
+        return
+    truth = moe_run(
+        swiglu_experts_reference, [t.to(dtype).float() for t in inputs[:4]] + inputs[4:], torch.float32, grad_out
+    )
+    for name, f, r, t in zip(names, fast, ref, truth):
+        assert rel_err(f, t) <= 1.5 * rel_err(r, t) + 1e-3, name
+
+
+def test_grouped_moe_is_deterministic_and_captured_by_a_cuda_graph():
+    x, w_gate_up, w_down, weights, experts = (t.bfloat16() if t.is_floating_point() else t for t in moe_inputs(256))
+    args = (x, w_gate_up, w_down, weights, experts)
+    eager = grouped_swiglu_experts(*args)
+    assert torch.equal(eager, grouped_swiglu_experts(*args))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        grouped_swiglu_experts(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = grouped_swiglu_experts(*args)
+    new_experts = experts.roll(1, dims=0)  # other routing, same buffers: the graph must not have baked it in
+    experts.copy_(new_experts)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, grouped_swiglu_experts(x, w_gate_up, w_down, weights, new_experts))
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(1024, 1.0), (300, 0.7)])
+def test_fused_head_logprobs_match_unfused(chunk_size, temperature):
+    num_rows = 1024
+    hidden = randn(num_rows, DIM, seed=5).bfloat16()
+    weight = randn(VOCAB, DIM, seed=6, scale=4 * DIM**-0.5).bfloat16()
+    tokens = torch.randint(0, VOCAB, (num_rows,), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    grad_out = randn(num_rows, seed=8)
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            logp = linear_token_logprobs(h, w, tokens, temperature, chunk_size=chunk_size)
+        else:
+            logp = token_logprobs(F.linear(h, w).float() / temperature, tokens)
+        logp.backward(grad_out)
+        results.append((logp.detach(), h.grad, w.grad))
+        del logp, h, w
+    (logp, gh, gw), (logp_ref, gh_ref, gw_ref) = results
+    assert logp.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
+    if chunk_size >= num_rows:  # one chunk: the very same logits
+        torch.testing.assert_close(logp, logp_ref, rtol=0, atol=1e-5)
+    else:
+        assert (logp - logp_ref).abs().max().item() < 0.1 and rel_err(logp, logp_ref) < 1e-3
+    assert rel_err(gh, gh_ref) < 1e-2 and rel_err(gw, gw_ref) < 1e-2
+
+
+def test_fused_head_memory_stays_within_chunks():
+    """Forward and backward of 8,192 rows at V = 248,320 (fp32 logits alone would be 8 GB)."""
+    num_rows, chunk_size = 8192, 1024
+    hidden = randn(num_rows, DIM, seed=5).bfloat16().requires_grad_()
+    weight = randn(VOCAB, DIM, seed=6, scale=4 * DIM**-0.5).bfloat16().requires_grad_()
+    tokens = torch.randint(0, VOCAB, (num_rows,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_token_logprobs(hidden, weight, tokens, chunk_size=chunk_size).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    chunk_logits_fp32 = chunk_size * VOCAB * 4
+    weight_grad = VOCAB * DIM * (4 + 2)  # the fp32 sum over chunks and the bf16 result
+    assert peak < weight_grad + 4 * chunk_logits_fp32, f"peak {peak / 2**30:.1f} GiB"
+
+
+@pytest.mark.parametrize("dim,num_rows", [(2048, 4096), (128, 8192 * 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_rms_norm_matches_reference(dim, num_rows, dtype):
+    x = randn(num_rows, dim, seed=9, scale=3.0).to(dtype)
+    w = randn(dim, seed=10, scale=0.2).to(dtype)
+    grad_out = randn(num_rows, dim, seed=11).to(dtype)
+    results = []
+    for fn in (rms_norm, rms_norm_reference):  # rms_norm runs the Triton kernel on CUDA
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(xr, wr, 1e-6)
+        out.backward(grad_out)
+        results.append((out.detach(), xr.grad, wr.grad))
+    (out, dx, dw), (ref, dx_ref, dw_ref) = results
+    assert out.dtype == dx.dtype == dw.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+        assert rel_err(dw, dw_ref) < 1e-5
+    else:
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(dx, dx_ref)
+        torch.testing.assert_close(dw, dw_ref)
+    # each row is reduced on its own: a row's output does not depend on the batch
+    assert torch.equal(out[5:6], rms_norm(x[5:6], w, 1e-6)) and torch.equal(out[:100], rms_norm(x[:100], w, 1e-6))
