@@ -101,11 +101,13 @@ def grouped_swiglu_experts(
 
     The pairs are sorted by expert (stable), the group ends are found by a binary search in the sorted expert
     ids, and each pair's output is read back through the inverse permutation and summed over the token's A
-    experts: no host synchronisation and no atomic adds, in forward or backward. Differentiable in ``x``, both
+    experts: no host synchronisation, and no scatter-add onto shared rows (deterministic), in forward or
+    backward. Differentiable in ``x``, both
     weights and ``weights_TA``. Arguments as :func:`swiglu_experts`; needs :func:`grouped_mm_fits`.
     """
     num_experts, num_topk = w_gate_up_E2ID.shape[0], experts_TA.shape[1]
     sorted_experts_N, order_N = experts_TA.reshape(-1).sort(stable=True)
+    # group ends by binary search: bincount on CUDA reads its input's max back to the host
     expert_ids_E = torch.arange(num_experts, device=x_TD.device, dtype=sorted_experts_N.dtype)
     offs_E = torch.searchsorted(sorted_experts_N, expert_ids_E, right=True).to(torch.int32)
     inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TD.device))
