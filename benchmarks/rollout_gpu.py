@@ -1,14 +1,21 @@
-"""Rollout throughput on one GPU: league's engine (reference ops, bf16) beside transformers' ``generate`` on the
-same random weights, for a reduced-depth model of the full Qwen3.6-35B-A3B width. A baseline for the GPU work:
-league's fast paths (kernels, CUDA graphs) are not written yet. Writes ``benchmarks/results/rollout_gpu.json``.
+"""Rollout throughput on one GPU: league's engine beside transformers' ``generate``, on random bf16 weights of the
+Qwen3.6-35B-A3B shape (all 40 layers by default), with the memory roofline of every decode step.
 
-    python benchmarks/rollout_gpu.py [--num-layers 4] [--batch 16] [--prompt-len 128] [--new-tokens 64]
+For each batch size: B prompts of ``--prompt-len`` tokens, ``--new-tokens`` greedy tokens each (EOS ignored).
+league's decode rate is ``B * (new - 1) / (t_generate - t_prefill)`` with ``t_prefill`` the time of the same call
+generating one token; transformers' is measured the same way with ``--hf-new-tokens`` tokens. The roofline is the
+bytes a decode step must move at the vendor's 4.8 TB/s: the weights it reads (all non-expert weights plus the
+experts its batch routes to, uniform routing assumed), each request's GDN state and conv window read and written,
+and its keys and values read, at the run's mean context. Writes ``benchmarks/results/rollout_gpu.json``.
+
+    python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
+        [--new-tokens 1024] [--spec-steps 0] [--hf-new-tokens 32] [--skip-hf]
 """
 
 import argparse
+import gc
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,33 +23,63 @@ import torch
 import transformers
 
 import league
-from league.checkpoint.hf import save_hf
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
-from league.models.qwen3_5_moe import Transformer
+from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+from league.ops.rope import rope_inv_freq
+
+HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
 
 
-def random_model(num_layers: int, seed: int) -> Transformer:
-    args = with_num_layers(PRESETS["qwen3.6-35b-a3b"], num_layers).replace(mtp_num_layers=0)
+def random_model(args: ModelArgs, seed: int) -> Transformer:
+    """The model with random bf16 weights, made on the GPU (league init's distributions, drawn there)."""
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device="cuda")
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
-                p.uniform_(0.0, 2.7)
+                p.uniform_(0.01, 16.0).log_()
             elif name.endswith(("dt_bias", "norm_weight")):
                 p.fill_(1.0)
+            elif name.endswith("conv_weight"):
+                bound = p.shape[-1] ** -0.5
+                p.uniform_(-bound, bound)
             elif p.ndim == 1:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
-    from league.ops.rope import rope_inv_freq
-
     model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).cuda()
-    return model.to(torch.bfloat16).eval()
+    return model.eval()
+
+
+def step_bytes(args: ModelArgs, batch: int, context: float, state_bytes: int = 4) -> float:
+    """Bytes one decode step of ``batch`` requests at mean ``context`` must move (bf16 weights and KV)."""
+    expert = 3 * args.dim * args.moe_intermediate_size * 2
+    per_layer_experts = args.num_experts * (1 - (1 - args.num_experts_per_tok / args.num_experts) ** batch)
+    moe_layers = args.num_layers
+    expert_bytes = moe_layers * per_layer_experts * expert
+    total_params = sum(
+        p for name, p in param_counts(args).items() if name != "experts" and name != "embedding"
+    )  # non-expert weights read every step (the embedding is a lookup)
+    num_gdn = sum(kind == "linear_attention" for kind in args.layer_types)
+    num_full = args.num_layers - num_gdn
+    state = num_gdn * args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * state_bytes
+    conv = num_gdn * args.gdn_conv_dim * (args.linear_conv_kernel_dim - 1) * 2
+    kv = num_full * 2 * args.num_kv_heads * args.head_dim * 2 * context
+    return expert_bytes + 2 * total_params + batch * (2 * state + 2 * conv + kv)
+
+
+def param_counts(args: ModelArgs) -> dict[str, int]:
+    with torch.device("meta"):
+        model = Transformer(args.replace(mtp_num_layers=0))
+    counts = {"experts": 0, "embedding": 0, "other": 0}
+    for name, p in model.named_parameters():
+        key = "experts" if ".experts." in name else "embedding" if name.startswith("tok_embeddings") else "other"
+        counts[key] += p.numel()
+    return counts
 
 
 def timed(fn) -> float:
@@ -53,45 +90,112 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
-    args = parser.parse_args()
-    model = random_model(args.num_layers, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 200_000, (args.batch, args.prompt_len), generator=gen)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    total = args.batch * args.new_tokens
+def league_rates(model: Transformer, prompts: list[list[int]], new_tokens: int, spec_steps: int) -> dict:
+    batch = len(prompts)
     config = EngineConfig(
-        max_running_requests=args.batch, context_length=args.prompt_len + args.new_tokens + 8, num_slots=args.batch
+        max_running_requests=batch,
+        num_slots=batch,
+        context_length=len(prompts[0]) + new_tokens + 8,
+        max_num_batched_tokens=8192,
+        cuda_graph_bs=[batch],
+        speculative_algorithm="EAGLE" if spec_steps else None,
+        speculative_num_steps=max(spec_steps, 1),
     )
-    LLMEngine(model, config).generate(prompts[:2, :16].tolist(), SamplingParams(max_new_tokens=4, temperature=0))
-    league_s = timed(lambda: LLMEngine(model, config).generate(prompts.tolist(), params))
-    with tempfile.TemporaryDirectory() as folder:
-        save_hf(model, Path(folder) / "ckpt")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            Path(folder) / "ckpt", dtype=torch.bfloat16, device_map="cuda"
-        ).eval()
-    ids = prompts.cuda()
+    engine = LLMEngine(model, config)
+    engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))  # capture, compile
+    prefill_s = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0)))
+    start_stats = engine.stats.spec.verify_steps, engine.stats.spec.verified_output_tokens
+    total_s = timed(
+        lambda: engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+    )
+    decode_tokens = batch * (new_tokens - 1)
+    record = {
+        "seconds": total_s,
+        "prefill_seconds": prefill_s,
+        "tokens_per_s": batch * new_tokens / total_s,
+        "decode_tokens_per_s": decode_tokens / (total_s - prefill_s),
+    }
+    if spec_steps:
+        steps = engine.stats.spec.verify_steps - start_stats[0]
+        record["spec_accept_length"] = (engine.stats.spec.verified_output_tokens - start_stats[1]) / max(steps, 1)
+    return record
 
-    def run_hf():
+
+def hf_rates(args: ModelArgs, prompts: torch.Tensor, new_tokens: int) -> dict:
+    text = {k: v for k, v in args.to_hf_config().items() if k not in ("architectures", "model_type")}
+    config = transformers.Qwen3_5MoeTextConfig(**text)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16 on the GPU: fp32 would not fit
+    try:
+        with torch.device("cuda"):
+            hf = transformers.Qwen3_5MoeForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+    def run(n: int):
         with torch.no_grad():
             hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
+                prompts,
+                attention_mask=torch.ones_like(prompts),
                 do_sample=False,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
+                max_new_tokens=n,
+                min_new_tokens=n,
                 pad_token_id=0,
                 eos_token_id=None,
             )
 
-    run_hf()
-    hf_s = timed(run_hf)
+    run(2)
+    prefill_s = timed(lambda: run(1))
+    total_s = timed(lambda: run(new_tokens))
+    batch = prompts.shape[0]
+    return {
+        "seconds": total_s,
+        "prefill_seconds": prefill_s,
+        "new_tokens": new_tokens,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / (total_s - prefill_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-layers", type=int, default=40)
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=1024)
+    parser.add_argument("--spec-steps", type=int, default=0, help="MTP draft steps (0: no speculation)")
+    parser.add_argument("--hf-new-tokens", type=int, default=32)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
+    opts = parser.parse_args()
+    batches = [int(b) for b in opts.batches.split(",")]
+    args = with_num_layers(PRESETS["qwen3.6-35b-a3b"], opts.num_layers)
+    args = args.replace(mtp_num_layers=1 if opts.spec_steps else 0)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
+    results = {}
+    model = random_model(args, seed=0)
+    for batch in batches:
+        rec = league_rates(model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps)
+        gc.collect()
+        torch.cuda.empty_cache()
+        context = opts.prompt_len + opts.new_tokens / 2
+        bound = batch / (step_bytes(args, batch, context) / HBM_BYTES_PER_S)
+        rec["roofline_tokens_per_s"] = bound
+        rec["roofline_fraction"] = rec["decode_tokens_per_s"] / bound
+        results[f"league_b{batch}"] = rec
+        print(batch, json.dumps(rec), flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not opts.skip_hf:
+        for batch in batches:
+            rec = hf_rates(args.replace(mtp_num_layers=0), prompts[:batch].cuda(), opts.hf_new_tokens)
+            gc.collect()
+            torch.cuda.empty_cache()
+            results[f"transformers_b{batch}"] = rec
+            results[f"ratio_b{batch}"] = results[f"league_b{batch}"]["decode_tokens_per_s"] / rec["decode_tokens_per_s"]
+            print(batch, json.dumps(rec), flush=True)
     record = {
         "benchmark": "rollout_gpu",
         "device": torch.cuda.get_device_name(),
@@ -99,19 +203,28 @@ def main() -> None:
             "league": league.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "triton": _version("triton"),
+            "fla": _version("fla"),
             "python": platform.python_version(),
         },
-        "settings": {k: v for k, v in vars(args).items() if k != "out"}
-        | {"dtype": "bfloat16", "width": "Qwen3.6-35B-A3B (2048 hidden, 256 experts top-8)", "greedy": True},
-        "results": {
-            "league_engine": {"seconds": league_s, "tokens_per_s": total / league_s},
-            "transformers_generate": {"seconds": hf_s, "tokens_per_s": total / hf_s},
-            "ratio_league_to_transformers": hf_s / league_s,
+        "settings": {k: v for k, v in vars(opts).items() if k != "out"}
+        | {
+            "dtype": "bfloat16",
+            "weights": "random (league init distributions); transformers' own random init of the same config",
+            "greedy": True,
+            "hbm_bytes_per_s": HBM_BYTES_PER_S,
         },
+        "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["results"], indent=2))
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return None
 
 
 if __name__ == "__main__":

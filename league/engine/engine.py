@@ -8,11 +8,13 @@ when it is sampled and when it is trained on. Not responsible for tokenising pro
 """
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_verified_states, copy_slot
+from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats
 from league.engine.scheduler import Scheduler
 from league.engine.speculative import accept, draft_chain
@@ -49,7 +51,10 @@ class EngineConfig:
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
     cuda_graph_bs: list[int] | None = None
-    """Batch sizes of captured CUDA-graph decode steps (GPU only; ignored with a warning on CPU)."""
+    """Batch sizes of captured CUDA-graph decode steps (GPU only). Default: powers of two and multiples of 32
+    up to max_running_requests."""
+    disable_cuda_graph: bool = False
+    """Launch decode kernels one by one instead of replaying captured graphs."""
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
@@ -106,9 +111,16 @@ class LLMEngine:
         slot_len = self.context_length + self.config.num_spec_steps + 1
         num_slots = self.config.num_slots or self._slots_that_fit(slot_len)
         steps = self.config.num_spec_steps + 1 if self.config.num_spec_steps else 0
+        self.use_graphs = (
+            self.device.type == "cuda"
+            and self.dtype in (torch.bfloat16, torch.float16)  # the fp32 grouped GEMM syncs with the host
+            and not self.config.batch_invariant
+            and not self.config.disable_cuda_graph
+        )
+        self.graphs: DecodeGraphs | None = None  # captured at the first decode
         self.cache = allocate_cache(
             self.args,
-            num_slots,
+            num_slots + self.use_graphs,  # the last slot takes the padding rows of captured batches
             slot_len,
             self.dtype,
             self.device,
@@ -123,6 +135,7 @@ class LLMEngine:
         self.eos_ids = set(self.args.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.num_slots, self.slot_len = num_slots, slot_len
         self.stats = EngineStats()
         self._seeds = torch.Generator().manual_seed(self.config.random_seed)
         self._ids = itertools.count()
@@ -275,15 +288,27 @@ class LLMEngine:
             self.model.mtp_forward(torch.cat(rows), torch.tensor(tokens, device=self.device), mtp_batch, self.cache)
 
     def _decode(self, reqs: list[Request]) -> None:
-        tokens = torch.tensor([r.pending_token for r in reqs], device=self.device)
-        batch = ForwardBatch.packed(
-            batch_invariant=self.config.batch_invariant,
-            seq_lens=[1] * len(reqs),
-            device=self.device,
-            cache_lens=[r.num_cached for r in reqs],
-            slots=[r.slot for r in reqs],
-        )
-        logits = self._logits(self.model(tokens, batch, self.cache))
+        tokens, positions, slots = [r.pending_token for r in reqs], [r.num_cached for r in reqs], [r.slot for r in reqs]
+        if self.use_graphs and self.graphs is None:
+            sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
+            try:
+                self.graphs = DecodeGraphs(
+                    self.model, self.cache, sizes, scratch_slot=self.num_slots, max_kv=self.slot_len
+                )
+            except RuntimeError as err:  # a forward that syncs with the host cannot be captured
+                warnings.warn(f"decoding without CUDA graphs: capture failed ({err})", stacklevel=2)
+                self.use_graphs = False
+        if self.graphs is not None and self.graphs.fits(len(reqs)):
+            logits = self.graphs.run(tokens, positions, slots)
+        else:
+            batch = ForwardBatch.packed(
+                batch_invariant=self.config.batch_invariant,
+                seq_lens=[1] * len(reqs),
+                device=self.device,
+                cache_lens=positions,
+                slots=slots,
+            )
+            logits = self._logits(self.model(torch.tensor(tokens, device=self.device), batch, self.cache))
         self.stats.forward_passes += 1
         sampled = self._sample_batch(reqs, logits)
         logprobs = token_logprobs(logits, sampled)
