@@ -1,11 +1,161 @@
-"""The gated delta rule (Gated DeltaNet's token mixer) in three forms.
+"""The gated delta rule (Gated DeltaNet's token mixer) in three forms, each with a backend picked by device.
 
 ``naive`` is the recurrent definition and the ground truth; ``chunk`` is the chunked form for training
 and prefill; ``recurrent`` steps a batch of requests a few tokens at a time for decode and verify.
+
+The functions of this package pick the backend: on CUDA, for fp32/bf16/fp16 inputs,
+``recurrent_gated_delta_rule(_slots)`` run the Triton kernel of ``triton_recurrent.py`` (Triton installed) and
+``chunk_gated_delta_rule(_varlen)`` fla's chunked kernels through ``fast.py`` (fla and Triton installed).
+Elsewhere they run the torch references of the same names in ``chunk.py`` and ``recurrent.py``, which define
+the results. This package does not decide between the chunked and the recurrent form; the model does.
 """
 
-from league.ops.gdn.chunk import chunk_gated_delta_rule
-from league.ops.gdn.naive import naive_gated_delta_rule
-from league.ops.gdn.recurrent import recurrent_gated_delta_rule
+import functools
+import importlib.util
+import warnings
 
-__all__ = ["chunk_gated_delta_rule", "naive_gated_delta_rule", "recurrent_gated_delta_rule"]
+import torch
+
+from league.ops.gdn import chunk as _chunk
+from league.ops.gdn import recurrent as _recurrent
+from league.ops.gdn.naive import naive_gated_delta_rule
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_varlen",
+    "naive_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+    "recurrent_gated_delta_rule_slots",
+]
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def chunk_gated_delta_rule(
+    q_THK: torch.Tensor,
+    k_THK: torch.Tensor,
+    v_THV: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    initial_state_HKV: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence in chunked form; differentiable. Contract of :func:`league.ops.gdn.chunk.chunk_gated_delta_rule`.
+
+    On CUDA with fla (and ``chunk_size`` 64): ``fast.chunk_gated_delta_rule_fla``.
+    """
+    if chunk_size == 64 and _use_fast(q_THK, "chunk_gated_delta_rule", "fla"):
+        from league.ops.gdn.fast import chunk_gated_delta_rule_fla
+
+        state = None if initial_state_HKV is None else initial_state_HKV[None]
+        o, final = chunk_gated_delta_rule_fla(
+            q_THK[None], k_THK[None], v_THV[None], g_TH[None], beta_TH[None], state, scale
+        )
+        return o[0], final[0]
+    return _chunk.chunk_gated_delta_rule(q_THK, k_THK, v_THV, g_TH, beta_TH, initial_state_HKV, scale, chunk_size)
+
+
+def chunk_gated_delta_rule_varlen(
+    q_THK: torch.Tensor,
+    k_THK: torch.Tensor,
+    v_THV: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    initial_state_NHKV: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N sequences packed along T; differentiable. Contract of
+    :func:`league.ops.gdn.chunk.chunk_gated_delta_rule_varlen`.
+
+    On CUDA with fla: ``fast.chunk_gated_delta_rule_fla`` with ``cu_seqlens`` (no padding).
+    """
+    if _use_fast(q_THK, "chunk_gated_delta_rule_varlen", "fla"):
+        from league.ops.gdn.fast import chunk_gated_delta_rule_fla
+
+        o, final = chunk_gated_delta_rule_fla(
+            q_THK[None],
+            k_THK[None],
+            v_THV[None],
+            g_TH[None],
+            beta_TH[None],
+            initial_state_NHKV,
+            scale,
+            cu_seqlens=cu_seqlens.long(),
+        )
+        return o[0], final
+    return _chunk.chunk_gated_delta_rule_varlen(
+        q_THK, k_THK, v_THV, g_TH, beta_TH, cu_seqlens, initial_state_NHKV, scale
+    )
+
+
+def recurrent_gated_delta_rule(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    scale: float | None = None,
+    return_all_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract of :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule`; differentiable.
+
+    On CUDA with Triton: ``triton_recurrent.recurrent_gated_delta_rule_triton`` (values from the kernel,
+    gradients through the torch reference).
+    """
+    if _use_fast(q_BTHK, "recurrent_gated_delta_rule", "triton"):
+        from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_triton
+
+        return recurrent_gated_delta_rule_triton(
+            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, scale, return_all_states
+        )
+    return _recurrent.recurrent_gated_delta_rule(
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, scale, return_all_states
+    )
+
+
+def recurrent_gated_delta_rule_slots(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_cache: torch.Tensor,
+    slots_B: torch.Tensor,
+    scale: float | None = None,
+    fresh_B: torch.Tensor | None = None,
+    state_steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """States read from and written to a slot-indexed cache in place; inference only. Contract of
+    :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule_slots`.
+
+    On CUDA with Triton: ``triton_recurrent.recurrent_gated_delta_rule_slots_fwd``, which reads no device value
+    on the host (CUDA-graph safe).
+    """
+    if _use_fast(q_BTHK, "recurrent_gated_delta_rule_slots", "triton"):
+        from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
+
+        return recurrent_gated_delta_rule_slots_fwd(
+            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps
+        )
+    return _recurrent.recurrent_gated_delta_rule_slots(
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps
+    )
+
+
+def _use_fast(x: torch.Tensor, op: str, package: str) -> bool:
+    if not x.is_cuda or x.dtype not in _FAST_DTYPES:
+        return False
+    if _installed("triton") and (package == "triton" or _installed(package)):
+        return True
+    warnings.warn(
+        f"{op}: {package} is not installed; falling back to its reference PyTorch implementation", stacklevel=3
+    )
+    return False
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None

@@ -75,3 +75,94 @@ def chunk_gated_delta_rule(
         state = chunk_decay_HN[:, n, None, None] * state + k_to_end[:, n].transpose(-1, -2) @ v_new
     o_HTV = torch.cat(outs, dim=1)[:, :num_tokens]
     return o_HTV.transpose(0, 1).to(v_THV.dtype), state
+
+
+def chunk_gated_delta_rule_varlen(
+    q_THK: torch.Tensor,
+    k_THK: torch.Tensor,
+    v_THV: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    initial_state_NHKV: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_gated_delta_rule` over N sequences packed along T, each with its own state; differentiable.
+
+    Sequences of similar length are padded to the longest of their group (padding steps leave a state unchanged)
+    and folded into the head dim, so one chunked pass serves a group and padding at most doubles the work.
+    Reads ``cu_seqlens`` on the host.
+
+    Args:
+        q_THK, k_THK (torch.Tensor): ``[T, Hk, K]`` raw queries and keys of all sequences, packed.
+        v_THV (torch.Tensor): ``[T, Hv, V]``.
+        g_TH, beta_TH (torch.Tensor): ``[T, Hv]``.
+        cu_seqlens (torch.Tensor): ``[N + 1]`` integer offsets of the sequences in T.
+        initial_state_NHKV (torch.Tensor, Optional): ``[N, Hv, K, V]``. Default: zeros.
+        scale (float, Optional): query scale. Default: ``K ** -0.5``.
+        chunk_size (int): tokens per chunk. Default: ``64``.
+
+    Returns:
+        ``(o_THV, final_state_NHKV)``; o in the dtype of v, the states in fp32.
+    """
+    bounds = cu_seqlens.tolist()
+    num_v_heads, k_dim, v_dim = v_THV.shape[1], q_THK.shape[-1], v_THV.shape[-1]
+    if initial_state_NHKV is None:
+        initial_state_NHKV = q_THK.new_zeros(len(bounds) - 1, num_v_heads, k_dim, v_dim, dtype=torch.float32)
+    o_THV = v_THV.new_empty(v_THV.shape)
+    finals, order = [], []
+    for group in _length_groups([end - start for start, end in zip(bounds[:-1], bounds[1:])]):
+        lens = [bounds[i + 1] - bounds[i] for i in group]
+        tokens = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in group]).to(v_THV.device)
+        o, final = _folded(
+            *(x[tokens] for x in (q_THK, k_THK, v_THV, g_TH, beta_TH)),
+            lens,
+            initial_state_NHKV[group],
+            scale,
+            chunk_size,
+        )
+        o_THV[tokens] = o
+        finals.append(final)
+        order += group
+    final_NHKV = torch.cat(finals)[torch.tensor(order).argsort().to(v_THV.device)]
+    return o_THV, final_NHKV
+
+
+def _length_groups(lens: list[int], max_padding: float = 2.0) -> list[list[int]]:
+    """Indices of the sequences in groups, longest first, each padded to its longest at most ``max_padding``x."""
+    groups, tokens = [], 0
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups and (len(groups[-1]) + 1) * lens[groups[-1][0]] <= max_padding * (tokens + lens[i]):
+            groups[-1].append(i)
+            tokens += lens[i]
+        else:
+            groups.append([i])
+            tokens = lens[i]
+    return groups
+
+
+def _folded(q_THK, k_THK, v_THV, g_TH, beta_TH, lens: list[int], initial_state_NHKV, scale, chunk_size):
+    """The sequences of one group (packed, of lengths ``lens``) padded to the longest and folded into the heads."""
+    num_seqs, longest = len(lens), max(max(lens), 1)
+    num_v_heads, k_dim, v_dim = v_THV.shape[1], q_THK.shape[-1], v_THV.shape[-1]
+    rows = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lens)]).to(v_THV.device)
+
+    def fold(x_T: torch.Tensor) -> torch.Tensor:  # packed [T, H, ...] -> [longest, N*H, ...], zero-padded
+        padded = x_T.new_zeros(num_seqs * longest, *x_T.shape[1:])
+        padded[rows] = x_T
+        padded = padded.view(num_seqs, longest, *x_T.shape[1:]).transpose(0, 1)
+        return padded.reshape(longest, num_seqs * x_T.shape[1], *x_T.shape[2:])
+
+    o, final = chunk_gated_delta_rule(
+        fold(q_THK),
+        fold(k_THK),
+        fold(v_THV),
+        fold(g_TH[..., None])[..., 0],
+        fold(beta_TH[..., None])[..., 0],
+        initial_state_NHKV.reshape(num_seqs * num_v_heads, k_dim, v_dim),
+        scale,
+        chunk_size,
+    )
+    o = o.view(longest, num_seqs, num_v_heads, v_dim).transpose(0, 1).reshape(num_seqs * longest, num_v_heads, v_dim)
+    return o[rows], final.view(num_seqs, num_v_heads, k_dim, v_dim)

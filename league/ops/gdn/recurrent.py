@@ -52,3 +52,61 @@ def recurrent_gated_delta_rule(
             all_states.append(state)
     states = torch.stack(all_states, dim=1) if return_all_states else state
     return out.to(v_BTHV.dtype), states
+
+
+def recurrent_gated_delta_rule_slots(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_cache: torch.Tensor,
+    slots_B: torch.Tensor,
+    scale: float | None = None,
+    fresh_B: torch.Tensor | None = None,
+    state_steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Step the recurrence T times for each of B requests whose states live in a slot-indexed cache, in place.
+
+    Request b starts from ``state_cache[slots_B[b]]``, or from zeros where ``fresh_B[b]`` is true (a new
+    request) or ``slots_B[b] < 0`` (a padding row, e.g. of a CUDA-graph batch). Then:
+
+    - without ``state_steps`` (decode, prefill): the state after its last token is written back to
+      ``state_cache[slots_B[b]]``; rows with a negative slot write nothing.
+    - with ``state_steps`` (verify): the state after token t is written to ``state_steps[b, t]`` for every row b
+      (padding rows included, with meaningless values) and t < T; ``state_cache`` is left untouched, so the
+      caller commits the accepted step by copying ``state_steps[b, a]`` to the slot.
+
+    Nothing else is written: other slots, and scratch rows ``>= B`` or steps ``>= T``, keep their contents.
+    Non-negative slots must be distinct. Padding steps (k = v = beta = g = 0) leave a state unchanged, so
+    requests of different lengths can share T. Inference only (no autograd). This is the reference: it reads
+    ``slots_B`` on the host.
+
+    Args:
+        q_BTHK, k_BTHK (torch.Tensor): ``[B, T, Hk, K]`` raw queries and keys.
+        v_BTHV (torch.Tensor): ``[B, T, Hv, V]``.
+        g_BTH, beta_BTH (torch.Tensor): ``[B, T, Hv]``.
+        state_cache (torch.Tensor): ``[num_slots, Hv, K, V]`` (fp32), contiguous.
+        slots_B (torch.Tensor): ``[B]`` integer slot of each request, ``-1`` for padding rows.
+        scale (float, Optional): query scale. Default: ``K ** -0.5``.
+        fresh_B (torch.Tensor, Optional): ``[B]`` bool, rows that start from zeros. Default: none.
+        state_steps (torch.Tensor, Optional): ``[rows >= B, steps >= T, Hv, K, V]`` scratch for verify.
+            Default: ``None`` (commit the final states to the cache).
+
+    Returns:
+        ``o_BTHV`` in the dtype of v.
+    """
+    slots = slots_B.long()
+    zero = slots < 0
+    if fresh_B is not None:
+        zero = zero | fresh_B.bool()
+    state = state_cache[slots.clamp(min=0)].to(torch.float32)
+    state = torch.where(zero[:, None, None, None], torch.zeros_like(state), state)
+    verify = state_steps is not None
+    out, states = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state, scale, verify)
+    if verify:
+        state_steps[: states.shape[0], : states.shape[1]] = states.to(state_steps.dtype)
+    else:
+        keep = slots >= 0
+        state_cache[slots[keep]] = states[keep].to(state_cache.dtype)
+    return out

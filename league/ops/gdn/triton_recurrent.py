@@ -1,0 +1,292 @@
+"""Triton kernel of the gated delta rule stepped a few tokens at a time (decode and speculative verify).
+
+Computes exactly what ``recurrent.recurrent_gated_delta_rule`` defines, in two forms: states passed in and
+returned (``recurrent_gated_delta_rule_fwd``), or read from and written to a slot-indexed state cache in place
+(``recurrent_gated_delta_rule_slots_fwd``). It does not decide which states to commit after a verify, nor does
+it have a backward: ``recurrent_gated_delta_rule_triton`` differentiates through the torch reference.
+
+Imported only when Triton is installed. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Launches
+read no device value on the host, so they can be captured in CUDA graphs. One program owns one request, one value
+head and BV columns of its state: the ``[K, BV]`` block stays in registers (fp32) while the program loops over
+the request's T tokens, so a request's numbers do not depend on the rest of the batch, nor on how its tokens are
+split across calls.
+
+Legend: B requests, T tokens per request, Hk key heads, Hv value heads, K key dim, V value dim; inside the kernel
+BK and BV are the padded K and the V block.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from league.ops.gdn.recurrent import recurrent_gated_delta_rule
+
+_NORM_EPS = 1e-6  # the L2-norm eps of naive.l2norm
+_BLOCK_V = 8  # fixed, so that the arithmetic of a state column never depends on the batch
+
+
+@triton.jit(do_not_specialize=["T"])
+def _recurrent_gated_delta_rule_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    o_ptr,
+    h0_ptr,
+    ht_ptr,
+    hs_ptr,
+    slots_ptr,
+    fresh_ptr,
+    scale,
+    T,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
+    stride_bb,
+    stride_bt,
+    stride_bh,
+    stride_hsb,
+    stride_hst,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    EPS: tl.constexpr,
+    USE_SLOTS: tl.constexpr,
+    HAS_FRESH: tl.constexpr,
+    SAVE_ALL: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // HV
+    i_hv = i_bh % HV
+    i_hk = i_hv // (HV // HK)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    offs_kv = o_k[:, None] * V + o_v[None, :]
+
+    if USE_SLOTS:
+        row = tl.load(slots_ptr + i_b).to(tl.int64)
+        writes = row >= 0
+    else:
+        row = i_b
+        writes = i_b >= 0
+    reads = writes
+    if HAS_FRESH:
+        reads = reads & (tl.load(fresh_ptr + i_b) == 0)
+    p_state = (row * HV + i_hv) * K * V + offs_kv
+    b_h = tl.load(h0_ptr + p_state, mask=m_kv & reads, other=0.0).to(tl.float32)
+
+    p_q = q_ptr + i_b * stride_qb + i_hk * stride_qh + o_k
+    p_k = k_ptr + i_b * stride_kb + i_hk * stride_kh + o_k
+    p_v = v_ptr + i_b * stride_vb + i_hv * stride_vh + o_v
+    p_g = g_ptr + i_b * stride_gb + i_hv * stride_gh
+    p_beta = beta_ptr + i_b * stride_bb + i_hv * stride_bh
+    p_o = o_ptr + (i_b * T * HV + i_hv) * V + o_v
+    # a while loop, not range(T): the interpreter cannot turn a runtime scalar into a Python int
+    t = 0
+    while t < T:
+        b_q = tl.load(p_q + t * stride_qt, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k + t * stride_kt, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v + t * stride_vt, mask=m_v, other=0.0).to(tl.float32)
+        b_g = tl.load(p_g + t * stride_gt).to(tl.float32)
+        b_beta = tl.load(p_beta + t * stride_bt).to(tl.float32)
+        b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + EPS) * scale
+        b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + EPS)
+        b_h = b_h * tl.exp(b_g)
+        b_delta = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
+        b_h = b_h + b_k[:, None] * b_delta[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], 0)
+        tl.store(p_o + t * HV * V, b_o.to(o_ptr.dtype.element_ty), mask=m_v)
+        if SAVE_ALL:
+            p_hs = hs_ptr + i_b * stride_hsb + t * stride_hst + i_hv * K * V + offs_kv
+            tl.store(p_hs, b_h.to(hs_ptr.dtype.element_ty), mask=m_kv)
+        t += 1
+    if STORE_FINAL:
+        tl.store(ht_ptr + p_state, b_h.to(ht_ptr.dtype.element_ty), mask=m_kv & writes)
+
+
+def _launch(q, k, v, g, beta, o, h0, ht, hs, slots, fresh, scale, use_slots, save_all, store_final):
+    num_reqs, num_tokens, num_v_heads, v_dim = v.shape
+    num_k_heads, k_dim = q.shape[2], q.shape[3]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    scale = k_dim**-0.5 if scale is None else scale
+    block_v = min(_BLOCK_V, triton.next_power_of_2(v_dim))
+    grid = (triton.cdiv(v_dim, block_v), num_reqs * num_v_heads)
+    _recurrent_gated_delta_rule_kernel[grid](
+        q,
+        k,
+        v,
+        g,
+        beta,
+        o,
+        h0,
+        ht,
+        hs,
+        slots,
+        fresh,
+        scale,
+        num_tokens,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *g.stride(),
+        *beta.stride(),
+        hs.stride(0) if hs is not None else 0,
+        hs.stride(1) if hs is not None else 0,
+        HK=num_k_heads,
+        HV=num_v_heads,
+        K=k_dim,
+        V=v_dim,
+        BK=triton.next_power_of_2(k_dim),
+        BV=block_v,
+        EPS=_NORM_EPS,
+        USE_SLOTS=use_slots,
+        HAS_FRESH=fresh is not None,
+        SAVE_ALL=save_all,
+        STORE_FINAL=store_final,
+        num_warps=1,
+    )
+
+
+def recurrent_gated_delta_rule_fwd(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    scale: float | None = None,
+    return_all_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel behind :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule`; same arguments and results.
+
+    Inputs may be fp32, bf16 or fp16 and strided (the last dim of q, k, v contiguous is best); the state is
+    read in its dtype and computed in fp32, and the states returned are new fp32 tensors. No autograd.
+    """
+    num_reqs, num_tokens, num_v_heads, v_dim = v_BTHV.shape
+    k_dim = q_BTHK.shape[-1]
+    out = v_BTHV.new_empty(num_reqs, num_tokens, num_v_heads, v_dim)
+    state_BHKV = state_BHKV.contiguous()
+    if return_all_states:
+        states = state_BHKV.new_empty(num_reqs, num_tokens, num_v_heads, k_dim, v_dim, dtype=torch.float32)
+        final, all_states = None, states
+    else:
+        states = state_BHKV.new_empty(num_reqs, num_v_heads, k_dim, v_dim, dtype=torch.float32)
+        final, all_states = states, None
+    if num_tokens > 0:
+        _launch(
+            q_BTHK,
+            k_BTHK,
+            v_BTHV,
+            g_BTH,
+            beta_BTH,
+            out,
+            state_BHKV,
+            final,
+            all_states,
+            None,
+            None,
+            scale,
+            use_slots=False,
+            save_all=return_all_states,
+            store_final=not return_all_states,
+        )
+    elif final is not None:
+        final.copy_(state_BHKV)
+    return out, states
+
+
+def recurrent_gated_delta_rule_slots_fwd(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_cache: torch.Tensor,
+    slots_B: torch.Tensor,
+    scale: float | None = None,
+    fresh_B: torch.Tensor | None = None,
+    state_steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kernel behind :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule_slots`; same contract."""
+    num_reqs, num_tokens, num_v_heads, v_dim = v_BTHV.shape
+    k_dim = q_BTHK.shape[-1]
+    assert state_cache.is_contiguous() and state_cache.shape[1:] == (num_v_heads, k_dim, v_dim)
+    if state_steps is not None:
+        assert state_steps.shape[0] >= num_reqs and state_steps.shape[1] >= num_tokens
+        assert state_steps.shape[2:] == (num_v_heads, k_dim, v_dim) and state_steps[0, 0].is_contiguous()
+    out = v_BTHV.new_empty(num_reqs, num_tokens, num_v_heads, v_dim)
+    if num_tokens > 0:
+        _launch(
+            q_BTHK,
+            k_BTHK,
+            v_BTHV,
+            g_BTH,
+            beta_BTH,
+            out,
+            state_cache,
+            state_cache,
+            state_steps,
+            slots_B,
+            fresh_B,
+            scale,
+            use_slots=True,
+            save_all=state_steps is not None,
+            store_final=state_steps is None,
+        )
+    return out
+
+
+class _RecurrentGatedDeltaRule(torch.autograd.Function):
+    """Forward by the kernel; backward by recomputing the torch reference under autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, state, scale, return_all_states):
+        ctx.save_for_backward(q, k, v, g, beta, state)
+        ctx.scale, ctx.return_all_states = scale, return_all_states
+        return recurrent_gated_delta_rule_fwd(q, k, v, g, beta, state, scale, return_all_states)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_states):
+        needs = ctx.needs_input_grad[:6]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            out, states = recurrent_gated_delta_rule(*inputs, ctx.scale, ctx.return_all_states)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad((out, states), wanted, (grad_out, grad_states), allow_unused=True))
+        return (*(next(grads) if need else None for need in needs), None, None)
+
+
+def recurrent_gated_delta_rule_triton(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    scale: float | None = None,
+    return_all_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`recurrent_gated_delta_rule_fwd`, differentiable: the values come from the kernel (so a trainer and
+    an engine that both run it agree bitwise), the gradients from the torch reference. Same arguments."""
+    args = (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args):
+        return _RecurrentGatedDeltaRule.apply(*args, scale, return_all_states)
+    return recurrent_gated_delta_rule_fwd(*args, scale, return_all_states)

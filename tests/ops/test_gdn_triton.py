@@ -1,0 +1,266 @@
+"""The fast paths of the gated delta rule (``triton_recurrent.py``, ``fast.py``) against the torch references, on
+CPU under ``TRITON_INTERPRET=1`` (or on CUDA), and the references they are checked against (no Triton needed).
+
+fla's kernels run under Triton 3.6's interpreter only with three test-local patches (``fla_interpreter``):
+autotuning would benchmark on a driver the interpreter lacks, the interpreter turns runtime scalars into Python
+ints with a conversion NumPy >= 2.4 rejects, and it makes ``range`` loop variables plain ints, which fla's
+kernels call ``.to`` on.
+"""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from league.ops import gdn
+from league.ops.gdn.chunk import chunk_gated_delta_rule_varlen
+from league.ops.gdn.naive import naive_gated_delta_rule
+from league.ops.gdn.recurrent import recurrent_gated_delta_rule, recurrent_gated_delta_rule_slots
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_FLA = HAS_TRITON and importlib.util.find_spec("fla") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CAN_RUN_TRITON = HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+needs_triton = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs triton and CUDA or TRITON_INTERPRET=1")
+needs_fla = pytest.mark.skipif(not (CAN_RUN_TRITON and HAS_FLA), reason="needs fla, triton and CUDA or interpreter")
+
+
+def step_inputs(num_reqs, num_tokens, num_k_heads, num_v_heads, k_dim, v_dim, seed, dtype=torch.float32):
+    """Recurrent-form inputs; q, k, v are strided views of one projection, as the model passes them."""
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * num_k_heads * k_dim + num_v_heads * v_dim
+    mixed = torch.randn(num_reqs, num_tokens, width, generator=gen)
+    q, k, v = mixed.split([num_k_heads * k_dim, num_k_heads * k_dim, num_v_heads * v_dim], dim=-1)
+    q = q.unflatten(-1, (num_k_heads, k_dim))
+    k = k.unflatten(-1, (num_k_heads, k_dim))
+    v = v.unflatten(-1, (num_v_heads, v_dim))
+    g = -torch.rand(num_reqs, num_tokens, num_v_heads, generator=gen) * 2
+    beta = torch.rand(num_reqs, num_tokens, num_v_heads, generator=gen)
+    state = torch.randn(num_reqs, num_v_heads, k_dim, v_dim, generator=gen)
+    q, k, v, beta = (x.to(DEVICE, dtype) for x in (q, k, v, beta))
+    return q, k, v, g.to(DEVICE), beta, state.to(DEVICE)
+
+
+def packed_inputs(lens, num_k_heads, num_v_heads, k_dim, v_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens = sum(lens)
+    q = torch.randn(num_tokens, num_k_heads, k_dim, generator=gen)
+    k = torch.randn(num_tokens, num_k_heads, k_dim, generator=gen)
+    v = torch.randn(num_tokens, num_v_heads, v_dim, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(num_tokens, num_v_heads, generator=gen))
+    beta = torch.rand(num_tokens, num_v_heads, generator=gen)
+    state = torch.randn(len(lens), num_v_heads, k_dim, v_dim, generator=gen)
+    cu_seqlens = torch.tensor([0, *lens]).cumsum(0)
+    return [x.to(DEVICE) for x in (q, k, v, g, beta, state, cu_seqlens)]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude when that exceeds 1."""
+    if b.numel() == 0:
+        return 0.0
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
+
+
+def test_varlen_reference_equals_naive_per_sequence():
+    lens = [37, 130, 1, 64, 0, 20]
+    *inputs, cu_seqlens = (x.cpu() for x in packed_inputs(lens, 2, 4, 12, 8, seed=1))
+    q, k, v, g, beta, state = (x.double() for x in inputs)
+    o, final = chunk_gated_delta_rule_varlen(q, k, v, g, beta, cu_seqlens, state)
+    for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        o_ref, s_ref = naive_gated_delta_rule(*(x[start:end] for x in (q, k, v, g, beta)), state[i])
+        assert max_err(o[start:end], o_ref) < 1e-10 and max_err(final[i], s_ref) < 1e-10
+
+
+def test_slots_reference_commits_only_its_slots():
+    q, k, v, g, beta, _ = (x.cpu() for x in step_inputs(3, 2, 1, 2, 8, 8, seed=2))
+    cache = torch.randn(5, 2, 8, 8)
+    slots, fresh = torch.tensor([3, -1, 0]), torch.tensor([False, False, True])
+    updated = cache.clone()
+    o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, updated, slots, fresh_B=fresh)
+    start = torch.stack([cache[3], torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)])
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, start)
+    assert torch.equal(o, o_ref)
+    assert torch.equal(updated[3], s_ref[0]) and torch.equal(updated[0], s_ref[2])
+    assert all(torch.equal(updated[i], cache[i]) for i in (1, 2, 4))
+
+
+def test_cpu_tensors_take_the_references():
+    q, k, v, g, beta, state = (x.cpu() for x in step_inputs(2, 3, 1, 2, 8, 8, seed=3))
+    got = gdn.recurrent_gated_delta_rule(q, k, v, g, beta, state, return_all_states=True)
+    ref = recurrent_gated_delta_rule(q, k, v, g, beta, state, return_all_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    lens = [30, 5]
+    q, k, v, g, beta, state, cu_seqlens = (x.cpu() for x in packed_inputs(lens, 1, 2, 8, 8, seed=4))
+    got = gdn.chunk_gated_delta_rule_varlen(q, k, v, g, beta, cu_seqlens, state)
+    ref = chunk_gated_delta_rule_varlen(q, k, v, g, beta, cu_seqlens, state)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@needs_triton
+@pytest.mark.parametrize("return_all_states", [False, True])
+@pytest.mark.parametrize("num_tokens", [1, 4])
+@pytest.mark.parametrize("shape", [(3, 2, 4, 16, 16), (2, 1, 1, 12, 20)])
+def test_recurrent_kernel_matches_reference_fp32(shape, num_tokens, return_all_states):
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd
+
+    num_reqs, num_k_heads, num_v_heads, k_dim, v_dim = shape
+    inputs = step_inputs(num_reqs, num_tokens, num_k_heads, num_v_heads, k_dim, v_dim, seed=sum(shape))
+    state_before = inputs[-1].clone()
+    o, states = recurrent_gated_delta_rule_fwd(*inputs, return_all_states=return_all_states)
+    o_ref, states_ref = recurrent_gated_delta_rule(*inputs, return_all_states=return_all_states)
+    assert states.shape == states_ref.shape and states.dtype == torch.float32
+    assert max_err(o, o_ref) < 1e-5 and max_err(states, states_ref) < 1e-5
+    assert torch.equal(inputs[-1], state_before)
+
+
+@needs_triton
+def test_recurrent_kernel_bf16_inputs():
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd
+
+    inputs = step_inputs(2, 3, 2, 4, 16, 16, seed=5, dtype=torch.bfloat16)
+    o, states = recurrent_gated_delta_rule_fwd(*inputs)
+    o_ref, states_ref = recurrent_gated_delta_rule(*inputs)
+    assert o.dtype == torch.bfloat16 and states.dtype == torch.float32
+    assert max_err(o, o_ref) < 1e-2 and max_err(states, states_ref) < 1e-5
+
+
+@needs_triton
+def test_recurrent_kernel_is_invariant_to_token_splits_batch_and_form():
+    """A request's numbers do not depend on how its tokens are split across calls, on the other requests of the
+    batch, or on whether its state lives in a slot (what batch-invariant trainer/engine parity needs)."""
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd, recurrent_gated_delta_rule_slots_fwd
+
+    q, k, v, g, beta, state = step_inputs(3, 4, 2, 4, 16, 16, seed=6)
+    o_all, s_all = recurrent_gated_delta_rule_fwd(q, k, v, g, beta, state)
+    s = state[1:2]
+    for t in range(4):
+        o_t, s = recurrent_gated_delta_rule_fwd(*(x[1:2, t : t + 1] for x in (q, k, v, g, beta)), s)
+        assert torch.equal(o_t[0, 0], o_all[1, t])
+    assert torch.equal(s[0], s_all[1])
+    cache = torch.zeros(5, 4, 16, 16, device=DEVICE)
+    cache[[4, 0, 2]] = state
+    o_slots = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, cache, torch.tensor([4, 0, 2], device=DEVICE))
+    assert torch.equal(o_slots, o_all) and torch.equal(cache[[4, 0, 2]], s_all)
+
+
+@needs_triton
+@pytest.mark.parametrize("verify", [False, True])
+def test_slots_kernel_matches_reference_and_leaves_the_rest(verify):
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
+
+    num_tokens = 4 if verify else 1
+    q, k, v, g, beta, _ = step_inputs(4, num_tokens, 2, 4, 16, 12, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    cache = torch.randn(6, 4, 16, 12, generator=gen).to(DEVICE)
+    scratch = torch.randn(5, 6, 4, 16, 12, generator=gen).to(DEVICE) if verify else None
+    slots = torch.tensor([5, -1, 1, 2], device=DEVICE)
+    fresh = torch.tensor([False, False, False, True], device=DEVICE)
+    caches = [cache.clone(), cache.clone()]
+    scratches = [scratch.clone(), scratch.clone()] if verify else [None, None]
+    o = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[0], slots, None, fresh, scratches[0])
+    o_ref = recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, fresh, scratches[1])
+    assert max_err(o, o_ref) < 1e-5
+    assert max_err(caches[0], caches[1]) < 1e-5
+    untouched = [0, 3, 4] + ([1, 2, 5] if verify else [])
+    assert all(torch.equal(caches[0][i], cache[i]) for i in untouched)
+    if verify:
+        assert max_err(scratches[0][:4, :num_tokens], scratches[1][:4, :num_tokens]) < 1e-5
+        assert torch.equal(scratches[0][4], scratch[4]) and torch.equal(
+            scratches[0][:, num_tokens:], scratch[:, num_tokens:]
+        )
+
+
+@needs_triton
+def test_recurrent_gradients_come_from_the_reference():
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_triton
+
+    inputs = step_inputs(2, 3, 1, 2, 8, 8, seed=9)
+    grads = []
+    for fn in (recurrent_gated_delta_rule_triton, recurrent_gated_delta_rule):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        o, states = fn(*leaves, return_all_states=True)
+        weights = torch.linspace(-1, 1, o.numel(), device=DEVICE).view_as(o)
+        ((o * weights).sum() + states.pow(2).sum()).backward()
+        grads.append([x.grad for x in leaves])
+    assert all(max_err(a, b) < 1e-5 for a, b in zip(*grads))
+
+
+@pytest.fixture
+def fla_interpreter(monkeypatch):
+    """Make fla 0.6.0's kernels runnable under Triton 3.6's interpreter (see the module docstring)."""
+    if not INTERPRET:
+        return
+    import fla.ops.gated_delta_rule.chunk  # noqa: F401  (loads every kernel module the chunked rule uses)
+    import triton.language as tl
+    from triton.runtime import autotuner, interpreter
+
+    monkeypatch.setattr(autotuner.Autotuner, "_bench", lambda self, *args, config, **meta: [0.0, 0.0, 0.0])
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_index)
+
+    class LoopIndex(int):
+        def to(self, dtype, **kwargs):
+            return tl.full((), int(self), dtype)
+
+    def loop_range(*args):
+        return (LoopIndex(i) for i in range(*(int(a) for a in args)))
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("fla.ops", "fla.modules")) and module is not None:
+            monkeypatch.setattr(module, "range", loop_range, raising=False)
+
+
+@needs_fla
+@pytest.mark.parametrize(
+    "layout,backward,dtype",
+    [
+        ("varlen", "torch", torch.float32),
+        ("varlen", "fla", torch.float32),
+        ("batch", "fla", torch.float32),
+        ("varlen", "fla", torch.float16),
+    ],
+    ids=str,
+)
+def test_fla_chunk_forward_and_backward_match_reference(fla_interpreter, layout, backward, dtype):
+    """fp16 stands in for bf16 here: the interpreter's bf16 arithmetic overflows in fla's own kernels."""
+    from league.ops.gdn.fast import chunk_gated_delta_rule_fla
+
+    lens = [37, 70, 1, 20] if layout == "varlen" else [70, 70]
+    inputs = packed_inputs(lens, 2, 4, 16, 8, seed=10)
+    cu_seqlens = inputs.pop()
+    for i in (0, 1, 2, 4):  # q, k, v, beta
+        inputs[i] = inputs[i].to(dtype)
+
+    def fast(q, k, v, g, beta, state):
+        if layout == "varlen":
+            o, final = chunk_gated_delta_rule_fla(
+                *(x[None] for x in (q, k, v, g, beta)), state, cu_seqlens=cu_seqlens, backward=backward
+            )
+            return o[0], final
+        batched = (x.unflatten(0, (2, 70)) for x in (q, k, v, g, beta))
+        o, final = chunk_gated_delta_rule_fla(*batched, state, backward=backward)
+        return o.flatten(0, 1), final
+
+    def reference(q, k, v, g, beta, state):
+        return chunk_gated_delta_rule_varlen(q, k, v, g, beta, cu_seqlens, state)
+
+    results = []
+    for fn, cast in ((fast, dtype), (reference, torch.float32)):
+        leaves = [x.to(cast if x.dtype == dtype else x.dtype, copy=True).requires_grad_() for x in inputs]
+        o, final = fn(*leaves)
+        weights = torch.linspace(-1, 1, o.numel(), device=DEVICE).view_as(o)
+        ((o * weights).sum() + (final * final.detach().sin()).sum()).backward()
+        results.append([o.detach(), final.detach(), *(x.grad for x in leaves)])
+    names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for name, got, ref in zip(names, *results):
+        assert got.shape == ref.shape and max_err(got, ref) < tol, (name, max_err(got, ref))
+    assert [grad.dtype for grad in results[0][2:]] == [x.dtype for x in inputs]
