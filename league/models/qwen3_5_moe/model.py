@@ -19,7 +19,7 @@ from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu, softplus
 from league.ops.attention import cached_attention, varlen_causal_attention
 from league.ops.conv import causal_conv1d_batched
-from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_gated_delta_rule_slots
 from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
@@ -268,26 +268,34 @@ class GatedDeltaNet(nn.Module):
             return out.view(num_seqs, longest, *x_T.shape[1:])
 
         conv_dim, width1 = mixed_TC.shape[1], self.conv_weight.shape[1] - 1
+        step_by_step = (
+            batch.batch_invariant or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
+        )
+        # on the GPU, decode and verify read and write the recurrent states in their slots (no gathered copies)
+        in_place = cache is not None and step_by_step and mixed_TC.is_cuda
         windows = mixed_TC.new_zeros(num_seqs, conv_dim, width1)
-        states = mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
+        states = None if in_place else mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
         if cache is not None:
             slots, resume = batch.slots_t, batch.cache_lens_t > 0
             windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
-            states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
+            if not in_place:
+                states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
         mixed_NTC = pad(mixed_TC)
         conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
         q, k, v = self._split(conv_NTC)
         g, beta = pad(g_TH), pad(beta_TH)
-        step_by_step = (
-            batch.batch_invariant or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
-        )
-        if step_by_step:
+        new_states = None
+        if in_place:
+            steps = cache.ssm_steps if batch.record_states else None
+            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, fresh_B=~resume, state_steps=steps)
+        elif step_by_step:
             o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
         else:
             o, new_states = self._chunk_folded(q, k, v, g, beta, states)
         if cache is not None:
             if batch.record_states:
-                cache.ssm_steps[:num_seqs, :longest] = new_states.to(cache.ssm_steps.dtype)
+                if new_states is not None:
+                    cache.ssm_steps[:num_seqs, :longest] = new_states.to(cache.ssm_steps.dtype)
                 cache.conv_steps[:num_seqs, :longest] = (
                     full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
                 )
@@ -295,7 +303,8 @@ class GatedDeltaNet(nn.Module):
                 # the last W-1 inputs of each sequence
                 index = batch.seq_lens_t[:, None] + torch.arange(width1, device=device)[None]
                 new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, conv_dim, -1))
-                cache.ssm[slots] = new_states.to(cache.ssm.dtype)
+                if new_states is not None:
+                    cache.ssm[slots] = new_states.to(cache.ssm.dtype)
                 cache.conv[slots] = new_windows.to(cache.conv.dtype)
         o = o.reshape(num_seqs * longest, self.num_v_heads, self.v_dim)
         return o.contiguous() if rows is None else o[rows]

@@ -5,7 +5,8 @@ and prefill; ``recurrent`` steps a batch of requests a few tokens at a time for 
 
 The functions of this package pick the backend: on CUDA, for fp32/bf16/fp16 inputs,
 ``recurrent_gated_delta_rule(_slots)`` run the Triton kernel of ``triton_recurrent.py`` (Triton installed) and
-``chunk_gated_delta_rule(_varlen)`` fla's chunked kernels through ``fast.py`` (fla and Triton installed).
+``chunk_gated_delta_rule(_varlen)`` fla's chunked kernels through ``fast.py`` for bf16/fp16 (fla and Triton
+installed; fla computes fp32 inputs in tf32, so fp32 keeps the exact reference).
 Elsewhere they run the torch references of the same names in ``chunk.py`` and ``recurrent.py``, which define
 the results. This package does not decide between the chunked and the recurrent form; the model does.
 """
@@ -147,6 +148,8 @@ def recurrent_gated_delta_rule_slots(
 
 def _use_fast(x: torch.Tensor, op: str, package: str) -> bool:
     if not x.is_cuda or x.dtype not in _FAST_DTYPES:
+        return False
+    if package == "fla" and x.dtype == torch.float32:  # fla's chunk kernels compute fp32 input in tf32
         return False
     if _installed("triton") and (package == "triton" or _installed(package)):
         return True
