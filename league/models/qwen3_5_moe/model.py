@@ -19,7 +19,12 @@ from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu, softplus
 from league.ops.attention import cached_attention, varlen_causal_attention
 from league.ops.conv import causal_conv1d_batched
-from league.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_gated_delta_rule_slots
+from league.ops.gdn import (
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_varlen,
+    recurrent_gated_delta_rule,
+    recurrent_gated_delta_rule_slots,
+)
 from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
@@ -27,6 +32,13 @@ from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 # with a cache, runs of at most this many new tokens step the GDN recurrence; longer ones use the chunked form
 RECURRENT_MAX_TOKENS = 16
+
+
+def packed_chunks(x: torch.Tensor) -> bool:
+    """Whether the chunked GDN form runs on packed sequences (``cu_seqlens``: on the GPU, where a fixed head count
+    keeps the kernels' autotuning to one shape) or on sequences padded and folded into heads (the CPU reference,
+    exact in any dtype)."""
+    return x.is_cuda
 
 
 @dataclass(kw_only=True, slots=True)
@@ -284,12 +296,16 @@ class GatedDeltaNet(nn.Module):
         conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
         q, k, v = self._split(conv_NTC)
         g, beta = pad(g_TH), pad(beta_TH)
-        new_states = None
+        new_states, o_packed = None, None
         if in_place:
             steps = cache.ssm_steps if batch.record_states else None
             o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, fresh_B=~resume, state_steps=steps)
         elif step_by_step:
             o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
+        elif packed_chunks(mixed_TC):
+            o_packed, new_states = chunk_gated_delta_rule_varlen(
+                *(self._unpad(x, rows) for x in (q, k, v)), g_TH, beta_TH, batch.cu_seqlens, states
+            )
         else:
             o, new_states = self._chunk_folded(q, k, v, g, beta, states)
         if cache is not None:
@@ -306,8 +322,15 @@ class GatedDeltaNet(nn.Module):
                 if new_states is not None:
                     cache.ssm[slots] = new_states.to(cache.ssm.dtype)
                 cache.conv[slots] = new_windows.to(cache.conv.dtype)
-        o = o.reshape(num_seqs * longest, self.num_v_heads, self.v_dim)
-        return o.contiguous() if rows is None else o[rows]
+        if o_packed is not None:
+            return o_packed
+        return self._unpad(o, rows).contiguous()
+
+    @staticmethod
+    def _unpad(x_NT: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """``[N, longest, ...]`` -> packed ``[T, ...]``."""
+        x = x_NT.reshape(x_NT.shape[0] * x_NT.shape[1], *x_NT.shape[2:])
+        return x if rows is None else x[rows]
 
     def _chunk_folded(self, q, k, v, g, beta, states):
         """The chunked rule over N padded sequences at once, folding sequences into the head dim."""
