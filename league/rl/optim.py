@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule for the policy: AdamW with decoupled weight decay on matrices
 only (norm weights and other vectors are not decayed), global-norm gradient clipping, and optional CPU
-offload (fp32 master weights, Adam moments and the update on the host, parameters copied back).
+offload (fp32 master weights, Adam moments and the update on the host, parameters copied back); fp32 master
+weights beside bf16 parameters.
 
 Not responsible for which parameters train (the caller passes them) nor for the loss.
 """
@@ -69,6 +70,10 @@ def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
 class Optimizer:
     """AdamW over the given parameters, stepping on their device or on the CPU (offload).
 
+    Parameters in a low-precision dtype (bf16 training) get fp32 master copies, on their device or on the CPU with
+    offload: the update is computed and accumulated in fp32 and rounded into the parameters after each step, so
+    updates smaller than the parameters' precision are not lost.
+
     Args:
         params (list[tuple[str, torch.nn.Parameter]]): named trainable parameters.
         config (OptimConfig): settings.
@@ -77,7 +82,12 @@ class Optimizer:
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig):
         self.config, self.params = config, params
         self.offload = config.optimizer_cpu_offload
-        self.masters = [p.detach().to("cpu", torch.float32, copy=True) if self.offload else p for _, p in params]
+        low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for _, p in params)
+        self.use_masters = self.offload or low_precision
+        self.masters = [
+            p.detach().to("cpu" if self.offload else p.device, torch.float32, copy=True) if self.use_masters else p
+            for _, p in params
+        ]
         decay = [m for (_, p), m in zip(params, self.masters) if p.ndim >= 2]
         no_decay = [m for (_, p), m in zip(params, self.masters) if p.ndim < 2]
         self.inner = torch.optim.AdamW(
@@ -99,11 +109,11 @@ class Optimizer:
             torch.nn.utils.clip_grads_with_norm_(grads, self.config.clip_grad, norm)
         for group in self.inner.param_groups:
             group["lr"] = lr
-        if self.offload:
+        if self.use_masters:
             for (_, p), master in zip(self.params, self.masters):
-                master.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
+                master.grad = None if p.grad is None else p.grad.detach().to(master.device, torch.float32)
         self.inner.step()
-        if self.offload:
+        if self.use_masters:
             with torch.no_grad():
                 for (_, p), master in zip(self.params, self.masters):
                     p.copy_(master, non_blocking=True)
@@ -111,13 +121,13 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         state = {"inner": self.inner.state_dict()}
-        if self.offload:
+        if self.use_masters:
             state["masters"] = [m.clone() for m in self.masters]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
-        if self.offload:
+        if self.use_masters:
             with torch.no_grad():
                 for master, saved, (_, p) in zip(self.masters, state["masters"], self.params):
                     master.copy_(saved)
