@@ -159,7 +159,7 @@ def forward_backward(fn, inputs, grad_o, grad_final):
 
 
 @needs_fla
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp32 keeps the torch reference (fla computes it in tf32)
 @pytest.mark.parametrize("backward", ["torch", "fla"])
 def test_fla_chunk_forward_and_backward_match_reference(dtype, backward):
     from league.ops.gdn.fast import chunk_gated_delta_rule_fla
