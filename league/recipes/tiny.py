@@ -19,7 +19,7 @@ def recipe(mode: str | None = None) -> JobConfig:
             model_preset="tiny",
             dtype="float32",
             device="cpu",
-            sft_warmup_steps=250,
+            sft_warmup_steps=500,
             sft_warmup_lr=3e-3,
             sft_warmup_label_smoothing=0.5,
         ),

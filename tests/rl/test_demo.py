@@ -11,8 +11,8 @@ from league.recipes import get_recipe
 from league.rl.loop import train
 from league.rl.metrics import read_metrics
 
-# the default run gains 0.27 here single-threaded (0.23 with two threads); the roadmap's target is 0.3
-MIN_REWARD_GAIN = 0.2
+# the target of the embedded default: the last 5 rollouts average at least 0.3 more reward than the first 5
+MIN_REWARD_GAIN = 0.3
 
 
 def test_embedded_default_learns(tmp_path):
