@@ -21,38 +21,15 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import random_model
 
 import league
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
-from league.ops.rope import rope_inv_freq
 
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
-
-
-def random_model(args: ModelArgs, seed: int) -> Transformer:
-    """The model with random bf16 weights, made on the GPU (league init's distributions, drawn there)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(0.01, 16.0).log_()
-            elif name.endswith(("dt_bias", "norm_weight")):
-                p.fill_(1.0)
-            elif name.endswith("conv_weight"):
-                bound = p.shape[-1] ** -0.5
-                p.uniform_(-bound, bound)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).cuda()
-    return model.eval()
 
 
 def step_bytes(args: ModelArgs, batch: int, context: float, state_bytes: int = 4) -> float:
@@ -174,7 +151,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
     results = {}
-    model = random_model(args, seed=0)
+    model = random_model(args).eval()
     for batch in batches:
         rec = league_rates(model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps)
         gc.collect()

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import random_model
 
 import league
-from league.models.qwen3_5_moe import ModelArgs, Transformer
+from league.models.qwen3_5_moe import ModelArgs
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.parallel.parallelize import apply_ac
 from league.rl.optim import OptimConfig
@@ -53,36 +54,6 @@ def flops_per_token(args: ModelArgs, sample_len: int) -> float:
     return 6 * matmul_params_per_token(args) + scores
 
 
-def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device)
-    if device == "cpu":
-        model.init_weights(seed=0)
-    else:
-        _init_on_device(model)
-    from league.ops.rope import rope_inv_freq
-
-    model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).to(device)
-    return model.to(dtype).train()
-
-
-@torch.no_grad()
-def _init_on_device(model: Transformer) -> None:
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            p.uniform_(0.01, 16.0).log_()
-        elif name.endswith(("dt_bias", "norm_weight")):
-            p.fill_(1.0)
-        elif name.endswith("conv_weight"):
-            p.uniform_(-(p.shape[-1] ** -0.5), p.shape[-1] ** -0.5)
-        elif p.ndim == 1:
-            p.zero_()
-        else:
-            p.normal_(0.0, 0.02)
-
-
 def make_samples(num: int, prompt_len: int, response_len: int, vocab: int, seed: int) -> list[Sample]:
     gen = torch.Generator().manual_seed(seed)
     samples = []
@@ -106,7 +77,7 @@ def sync(device: str) -> None:
 
 
 def measure(opts, args: ModelArgs, recompute: bool) -> dict:
-    model = random_model(args, opts.device, getattr(torch, opts.dtype))
+    model = random_model(args, opts.device, getattr(torch, opts.dtype)).train()
     if recompute:
         apply_ac(model)
     trainer = Trainer(
