@@ -17,7 +17,7 @@ from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_ver
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats
 from league.engine.scheduler import Scheduler
-from league.engine.speculative import accept, draft_chain
+from league.engine.speculative import accept_batch, draft_chain
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.sampling import filtered_probs, sample_rows
@@ -342,12 +342,18 @@ class LLMEngine:
         hidden = self.model(tokens, batch, self.cache)
         logits = self._logits(hidden).view(len(reqs), num_steps + 1, -1)
         self.stats.forward_passes += 1
-        results = [accept(logits[i], drafts[i], r.params, r.generator) for i, r in enumerate(reqs)]
+        results = accept_batch(logits, drafts, [r.params for r in reqs], [r.generator for r in reqs])
         commit_verified_states(self.cache, slots, [a for a, _ in results])
         hidden = hidden.view(len(reqs), num_steps + 1, -1)
-        for i, (r, (num_accepted, bonus)) in enumerate(zip(reqs, results)):
-            emitted = [*drafts[i][:num_accepted], bonus]
-            logprobs = token_logprobs(logits[i, : num_accepted + 1], torch.tensor(emitted, device=self.device))
+        # the log-prob of every emitted token at once: row (i, t) for t <= accepted_i
+        emitted_all = [[*drafts[i][:a], bonus] for i, (a, bonus) in enumerate(results)]
+        rows = torch.tensor([i * (num_steps + 1) + t for i, e in enumerate(emitted_all) for t in range(len(e))])
+        flat = torch.tensor([t for e in emitted_all for t in e], device=self.device)
+        flat_logprobs = token_logprobs(logits.view(-1, logits.shape[-1])[rows.to(self.device)], flat).tolist()
+        offsets = list(itertools.accumulate((len(e) for e in emitted_all), initial=0))
+        for i, (r, (num_accepted, _)) in enumerate(zip(reqs, results)):
+            emitted = emitted_all[i]
+            logprobs = flat_logprobs[offsets[i] : offsets[i + 1]]
             stats = SpecStats(
                 draft_tokens=num_steps,
                 accepted_tokens=num_accepted,
@@ -357,7 +363,7 @@ class LLMEngine:
             r.spec.add(stats)
             self.stats.spec.add(stats)
             r.mtp_rows = (hidden[i, : num_accepted + 1], emitted, committed[i])
-            self._append(r, emitted, logprobs.tolist())
+            self._append(r, emitted, logprobs)
 
     def _mtp_extend_pending(self, reqs: list[Request]) -> None:
         """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""

@@ -13,7 +13,7 @@ import torch
 
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
-from league.ops.sampling import filtered_probs, sample_from, uniform
+from league.ops.sampling import filtered_probs, sample_rows
 
 
 def draft_chain(
@@ -55,7 +55,7 @@ def draft_chain(
 def accept(
     logits_NV: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator
 ) -> tuple[int, int]:
-    """Decide how many drafts to keep and the bonus token.
+    """Decide how many drafts to keep and the bonus token (one request; see :func:`accept_batch`).
 
     Args:
         logits_NV (torch.Tensor): ``[N + 1, V]`` target logits; row t predicts the token after verify input t
@@ -67,18 +67,62 @@ def accept(
     Returns:
         ``(num_accepted, bonus_token)``.
     """
-    if params.greedy:
-        best = logits_NV.argmax(-1).tolist()
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == best[accepted]:
-            accepted += 1
-        return accepted, best[accepted]
-    for t, draft in enumerate(drafts):
-        probs = filtered_probs(logits_NV[t], params.temperature, params.top_k, params.top_p, params.min_p)
-        if uniform(generator, probs.device) < float(probs[draft]):
+    return accept_batch(logits_NV[None], [drafts], [params], [generator])[0]
+
+
+def accept_batch(
+    logits_BNV: torch.Tensor,
+    drafts: list[list[int]],
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> list[tuple[int, int]]:
+    """:func:`accept` for B requests verified together, with a fixed number of host synchronisations.
+
+    Greedy requests keep drafts while they equal the target's argmax. Sampling requests that share settings are
+    decided together: draft t is kept with probability p_t(d_t) (coin t of the request's N coins, drawn at once
+    from its generator), and the first rejected position t draws from the residual ``max(p_t - onehot(d_t), 0)``
+    (or, all kept, from ``p_N``), with the request's generator. Each request's result depends only on its own
+    logits and generator, never on the batch.
+
+    Returns:
+        ``[(num_accepted, bonus_token)]`` per request.
+    """
+    num_drafts = logits_BNV.shape[1] - 1
+    device = logits_BNV.device
+    results: list[tuple[int, int] | None] = [None] * len(drafts)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p, p.min_p)
+        groups.setdefault(key, []).append(i)
+    for key, rows in groups.items():
+        index = torch.tensor(rows, device=device)
+        drafts_BN = torch.tensor([drafts[i] for i in rows], device=device, dtype=torch.long).view(len(rows), num_drafts)
+        if key == ("greedy",):
+            best_BN1 = logits_BNV[index].argmax(-1)
+            keep_BN = drafts_BN == best_BN1[:, :num_drafts]
+            for i, keep, best in zip(rows, keep_BN.tolist(), best_BN1.tolist()):
+                accepted = _leading_true(keep)
+                results[i] = (accepted, best[accepted])
             continue
-        residual = probs.clone()
-        residual[draft] = 0.0
-        return t, sample_from(residual / residual.sum(), generator)
-    last = filtered_probs(logits_NV[len(drafts)], params.temperature, params.top_k, params.top_p, params.min_p)
-    return len(drafts), sample_from(last, generator)
+        probs_BNV = filtered_probs(logits_BNV[index], *key)
+        p_draft_BN = probs_BNV[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0]
+        coins_BN = torch.stack([torch.rand(num_drafts, generator=generators[i], device=device) for i in rows])
+        accepted = [_leading_true(keep) for keep in (coins_BN < p_draft_BN).tolist()]
+        at = torch.tensor(accepted, device=device)
+        final_BV = probs_BNV[torch.arange(len(rows), device=device), at]
+        rejected = at < num_drafts
+        rejected_draft = drafts_BN.gather(1, at.clamp(max=num_drafts - 1)[:, None])[:, 0]
+        final_BV = torch.where(rejected[:, None], final_BV.scatter(1, rejected_draft[:, None], 0.0), final_BV)
+        final_BV = final_BV / final_BV.sum(-1, keepdim=True)
+        bonus = sample_rows(final_BV, [generators[i] for i in rows]).tolist()
+        for i, a, b in zip(rows, accepted, bonus):
+            results[i] = (a, b)
+    return results
+
+
+def _leading_true(flags: list[bool]) -> int:
+    """How many of ``flags`` are true before the first false."""
+    count = 0
+    while count < len(flags) and flags[count]:
+        count += 1
+    return count

@@ -40,21 +40,11 @@ def filtered_probs(
     return probs
 
 
-def sample_from(probs_V: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token from a distribution with an explicit generator (exponential race: argmax p / E)."""
-    noise = torch.empty_like(probs_V).exponential_(generator=generator)
-    return int((probs_V / noise).argmax())
-
-
 def sample_rows(probs_BV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """:func:`sample_from` for each row with its own generator, as one argmax: ``[B]`` token ids (on the
-    device, not synchronised). Row i draws the same noise, and so the same token, as ``sample_from`` would."""
+    """One token per row, each row drawn with its own generator, by the exponential race (``argmax p / E`` with
+    ``E ~ Exp(1)`` per token): ``[B]`` token ids, on the device, not synchronised. A row's token depends only on
+    its probabilities and its generator, not on the other rows."""
     noise = torch.empty_like(probs_BV)
     for row, generator in zip(noise, generators):
         row.exponential_(generator=generator)
     return (probs_BV / noise).argmax(-1)
-
-
-def uniform(generator: torch.Generator, device: torch.device | str = "cpu") -> float:
-    """One U(0, 1) draw from the request's generator (speculative acceptance coins)."""
-    return float(torch.rand(1, generator=generator, device=device))

@@ -145,3 +145,44 @@ def test_trained_mtp_head_gets_real_acceptance():
     assert untrained < 1.3, untrained
     assert trained > 1.6, (untrained, trained)
     assert math.isfinite(mtp_loss.item()) and mtp_loss.item() < 1.0
+
+
+def test_batched_acceptance_equals_each_request_alone():
+    """A request's acceptance and bonus depend only on its logits and generator, not on the rows beside it."""
+    from league.engine.speculative import accept_batch
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, 12, generator=gen) * 2.0
+    drafts = [torch.randint(0, 12, (3,), generator=gen).tolist() for _ in range(5)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_k=8),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_k=8),
+        SamplingParams(temperature=1.0, top_p=0.9),
+    ]
+    for trial in range(20):
+        seeds = [100 * trial + i for i in range(5)]
+        batched = accept_batch(logits, drafts, params, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = [accept(logits[i], drafts[i], params[i], torch.Generator().manual_seed(seeds[i])) for i in range(5)]
+        assert batched == alone
+        greedy_best = logits[0].argmax(-1).tolist()
+        kept = next((t for t in range(3) if drafts[0][t] != greedy_best[t]), 3)
+        assert batched[0] == (kept, greedy_best[kept])
+
+
+def test_second_emitted_token_follows_the_target_after_an_accepted_draft():
+    """Coins for all drafts are drawn at once; after draft 1 is kept, the next emitted token must still follow the
+    target's row 1 (kept draft 2 with prob p1(d2), else the residual draw)."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 12, generator=gen) * 1.5
+    params = SamplingParams(temperature=1.0)
+    first, second = filtered_probs(logits[0], 1.0), filtered_probs(logits[1], 1.0)
+    d1, d2 = int(first.argmax()), int(second.argsort()[-3])
+    counts = torch.zeros(12)
+    for _ in range(8000):
+        accepted, bonus = accept(logits, [d1, d2], params, gen)
+        if accepted >= 1:
+            counts[d2 if accepted == 2 else bonus] += 1
+    assert counts.sum() > 2000
+    assert chi_square_p_value(counts, second) > ALPHA
