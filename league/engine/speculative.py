@@ -38,8 +38,8 @@ def draft_chain(
     Returns:
         ``[B][num_steps]`` draft tokens.
     """
-    drafts = [[t] for t in first_tokens]
     hidden, tokens = hidden_BD, torch.tensor(first_tokens, device=hidden_BD.device)
+    chain = [tokens]
     for step in range(1, num_steps):
         starts = [p + step for p in positions]
         batch = ForwardBatch.packed(
@@ -47,9 +47,8 @@ def draft_chain(
         )
         hidden = model.mtp_forward(hidden, tokens, batch, cache)
         tokens = model.mtp_logits(hidden, batch_invariant=batch_invariant).argmax(-1)
-        for chain, token in zip(drafts, tokens.tolist()):
-            chain.append(token)
-    return drafts
+        chain.append(tokens)
+    return torch.stack(chain, dim=1).tolist()
 
 
 def accept(
