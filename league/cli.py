@@ -219,6 +219,13 @@ def serve(
     ] = None,
     speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
     batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
+    cuda_graph_bs: Annotated[
+        str | None, typer.Option(help="Comma-separated batch sizes of captured decode steps (GPU).")
+    ] = None,
+    disable_cuda_graph: Annotated[
+        bool, typer.Option("--disable-cuda-graph", help="Decode without captured CUDA graphs.")
+    ] = False,
+    mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
@@ -237,8 +244,22 @@ def serve(
             speculative_algorithm=speculative_algorithm,
             speculative_num_steps=speculative_num_steps,
             batch_invariant=batch_invariant,
+            cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),
+            disable_cuda_graph=disable_cuda_graph,
+            mamba_ssm_dtype=mamba_ssm_dtype,
         )
         run(str(model), host, port, config, device=device, dtype=dtype)
+
+
+def parse_int_list(flag: str, text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``, each >= 1."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: expected integers >= 1")
+    return values
 
 
 @app.command()

@@ -55,11 +55,16 @@ class EngineConfig:
     up to max_running_requests."""
     disable_cuda_graph: bool = False
     """Launch decode kernels one by one instead of replaying captured graphs."""
+    mamba_ssm_dtype: str = "float32"
+    """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
+    the recurrence still computes in fp32)."""
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.mamba_ssm_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`mamba_ssm_dtype` {self.mamba_ssm_dtype!r}: expected float32 or bfloat16")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
         if self.speculative_algorithm is not None:
@@ -108,6 +113,7 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.context_length = min(self.config.context_length, self.args.max_position_embeddings)
+        self.state_dtype = getattr(torch, self.config.mamba_ssm_dtype)
         slot_len = self.context_length + self.config.num_spec_steps + 1
         num_slots = self.config.num_slots or self._slots_that_fit(slot_len)
         steps = self.config.num_spec_steps + 1 if self.config.num_spec_steps else 0
@@ -126,6 +132,7 @@ class LLMEngine:
             self.device,
             max_rows=self.config.max_running_requests if steps else 0,
             max_steps=steps,
+            state_dtype=self.state_dtype,
         )
         self.scheduler = Scheduler(
             num_slots=num_slots,
@@ -145,7 +152,7 @@ class LLMEngine:
             return self.config.max_running_requests
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.mem_fraction_static - (total - free)
-        per_slot = cache_bytes_per_slot(self.args, slot_len, self.dtype)
+        per_slot = cache_bytes_per_slot(self.args, slot_len, self.dtype, self.state_dtype)
         fit = int(budget // per_slot)
         if fit < 1:
             raise ValueError(

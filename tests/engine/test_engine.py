@@ -188,3 +188,22 @@ def tiny_model_f32():
     from tests.models.test_forms import tiny_model
 
     return tiny_model("gqa2_interval2").float()
+
+
+@pytest.mark.parametrize("spec", [{}, dict(speculative_algorithm="EAGLE", speculative_num_steps=2)])
+def test_bf16_recurrent_states_stay_close_to_fp32(spec):
+    """`mamba_ssm_dtype="bfloat16"` halves the GDN state cache; decoding stays close to the fp32-state run."""
+    model = tiny_model_f32()
+    prompts = prompts_of([5, 17, 33], model.args.vocab_size)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    half = engine(model, mamba_ssm_dtype="bfloat16", **spec)
+    assert all(layer.ssm.dtype == torch.bfloat16 for layer in half.cache.layers if hasattr(layer, "ssm"))
+    low, full = half.generate(prompts, params), engine(model, **spec).generate(prompts, params)
+    diffs = [abs(a - b) for lo, fu in zip(low, full) for a, b in zip(lo.output_logprobs, fu.output_logprobs)]
+    assert [o.output_ids for o in low] == [o.output_ids for o in full]
+    assert 0 < max(diffs) < 2e-2
+
+
+def test_unknown_state_dtype_is_refused():
+    with pytest.raises(ValueError, match="mamba_ssm_dtype"):
+        EngineConfig(mamba_ssm_dtype="float16")
