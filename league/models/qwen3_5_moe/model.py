@@ -198,11 +198,12 @@ class GatedAttention(nn.Module):
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
         scale = self.head_dim**-0.5
-        if cache is None:
-            out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, inv)
-        else:  # a token's cache row is its position
+        if cache is not None:  # a token's cache row is its position
             cache.k[batch.token_slots, batch.positions] = k_TGK.to(cache.k.dtype)
             cache.v[batch.token_slots, batch.positions] = v_TGK.to(cache.v.dtype)
+        if cache is None or not any(batch.cache_lens):  # fresh sequences: their own keys are all the keys
+            out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, inv)
+        else:
             kv_lens_N = batch.cache_lens_t + batch.seq_lens_t
             max_kv = max(c + n for c, n in zip(batch.cache_lens, batch.seq_lens))
             out_THK = cached_attention(
