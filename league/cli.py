@@ -311,21 +311,41 @@ def _run_train(job, dry_run: bool) -> None:
     stdout.print(f"curves: {run_dir / 'curves.png'}  (redraw with `league plot {run_dir}`)")
 
 
-def _train_entry():
+def _run_eval(job, dry_run: bool) -> None:
+    from league.evaluate import evaluate_policy
+
+    if dry_run:
+        typer.echo(job.to_json())
+        return
+    metrics, run_dir = evaluate_policy(job)
+    for name, value in metrics.items():
+        stdout.print(f"{name}  {value:.4f}")
+    stdout.print(f"wrote {run_dir / 'eval.json'}")
+
+
+def _command_entry(run, doc: str):
     from league.config import train_command
 
-    command = train_command(_run_train)
+    command = train_command(run)
 
     def wrapped(**kwargs):
         with user_errors():
             command(**kwargs)
 
     wrapped.__signature__ = command.__signature__
-    wrapped.__doc__ = command.__doc__
+    wrapped.__doc__ = doc or command.__doc__
     return wrapped
 
 
-app.command("train")(_train_entry())
+app.command("train")(_command_entry(_run_train, None))
+app.command("eval")(
+    _command_entry(
+        _run_eval,
+        "Evaluate a policy: the avg@k reward on --eval-prompt-data NAME,PATH sets, scored as league train's "
+        "periodic evaluation.\n\nTakes league train's options (--hf-checkpoint, --n-samples-per-eval-prompt, "
+        "--eval-temperature, --rm-type, engine flags); writes eval.json and config.json to the run folder.",
+    )
+)
 
 
 if __name__ == "__main__":

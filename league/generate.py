@@ -87,7 +87,7 @@ def generate(
     """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance."""
 
     from league.checkpoint.hf import load_model, resolve_device_dtype
-    from league.engine.server import load_tokenizer
+    from league.tokenizer import load_tokenizer
 
     given = [x is not None for x in (prompt, input_ids, input_file)]
     if sum(given) != 1:

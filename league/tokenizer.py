@@ -2,9 +2,12 @@
 
 One token per character (digits, arithmetic and punctuation marks, a-z, A-Z, space, newline) plus the
 Qwen chat specials, so that everything league does with a real Qwen tokenizer (chat template, eos, pad,
-``<think>`` markers) can be tried with no download. Not responsible for real checkpoints' tokenizers,
-which transformers' ``AutoTokenizer`` loads from their folders.
+``<think>`` markers) can be tried with no download. :func:`load_tokenizer` reads any checkpoint folder's
+tokenizer, this one included.
 """
+
+import json
+from pathlib import Path
 
 CHARACTERS = "0123456789" + "+-*/=().,:;?!'\"" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + " \n"
 """The ordinary tokens, one per character, ids ``0 .. len(CHARACTERS) - 1`` in this order."""
@@ -55,3 +58,28 @@ def build_tiny_tokenizer():
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""``tokenizer_class`` values of a tokenizer saved as a plain ``tokenizers`` pipeline (as the tiny one is)."""
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in a checkpoint folder, or None when the folder holds none.
+
+    A folder whose ``tokenizer_config.json`` names a generic class gets exactly the saved ``tokenizer.json``
+    pipeline: ``AutoTokenizer`` would pick the class of the model type (``Qwen3_5Tokenizer`` for a Qwen3.5-MoE
+    config), whose own pre-tokenizer drops characters such as newlines from the tiny vocabulary. Other folders
+    (the published checkpoints) load through ``AutoTokenizer``.
+    """
+    folder = Path(folder)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((folder / name).is_file() for name in names):
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = folder / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in GENERIC_TOKENIZER_CLASSES and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)

@@ -16,7 +16,6 @@ import signal
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ from league.engine import protocol
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import GenerateOutput
 from league.engine.worker import EngineUnavailable, EngineWorker, Submission
+from league.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -312,16 +312,6 @@ _ROUTES: dict[tuple[str, str], Callable[[_Handler, dict], None]] = {
     ("POST", "/v1/chat/completions"): lambda h, body: h._openai(body, chat=True),
     ("GET", "/v1/models"): _Handler._models,
 }
-
-
-def load_tokenizer(folder: str):
-    """The folder's tokenizer (``AutoTokenizer``), or None when it holds none."""
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((Path(folder) / name).is_file() for name in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def build_server(

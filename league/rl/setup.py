@@ -49,15 +49,16 @@ def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
 
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     if config.hf_checkpoint:
-        from transformers import AutoTokenizer
-
         from league.checkpoint.hf import load_model
+        from league.tokenizer import load_tokenizer
 
         path = Path(config.hf_checkpoint)
         if not path.is_dir():
             raise ValueError(f"`--hf-checkpoint` {path}: no such folder")
         model = load_model(path, device=device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise ValueError(f"`--hf-checkpoint` {path}: the folder holds no tokenizer")
     else:
         from league.models.qwen3_5_moe.presets import PRESETS
         from league.tokenizer import build_tiny_tokenizer

@@ -43,3 +43,21 @@ def test_round_trip_and_chat_template(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(full, add_special_tokens=False)["input_ids"] == full_ids and again.decode(full_ids) == full
     assert again.eos_token_id == EOS_TOKEN_ID and again.chat_template == tok.chat_template
+
+
+def test_load_tokenizer_keeps_the_tiny_pipeline_beside_a_model_config(tmp_path):
+    """In a checkpoint folder (a Qwen3.5-MoE config.json beside the tokenizer) the saved pipeline is what loads:
+    newlines of the chat template stay tokens."""
+    import json
+
+    from league.checkpoint.hf import hf_config
+    from league.models.qwen3_5_moe.presets import PRESETS
+    from league.tokenizer import load_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(PRESETS["tiny"])))
+    again = load_tokenizer(tmp_path)
+    text = "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+    assert again(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert load_tokenizer(tmp_path / "missing") is None

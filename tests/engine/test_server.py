@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from league.engine.client import EngineClient, EngineServerError
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
-from league.engine.server import EngineServer, build_server, load_tokenizer
+from league.engine.server import EngineServer, build_server
+from league.tokenizer import load_tokenizer
 from tests.models.test_forms import tiny_model
 
 CONFIG = dict(max_running_requests=16, max_num_batched_tokens=256, context_length=128)

@@ -1,0 +1,29 @@
+"""`league eval`: the avg@k reward of a policy on evaluation sets, outside a training run.
+
+Takes the same configuration as ``league train`` (a recipe plus flags: ``--hf-checkpoint``,
+``--eval-prompt-data NAME,PATH,...``, ``--n-samples-per-eval-prompt``, ``--rm-type``, the engine flags), and
+scores each set exactly as the training loop's periodic evaluation does. Not responsible for training.
+"""
+
+import json
+from pathlib import Path
+
+from league.config import JobConfig, write_config
+from league.rl import setup
+
+
+def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
+    """Evaluate ``job``'s policy on ``job.eval.eval_prompt_data``; returns the metrics and the run folder, where
+    ``eval.json`` (the metrics) and ``config.json`` are written."""
+    if not job.eval.eval_prompt_data:
+        raise ValueError("`league eval` needs evaluation sets: --eval-prompt-data NAME,PATH[,NAME,PATH...]")
+    setup.seed_everything(job.run.seed)
+    model, tokenizer = setup.build_policy(job.model, job.run.seed)
+    eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
+    run_dir = setup.make_run_dir(job)
+    write_config(job, run_dir / "config.json")
+    engine = setup.build_engine(job, model, tokenizer)
+    with setup.build_reward(job.reward) as reward:
+        metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step=0)
+    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics, run_dir
