@@ -13,8 +13,21 @@ Legend: B batch rows, V vocabulary.
 import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
+from league.ops.moe import grouped_mm_is_native
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+def graphs_apply(config, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an engine with ``config`` (an ``EngineConfig``) decodes through captured graphs: not disabled,
+    plain decode (speculative steps are not captured), not ``batch_invariant``, and a forward with no host
+    synchronisation, which needs the grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
+    return (
+        not config.disable_cuda_graph
+        and not config.num_spec_steps
+        and not config.batch_invariant
+        and grouped_mm_is_native(dtype, device)
+    )
 
 
 def default_batch_sizes(max_running_requests: int) -> list[int]:
@@ -31,12 +44,12 @@ class DecodeGraphs:
             as weight sync does, needs no recapture).
         cache (ModelCache): the engine's cache; slot ``scratch_slot`` must exist and belong to no request.
         batch_sizes (list[int]): sizes to capture; a batch runs in the smallest size that holds it.
-        scratch_slot (int): where padding rows write their keys and states.
-        max_kv (int): the longest a sequence can be (the attention kernel's bound).
+        scratch_slot (int): where padding rows write their keys and states (all of them the same slot: they start
+            fresh, and nothing reads what they leave there).
     """
 
-    def __init__(self, model: Transformer, cache: ModelCache, batch_sizes: list[int], scratch_slot: int, max_kv: int):
-        self.model, self.cache, self.max_kv = model, cache, max_kv
+    def __init__(self, model: Transformer, cache: ModelCache, batch_sizes: list[int], scratch_slot: int):
+        self.model, self.cache = model, cache
         self.sizes = sorted(set(batch_sizes))
         self.scratch_slot = scratch_slot
         device = next(model.parameters()).device
@@ -46,8 +59,9 @@ class DecodeGraphs:
         self.slots = torch.full((largest,), scratch_slot, dtype=torch.long, device=device)
         self.ones = torch.ones(largest, dtype=torch.long, device=device)
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.long, device=device)
+        dtype = next(model.parameters()).dtype
+        self.logits = torch.empty(largest, model.args.vocab_size, dtype=dtype, device=device)  # shared by all sizes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self._capture(size)
@@ -58,16 +72,16 @@ class DecodeGraphs:
             seq_lens=[1] * size,
             positions=self.positions[:size],
             slots=[self.scratch_slot] * size,
-            cache_lens=[self.max_kv - 1] * size,
+            cache_lens=[1] * size,  # continuing sequences (the lengths themselves are read from cache_lens_t)
             seq_lens_t=self.ones[:size],
             slots_t=self.slots[:size],
             cache_lens_t=self.positions[:size],  # one new token each: its position is its cached length
             token_slots=self.slots[:size],
         )
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> None:
         hidden = self.model(self.tokens[:size], self._batch(size), self.cache)
-        return self.model.logits(hidden)
+        torch.mm(hidden, self.model.output_weight().t(), out=self.logits[:size])
 
     @torch.no_grad()
     def _capture(self, size: int) -> None:
@@ -79,7 +93,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[size] = self._forward(size)
+            self._forward(size)
         self.pool = graph.pool()
         self.graphs[size] = graph
 
@@ -101,4 +115,4 @@ class DecodeGraphs:
         self.positions[:size].copy_(staged[1])
         self.slots[:size].copy_(staged[2])
         self.graphs[size].replay()
-        return self.logits[size][:batch]
+        return self.logits[:batch]

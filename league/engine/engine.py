@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_verified_states, copy_slot
-from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes
+from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats
 from league.engine.scheduler import Scheduler
 from league.engine.speculative import accept_batch, draft_chain
@@ -51,13 +51,15 @@ class EngineConfig:
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
     cuda_graph_bs: list[int] | None = None
-    """Batch sizes of captured CUDA-graph decode steps (GPU only). Default: powers of two and multiples of 32
-    up to max_running_requests."""
+    """Batch sizes of captured CUDA-graph decode steps. Default: 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160,
+    192, 256 up to max_running_requests (which is always one). Graphs serve plain decode of a bf16 model on a
+    Hopper/Blackwell GPU, without batch_invariant; speculative steps run without them."""
     disable_cuda_graph: bool = False
     """Launch decode kernels one by one instead of replaying captured graphs."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
-    the recurrence still computes in fp32)."""
+    the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify
+    once per verify, so speculative and plain greedy decoding may differ slightly."""
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
@@ -65,6 +67,8 @@ class EngineConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.mamba_ssm_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"`mamba_ssm_dtype` {self.mamba_ssm_dtype!r}: expected float32 or bfloat16")
+        if self.batch_invariant and self.mamba_ssm_dtype != "float32":
+            raise ValueError("`batch_invariant` needs `mamba_ssm_dtype` float32 (the trainer keeps fp32 states)")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
         if self.speculative_algorithm is not None:
@@ -114,16 +118,17 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         self.context_length = min(self.config.context_length, self.args.max_position_embeddings)
         self.state_dtype = getattr(torch, self.config.mamba_ssm_dtype)
+        self.use_graphs = graphs_apply(self.config, self.device, self.dtype)
+        if self.config.cuda_graph_bs and not self.use_graphs:
+            warnings.warn(
+                "cuda_graph_bs is ignored: CUDA graphs serve plain decode (no speculation, not batch_invariant) "
+                "of a bf16 model on a Hopper or Blackwell GPU",
+                stacklevel=2,
+            )
+        self.graphs: DecodeGraphs | None = None  # captured at the first decode
         slot_len = self.context_length + self.config.num_spec_steps + 1
         num_slots = self.config.num_slots or self._slots_that_fit(slot_len)
         steps = self.config.num_spec_steps + 1 if self.config.num_spec_steps else 0
-        self.use_graphs = (
-            self.device.type == "cuda"
-            and self.dtype in (torch.bfloat16, torch.float16)  # the fp32 grouped GEMM syncs with the host
-            and not self.config.batch_invariant
-            and not self.config.disable_cuda_graph
-        )
-        self.graphs: DecodeGraphs | None = None  # captured at the first decode
         self.cache = allocate_cache(
             self.args,
             num_slots + self.use_graphs,  # the last slot takes the padding rows of captured batches
@@ -153,7 +158,7 @@ class LLMEngine:
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.mem_fraction_static - (total - free)
         per_slot = cache_bytes_per_slot(self.args, slot_len, self.dtype, self.state_dtype)
-        fit = int(budget // per_slot)
+        fit = int(budget // per_slot) - self.use_graphs  # the scratch slot of captured batches
         if fit < 1:
             raise ValueError(
                 f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
@@ -298,13 +303,7 @@ class LLMEngine:
         tokens, positions, slots = [r.pending_token for r in reqs], [r.num_cached for r in reqs], [r.slot for r in reqs]
         if self.use_graphs and self.graphs is None:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
-            try:
-                self.graphs = DecodeGraphs(
-                    self.model, self.cache, sizes, scratch_slot=self.num_slots, max_kv=self.slot_len
-                )
-            except RuntimeError as err:  # a forward that syncs with the host cannot be captured
-                warnings.warn(f"decoding without CUDA graphs: capture failed ({err})", stacklevel=2)
-                self.use_graphs = False
+            self.graphs = DecodeGraphs(self.model, self.cache, sizes, scratch_slot=self.num_slots)
         if self.graphs is not None and self.graphs.fits(len(reqs)):
             logits = self.graphs.run(tokens, positions, slots)
         else:

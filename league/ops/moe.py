@@ -90,6 +90,14 @@ def grouped_mm_fits(x_TD: torch.Tensor, w_gate_up_E2ID: torch.Tensor, w_down_EDI
     return x_TD.shape[-1] % align == 0 and w_down_EDI.shape[-1] % align == 0
 
 
+def grouped_mm_is_native(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm`` runs its own kernel here (bf16 on Hopper or Blackwell); elsewhere torch falls
+    back to a per-group loop that reads the group offsets on the host, which a CUDA graph cannot capture."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def grouped_swiglu_experts(
     x_TD: torch.Tensor,
     w_gate_up_E2ID: torch.Tensor,

@@ -207,3 +207,10 @@ def test_bf16_recurrent_states_stay_close_to_fp32(spec):
 def test_unknown_state_dtype_is_refused():
     with pytest.raises(ValueError, match="mamba_ssm_dtype"):
         EngineConfig(mamba_ssm_dtype="float16")
+    with pytest.raises(ValueError, match="batch_invariant"):  # the trainer keeps fp32 states
+        EngineConfig(mamba_ssm_dtype="bfloat16", batch_invariant=True)
+
+
+def test_cuda_graph_sizes_without_graphs_warn():
+    with pytest.warns(UserWarning, match="cuda_graph_bs is ignored"):
+        engine(tiny_model_f32(), cuda_graph_bs=[1, 2])
