@@ -108,8 +108,8 @@ class _LinearLogprobs(torch.autograd.Function):
     """Forward keeps only the per-row log-sum-exp (and entropy); backward rebuilds one chunk of logits at a time.
 
     With ``p = softmax(z)`` and ``g``, ``h`` the incoming gradients of the log-prob and the entropy:
-    ``dL/dz = g * (onehot(token) - p) - h * p * (z - (lse - H))``. The weight's gradient is summed over the
-    chunks in fp32 and rounded to the weight's dtype once.
+    ``dL/dz = g * (onehot(token) - p) - h * p * (z - (lse - H))``. Each chunk's weight gradient is a matmul in the
+    weight's dtype; the chunks' products are summed in fp32 and rounded to the weight's dtype once.
     """
 
     @staticmethod

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
-from league.ops.logprob import entropy, linear_token_logprobs, token_logprobs
+from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
 from league.rl import algorithms as algo
 from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
@@ -115,6 +115,16 @@ def response_logprobs(
     if temperature != 1.0:
         logits_RV = logits_RV / temperature
     return token_logprobs(logits_RV, mb.packed.response_tokens_R), hidden_TD
+
+
+def response_entropy(model: Transformer, mb: MicroBatch, hidden_TD: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy ``[R]`` (fp32) of the tempered distribution at each response position; the output head is fused in
+    (no ``[R, V]`` logits held) unless the batch is batch-invariant."""
+    hidden_RD = hidden_TD[mb.packed.logit_index_R]
+    if not mb.batch.batch_invariant:
+        weight = model.output_weight()
+        return linear_token_logprobs_entropy(hidden_RD, weight, mb.packed.response_tokens_R, temperature)[1]
+    return entropy(model.logits(hidden_RD, batch_invariant=True) / temperature)
 
 
 class Trainer:
@@ -239,8 +249,7 @@ class Trainer:
                 if cfg.kl_loss_coef != 0:
                     loss = loss + cfg.kl_loss_coef * kl
             if cfg.entropy_coef != 0:
-                logits = self.model.logits(hidden[mb.packed.logit_index_R], self.batch_invariant) / self.temperature
-                ent = reduce(entropy(logits))
+                ent = reduce(response_entropy(self.model, mb, hidden, self.temperature))
                 add("train/entropy_loss", ent.detach())
                 loss = loss - cfg.entropy_coef * ent
             if cfg.enable_mtp_training:

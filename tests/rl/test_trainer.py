@@ -122,3 +122,17 @@ def test_several_optimizer_steps_per_rollout_use_pre_update_logprobs():
     metrics = trainer.train(samples)
     assert trainer.num_steps == 2
     assert metrics["train/ppo_kl"] != 0.0  # the second step's ratio is against the first step's weights
+
+
+def test_entropy_bonus_is_the_same_fused_and_batch_invariant():
+    """The fused entropy (no [R, V] logits) and the batch-invariant path's entropy agree, and so do the gradients."""
+    results = []
+    for invariant in (False, True):
+        model = tiny_model().float()
+        trainer = trainer_for(model, entropy_coef=0.01)
+        trainer.batch_invariant = invariant
+        metrics = trainer.train(make_samples(8, model.args.vocab_size, seed=5))
+        results.append((metrics["train/entropy_loss"], metrics["train/grad_norm"]))
+    (entropy_fused, norm_fused), (entropy_invariant, norm_invariant) = results
+    assert entropy_fused > 0 and abs(entropy_fused - entropy_invariant) < 1e-5
+    assert abs(norm_fused - norm_invariant) < 1e-5 * norm_invariant
