@@ -15,7 +15,7 @@ import torch
 
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_verified_states, copy_slot
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
-from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats
+from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, rows_by_settings
 from league.engine.scheduler import Scheduler
 from league.engine.speculative import accept_batch, draft_chain
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
@@ -404,12 +404,9 @@ class LLMEngine:
         are filtered together and drawn with each request's own generator (so a row's token does not depend on
         the batch)."""
         tokens = logits_BV.argmax(-1)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            if not r.params.greedy:
-                p = r.params
-                groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
-        for settings, rows in groups.items():
+        for settings, rows in rows_by_settings([r.params for r in reqs]).items():
+            if settings is None:  # greedy rows keep the argmax
+                continue
             index = slice(None) if len(rows) == len(reqs) else torch.tensor(rows, device=logits_BV.device)
             probs = filtered_probs(logits_BV[index], *settings)
             tokens[index] = sample_rows(probs, [reqs[i].generator for i in rows])

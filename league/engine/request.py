@@ -65,6 +65,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def filter_settings(self) -> tuple[float, int, float, float] | None:
+        """``(temperature, top_k, top_p, min_p)`` as :func:`league.ops.sampling.filtered_probs` takes them; None
+        when greedy."""
+        return None if self.greedy else (self.temperature, self.top_k, self.top_p, self.min_p)
+
+
+def rows_by_settings(params: list[SamplingParams]) -> dict[tuple | None, list[int]]:
+    """Batch rows grouped by their filter settings (None: greedy), in row order, so each group is filtered and
+    drawn with one set of batched ops."""
+    groups: dict[tuple | None, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.filter_settings, []).append(i)
+    return groups
+
 
 @dataclass(kw_only=True, slots=True)
 class SpecStats:

@@ -11,7 +11,7 @@ Legend: B requests, N draft steps, D model dim, V vocabulary.
 
 import torch
 
-from league.engine.request import SamplingParams
+from league.engine.request import SamplingParams, rows_by_settings
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
 from league.ops.sampling import filtered_probs, sample_rows
 
@@ -89,14 +89,10 @@ def accept_batch(
     num_drafts = logits_BNV.shape[1] - 1
     device = logits_BNV.device
     results: list[tuple[int, int] | None] = [None] * len(drafts)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p, p.min_p)
-        groups.setdefault(key, []).append(i)
-    for key, rows in groups.items():
+    for key, rows in rows_by_settings(params).items():
         index = torch.tensor(rows, device=device)
         drafts_BN = torch.tensor([drafts[i] for i in rows], device=device, dtype=torch.long).view(len(rows), num_drafts)
-        if key == ("greedy",):
+        if key is None:  # greedy
             best_BN1 = logits_BNV[index].argmax(-1)
             keep_BN = drafts_BN == best_BN1[:, :num_drafts]
             for i, keep, best in zip(rows, keep_BN.tolist(), best_BN1.tolist()):

@@ -10,12 +10,13 @@ Legend: T query tokens, S key tokens, N sequences, H query heads, G KV heads, K 
 """
 
 import functools
-import importlib.util
 import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from league.ops.backends import installed
 
 
 def causal_attention(
@@ -156,7 +157,7 @@ def cached_attention(
         ``[T, H, K]`` in the dtype of q.
     """
     if q_THK.is_cuda and not batch_invariant and q_THK.dtype != torch.float64:
-        if _has_triton():
+        if installed("triton"):
             from league.ops.triton_attention import cached_attention_fwd
 
             return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
@@ -190,11 +191,6 @@ def cached_attention_reference(
             keys, values = k_cache[slot, :kv_len], v_cache[slot, :kv_len]
             out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, batch_invariant)
     return out_THK
-
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

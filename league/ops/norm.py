@@ -2,18 +2,17 @@
 
 ``rms_norm_reference`` defines the (1 + w) norm and runs on CPU; on CUDA ``rms_norm`` runs the Triton kernels of
 ``ops.triton_norm`` (same formula, fp32 inside, each row reduced on its own), imported only when Triton is
-installed. The gated norm has only its reference.
+installed. The gated norm has only its reference. Not responsible for where the weights live.
 
 Legend: T tokens, D feature dim.
 """
 
-import functools
-import importlib.util
 import warnings
 
 import torch
 
 from league.ops.activations import silu
+from league.ops.backends import installed
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,7 +29,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         eps (float): added to the mean square.
     """
     if x.is_cuda and x.dtype in _TRITON_DTYPES:
-        if _has_triton():
+        if installed("triton"):
             from league.ops.triton_norm import triton_rms_norm
 
             return triton_rms_norm(x, weight, eps)
@@ -67,8 +66,3 @@ def gated_rms_norm(
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = weight * y
     return (y * silu(gate.to(acc), batch_invariant)).to(x.dtype)
-
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None

@@ -11,12 +11,11 @@ Elsewhere they run the torch references of the same names in ``chunk.py`` and ``
 the results. This package does not decide between the chunked and the recurrent form; the model does.
 """
 
-import functools
-import importlib.util
 import warnings
 
 import torch
 
+from league.ops.backends import installed
 from league.ops.gdn import chunk as _chunk
 from league.ops.gdn import recurrent as _recurrent
 from league.ops.gdn.naive import naive_gated_delta_rule
@@ -151,14 +150,9 @@ def _use_fast(x: torch.Tensor, op: str, package: str) -> bool:
         return False
     if package == "fla" and x.dtype == torch.float32:  # fla's chunk kernels compute fp32 input in tf32
         return False
-    if _installed("triton") and (package == "triton" or _installed(package)):
+    if installed("triton") and (package == "triton" or installed(package)):
         return True
     warnings.warn(
         f"{op}: {package} is not installed; falling back to its reference PyTorch implementation", stacklevel=3
     )
     return False
-
-
-@functools.cache
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None

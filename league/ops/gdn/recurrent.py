@@ -86,7 +86,8 @@ def recurrent_gated_delta_rule_slots(
         q_BTHK, k_BTHK (torch.Tensor): ``[B, T, Hk, K]`` raw queries and keys.
         v_BTHV (torch.Tensor): ``[B, T, Hv, V]``.
         g_BTH, beta_BTH (torch.Tensor): ``[B, T, Hv]``.
-        state_cache (torch.Tensor): ``[num_slots, Hv, K, V]`` (fp32), contiguous.
+        state_cache (torch.Tensor): ``[num_slots, Hv, K, V]``, contiguous; fp32 (or bf16: the engine's
+            ``mamba_ssm_dtype``), computed in fp32.
         slots_B (torch.Tensor): ``[B]`` integer slot of each request, ``-1`` for padding rows.
         scale (float, Optional): query scale. Default: ``K ** -0.5``.
         fresh_B (torch.Tensor, Optional): ``[B]`` bool, rows that start from zeros. Default: none.
