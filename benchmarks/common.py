@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a model of any shape with random weights drawn on its device."""
+"""What the benchmark scripts share: a model of any shape with random weights drawn on its device, and the summary of
+a torch.profiler run by kernel bucket."""
 
 import torch
 
@@ -31,3 +32,44 @@ def random_model(
                 p.normal_(0.0, 0.02)
     model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).to(device)
     return model
+
+
+# kernel-name fragments -> bucket, first match wins
+BUCKETS = (
+    ("moe_grouped_gemm", ("grouped", "cutlass", "Grouped")),
+    ("gdn_recurrent", ("recurrent_gated_delta",)),
+    ("gdn_chunk", ("chunk_", "chunk_gated", "solve_tril", "wy_fast", "kkt", "cumsum")),
+    ("conv", ("conv",)),
+    ("attention", ("cached_attention", "flash", "attention", "fmha")),
+    ("rms_norm", ("rms_norm",)),
+    ("logprob_head", ("_logprob", "logsumexp", "log_softmax")),
+    ("gemm", ("gemm", "Gemm", "sm90_xmma", "nvjet", "addmm", "mm")),
+    ("softmax_sampling", ("softmax", "exponential", "argmax", "topk", "sort")),
+    ("optimizer", ("multi_tensor", "foreach", "adam")),
+)
+
+
+def bucket_of(name: str) -> str:
+    for bucket, fragments in BUCKETS:
+        if any(fragment in name for fragment in fragments):
+            return bucket
+    return "other"
+
+
+def kernel_summary(prof, steps: int, cuda: bool, top: int = 40) -> dict:
+    """Device (or, without CUDA, CPU self) milliseconds per step: the total, by bucket, and the top kernels."""
+
+    def ms(event) -> float:
+        return (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3 / steps
+
+    events = [
+        e for e in prof.key_averages() if ms(e) > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)
+    ]
+    buckets: dict[str, float] = {}
+    for event in events:
+        buckets[bucket_of(event.key)] = buckets.get(bucket_of(event.key), 0.0) + ms(event)
+    return {
+        "kernel_ms_per_step": sum(buckets.values()),
+        "kernel_ms_per_step_by_bucket": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms_per_step": {e.key[:120]: ms(e) for e in sorted(events, key=lambda e: -ms(e))[:top]},
+    }

@@ -9,7 +9,7 @@ experts its batch routes to, uniform routing assumed), each request's GDN state 
 and its keys and values read, at the run's mean context. Writes ``benchmarks/results/rollout_gpu.json``.
 
     python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
-        [--new-tokens 1024] [--spec-steps 0] [--hf-new-tokens 32] [--skip-hf]
+        [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--hf-new-tokens 32] [--skip-hf]
 """
 
 import argparse
@@ -67,7 +67,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def league_rates(model: Transformer, prompts: list[list[int]], new_tokens: int, spec_steps: int) -> dict:
+def league_rates(
+    model: Transformer, prompts: list[list[int]], new_tokens: int, spec_steps: int, ssm_dtype: str = "float32"
+) -> dict:
     batch = len(prompts)
     config = EngineConfig(
         max_running_requests=batch,
@@ -77,6 +79,7 @@ def league_rates(model: Transformer, prompts: list[list[int]], new_tokens: int, 
         cuda_graph_bs=[batch],
         speculative_algorithm="EAGLE" if spec_steps else None,
         speculative_num_steps=max(spec_steps, 1),
+        mamba_ssm_dtype=ssm_dtype,
     )
     engine = LLMEngine(model, config)
     engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))  # capture, compile
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--spec-steps", type=int, default=0, help="MTP draft steps (0: no speculation)")
+    parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype of league's engine")
     parser.add_argument("--hf-new-tokens", type=int, default=32)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
@@ -153,11 +157,12 @@ def main() -> None:
     results = {}
     model = random_model(args).eval()
     for batch in batches:
-        rec = league_rates(model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps)
+        rec = league_rates(model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps, opts.mamba_ssm_dtype)
         gc.collect()
         torch.cuda.empty_cache()
         context = opts.prompt_len + opts.new_tokens / 2
-        bound = batch / (step_bytes(args, batch, context) / HBM_BYTES_PER_S)
+        state_bytes = getattr(torch, opts.mamba_ssm_dtype).itemsize
+        bound = batch / (step_bytes(args, batch, context, state_bytes) / HBM_BYTES_PER_S)
         rec["roofline_tokens_per_s"] = bound
         rec["roofline_fraction"] = rec["decode_tokens_per_s"] / bound
         results[f"league_b{batch}"] = rec

@@ -10,7 +10,7 @@ attention scores (12 x L/2 x heads x head dim per attention layer per token, L t
 H200's dense bf16 rate of 989 TFLOP/s; the GDN recurrence is not counted.
 
     python benchmarks/train_gpu.py [--num-layers 4] [--steps 3] [--prompt-len 256] [--response-len 768]
-        [--max-tokens-per-gpu 8192] [--global-batch-size 32]
+        [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--profile]
     python benchmarks/train_gpu.py --preset tiny --device cpu --steps 1   (a smoke test of the script)
 """
 
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_model
+from common import kernel_summary, random_model
+from torch.profiler import ProfilerActivity, profile
 
 import league
 from league.models.qwen3_5_moe import ModelArgs
@@ -97,6 +98,16 @@ def measure(opts, args: ModelArgs, recompute: bool) -> dict:
         trainer.train(make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, step))
     sync(opts.device)
     seconds = (time.perf_counter() - start) / opts.steps
+    profiled = None
+    if opts.profile:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.device == "cuda" else [])
+        with profile(activities=activities, acc_events=True) as prof:
+            trainer.train(make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, 99))
+            sync(opts.device)
+        profiled = kernel_summary(prof, 1, opts.device == "cuda")
+        trace = opts.out.with_name(opts.out.stem + ("_recompute" if recompute else "") + ".trace.json.gz")
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     sample_len = opts.prompt_len + opts.response_len
     tokens = opts.global_batch_size * sample_len
     flops = tokens * flops_per_token(args, sample_len)
@@ -106,6 +117,8 @@ def measure(opts, args: ModelArgs, recompute: bool) -> dict:
         "tflops_per_s": flops / seconds / 1e12,
         "mfu": flops / seconds / PEAK_BF16_FLOPS,
     }
+    if profiled is not None:
+        record["profile_one_step"] = profiled
     if opts.device == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return record
@@ -123,6 +136,7 @@ def main() -> None:
     parser.add_argument("--optimizer-cpu-offload", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--profile", action="store_true", help="also profile one step: kernel time by bucket, trace")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_gpu.json")
     opts = parser.parse_args()
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=1)

@@ -1,4 +1,4 @@
-"""Captured decode steps: one CUDA graph per batch size replays the model forward and the output head.
+"""Captured decode steps: per batch size, a few CUDA graphs replay the model forward and the output head.
 
 A decode step is the same sequence of kernels every time for a given batch size, so launching them one by one
 (hundreds per step for a 40-layer model) costs more than running them at small batches. Each graph reads
@@ -36,6 +36,18 @@ def default_batch_sizes(max_running_requests: int) -> list[int]:
     return [*sizes, max_running_requests]
 
 
+def layer_runs(num_layers: int) -> list[range]:
+    """The layers of each captured piece, in runs of 2, 4, 8, 16, ... layers: launching a graph takes host time in
+    proportion to its kernels, and the GPU waits only for the launch of the first (small) piece; each later
+    launch is hidden behind the run of the piece before it, which has half its kernels but takes far longer
+    to run than to launch."""
+    runs, start, length = [], 0, 2
+    while start < num_layers:
+        runs.append(range(start, min(start + length, num_layers)))
+        start, length = start + length, 2 * length
+    return runs
+
+
 class DecodeGraphs:
     """Decode forwards captured for ``batch_sizes``.
 
@@ -61,7 +73,7 @@ class DecodeGraphs:
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.long, device=device)
         dtype = next(model.parameters()).dtype
         self.logits = torch.empty(largest, model.args.vocab_size, dtype=dtype, device=device)  # shared by all sizes
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self._capture(size)
@@ -79,23 +91,44 @@ class DecodeGraphs:
             token_slots=self.slots[:size],
         )
 
-    def _forward(self, size: int) -> None:
-        hidden = self.model(self.tokens[:size], self._batch(size), self.cache)
-        torch.mm(hidden, self.model.output_weight().t(), out=self.logits[:size])
+    def _pieces(self, size: int) -> list:
+        """The decode forward as functions run in order, each one graph: embedding and the first layers, more
+        layers, ..., the final norm and the output head. Each piece hands its output to the next through
+        ``state``, which keeps the captured tensors alive between replays."""
+        model, batch, state = self.model, self._batch(size), {}
+
+        def first() -> None:
+            state["x"], state["rope"] = model.embed(self.tokens[:size], batch)
+
+        def layers(run: range):
+            def piece() -> None:
+                state["x"] = model.forward_layers(state["x"], batch, state["rope"], self.cache, run)
+
+            return piece
+
+        def head() -> None:
+            torch.mm(model.norm(state["x"]), model.output_weight().t(), out=self.logits[:size])
+
+        return [first, *(layers(run) for run in layer_runs(len(model.layers))), head]
 
     @torch.no_grad()
     def _capture(self, size: int) -> None:
+        pieces = self._pieces(size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and autotune kernels outside the capture
             for _ in range(2):
-                self._forward(size)
+                for piece in pieces:
+                    piece()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size)
-        self.pool = graph.pool()
-        self.graphs[size] = graph
+        graphs = []
+        for piece in pieces:  # captured in replay order, sharing one memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                piece()
+            self.pool = graph.pool()
+            graphs.append(graph)
+        self.graphs[size] = graphs
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -114,5 +147,6 @@ class DecodeGraphs:
         self.tokens[:size].copy_(staged[0])
         self.positions[:size].copy_(staged[1])
         self.slots[:size].copy_(staged[2])
-        self.graphs[size].replay()
+        for graph in self.graphs[size]:
+            graph.replay()
         return self.logits[:batch]

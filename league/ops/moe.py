@@ -114,7 +114,9 @@ def grouped_swiglu_experts(
     weights and ``weights_TA``. Arguments as :func:`swiglu_experts`; needs :func:`grouped_mm_fits`.
     """
     num_experts, num_topk = w_gate_up_E2ID.shape[0], experts_TA.shape[1]
-    sorted_experts_N, order_N = experts_TA.reshape(-1).sort(stable=True)
+    # the narrowest key type: a radix sort of 8-bit keys makes one pass where int64 keys make eight
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
+    sorted_experts_N, order_N = experts_TA.reshape(-1).to(key_dtype).sort(stable=True)
     # group ends by binary search: bincount on CUDA reads its input's max back to the host
     expert_ids_E = torch.arange(num_experts, device=x_TD.device, dtype=sorted_experts_N.dtype)
     offs_E = torch.searchsorted(sorted_experts_N, expert_ids_E, right=True).to(torch.int32)

@@ -214,3 +214,13 @@ def test_unknown_state_dtype_is_refused():
 def test_cuda_graph_sizes_without_graphs_warn():
     with pytest.warns(UserWarning, match="cuda_graph_bs is ignored"):
         engine(tiny_model_f32(), cuda_graph_bs=[1, 2])
+
+
+def test_graph_pieces_cover_each_layer_once_in_order():
+    from league.engine.cuda_graph import layer_runs
+
+    assert layer_runs(40) == [range(0, 2), range(2, 6), range(6, 14), range(14, 30), range(30, 40)]
+    for num_layers in range(1, 70):
+        runs = layer_runs(num_layers)
+        assert [i for run in runs for i in run] == list(range(num_layers))
+        assert all(len(run) > 0 for run in runs)

@@ -18,7 +18,7 @@ from torch import nn
 from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu, softplus
 from league.ops.attention import cached_attention, varlen_causal_attention
-from league.ops.conv import causal_conv1d_batched
+from league.ops.conv import causal_conv1d_batched, causal_conv1d_slots
 from league.ops.gdn import (
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_varlen,
@@ -286,15 +286,24 @@ class GatedDeltaNet(nn.Module):
         )
         # on the GPU, decode and verify read and write the recurrent states in their slots (no gathered copies)
         in_place = cache is not None and step_by_step and mixed_TC.is_cuda
-        windows = mixed_TC.new_zeros(num_seqs, conv_dim, width1)
+        # the conv kernel sums in fp32, not in the batch-invariant reference's fixed order in the input dtype
+        conv_in_place = in_place and not batch.batch_invariant
+        windows = None if conv_in_place else mixed_TC.new_zeros(num_seqs, conv_dim, width1)
         states = None if in_place else mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
         if cache is not None:
             slots, resume = batch.slots_t, batch.cache_lens_t > 0
-            windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
+            if not conv_in_place:
+                windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
             if not in_place:
                 states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
         mixed_NTC = pad(mixed_TC)
-        conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
+        if conv_in_place:  # reads and writes the windows in their slots
+            window_steps = cache.conv_steps if batch.record_states else None
+            conv_NTC = causal_conv1d_slots(
+                mixed_NTC, self.conv_weight, cache.conv, slots, ~resume, batch.seq_lens_t, window_steps
+            )
+        else:
+            conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
         q, k, v = self._split(conv_NTC)
         g, beta = pad(g_TH), pad(beta_TH)
         new_states, o_packed = None, None
@@ -313,10 +322,11 @@ class GatedDeltaNet(nn.Module):
             if batch.record_states:
                 if new_states is not None:
                     cache.ssm_steps[:num_seqs, :longest] = new_states.to(cache.ssm_steps.dtype)
-                cache.conv_steps[:num_seqs, :longest] = (
-                    full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
-                )
-            else:
+                if not conv_in_place:
+                    cache.conv_steps[:num_seqs, :longest] = (
+                        full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
+                    )
+            elif not conv_in_place:
                 # the last W-1 inputs of each sequence
                 index = batch.seq_lens_t[:, None] + torch.arange(width1, device=device)[None]
                 new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, conv_dim, -1))
@@ -475,11 +485,22 @@ class Transformer(nn.Module):
             batch (ForwardBatch): how the tokens split into sequences, their positions and cache slots.
             cache (ModelCache, Optional): read and written per ``batch``. Default: no cache (training).
         """
-        x_TD = self.tok_embeddings(tokens_T)
-        rope = self.rope(batch.positions)
-        for i, layer in enumerate(self.layers):
-            x_TD = layer(x_TD, batch, rope, None if cache is None else cache.layers[i])
+        x_TD, rope = self.embed(tokens_T, batch)
+        x_TD = self.forward_layers(x_TD, batch, rope, cache, range(len(self.layers)))
         return self.norm(x_TD)
+
+    def embed(self, tokens_T: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, tuple]:
+        """The first part of :meth:`forward`: token embeddings and the rotary cos/sin of the batch's positions."""
+        return self.tok_embeddings(tokens_T), self.rope(batch.positions)
+
+    def forward_layers(
+        self, x_TD: torch.Tensor, batch: ForwardBatch, rope: tuple, cache: ModelCache | None, layers: range
+    ) -> torch.Tensor:
+        """The decoder layers ``layers`` of :meth:`forward` (a contiguous run; the engine captures a decode step
+        as several CUDA graphs, so the GPU starts on the first while the next ones are launched)."""
+        for i in layers:
+            x_TD = self.layers[i](x_TD, batch, rope, None if cache is None else cache.layers[i])
+        return x_TD
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
