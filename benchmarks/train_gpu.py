@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from common import kernel_summary, random_model
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 import league
 from league.models.qwen3_5_moe import ModelArgs
@@ -101,13 +101,21 @@ def measure(opts, args: ModelArgs, recompute: bool) -> dict:
     profiled = None
     if opts.profile:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.device == "cuda" else [])
-        with profile(activities=activities, acc_events=True) as prof:
-            trainer.train(make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, 99))
-            sync(opts.device)
-        profiled = kernel_summary(prof, 1, opts.device == "cuda")
         trace = opts.out.with_name(opts.out.stem + ("_recompute" if recompute else "") + ".trace.json.gz")
         trace.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace))
+        with profile(
+            activities=activities,
+            schedule=schedule(wait=0, warmup=1, active=1),
+            acc_events=True,
+            on_trace_ready=lambda done: done.export_chrome_trace(str(trace)),
+        ) as prof:
+            for seed in (98, 99):  # the first step warms the profiler up
+                trainer.train(
+                    make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, seed)
+                )
+                sync(opts.device)
+                prof.step()
+        profiled = kernel_summary(prof, 1, opts.device == "cuda")
     sample_len = opts.prompt_len + opts.response_len
     tokens = opts.global_batch_size * sample_len
     flops = tokens * flops_per_token(args, sample_len)

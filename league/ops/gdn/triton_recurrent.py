@@ -22,7 +22,9 @@ import triton.language as tl
 from league.ops.gdn.recurrent import recurrent_gated_delta_rule
 
 _NORM_EPS = 1e-6  # the L2-norm eps of naive.l2norm
-_BLOCK_V = 8  # fixed, so that the arithmetic of a state column never depends on the batch
+# fixed (not tuned per shape), so that the arithmetic of a state column never depends on the batch
+_BLOCK_V = 8
+_NUM_WARPS = 1
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -161,7 +163,7 @@ def _launch(q, k, v, g, beta, o, h0, ht, hs, slots, fresh, scale, use_slots, sav
         HAS_FRESH=fresh is not None,
         SAVE_ALL=save_all,
         STORE_FINAL=store_final,
-        num_warps=1,
+        num_warps=_NUM_WARPS,
     )
 
 
