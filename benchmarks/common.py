@@ -63,7 +63,11 @@ def kernel_summary(prof, steps: int, cuda: bool, top: int = 40) -> dict:
         return (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3 / steps
 
     events = [
-        e for e in prof.key_averages() if ms(e) > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)
+        e
+        for e in prof.key_averages()
+        if ms(e) > 0
+        and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)
+        and not e.key.startswith("ProfilerStep")  # the schedule's step annotation, not a kernel
     ]
     buckets: dict[str, float] = {}
     for event in events:

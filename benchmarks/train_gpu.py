@@ -10,7 +10,8 @@ attention scores (12 x L/2 x heads x head dim per attention layer per token, L t
 H200's dense bf16 rate of 989 TFLOP/s; the GDN recurrence is not counted.
 
     python benchmarks/train_gpu.py [--num-layers 4] [--steps 3] [--prompt-len 256] [--response-len 768]
-        [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--profile]
+        [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--modes no_recompute,recompute] [--gdn-backward torch]
+        [--profile]
     python benchmarks/train_gpu.py --preset tiny --device cpu --steps 1   (a smoke test of the script)
 """
 
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 import league
 from league.models.qwen3_5_moe import ModelArgs
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+from league.ops.gdn import fast
 from league.parallel.parallelize import apply_ac
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
@@ -144,12 +146,15 @@ def main() -> None:
     parser.add_argument("--optimizer-cpu-offload", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--modes", default="no_recompute,recompute", help="activation recompute off, on, or both")
+    parser.add_argument("--gdn-backward", default="torch", help="GDN chunk backward on fla: torch (default) or fla")
     parser.add_argument("--profile", action="store_true", help="also profile one step: kernel time by bucket, trace")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_gpu.json")
     opts = parser.parse_args()
+    fast.DEFAULT_BACKWARD = opts.gdn_backward
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=1)
     results = {}
-    for recompute in (False, True):
+    for recompute in [mode == "recompute" for mode in opts.modes.split(",")]:
         results["recompute" if recompute else "no_recompute"] = rec = measure(opts, args, recompute)
         print(("recompute" if recompute else "no recompute"), json.dumps(rec), flush=True)
         if opts.device == "cuda":

@@ -28,6 +28,8 @@ import torch
 from league.ops.gdn.chunk import chunk_gated_delta_rule_varlen
 
 CHUNK_SIZE = 64
+# the backward when a caller names none (the model does not): "torch" until the "fla" one is verified on a GPU
+DEFAULT_BACKWARD = "torch"
 
 
 def chunk_gated_delta_rule_fla(
@@ -39,7 +41,7 @@ def chunk_gated_delta_rule_fla(
     initial_state_NHKV: torch.Tensor | None = None,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    backward: str = "torch",
+    backward: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule by fla's chunked kernels; differentiable.
 
@@ -53,11 +55,13 @@ def chunk_gated_delta_rule_fla(
         scale (float, Optional): query scale. Default: ``K ** -0.5``.
         cu_seqlens (torch.Tensor, Optional): ``[N + 1]`` int64 offsets of N sequences packed along T; needs B == 1.
             Read on the host (fla sizes its grids from it). Default: ``None`` (each batch row is one sequence).
-        backward (str): ``"torch"`` or ``"fla"``, see the module docstring. Default: ``"torch"``.
+        backward (str, Optional): ``"torch"`` or ``"fla"``, see the module docstring. Default:
+            ``DEFAULT_BACKWARD``.
 
     Returns:
         ``(o_BTHV, final_state_NHKV)``: outputs in the dtype of v, final states in fp32.
     """
+    backward = DEFAULT_BACKWARD if backward is None else backward
     if backward not in ("torch", "fla"):
         raise ValueError(f"`backward` ({backward!r}) must be 'torch' or 'fla'")
     scale = q_BTHK.shape[-1] ** -0.5 if scale is None else scale
