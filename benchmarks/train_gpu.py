@@ -10,7 +10,7 @@ attention scores (12 x L/2 x heads x head dim per attention layer per token, L t
 H200's dense bf16 rate of 989 TFLOP/s; the GDN recurrence is not counted.
 
     python benchmarks/train_gpu.py [--num-layers 4] [--steps 3] [--prompt-len 256] [--response-len 768]
-        [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--modes no_recompute,recompute] [--gdn-backward torch]
+        [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--modes no_recompute,recompute] [--gdn-backward fla]
         [--profile]
     python benchmarks/train_gpu.py --preset tiny --device cpu --steps 1   (a smoke test of the script)
 """
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--modes", default="no_recompute,recompute", help="activation recompute off, on, or both")
-    parser.add_argument("--gdn-backward", default="torch", help="GDN chunk backward on fla: torch (default) or fla")
+    parser.add_argument("--gdn-backward", default="fla", help="GDN chunk backward: fla (default) or torch")
     parser.add_argument("--profile", action="store_true", help="also profile one step: kernel time by bucket, trace")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_gpu.json")
     opts = parser.parse_args()

@@ -4,13 +4,16 @@ This one function serves the engine (log-prob of a sampled token) and the traine
 trained token), so both compute a token's log-probability the same way. :func:`linear_token_logprobs`
 computes the same number from the output head's input and weight, without holding all the logits (training
 on a 248k vocabulary); it does not promise bitwise agreement with the engine, so batch-invariant runs keep the
-unfused form.
+unfused form. On CUDA with Triton and bf16/fp16 weights, its per-chunk log-softmax work runs in the kernels of
+``triton_logprob.py`` over the chunk's logits in the weights' dtype (no fp32 copy of them).
 
 Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk.
 """
 
 import torch
 import torch.nn.functional as F
+
+from league.ops.backends import installed
 
 
 def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
@@ -81,6 +84,12 @@ def linear_token_logprobs_entropy(
     return _LinearLogprobs.apply(hidden_TD, weight_VD, tokens_T, temperature, chunk_size, True)
 
 
+def _fused_kernels_apply(weight_VD: torch.Tensor) -> bool:
+    """Whether the per-chunk log-softmax runs in Triton kernels: CUDA, Triton installed, bf16/fp16 weights (fp32
+    weights keep the torch path, whose logits are fp32 throughout)."""
+    return weight_VD.is_cuda and weight_VD.dtype in (torch.bfloat16, torch.float16) and installed("triton")
+
+
 def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, temperature: float) -> torch.Tensor:
     """``[C, V]`` fp32 tempered logits, the linear in the parameters' dtype as ``F.linear``."""
     z_CV = F.linear(hidden_CD, weight_VD).float()
@@ -126,13 +135,20 @@ class _LinearLogprobs(torch.autograd.Function):
         logp_T = hidden_TD.new_empty(num_rows, dtype=torch.float32)
         lse_T = torch.empty_like(logp_T)
         ent_T = torch.empty_like(logp_T) if with_entropy else logp_T.new_empty(0)
+        fast = _fused_kernels_apply(weight_VD)
         for start in range(0, num_rows, chunk_size):
             rows = slice(start, start + chunk_size)
-            _chunk_forward(
-                hidden_TD[rows], weight_VD, tokens_T[rows], temperature, lse_T[rows], logp_T[rows], ent_T[rows]
-            )
+            if fast:
+                from league.ops.triton_logprob import chunk_logsumexp
+
+                z_CV = F.linear(hidden_TD[rows], weight_VD)
+                chunk_logsumexp(z_CV, tokens_T[rows], temperature, lse_T[rows], logp_T[rows], ent_T[rows])
+            else:
+                _chunk_forward(
+                    hidden_TD[rows], weight_VD, tokens_T[rows], temperature, lse_T[rows], logp_T[rows], ent_T[rows]
+                )
         ctx.save_for_backward(hidden_TD, weight_VD, tokens_T, lse_T, ent_T)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.fast = temperature, chunk_size, fast
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(ent_T)
@@ -147,16 +163,27 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight_VD = torch.zeros_like(weight_VD, dtype=acc_dtype) if want_weight else None
         for start in range(0, hidden_TD.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            grad_logits_CV = _grad_chunk_logits(
-                hidden_TD[rows],
-                weight_VD,
-                ctx.temperature,
-                lse_T[rows],
-                tokens_T[rows],
-                None if grad_logp_T is None else grad_logp_T[rows].float(),
-                None if grad_ent_T is None else ent_T[rows],
-                None if grad_ent_T is None else grad_ent_T[rows].float(),
-            )
+            grad_logp_C = None if grad_logp_T is None else grad_logp_T[rows].float().contiguous()
+            ent_C = None if grad_ent_T is None else ent_T[rows]
+            grad_ent_C = None if grad_ent_T is None else grad_ent_T[rows].float().contiguous()
+            if ctx.fast:
+                from league.ops.triton_logprob import chunk_grad_logits
+
+                z_CV = F.linear(hidden_TD[rows], weight_VD)
+                grad_logits_CV = chunk_grad_logits(
+                    z_CV, tokens_T[rows], ctx.temperature, lse_T[rows], grad_logp_C, ent_C, grad_ent_C
+                )
+            else:
+                grad_logits_CV = _grad_chunk_logits(
+                    hidden_TD[rows],
+                    weight_VD,
+                    ctx.temperature,
+                    lse_T[rows],
+                    tokens_T[rows],
+                    grad_logp_C,
+                    ent_C,
+                    grad_ent_C,
+                )
             if want_hidden:
                 grad_hidden_TD[rows] = grad_logits_CV @ weight_VD
             if want_weight:

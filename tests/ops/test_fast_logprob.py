@@ -1,9 +1,13 @@
 """The fused output head + log-prob against the unfused ``token_logprobs(F.linear(h, W))``: values and gradients."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from league.ops import logprob as logprob_module
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
 
 
@@ -133,3 +137,47 @@ def test_trainer_response_logprobs(batch_invariant):
     (grad,) = torch.autograd.grad(logp.sum(), weight)
     (grad_ref,) = torch.autograd.grad(ref.sum(), weight)
     assert_near(grad, grad_ref)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton under TRITON_INTERPRET=1 (the GPU tests run the kernels on CUDA)",
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_triton_chunk_kernels_equal_the_torch_path(monkeypatch, temperature, with_entropy):
+    """bf16 weights: the Triton log-sum-exp and logits-gradient kernels against the torch path, same chunks."""
+    hidden, weight, tokens = make_inputs(19, 16, 5000, torch.bfloat16, seed=3)  # V over one 4096-column block
+    fn = linear_token_logprobs_entropy if with_entropy else lambda *a, **k: (linear_token_logprobs(*a, **k),)
+    run = lambda h, w, t, temp: fn(h, w, t, temp, chunk_size=8)
+    ref, gh_ref, gw_ref = grads_of(run, hidden, weight, tokens, temperature)
+    monkeypatch.setattr(logprob_module, "_fused_kernels_apply", lambda weight: True)
+    out, gh, gw = grads_of(run, hidden, weight, tokens, temperature)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=0, atol=2e-5)
+    for g, g_ref in ((gh, gh_ref), (gw, gw_ref)):  # see below: the interpreter rounds bf16 toward zero
+        assert g.dtype == torch.bfloat16
+        assert ((g.float() - g_ref.float()).norm() / g_ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton under TRITON_INTERPRET=1 (the GPU tests run the kernels on CUDA)",
+)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_triton_logits_gradient_is_the_torch_one_within_a_bf16_ulp(with_entropy):
+    """Each bf16 logit gradient is the torch path's fp32 value rounded: within one bf16 ulp of the torch path's
+    (Triton's interpreter truncates where CUDA rounds to nearest, so exact equality is for the GPU tests)."""
+    from league.ops.triton_logprob import chunk_grad_logits
+
+    hidden, weight, tokens = make_inputs(8, 16, 5000, torch.bfloat16, seed=3)
+    lse, logp = torch.empty(8), torch.empty(8)
+    ent = torch.empty(8) if with_entropy else torch.empty(0)
+    logprob_module._chunk_forward(hidden, weight, tokens, 0.7, lse, logp, ent)
+    gen = torch.Generator().manual_seed(4)
+    grad_logp, grad_ent = torch.randn(8, generator=gen), torch.randn(8, generator=gen) if with_entropy else None
+    ent_arg = ent if with_entropy else None
+    ref = logprob_module._grad_chunk_logits(hidden, weight, 0.7, lse, tokens, grad_logp, ent_arg, grad_ent).float()
+    got = chunk_grad_logits(F.linear(hidden, weight), tokens, 0.7, lse, grad_logp, ent_arg, grad_ent).float()
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=1e-30))) - 7)
+    assert ((got - ref).abs() <= ulp).all()

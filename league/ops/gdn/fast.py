@@ -8,12 +8,13 @@ The forward is fla 0.6.0's chunk forward, with q/k L2-normalised by fla's kernel
 handled by fla (value head j reads key head ``j // (Hv / Hk)``). fla's own backward raises on Hopper with
 Triton >= 3.4 and < 3.7.1, where ``chunk_bwd_dqkwg`` miscompiles (fla issue #640), so the backward is one of:
 
-- ``"torch"`` (default): recompute the torch reference under autograd and backpropagate through it. Correct
-  by construction; costs a torch forward and backward at fp32.
-- ``"fla"``: fla's other backward kernels, with ``chunk_bwd_dqkwg``'s per-chunk products computed here as
-  batched torch matmuls (``_chunk_bwd_dqkwg``). Much faster, but those kernels have their own Hopper history
-  (fla issue #984 miscompiled the ungated ``prepare_wy_repr_bwd``): use it on a GPU and Triton version only
-  once ``tests/gpu/test_fast_gdn.py`` passes there.
+- ``"torch"``: recompute the torch reference under autograd and backpropagate through it. Correct by
+  construction; costs a torch forward and backward at fp32.
+- ``"fla"`` (default): fla's other backward kernels, with ``chunk_bwd_dqkwg``'s per-chunk products computed here
+  as batched torch matmuls (``_chunk_bwd_dqkwg``). Those kernels have their own Hopper history (fla issue #984
+  miscompiled the ungated ``prepare_wy_repr_bwd``); ``tests/gpu/test_fast_gdn.py`` passes with them on an H200
+  with Triton 3.6 (docs/benchmarks.md), where a training step is 20% faster than with ``"torch"``. On another
+  GPU or Triton version, run that test first; ``DEFAULT_BACKWARD = "torch"`` is the safe fallback.
 
 fla and Triton are imported inside the functions: this module imports without them.
 
@@ -28,8 +29,8 @@ import torch
 from league.ops.gdn.chunk import chunk_gated_delta_rule_varlen
 
 CHUNK_SIZE = 64
-# the backward when a caller names none (the model does not): "torch" until the "fla" one is verified on a GPU
-DEFAULT_BACKWARD = "torch"
+# the backward when a caller names none (the model does not)
+DEFAULT_BACKWARD = "fla"
 
 
 def chunk_gated_delta_rule_fla(
