@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 _BLOCK_V = 4096
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel can read must be a constexpr
 
 
 @triton.jit(do_not_specialize=["V"])
