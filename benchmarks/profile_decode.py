@@ -85,6 +85,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             prof.step()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
+    num_gdn = sum(kind == "linear_attention" for kind in args.layer_types)
+    marker = ("_recurrent_gated_delta_rule_kernel", num_gdn) if cuda and num_gdn else None
     record = {
         "benchmark": "profile_decode",
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -93,7 +95,7 @@ def main() -> None:
         "results": {
             "step_ms": unprofiled * 1e3,
             "tokens_per_s": opts.batch / unprofiled,
-            **kernel_summary(prof, opts.steps, cuda),
+            **kernel_summary(prof, opts.steps, cuda, marker=marker),
         },
     }
     opts.out.write_text(json.dumps(record, indent=2) + "\n")
