@@ -1,17 +1,40 @@
-"""Speculative decoding with a trained MTP layer: league's engine with and without MTP speculation on one model,
-side by side in one run. The model (the Qwen3.6-35B-A3B width at ``--num-layers`` layers, its MTP layer, the full
-vocabulary) is first trained on the GPU on a synthetic language whose tokens follow predictably (arithmetic
-progressions over the first ``--lang-vocab`` ids, with a ``--noise`` fraction of random tokens), trunk and MTP
-layer together, so the MTP layer's drafts are accepted at a rate set by the data rather than by chance. Greedy
-decoding of ``--new-tokens`` tokens after ``--prompt-len``-token prompts at each batch size; decode rate and
-acceptance length as in ``rollout_gpu.py``. Writes ``benchmarks/results/speculative_gpu.json``.
+"""Speculative decoding with a trained MTP layer: acceptance length and decode speed of league's engine with and
+without MTP speculation, on one model, side by side in one run.
 
-    python benchmarks/speculative_gpu.py [--num-layers 4] [--batches 1,16,64] [--spec-steps 1,2,3]
-    python benchmarks/speculative_gpu.py --preset tiny --device cpu --dtype float32 --batches 1,4 --new-tokens 16
-        (a smoke test of the script)
+The model has the per-layer shape of Qwen3.6-35B-A3B (dim 2048, 16 query / 2 KV heads of 256, GDN 16 key / 32 value
+heads of 128, 256 experts top-8 of 512 plus a shared expert, the full 248,320-token vocabulary and output head) cut
+to ``--num-layers`` layers of its hybrid pattern (3 Gated DeltaNet : 1 attention), with one MTP layer. Its random
+weights (``common.random_model``) are first trained on the device for ``--train-steps`` AdamW steps in the model's
+dtype, ``--train-batch`` x ``--train-len`` tokens a step (16 x 64), on a synthetic language over the first
+``--lang-vocab`` token ids: arithmetic progressions mod ``--lang-vocab`` (steps 1 to 3) with a ``--noise`` fraction
+of tokens replaced at random. The trunk learns the next token and the MTP layer (alone: trunk and output head
+detached, as in league's trainer) the token after next, so drafts are accepted at a rate the training sets, not by
+chance.
+
+Then, for each batch in ``--batches`` and temperature in ``--temperatures`` (0: greedy; others: sampling, with
+exact speculative sampling when speculating): B noise-free prompts of ``--prompt-len`` tokens, ``--new-tokens``
+tokens each (EOS ignored), by the engine without speculation (as configured by default: CUDA graphs where they
+apply, i.e. bf16 on Hopper/Blackwell; there also without graphs, ``no_spec_eager``, since speculative steps run
+without them) and with EAGLE-style MTP speculation at each of ``--spec-steps`` draft steps. Decode rate is
+``B * (new - 1) / (t_generate - t_prefill)``, ``t_prefill`` the time of the same call generating one token, each the
+fastest of ``--repeats`` runs after a warm-up; acceptance length is tokens emitted per verify step (1 = no draft
+accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature.
+Greedy outputs with and without speculation are compared per batch (``greedy_equal``), equal in fp32 on a CPU; in
+bf16 the verify forward's numerics differ from decode's, so they may diverge (recorded, not asserted). Writes
+``benchmarks/results/speculative_gpu.json``.
+
+Training keeps bf16 weights, gradients and AdamW moments (8 bytes a parameter: 64 GiB for the 8.6 B parameters of
+the default 8 layers; up to about 16 layers fit an H200).
+
+    python benchmarks/speculative_gpu.py [--num-layers 8] [--batches 1,16,64] [--spec-steps 1,2,3]
+        [--temperatures 0,1] [--train-steps 200] [--lang-vocab 256] [--noise 0.05] [--new-tokens 256]
+    OMP_NUM_THREADS=1 python benchmarks/speculative_gpu.py --device cpu --preset tiny --num-layers 4 \
+        --lang-vocab 64 --train-steps 200 --train-len 32 --lr 3e-3 --prompt-len 16 --batches 1,4 --new-tokens 32 \
+        --spec-steps 1,2 --out /tmp/spec.json   (a CPU smoke test: a minute or two on 2 cores)
 """
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -23,13 +46,15 @@ from common import random_model
 
 import league
 from league.engine.engine import EngineConfig, LLMEngine
-from league.engine.request import SamplingParams
-from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.engine.request import SamplingParams, SpecStats
+from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+from league.ops.moe import grouped_mm_is_native
 
 
 def synthetic(num: int, length: int, vocab: int, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """``[num, length]`` arithmetic progressions mod ``vocab`` (steps 1 to 3), a ``noise`` fraction replaced."""
+    """``[num, length]`` arithmetic progressions mod ``vocab`` (steps 1 to 3), a ``noise`` fraction of tokens
+    replaced by uniform random ones (the progression goes on from its own value after a replaced token)."""
     start = torch.randint(0, vocab, (num, 1), generator=gen)
     step = torch.randint(1, 4, (num, 1), generator=gen)
     seqs = (start + step * torch.arange(length)[None]) % vocab
@@ -37,25 +62,59 @@ def synthetic(num: int, length: int, vocab: int, noise: float, gen: torch.Genera
     return torch.where(flip, torch.randint(0, vocab, (num, length), generator=gen), seqs)
 
 
-def train(model: Transformer, opts, gen: torch.Generator) -> list[float]:
-    """Next-token loss of the trunk plus the MTP layer's loss on the token after next; [first, last] losses."""
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95))
-    num, length = 16, 64
-    batch = ForwardBatch.packed([length] * num, device=opts.device)
-    losses = []
-    for _ in range(opts.train_steps):
-        seqs = synthetic(num, length, opts.lang_vocab, opts.noise, gen).to(opts.device)
-        hidden = model(seqs.view(-1), batch)
-        logits = model.logits(hidden).float().view(num, length, -1)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), seqs[:, 1:].flatten())
-        mtp_hidden = model.mtp_forward(hidden, torch.roll(seqs, -1, 1).view(-1), batch, detach_trunk=True)
-        mtp = model.mtp_logits(mtp_hidden, detach_head=True).float().view(num, length, -1)
-        mtp_loss = F.cross_entropy(mtp[:, :-2].flatten(0, 1), seqs[:, 2:].flatten())
-        opt.zero_grad(set_to_none=True)
-        (loss + mtp_loss).backward()
-        opt.step()
-        losses.append((float(loss), float(mtp_loss)))
-    return [losses[0], losses[-1]]
+def losses(model: Transformer, seqs: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trunk's next-token loss and the MTP layer's token-after-next loss (the MTP gradient reaches only MTP
+    parameters), in fp32."""
+    num, length = seqs.shape
+    hidden = model(seqs.view(-1), batch)
+    logits = model.logits(hidden).view(num, length, -1)
+    trunk = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), seqs[:, 1:].flatten())
+    mtp_hidden = model.mtp_forward(hidden, torch.roll(seqs, -1, 1).view(-1), batch, detach_trunk=True)
+    mtp_logits = model.mtp_logits(mtp_hidden, detach_head=True).view(num, length, -1)
+    mtp = F.cross_entropy(mtp_logits[:, :-2].flatten(0, 1).float(), seqs[:, 2:].flatten())
+    return trunk, mtp
+
+
+def train(model: Transformer, opts: argparse.Namespace, gen: torch.Generator) -> dict:
+    """``opts.train_steps`` AdamW steps on the synthetic language, in the model's dtype; the losses of the first
+    and last steps (and the mean of the last 10, less noisy), the time taken and, on a GPU, the peak memory."""
+    if opts.train_steps < 1:
+        return {"steps": 0}
+    cuda = opts.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
+    batch = ForwardBatch.packed([opts.train_len] * opts.train_batch, device=opts.device)
+    history: list[tuple[float, float]] = []
+    every = max(1, opts.train_steps // 10)
+    sync(opts.device)
+    start = time.perf_counter()
+    for step in range(opts.train_steps):
+        seqs = synthetic(opts.train_batch, opts.train_len, opts.lang_vocab, opts.noise, gen).to(opts.device)
+        trunk, mtp = losses(model, seqs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (trunk + mtp).backward()
+        optimizer.step()
+        history.append((trunk.item(), mtp.item()))
+        if step % every == 0 or step == opts.train_steps - 1:
+            print(f"train step {step:4d}: loss {history[-1][0]:.3f}, mtp loss {history[-1][1]:.3f}", flush=True)
+    sync(opts.device)
+    seconds = time.perf_counter() - start
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    free_memory(opts.device)
+    tail = history[-10:]
+    memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {}
+    return memory | {
+        "steps": opts.train_steps,
+        "seconds": seconds,
+        "loss_first": history[0][0],
+        "loss_last": history[-1][0],
+        "loss_last10_mean": sum(t for t, _ in tail) / len(tail),
+        "mtp_loss_first": history[0][1],
+        "mtp_loss_last": history[-1][1],
+        "mtp_loss_last10_mean": sum(m for _, m in tail) / len(tail),
+    }
 
 
 def sync(device: str) -> None:
@@ -63,81 +122,228 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_rate(model: Transformer, prompts: list[list[int]], opts, spec_steps: int) -> tuple[dict, list]:
-    batch = len(prompts)
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_steps: int, graphs: bool) -> LLMEngine:
+    """An engine for ``batch`` requests at once, speculating ``spec_steps`` draft tokens (0: none), decoding through
+    CUDA graphs if ``graphs`` and they apply (plain decode of bf16 on Hopper/Blackwell)."""
+    param = next(model.parameters())
+    graphs = graphs and not spec_steps and grouped_mm_is_native(param.dtype, param.device)
     config = EngineConfig(
         max_running_requests=batch,
         num_slots=batch,
-        context_length=len(prompts[0]) + opts.new_tokens + 8,
-        cuda_graph_bs=[batch] if opts.device == "cuda" and not spec_steps else None,
+        context_length=opts.prompt_len + opts.new_tokens + 8,
+        max_num_batched_tokens=max(4096, batch * opts.prompt_len),
+        cuda_graph_bs=[batch] if graphs else None,
+        disable_cuda_graph=not graphs,
         speculative_algorithm="EAGLE" if spec_steps else None,
         speculative_num_steps=max(spec_steps, 1),
+        mamba_ssm_dtype=opts.mamba_ssm_dtype,
     )
-    engine = LLMEngine(model, config)
-    engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    return LLMEngine(model, config)
 
-    def timed(new_tokens: int) -> tuple[float, list]:
+
+def measure(
+    model: Transformer,
+    prompts: list[list[int]],
+    opts: argparse.Namespace,
+    spec_steps: int,
+    temperature: float,
+    graphs: bool,
+) -> tuple[dict, list[list[int]]]:
+    """Decode rate (and acceptance when speculating) of one engine setting; the last timed run's output ids."""
+    batch = len(prompts)
+    free_memory(opts.device)  # the previous setting's engine (cache, graphs)
+    engine = make_engine(model, opts, batch, spec_steps, graphs)
+
+    def timed(new_tokens: int) -> tuple[float, list[list[int]]]:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
         sync(opts.device)
         start = time.perf_counter()
-        outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+        outs = engine.generate(prompts, params)
         sync(opts.device)
-        return time.perf_counter() - start, outs
+        return time.perf_counter() - start, [o.output_ids for o in outs]
 
-    prefill_s, _ = timed(1)
-    before = engine.stats.spec.verify_steps, engine.stats.spec.verified_output_tokens
-    total_s, outs = timed(opts.new_tokens)
-    record = {"decode_tokens_per_s": batch * (opts.new_tokens - 1) / (total_s - prefill_s), "seconds": total_s}
+    timed(8)  # warm-up: kernels compiled and autotuned, CUDA graphs captured
+    prefill_s = min(timed(1)[0] for _ in range(opts.repeats))
+    before = SpecStats()
+    before.add(engine.stats.spec)
+    total_s, outputs = float("inf"), []
+    for _ in range(opts.repeats):
+        seconds, outputs = timed(opts.new_tokens)
+        total_s = min(total_s, seconds)
+    record = {
+        "batch": batch,
+        "temperature": temperature,
+        "spec_steps": spec_steps,
+        "cuda_graphs": engine.use_graphs,
+        "seconds": total_s,
+        "prefill_seconds": prefill_s,
+        "decode_tokens_per_s": batch * (opts.new_tokens - 1) / (total_s - prefill_s),
+    }
     if spec_steps:
-        steps = engine.stats.spec.verify_steps - before[0]
-        record["accept_length"] = (engine.stats.spec.verified_output_tokens - before[1]) / max(steps, 1)
-    return record, [o.output_ids for o in outs]
+        spec = engine.stats.spec
+        steps = spec.verify_steps - before.verify_steps
+        record["accept_length"] = (spec.verified_output_tokens - before.verified_output_tokens) / max(steps, 1)
+        record["draft_accept_rate"] = (spec.accepted_tokens - before.accepted_tokens) / max(
+            spec.draft_tokens - before.draft_tokens, 1
+        )
+    return record, outputs
+
+
+def run_batch(
+    model: Transformer, prompts: list[list[int]], opts: argparse.Namespace, temperature: float, eager_baseline: bool
+) -> tuple[dict[str, dict], bool | None]:
+    """Every setting at one batch and temperature: no speculation (and without graphs if ``eager_baseline``), then
+    each draft length; greedy: whether every speculative output equals the output without speculation."""
+    tag = f"b{len(prompts)}_t{temperature:g}"
+    results: dict[str, dict] = {}
+    base, base_ids = measure(model, prompts, opts, 0, temperature, graphs=True)
+    results[f"{tag}_no_spec"] = base
+    print(tag, "no spec", json.dumps(base), flush=True)
+    if eager_baseline:
+        eager, _ = measure(model, prompts, opts, 0, temperature, graphs=False)
+        results[f"{tag}_no_spec_eager"] = eager
+        print(tag, "no spec, no CUDA graphs", json.dumps(eager), flush=True)
+    equal = None
+    for steps in opts.spec_steps:
+        rec, ids = measure(model, prompts, opts, steps, temperature, graphs=False)
+        rec["speedup"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        if eager_baseline:
+            rec["speedup_vs_eager"] = rec["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
+        if temperature == 0:
+            same = [a == b for a, b in zip(ids, base_ids)]
+            rec["greedy_equal"] = all(same)
+            rec["greedy_equal_requests"] = sum(same) / len(same)
+            equal = rec["greedy_equal"] if equal is None else equal and rec["greedy_equal"]
+        results[f"{tag}_spec{steps}"] = rec
+        print(tag, f"spec {steps}", json.dumps(rec), flush=True)
+    return results, equal
+
+
+def model_args(opts: argparse.Namespace) -> ModelArgs:
+    """The preset cut to ``--num-layers`` layers of its pattern, with one MTP layer."""
+    return with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=1)
+
+
+def versions() -> dict[str, str | None]:
+    return {
+        "league": league.__version__,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fla": _version("fla"),
+        "python": platform.python_version(),
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return getattr(__import__(name), "__version__", "unknown")
+    except Exception:  # not installed, or fails to import without a GPU
+        return None
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine() or "cpu"
+
+
+def print_summary(results: dict[str, dict]) -> None:
+    """One line per setting: decode rate, acceptance length, speedups (over the default and the eager no-spec)."""
+    print(f"{'setting':28s} {'decode tok/s':>12s} {'accept len':>10s} {'speedup':>8s} {'vs eager':>8s}  greedy equal")
+
+    def cell(r: dict, key: str, width: int) -> str:
+        return f"{r[key]:{width}.2f}" if key in r else " " * width
+
+    for name, r in results.items():
+        print(
+            f"{name:28s} {r['decode_tokens_per_s']:12.1f} {cell(r, 'accept_length', 10)} {cell(r, 'speedup', 8)} "
+            f"{cell(r, 'speedup_vs_eager', 8)}  {r.get('greedy_equal', '')}"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--preset", default="qwen3.6-35b-a3b", choices=sorted(PRESETS))
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--spec-steps", default="1,2,3")
+    parser.add_argument("--temperatures", default="0,1", help="0 is greedy; greedy is always measured")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
+    parser.add_argument("--train-len", type=int, default=64, help="tokens per training sequence")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lang-vocab", type=int, default=256, help="token ids the synthetic language uses")
+    parser.add_argument("--noise", type=float, default=0.05, help="fraction of training tokens made random")
+    parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype of the engine's cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speculative_gpu.json")
+    opts = parser.parse_args()
+    opts.dtype = opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32")
+    opts.batches = [int(b) for b in opts.batches.split(",")]
+    opts.spec_steps = [int(s) for s in opts.spec_steps.split(",")]
+    opts.temperatures = sorted({0.0, *(float(t) for t in opts.temperatures.split(","))})
+    return opts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="qwen3.6-35b-a3b")
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--batches", default="1,16,64")
-    parser.add_argument("--spec-steps", default="1,2,3")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--train-steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lang-vocab", type=int, default=256)
-    parser.add_argument("--noise", type=float, default=0.05)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speculative_gpu.json")
-    opts = parser.parse_args()
-    args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=1)
-    gen = torch.Generator().manual_seed(0)
-    model = random_model(args, opts.device, getattr(torch, opts.dtype)).train()
-    losses = train(model, opts, gen)
-    print("train (trunk, mtp) losses first/last:", losses, flush=True)
-    model.eval()
-    batches = [int(b) for b in opts.batches.split(",")]
-    prompts = synthetic(max(batches), opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
-    results = {}
-    for batch in batches:
-        base, base_ids = decode_rate(model, prompts[:batch], opts, 0)
-        results[f"b{batch}_no_spec"] = base
-        print(batch, "no spec", json.dumps(base), flush=True)
-        for steps in [int(s) for s in opts.spec_steps.split(",")]:
-            rec, ids = decode_rate(model, prompts[:batch], opts, steps)
-            rec["speedup"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-            rec["greedy_equal_no_spec"] = ids == base_ids
-            results[f"b{batch}_spec{steps}"] = rec
-            print(batch, f"spec {steps}", json.dumps(rec), flush=True)
+    opts = parse_args()
+    begin = time.perf_counter()
+    args = model_args(opts)
+    if not 4 <= opts.lang_vocab <= args.vocab_size:
+        raise SystemExit(f"--lang-vocab {opts.lang_vocab}: must be in [4, {args.vocab_size}] for this model")
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    dtype = getattr(torch, opts.dtype)
+    model = random_model(args, opts.device, dtype, seed=opts.seed).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {opts.preset}, {args.num_layers} layers {args.layer_types} + 1 MTP layer, "
+        f"{num_params / 1e9:.2f} B parameters, {opts.dtype} on {opts.device}",
+        flush=True,
+    )
+    training = train(model, opts, gen)
+    print("training:", json.dumps(training), flush=True)
+    model.eval().requires_grad_(False)
+    prompts = synthetic(max(opts.batches), opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
+    eager_baseline = grouped_mm_is_native(dtype, torch.device(opts.device))  # graphs apply to plain decode only
+    results: dict[str, dict] = {}
+    greedy_equal: dict[str, bool | None] = {}
+    for batch in opts.batches:
+        for temperature in opts.temperatures:
+            recs, equal = run_batch(model, prompts[:batch], opts, temperature, eager_baseline)
+            results |= recs
+            if temperature == 0:
+                greedy_equal[f"b{batch}"] = equal
     record = {
         "benchmark": "speculative_gpu",
-        "device": torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu",
-        "versions": {"league": league.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"greedy": True},
-        "train_losses_first_last": losses,
+        "device": device_name(opts.device),
+        "versions": versions(),
+        "settings": {k: v for k, v in vars(opts).items() if k != "out"}
+        | {
+            "model": f"{opts.preset} cut to {args.num_layers} layers ({args.layer_types}) + 1 MTP layer",
+            "num_params": num_params,
+            "vocab_size": args.vocab_size,
+            "speculative_algorithm": "EAGLE (the model's MTP layer, chain drafts)",
+        },
+        "training": training,
         "results": results,
+        "greedy_equal": greedy_equal,
+        "total_seconds": time.perf_counter() - begin,
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(record, indent=2) + "\n")
+    print_summary(results)
+    print(f"greedy outputs equal with and without speculation: {greedy_equal}")
+    print(f"total {record['total_seconds']:.0f} s; wrote {opts.out}", flush=True)
 
 
 if __name__ == "__main__":
