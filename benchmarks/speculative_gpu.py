@@ -13,9 +13,9 @@ chance.
 
 Then, for each batch in ``--batches`` and temperature in ``--temperatures`` (0: greedy; others: sampling, with
 exact speculative sampling when speculating): B noise-free prompts of ``--prompt-len`` tokens, ``--new-tokens``
-tokens each (EOS ignored), by the engine without speculation (as configured by default: CUDA graphs where they
-apply, i.e. bf16 on Hopper/Blackwell; there also without graphs, ``no_spec_eager``, since speculative steps run
-without them) and with EAGLE-style MTP speculation at each of ``--spec-steps`` draft steps. Decode rate is
+tokens each (EOS ignored), by the engine without speculation and with EAGLE-style MTP speculation at each of
+``--spec-steps`` draft steps, both as configured by default (CUDA graphs where they apply, i.e. bf16 on
+Hopper/Blackwell: one graph per decode step, or per draft-and-verify step). Decode rate is
 ``B * (new - 1) / (t_generate - t_prefill)``, ``t_prefill`` the time of the same call generating one token, each the
 fastest of ``--repeats`` runs after a warm-up; acceptance length is tokens emitted per verify step (1 = no draft
 accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature.
@@ -128,11 +128,11 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_steps: int, graphs: bool) -> LLMEngine:
-    """An engine for ``batch`` requests at once, speculating ``spec_steps`` draft tokens (0: none), decoding through
-    CUDA graphs if ``graphs`` and they apply (plain decode of bf16 on Hopper/Blackwell)."""
+def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_steps: int) -> LLMEngine:
+    """An engine for ``batch`` requests at once, speculating ``spec_steps`` draft tokens (0: none), through CUDA
+    graphs if they apply (bf16 on Hopper/Blackwell)."""
     param = next(model.parameters())
-    graphs = graphs and not spec_steps and grouped_mm_is_native(param.dtype, param.device)
+    graphs = grouped_mm_is_native(param.dtype, param.device)
     config = EngineConfig(
         max_running_requests=batch,
         num_slots=batch,
@@ -153,12 +153,11 @@ def measure(
     opts: argparse.Namespace,
     spec_steps: int,
     temperature: float,
-    graphs: bool,
 ) -> tuple[dict, list[list[int]]]:
     """Decode rate (and acceptance when speculating) of one engine setting; the last timed run's output ids."""
     batch = len(prompts)
     free_memory(opts.device)  # the previous setting's engine (cache, graphs)
-    engine = make_engine(model, opts, batch, spec_steps, graphs)
+    engine = make_engine(model, opts, batch, spec_steps)
 
     def timed(new_tokens: int) -> tuple[float, list[list[int]]]:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
@@ -196,25 +195,19 @@ def measure(
 
 
 def run_batch(
-    model: Transformer, prompts: list[list[int]], opts: argparse.Namespace, temperature: float, eager_baseline: bool
+    model: Transformer, prompts: list[list[int]], opts: argparse.Namespace, temperature: float
 ) -> tuple[dict[str, dict], bool | None]:
-    """Every setting at one batch and temperature: no speculation (and without graphs if ``eager_baseline``), then
-    each draft length; greedy: whether every speculative output equals the output without speculation."""
+    """Every setting at one batch and temperature: no speculation, then each draft length; greedy: whether every
+    speculative output equals the output without speculation."""
     tag = f"b{len(prompts)}_t{temperature:g}"
     results: dict[str, dict] = {}
-    base, base_ids = measure(model, prompts, opts, 0, temperature, graphs=True)
+    base, base_ids = measure(model, prompts, opts, 0, temperature)
     results[f"{tag}_no_spec"] = base
     print(tag, "no spec", json.dumps(base), flush=True)
-    if eager_baseline:
-        eager, _ = measure(model, prompts, opts, 0, temperature, graphs=False)
-        results[f"{tag}_no_spec_eager"] = eager
-        print(tag, "no spec, no CUDA graphs", json.dumps(eager), flush=True)
     equal = None
     for steps in opts.spec_steps:
-        rec, ids = measure(model, prompts, opts, steps, temperature, graphs=False)
+        rec, ids = measure(model, prompts, opts, steps, temperature)
         rec["speedup"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        if eager_baseline:
-            rec["speedup_vs_eager"] = rec["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
         if temperature == 0:
             same = [a == b for a, b in zip(ids, base_ids)]
             rec["greedy_equal"] = all(same)
@@ -252,16 +245,16 @@ def device_name(device: str) -> str:
 
 
 def print_summary(results: dict[str, dict]) -> None:
-    """One line per setting: decode rate, acceptance length, speedups (over the default and the eager no-spec)."""
-    print(f"{'setting':28s} {'decode tok/s':>12s} {'accept len':>10s} {'speedup':>8s} {'vs eager':>8s}  greedy equal")
+    """One line per setting: decode rate, acceptance length, speedup over no speculation."""
+    print(f"{'setting':28s} {'decode tok/s':>12s} {'accept len':>10s} {'speedup':>8s}  greedy equal")
 
     def cell(r: dict, key: str, width: int) -> str:
         return f"{r[key]:{width}.2f}" if key in r else " " * width
 
     for name, r in results.items():
         print(
-            f"{name:28s} {r['decode_tokens_per_s']:12.1f} {cell(r, 'accept_length', 10)} {cell(r, 'speedup', 8)} "
-            f"{cell(r, 'speedup_vs_eager', 8)}  {r.get('greedy_equal', '')}"
+            f"{name:28s} {r['decode_tokens_per_s']:12.1f} {cell(r, 'accept_length', 10)} {cell(r, 'speedup', 8)}"
+            f"  {r.get('greedy_equal', '')}"
         )
 
 
@@ -314,12 +307,11 @@ def main() -> None:
     print("training:", json.dumps(training), flush=True)
     model.eval().requires_grad_(False)
     prompts = synthetic(max(opts.batches), opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
-    eager_baseline = grouped_mm_is_native(dtype, torch.device(opts.device))  # graphs apply to plain decode only
     results: dict[str, dict] = {}
     greedy_equal: dict[str, bool | None] = {}
     for batch in opts.batches:
         for temperature in opts.temperatures:
-            recs, equal = run_batch(model, prompts[:batch], opts, temperature, eager_baseline)
+            recs, equal = run_batch(model, prompts[:batch], opts, temperature)
             results |= recs
             if temperature == 0:
                 greedy_equal[f"b{batch}"] = equal

@@ -69,14 +69,15 @@ def cache_bytes_per_slot(
 
 def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: list[int]) -> None:
     """After a verify, copy each row's GDN state at its last accepted step into the row's slot."""
-    rows = torch.arange(len(slots))
-    steps = torch.tensor(accepted_steps)
-    index = torch.tensor(slots)
-    for layer in cache.layers:
-        if isinstance(layer, GDNCache):
-            device = layer.ssm.device
-            layer.ssm[index.to(device)] = layer.ssm_steps[rows.to(device), steps.to(device)]
-            layer.conv[index.to(device)] = layer.conv_steps[rows.to(device), steps.to(device)]
+    layers = [layer for layer in cache.layers if isinstance(layer, GDNCache)]
+    if not layers:
+        return
+    device = layers[0].ssm.device
+    index = torch.tensor([list(range(len(slots))), accepted_steps, slots]).to(device, non_blocking=True)
+    rows, steps, slots_t = index.unbind(0)
+    for layer in layers:
+        layer.ssm[slots_t] = layer.ssm_steps[rows, steps]
+        layer.conv[slots_t] = layer.conv_steps[rows, steps]
 
 
 def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None:

@@ -1,4 +1,5 @@
-"""Captured decode steps: per batch size, a few CUDA graphs replay the model forward and the output head.
+"""Captured decode steps: per batch size, a few CUDA graphs replay the model forward and the output head
+(speculative steps are captured the same way, by ``speculative.SpeculativeStep`` through :func:`capture_pieces`).
 
 A decode step is the same sequence of kernels every time for a given batch size, so launching them one by one
 (hundreds per step for a 40-layer model) costs more than running them at small batches. Each graph reads
@@ -19,12 +20,11 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 25
 
 
 def graphs_apply(config, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether an engine with ``config`` (an ``EngineConfig``) decodes through captured graphs: not disabled,
-    plain decode (speculative steps are not captured), not ``batch_invariant``, and a forward with no host
-    synchronisation, which needs the grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
+    """Whether an engine with ``config`` (an ``EngineConfig``) decodes (or drafts and verifies) through captured
+    graphs: not disabled, not ``batch_invariant``, and a forward with no host synchronisation, which needs the
+    grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
     return (
         not config.disable_cuda_graph
-        and not config.num_spec_steps
         and not config.batch_invariant
         and grouped_mm_is_native(dtype, device)
     )
@@ -46,6 +46,28 @@ def layer_runs(num_layers: int) -> list[range]:
         runs.append(range(start, min(start + length, num_layers)))
         start, length = start + length, 2 * length
     return runs
+
+
+def capture_pieces(pieces: list, pool=None) -> tuple[list, object]:
+    """One CUDA graph per function of ``pieces`` (run in order at each replay), sharing the memory pool ``pool``
+    (or a new one); returns the graphs and the pool. The pieces run twice first, on a side stream, so that
+    kernels compile and autotune outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            for piece in pieces:
+                piece()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    with torch.no_grad():
+        for piece in pieces:  # captured in replay order, sharing one memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                piece()
+            pool = graph.pool()
+            graphs.append(graph)
+    return graphs, pool
 
 
 class DecodeGraphs:
@@ -111,24 +133,8 @@ class DecodeGraphs:
 
         return [first, *(layers(run) for run in layer_runs(len(model.layers))), head]
 
-    @torch.no_grad()
     def _capture(self, size: int) -> None:
-        pieces = self._pieces(size)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune kernels outside the capture
-            for _ in range(2):
-                for piece in pieces:
-                    piece()
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs = []
-        for piece in pieces:  # captured in replay order, sharing one memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                piece()
-            self.pool = graph.pool()
-            graphs.append(graph)
-        self.graphs[size] = graphs
+        self.graphs[size], self.pool = capture_pieces(self._pieces(size), self.pool)
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]

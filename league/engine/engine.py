@@ -17,7 +17,7 @@ from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_ver
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, rows_by_settings
 from league.engine.scheduler import Scheduler
-from league.engine.speculative import accept_batch, draft_chain
+from league.engine.speculative import SpeculativeStep, accept_batch
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.sampling import filtered_probs, sample_rows
@@ -51,9 +51,9 @@ class EngineConfig:
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
     cuda_graph_bs: list[int] | None = None
-    """Batch sizes of captured CUDA-graph decode steps. Default: 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160,
-    192, 256 up to max_running_requests (which is always one). Graphs serve plain decode of a bf16 model on a
-    Hopper/Blackwell GPU, without batch_invariant; speculative steps run without them."""
+    """Batch sizes of captured CUDA-graph decode steps (or draft-and-verify steps, with speculation). Default: 1, 2,
+    4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256 up to max_running_requests (which is always one). Graphs
+    serve a bf16 model on a Hopper/Blackwell GPU, without batch_invariant."""
     disable_cuda_graph: bool = False
     """Launch decode kernels one by one instead of replaying captured graphs."""
     mamba_ssm_dtype: str = "float32"
@@ -121,8 +121,8 @@ class LLMEngine:
         self.use_graphs = graphs_apply(self.config, self.device, self.dtype)
         if self.config.cuda_graph_bs and not self.use_graphs:
             warnings.warn(
-                "cuda_graph_bs is ignored: CUDA graphs serve plain decode (no speculation, not batch_invariant) "
-                "of a bf16 model on a Hopper or Blackwell GPU",
+                "cuda_graph_bs is ignored: CUDA graphs serve a bf16 model on a Hopper or Blackwell GPU, "
+                "without batch_invariant",
                 stacklevel=2,
             )
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
@@ -148,6 +148,18 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.num_slots, self.slot_len = num_slots, slot_len
+        self.spec_step = (
+            SpeculativeStep(
+                model,
+                self.cache,
+                self.config.num_spec_steps,
+                num_slots + self.use_graphs,
+                self.config.max_running_requests,
+                self.config.batch_invariant,
+            )
+            if self.config.num_spec_steps
+            else None
+        )
         self.stats = EngineStats()
         self._seeds = torch.Generator().manual_seed(self.config.random_seed)
         self._ids = itertools.count()
@@ -272,8 +284,9 @@ class LLMEngine:
                     member.num_prefilled = leader.num_prefilled
                     copy_slot(self.cache, leader.slot, [member.slot], len(leader.prompt_ids))
                 token = self._sample(member, row)
-                if self.config.num_spec_steps:
-                    member.mtp_rows = (hidden[end - 1 : end], [token], len(leader.prompt_ids) - 1)
+                if self.spec_step is not None:  # the MTP row of the last prompt position runs in the next step
+                    self.spec_step.hidden[member.slot, 0] = hidden[end - 1]
+                    member.mtp_start, member.mtp_tokens = len(leader.prompt_ids) - 1, [token]
                 logprob = token_logprobs(row[None], torch.tensor([token], device=self.device))
                 self._append(member, [token], logprob.tolist())
 
@@ -322,35 +335,20 @@ class LLMEngine:
             self._append(r, [token], [logprob])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
-        num_steps = self.config.num_spec_steps
-        self._mtp_extend_pending(reqs)
-        committed = [r.num_cached for r in reqs]
-        slots = [r.slot for r in reqs]
-        drafts = draft_chain(
-            self.config.batch_invariant,
-            self.model,
-            self.cache,
-            torch.cat([r.draft_hidden for r in reqs]),
-            [r.first_draft for r in reqs],
-            [n - 1 for n in committed],
+        num_steps, step = self.config.num_spec_steps, self.spec_step
+        if self.use_graphs and not step.graphs:
+            sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
+            step.capture([s for s in sizes if s <= step.max_rows], scratch_slot=self.num_slots)
+        committed, slots = [r.num_cached for r in reqs], [r.slot for r in reqs]
+        drafts, logits = step.run(
             slots,
-            num_steps,
+            [r.mtp_start for r in reqs],
+            [r.mtp_tokens for r in reqs],
+            scratch_slot=self.num_slots if self.use_graphs else None,
         )
-        tokens = torch.tensor([t for r, d in zip(reqs, drafts) for t in [r.pending_token, *d]], device=self.device)
-        batch = ForwardBatch.packed(
-            batch_invariant=self.config.batch_invariant,
-            seq_lens=[num_steps + 1] * len(reqs),
-            device=self.device,
-            cache_lens=committed,
-            slots=slots,
-            record_states=True,
-        )
-        hidden = self.model(tokens, batch, self.cache)
-        logits = self._logits(hidden).view(len(reqs), num_steps + 1, -1)
         self.stats.forward_passes += 1
         results = accept_batch(logits, drafts, [r.params for r in reqs], [r.generator for r in reqs])
         commit_verified_states(self.cache, slots, [a for a, _ in results])
-        hidden = hidden.view(len(reqs), num_steps + 1, -1)
         # the log-prob of every emitted token at once: row (i, t) for t <= accepted_i
         emitted_all = [[*drafts[i][:a], bonus] for i, (a, bonus) in enumerate(results)]
         rows = torch.tensor([i * (num_steps + 1) + t for i, e in enumerate(emitted_all) for t in range(len(e))])
@@ -358,41 +356,20 @@ class LLMEngine:
         flat_logprobs = token_logprobs(logits.view(-1, logits.shape[-1])[rows.to(self.device)], flat).tolist()
         offsets = list(itertools.accumulate((len(e) for e in emitted_all), initial=0))
         for i, (r, (num_accepted, _)) in enumerate(zip(reqs, results)):
-            emitted = emitted_all[i]
-            logprobs = flat_logprobs[offsets[i] : offsets[i + 1]]
             stats = SpecStats(
                 draft_tokens=num_steps,
                 accepted_tokens=num_accepted,
                 verify_steps=1,
-                verified_output_tokens=len(emitted),
+                verified_output_tokens=len(emitted_all[i]),
             )
             r.spec.add(stats)
             self.stats.spec.add(stats)
-            r.mtp_rows = (hidden[i, : num_accepted + 1], emitted, committed[i])
-            self._append(r, emitted, logprobs)
-
-    def _mtp_extend_pending(self, reqs: list[Request]) -> None:
-        """Run each request's outstanding MTP rows; the last row's output seeds the next draft chain."""
-        rows = [r.mtp_rows for r in reqs]
-        batch = ForwardBatch.packed(
-            batch_invariant=self.config.batch_invariant,
-            seq_lens=[len(t) for _, t, _ in rows],
-            device=self.device,
-            cache_lens=[p for _, _, p in rows],
-            slots=[r.slot for r in reqs],
-        )
-        tokens = torch.tensor([t for _, ts, _ in rows for t in ts], device=self.device)
-        out = self.model.mtp_forward(torch.cat([h for h, _, _ in rows]), tokens, batch, self.cache)
-        last = out[batch.cu_seqlens[1:] - 1]
-        first = self._mtp_logits(last).argmax(-1).tolist()
-        for i, r in enumerate(reqs):
-            r.draft_hidden, r.first_draft, r.mtp_rows = last[i : i + 1], first[i], None
+            # the next step's MTP rows: this verify's hidden states (kept by the step) with the emitted tokens
+            r.mtp_start, r.mtp_tokens = committed[i], emitted_all[i]
+            self._append(r, emitted_all[i], flat_logprobs[offsets[i] : offsets[i + 1]])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden, self.config.batch_invariant)
-
-    def _mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.mtp_logits(hidden, batch_invariant=self.config.batch_invariant)
 
     # sampling and stopping ----------------------------------------------------------------------------------
 

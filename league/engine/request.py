@@ -145,12 +145,12 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     spec: SpecStats = field(default_factory=SpecStats)
-    mtp_rows: tuple[torch.Tensor, list[int], int] | None = None
-    """Rows the MTP head must still extend: (trunk hidden states, next tokens, first position)."""
-    draft_hidden: torch.Tensor | None = None
-    """MTP output at the last committed position (chained into the next draft)."""
-    first_draft: int | None = None
-    """The MTP head's top-1 guess for the token after the pending one."""
+    mtp_start: int = 0
+    """Position of the first row the MTP head must still run (speculation): the first verified position, or
+    the last prompt position after prefill; the trunk's hidden states of those rows wait in the speculative
+    step's buffer at this request's slot."""
+    mtp_tokens: list[int] = field(default_factory=list)
+    """The token after each of those rows (the emitted ones; their count is the number of rows)."""
 
     @property
     def num_cached(self) -> int:

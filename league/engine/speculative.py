@@ -1,4 +1,4 @@
-"""Speculative decoding with the model's MTP head: the draft chain, and acceptance of a verified chain.
+"""Speculative decoding with the model's MTP head: the draft-and-verify step, and acceptance of a verified chain.
 
 topk = 1: the MTP head proposes a chain of ``num_steps`` tokens (its top-1 at each step); one target
 forward verifies the bonus token plus the chain. Greedy acceptance keeps drafts while they equal the
@@ -11,44 +11,173 @@ Legend: B requests, N draft steps, D model dim, V vocabulary.
 
 import torch
 
+from league.engine.cuda_graph import capture_pieces, layer_runs
 from league.engine.request import SamplingParams, rows_by_settings
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
 from league.ops.sampling import filtered_probs, sample_rows
 
 
-def draft_chain(
-    batch_invariant: bool,
-    model: Transformer,
-    cache: ModelCache,
-    hidden_BD: torch.Tensor,
-    first_tokens: list[int],
-    positions: list[int],
-    slots: list[int],
-    num_steps: int,
-) -> list[list[int]]:
-    """Propose ``num_steps`` tokens per request.
+class SpeculativeStep:
+    """One speculative step for up to ``max_rows`` requests, over fixed-shape buffers so that a CUDA graph can
+    capture it whole (the host reads nothing from the device until the step is over).
+
+    A request brings its slot, the position ``start`` of its first MTP row and ``tokens``, the token after
+    each row (1 to N + 1 of them: after a verify, the accepted drafts and the bonus token; after prefill, the
+    first sampled token). The trunk hidden states of those rows wait in ``hidden[slot]``, written by the
+    previous verify (all its N + 1 rows) or by prefill (row 0). The step then runs, on the device:
+
+    1. the MTP head over N + 1 rows per request from ``start``; the rows past the request's own are computed
+       and dropped (causal attention keeps them out of the rows before them, and the MTP keys they write lie
+       past the committed length, where the draft steps overwrite them before anything reads them);
+    2. the draft chain: the MTP head's top-1 token from the last real row, then N - 1 more MTP steps, each
+       fed the previous step's output and token;
+    3. one verify forward of the pending token and the N drafts (GDN states of every step recorded in the
+       cache's scratch rows, slots untouched), its output head into ``logits`` and its hidden states into
+       ``hidden[slot]`` for the next step's MTP rows.
+
+    The same functions run eagerly or captured per batch size (:meth:`capture`); a batch smaller than a
+    captured size is padded with rows on ``scratch_slot``. Acceptance, committing states and bookkeeping stay
+    with the engine.
 
     Args:
+        model (Transformer): the model with its MTP head.
+        cache (ModelCache): the engine's cache, with verify scratch rows for ``max_rows`` requests.
+        num_steps (int): N, draft tokens per verify.
+        num_slots (int): cache slots (the scratch slot included, when capturing).
+        max_rows (int): most requests in one step.
         batch_invariant (bool): row-independent numerics (see ``ForwardBatch``).
-        hidden_BD (torch.Tensor): each request's MTP output at its last committed position ``L - 1``.
-        first_tokens (list[int]): each request's first draft ``d_1`` (from that output).
-        positions (list[int]): ``L - 1`` per request; draft step s runs at position ``L - 1 + s``.
-        slots (list[int]): cache slots; the MTP KV rows written here are temporary (overwritten after verify).
-
-    Returns:
-        ``[B][num_steps]`` draft tokens.
     """
-    hidden, tokens = hidden_BD, torch.tensor(first_tokens, device=hidden_BD.device)
-    chain = [tokens]
-    for step in range(1, num_steps):
-        starts = [p + step for p in positions]
-        batch = ForwardBatch.packed(
-            [1] * len(slots), device=hidden.device, cache_lens=starts, slots=slots, batch_invariant=batch_invariant
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: ModelCache,
+        num_steps: int,
+        num_slots: int,
+        max_rows: int,
+        batch_invariant: bool,
+    ):
+        self.model, self.cache, self.num_steps, self.batch_invariant = model, cache, num_steps, batch_invariant
+        param = next(model.parameters())
+        device, width = param.device, num_steps + 1
+        self.width, self.max_rows = width, max_rows
+
+        def longs(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+
+        self.hidden = torch.zeros(num_slots, width, model.args.dim, dtype=param.dtype, device=device)
+        # per request: slot, position of the first MTP row, index of the last MTP row, the token after each row
+        self.slots, self.starts, self.last = longs(max_rows), longs(max_rows), longs(max_rows)
+        self.tokens = longs(max_rows, width)
+        self.drafts = longs(max_rows, num_steps)
+        self.logits = torch.empty(max_rows * width, model.args.vocab_size, dtype=param.dtype, device=device)
+        self.rows = torch.arange(max_rows, device=device)
+        self.offsets = torch.arange(width, device=device)
+        self.cu_rows = torch.arange(0, max_rows * width + 1, width, device=device)  # N + 1 tokens per request
+        self.row_lens = torch.full((max_rows,), width, dtype=torch.long, device=device)
+        self.cu_one = torch.arange(max_rows + 1, device=device)  # one token per request
+        self.ones = torch.ones(max_rows, dtype=torch.long, device=device)
+        self.graphs: dict[int, list] = {}
+        self.pool = None
+
+    def run(self, slots: list[int], starts: list[int], tokens: list[list[int]], scratch_slot: int | None = None):
+        """Draft and verify for B requests; returns ``([B][N] drafts, [B, N + 1, V] verify logits)``, the
+        logits valid until the next run. ``scratch_slot`` pads a batch up to a captured size."""
+        batch = len(slots)
+        size = next((s for s in sorted(self.graphs) if s >= batch), batch)
+        pad = size - batch
+        if pad and scratch_slot is None:
+            raise ValueError("padding a batch to a captured size needs a scratch slot")
+        padded = [[*t, *[0] * (self.width - len(t))] for t in tokens] + [[0] * self.width] * pad
+        meta = [
+            [*slots, *[scratch_slot] * pad],
+            [*starts, *[0] * pad],
+            [*(len(t) - 1 for t in tokens), *[0] * pad],
+        ]
+        flat = [t for row in padded for t in row] + [v for values in meta for v in values]
+        staged = torch.tensor(flat, dtype=torch.long).to(self.slots.device, non_blocking=True)  # one transfer
+        self.tokens[:size].copy_(staged[: size * self.width].view(size, self.width))
+        for buffer, values in zip((self.slots, self.starts, self.last), staged[size * self.width :].view(3, size)):
+            buffer[:size].copy_(values)
+        if size in self.graphs:
+            for graph in self.graphs[size]:
+                graph.replay()
+        else:
+            for piece in self.pieces(size):
+                piece()
+        drafts = self.drafts[:batch].tolist()
+        return drafts, self.logits[: batch * self.width].view(batch, self.width, -1)
+
+    def _batch(self, size: int, width: int, positions: torch.Tensor, cache_lens: torch.Tensor, **kw) -> ForwardBatch:
+        """``size`` sequences of ``width`` new tokens each, continuing in their slots (no host values read)."""
+        slots = self.slots[:size]
+        return ForwardBatch(
+            cu_seqlens=(self.cu_rows if width > 1 else self.cu_one)[: size + 1],
+            seq_lens=[width] * size,
+            positions=positions,
+            cache_lens=[1] * size,  # continuing sequences; the lengths themselves are read from cache_lens_t
+            seq_lens_t=self.row_lens[:size] if width > 1 else self.ones[:size],
+            slots_t=slots,
+            cache_lens_t=cache_lens,
+            token_slots=slots[:, None].expand(size, width).reshape(-1),
+            batch_invariant=self.batch_invariant,
+            **kw,
         )
-        hidden = model.mtp_forward(hidden, tokens, batch, cache)
-        tokens = model.mtp_logits(hidden, batch_invariant=batch_invariant).argmax(-1)
-        chain.append(tokens)
-    return torch.stack(chain, dim=1).tolist()
+
+    def pieces(self, size: int) -> list:
+        """The step for ``size`` requests as functions run in order (each one graph when captured): the MTP rows
+        and the draft chain, the verify's embedding, its decoder layers in runs, its output head."""
+        model, cache, inv, width, state = self.model, self.cache, self.batch_invariant, self.width, {}
+        slots, starts, last, rows = self.slots[:size], self.starts[:size], self.last[:size], self.rows[:size]
+
+        def draft() -> None:
+            positions = (starts[:, None] + self.offsets).reshape(-1)
+            batch = self._batch(size, width, positions, starts)
+            hidden_NTD = model.mtp_forward(
+                self.hidden[slots].reshape(size * width, -1), self.tokens[:size].reshape(-1), batch, cache
+            )
+            hidden = hidden_NTD.view(size, width, -1)[rows, last]
+            token = model.mtp_logits(hidden, batch_invariant=inv).argmax(-1)
+            committed = starts + last + 1
+            chain = [token]
+            for step in range(1, self.num_steps):
+                at = committed - 1 + step
+                hidden = model.mtp_forward(hidden, token, self._batch(size, 1, at, at), cache)
+                token = model.mtp_logits(hidden, batch_invariant=inv).argmax(-1)
+                chain.append(token)
+            self.drafts[:size] = torch.stack(chain, dim=1)
+            pending = self.tokens[:size].gather(1, last[:, None])
+            verify_tokens = torch.cat([pending, self.drafts[:size]], dim=1).reshape(-1)
+            positions = (committed[:, None] + self.offsets).reshape(-1)
+            state["batch"] = self._batch(size, width, positions, committed, record_states=True)
+            state["x"], state["rope"] = model.embed(verify_tokens, state["batch"])
+
+        def layers(run: range):
+            def piece() -> None:
+                state["x"] = model.forward_layers(state["x"], state["batch"], state["rope"], cache, run)
+
+            return piece
+
+        def head() -> None:
+            hidden = model.norm(state["x"])
+            out = self.logits[: size * width]
+            if inv:
+                out.copy_(model.logits(hidden, batch_invariant=True))
+            else:
+                torch.mm(hidden, model.output_weight().t(), out=out)
+            self.hidden[slots] = hidden.view(size, width, -1)
+
+        return [draft, *(layers(run) for run in layer_runs(len(model.layers))), head]
+
+    def capture(self, sizes: list[int], scratch_slot: int) -> None:
+        """Capture the step for each of ``sizes`` (at most ``max_rows``); larger batches run eagerly. The capture's
+        warm-up runs write only into ``scratch_slot``."""
+        self.slots.fill_(scratch_slot)
+        self.starts.zero_(), self.last.zero_(), self.tokens.zero_()
+        for size in sorted(set(sizes), reverse=True):  # largest first, so smaller graphs reuse its memory pool
+            if size > self.max_rows:
+                raise ValueError(f"cannot capture {size} rows: the step has buffers for {self.max_rows}")
+            self.graphs[size], self.pool = capture_pieces(self.pieces(size), self.pool)
 
 
 def accept(
