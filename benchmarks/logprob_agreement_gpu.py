@@ -1,38 +1,73 @@
 """Train/rollout log-prob agreement: the engine's log-prob of each token it samples against the trainer's log-prob of
-the same token in the same sequence, on one model, in the run's dtype. The gap between the two is what GRPO's
-importance ratio sees as off-policy noise; the goal on the GPU in bf16 is a mean absolute difference <= 1e-3.
+the same token in the same sequence, on one model, in the run's dtype, and the gap split into its parts. The gap is
+what GRPO's importance ratio sees as off-policy noise; the goal on the GPU in bf16 is a mean absolute difference
+<= 1e-3.
 
 The model is the Qwen3.6-35B-A3B width cut to ``--num-layers`` layers (MTP off), random weights drawn with
-``--init-std`` (larger than ``league init``'s 0.02 so that the next-token distributions are not nearly uniform).
-The engine samples ``--new-tokens`` tokens at temperature 1 for ``--batch`` random prompts of ``--prompt-len``
-tokens (CUDA graphs, Triton decode kernels, fp32 or bf16 GDN states per ``--mamba-ssm-dtype``); the trainer then
-computes the response log-probs of the same samples with its forward (packed micro-batches, chunked GDN, fused
-output head). Reported over all response tokens: mean and max absolute difference, and the mean by position
-quarter. Writes ``benchmarks/results/logprob_agreement_gpu.json``.
+``--init-std`` (larger than ``league init``'s 0.02 so that the next-token distributions are not nearly uniform; a
+comma list, e.g. ``0.02,0.05,0.1``, repeats the whole measurement for each value on the same base weights, scaled,
+and the same prompts). The engine samples ``--new-tokens`` tokens at temperature 1 for ``--batch`` random prompts of
+``--prompt-len`` tokens (prompt prefill, then decode: CUDA graphs, Triton decode kernels, fp32 or bf16 GDN states
+per ``--mamba-ssm-dtype``). On those samples the script computes four sets of response log-probs:
+
+    rollout   the engine's, as sampled (the first response token from the prompt prefill, the rest from decode);
+    trainer   ``Trainer.compute_logprobs``: packed micro-batches of 8,192 tokens, chunked GDN, varlen attention,
+              the fused output head (``linear_token_logprobs``);
+    prefill   the engine's forward as a prefill of each whole sequence (prompt + response, one sequence per
+              forward, into a fresh engine cache slot, as ``league score`` runs it, not batch-invariant), then the
+              engine's head: ``model.logits`` in the model's dtype and the fp32 ``token_logprobs``;
+    head      the engine's head (as above, ``--batch`` rows per logits GEMM as in decode) applied to the trainer's
+              own final hidden states (after the final norm).
+
+Each gap is reported over all response tokens as ``mean_abs_diff``, ``max_abs_diff``, ``mean_diff`` (signed, first
+minus second), ``mean_abs_diff_by_position_quarter`` and ``first_token_mean_abs_diff`` (response token 0):
+
+    rollout_vs_trainer   trainer - rollout: the whole train/rollout gap (the goal's figure);
+    head_only            trainer - head: the output heads' numerics alone, the trunk's hidden states held equal
+                         (the trainer's side from a second trainer pass: see trainer_rerun_max_abs_diff);
+    prefill_vs_trainer   trainer - prefill: engine vs trainer forward over whole sequences (packing, and the
+                         heads; with a fresh cache the prefill takes the trainer's varlen attention and chunked GDN);
+    decode_vs_prefill    prefill - rollout: step-by-step generation (batched prompt prefill for token 0, then
+                         decode's recurrent GDN, cached attention and batch-``--batch`` GEMMs) vs whole-sequence
+                         prefill. The signed differences add: prefill_vs_trainer + decode_vs_prefill =
+                         rollout_vs_trainer, token by token.
+
+Also: ``head_logits_vs_fp32`` (fp32-logits head - engine head, on the trainer's hidden states: the rounding of the
+logits to the model's dtype); ``hidden_rel_err_prefill_vs_trainer``, the mean and max over response positions of
+``|h_prefill - h_trainer| / |h_trainer|`` (L2 over the model dim) of the final hidden states; and
+``trainer_rerun_max_abs_diff``, the largest change of the trainer's log-probs between two identical passes (its
+run-to-run nondeterminism). Writes ``benchmarks/results/logprob_agreement_gpu.json``, one results block per
+``--init-std`` value.
 
     python benchmarks/logprob_agreement_gpu.py [--num-layers 4] [--batch 64] [--prompt-len 200] [--new-tokens 512]
+        [--init-std 0.05 | --init-std 0.02,0.05,0.1]
     python benchmarks/logprob_agreement_gpu.py --preset tiny --device cpu --dtype float32 --batch 4 --new-tokens 16
         (a smoke test of the script)
 """
 
 import argparse
+import gc
 import json
 import platform
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import random_model
 
 import league
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+from league.ops.logprob import token_logprobs
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
-from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
+from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer, response_logprobs
+from league.score import LOGIT_ROWS
 
 
-def rollout(model, prompts: list[list[int]], opts) -> list[Sample]:
+def rollout(model: Transformer, prompts: list[list[int]], opts) -> tuple[LLMEngine, list[Sample]]:
     config = EngineConfig(
         max_running_requests=len(prompts),
         num_slots=len(prompts),
@@ -42,10 +77,114 @@ def rollout(model, prompts: list[list[int]], opts) -> list[Sample]:
     engine = LLMEngine(model, config)
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     outputs = engine.generate(prompts, params)
-    return [
+    samples = [
         Sample(prompt_ids=prompt, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, advantage=0.0, index=i)
         for i, (prompt, o) in enumerate(zip(prompts, outputs))
     ]
+    return engine, samples
+
+
+def engine_head(model: Transformer, hidden_RD: torch.Tensor, tokens_R: torch.Tensor, rows: int) -> torch.Tensor:
+    """The engine's log-probs: ``model.logits`` (the model's dtype) ``rows`` rows at a time, then fp32 log-softmax."""
+    return torch.cat(
+        [
+            token_logprobs(model.logits(hidden_RD[s : s + rows]), tokens_R[s : s + rows])
+            for s in range(0, len(tokens_R), rows)
+        ]
+    )
+
+
+def fp32_head(model: Transformer, hidden_RD: torch.Tensor, tokens_R: torch.Tensor) -> torch.Tensor:
+    """Log-probs from fp32 logits (fp32 copies of the hidden states and the head, no TF32)."""
+    weight = model.output_weight().float()
+    return torch.cat(
+        [
+            token_logprobs(F.linear(hidden_RD[s : s + LOGIT_ROWS].float(), weight), tokens_R[s : s + LOGIT_ROWS])
+            for s in range(0, len(tokens_R), LOGIT_ROWS)
+        ]
+    )
+
+
+@torch.no_grad()
+def trainer_pass(trainer: Trainer, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``Trainer.compute_logprobs``'s pass (same micro-batches, same calls), also keeping each sample's final hidden
+    states at the positions that predict its response tokens, ``[R_i, D]``."""
+    budget = trainer.config.log_probs_max_tokens_per_gpu or trainer.config.max_tokens_per_gpu
+    logprobs: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    hidden: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    for mb in trainer._micro_batches(samples, budget):
+        logp_R, hidden_TD = response_logprobs(trainer.model, mb, trainer.temperature)
+        lengths = mb.packed.response_lengths
+        for i, lp, h in zip(mb.indices, logp_R.split(lengths), hidden_TD[mb.packed.logit_index_R].split(lengths)):
+            logprobs[i], hidden[i] = lp, h
+    return logprobs, hidden
+
+
+@torch.no_grad()
+def prefill_pass(engine: LLMEngine, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The engine's forward over each whole sequence from a fresh cache slot, and its head's response log-probs;
+    also the final hidden states at the positions that predict the response tokens, ``[R_i, D]``."""
+    model, device = engine.model, engine.device
+    logprobs, hidden = [], []
+    for s in samples:
+        tokens = torch.tensor(s.prompt_ids + s.response_ids, device=device)
+        batch = ForwardBatch.packed([len(tokens)], device=device, cache_lens=[0], slots=[0])
+        hidden_RD = model(tokens, batch, engine.cache)[len(s.prompt_ids) - 1 : -1]
+        logprobs.append(engine_head(model, hidden_RD, tokens[len(s.prompt_ids) :], LOGIT_ROWS))
+        hidden.append(hidden_RD)
+    return logprobs, hidden
+
+
+def gap(first: list[torch.Tensor], second: list[torch.Tensor]) -> dict:
+    """Statistics of ``first - second`` over all response tokens (equal-length responses, ``[B, N]``)."""
+    diffs = torch.stack([a.float().cpu() - b.float().cpu() for a, b in zip(first, second)])
+    return {
+        "mean_abs_diff": diffs.abs().mean().item(),
+        "max_abs_diff": diffs.abs().max().item(),
+        "mean_diff": diffs.mean().item(),
+        "mean_abs_diff_by_position_quarter": [q.mean().item() for q in diffs.abs().chunk(4, dim=1)],
+        "first_token_mean_abs_diff": diffs[:, 0].abs().mean().item(),
+    }
+
+
+def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
+    model = random_model(args, opts.device, getattr(torch, opts.dtype)).eval()
+    with torch.no_grad():  # widen the matrices' distribution: peaked next-token distributions, as a trained model has
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(init_std / 0.02)
+    engine, samples = rollout(model, prompts, opts)
+    trainer = Trainer(
+        model,
+        TrainConfig(global_batch_size=opts.batch, max_tokens_per_gpu=8192),
+        AlgorithmConfig(),
+        OptimConfig(lr=0.0),
+        total_steps=1,
+    )
+    train = trainer.compute_logprobs(samples)
+    train_again, train_hidden = trainer_pass(trainer, samples)
+    prefill, prefill_hidden = prefill_pass(engine, samples)
+    targets = [torch.tensor(s.response_ids, device=engine.device) for s in samples]
+    lengths = [len(t) for t in targets]
+    with torch.no_grad():
+        h_train, t_all = torch.cat(train_hidden), torch.cat(targets)
+        head = engine_head(model, h_train, t_all, opts.batch).split(lengths)
+        head_fp32 = fp32_head(model, h_train, t_all).split(lengths)
+        h_train = h_train.float()
+        rel_err = (torch.cat(prefill_hidden).float() - h_train).norm(dim=-1) / h_train.norm(dim=-1)
+    rollout_lp = [torch.tensor(s.rollout_logprobs) for s in samples]
+    return {
+        "init_std": init_std,
+        "tokens": sum(len(s.response_ids) for s in samples),
+        "mean_rollout_logprob": torch.cat(rollout_lp).mean().item(),
+        "rollout_vs_trainer": gap(train, rollout_lp),
+        "head_only": gap(train_again, head),
+        "prefill_vs_trainer": gap(train, prefill),
+        "decode_vs_prefill": gap(prefill, rollout_lp),
+        "head_logits_vs_fp32": gap(head_fp32, head),
+        "hidden_rel_err_prefill_vs_trainer": {"mean": rel_err.mean().item(), "max": rel_err.max().item()},
+        "trainer_rerun_max_abs_diff": max((a - b).abs().max().item() for a, b in zip(train, train_again)),
+    }
 
 
 def main() -> None:
@@ -55,45 +194,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--init-std", type=float, default=0.05)
+    parser.add_argument("--init-std", default="0.05", help="one value or a comma list (one results block each)")
     parser.add_argument("--mamba-ssm-dtype", default="float32")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "logprob_agreement_gpu.json")
     opts = parser.parse_args()
+    init_stds = [float(v) for v in opts.init_std.split(",")]
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=0)
-    model = random_model(args, opts.device, getattr(torch, opts.dtype)).eval()
-    with torch.no_grad():  # widen the matrices' distribution: peaked next-token distributions, as a trained model has
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.mul_(opts.init_std / 0.02)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab_size, (opts.batch, opts.prompt_len), generator=gen).tolist()
-    samples = rollout(model, prompts, opts)
-    trainer = Trainer(
-        model,
-        TrainConfig(global_batch_size=opts.batch, max_tokens_per_gpu=8192),
-        AlgorithmConfig(),
-        OptimConfig(lr=0.0),
-        total_steps=1,
-    )
-    train_logprobs = trainer.compute_logprobs(samples)
-    diffs = torch.stack([lp.float().cpu() - torch.tensor(s.rollout_logprobs) for lp, s in zip(train_logprobs, samples)])
-    quarters = diffs.abs().chunk(4, dim=1)
-    results = {
-        "tokens": diffs.numel(),
-        "mean_abs_diff": diffs.abs().mean().item(),
-        "max_abs_diff": diffs.abs().max().item(),
-        "mean_diff": diffs.mean().item(),
-        "mean_abs_diff_by_position_quarter": [q.mean().item() for q in quarters],
-        "mean_rollout_logprob": float(sum(sum(s.rollout_logprobs) for s in samples) / diffs.numel()),
-    }
-    print(json.dumps(results), flush=True)
+    results = []
+    for init_std in init_stds:
+        results.append(measure(args, opts, init_std, prompts))
+        print(json.dumps(results[-1]), flush=True)
+        gc.collect()  # the model, engine (graphs, cache) and trainer of this value, before the next one's
+        if opts.device == "cuda":
+            torch.cuda.empty_cache()
     record = {
         "benchmark": "logprob_agreement_gpu",
         "device": torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu",
         "versions": {"league": league.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"temperature": 1.0},
+        "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"init_std": init_stds, "temperature": 1.0},
         "results": results,
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
