@@ -72,14 +72,21 @@ class Optimizer:
 
     Parameters in a low-precision dtype (bf16 training) get fp32 master copies, on their device or on the CPU with
     offload: the update is computed and accumulated in fp32 and rounded into the parameters after each step, so
-    updates smaller than the parameters' precision are not lost.
+    updates smaller than the parameters' precision are not lost. Gradients go into the masters' fp32 gradient
+    buffers, and the masters back into the parameters, with one ``torch._foreach_copy_`` per (device, dtype) group.
+
+    AdamW is torch's fused kernel (one pass over parameter, gradient and moments) when every master is on a CUDA
+    device, and torch's default otherwise. On the CPU the fused kernel differs from the default in the last fp32 bit,
+    so CPU runs (and offload) keep the default's numbers.
 
     Args:
         params (list[tuple[str, torch.nn.Parameter]]): named trainable parameters.
         config (OptimConfig): settings.
+        fused (bool, Optional): force torch's fused AdamW on or off.
+            Default: ``None`` (fused when every master is on CUDA).
     """
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig, fused: bool | None = None):
         self.config, self.params = config, params
         self.offload = config.optimizer_cpu_offload
         low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for _, p in params)
@@ -88,6 +95,10 @@ class Optimizer:
             p.detach().to("cpu" if self.offload else p.device, torch.float32, copy=True) if self.use_masters else p
             for _, p in params
         ]
+        self.master_grads = [torch.empty_like(m) for m in self.masters] if self.use_masters else []
+        self.copy_groups = _copy_groups([p for _, p in params], self.masters)
+        if fused is None:
+            fused = bool(self.masters) and all(m.is_cuda for m in self.masters)
         decay = [m for (_, p), m in zip(params, self.masters) if p.ndim >= 2]
         no_decay = [m for (_, p), m in zip(params, self.masters) if p.ndim < 2]
         self.inner = torch.optim.AdamW(
@@ -95,6 +106,7 @@ class Optimizer:
             lr=config.lr,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
+            fused=fused,
         )
 
     def zero_grad(self) -> None:
@@ -110,14 +122,25 @@ class Optimizer:
         for group in self.inner.param_groups:
             group["lr"] = lr
         if self.use_masters:
-            for (_, p), master in zip(self.params, self.masters):
-                master.grad = None if p.grad is None else p.grad.detach().to(master.device, torch.float32)
+            self._grads_to_masters()
         self.inner.step()
         if self.use_masters:
             with torch.no_grad():
-                for (_, p), master in zip(self.params, self.masters):
-                    p.copy_(master, non_blocking=True)
+                for indices in self.copy_groups:
+                    params = [self.params[i][1] for i in indices]
+                    torch._foreach_copy_(params, [self.masters[i] for i in indices], non_blocking=True)
         return float(norm)
+
+    def _grads_to_masters(self) -> None:
+        """Each master's ``.grad`` is its fp32 buffer holding its parameter's gradient, or None as the parameter's."""
+        for indices in self.copy_groups:
+            with_grad = [i for i in indices if self.params[i][1].grad is not None]
+            for i in indices:
+                self.masters[i].grad = self.master_grads[i] if self.params[i][1].grad is not None else None
+            if with_grad:
+                torch._foreach_copy_(
+                    [self.master_grads[i] for i in with_grad], [self.params[i][1].grad for i in with_grad]
+                )
 
     def state_dict(self) -> dict:
         state = {"inner": self.inner.state_dict()}
@@ -132,3 +155,12 @@ class Optimizer:
                 for master, saved, (_, p) in zip(self.masters, state["masters"], self.params):
                     master.copy_(saved)
                     p.copy_(saved)
+
+
+def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the parameters grouped by (parameter device and dtype, master device): each group is one
+    ``torch._foreach_copy_`` (CUDA's converts the dtype in one launch for one device and one source dtype)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, masters)):
+        groups.setdefault((p.device, p.dtype, m.device), []).append(i)
+    return list(groups.values())

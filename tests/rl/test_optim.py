@@ -43,3 +43,71 @@ def test_fp32_parameters_step_in_place_without_copies():
     weight.grad = torch.ones_like(weight)
     opt.step(lr=1e-2)
     assert weight.detach().max().item() < 1.0
+
+
+def adamw_inputs(device: str, steps: int = 5):
+    """Parameters of each kind (bf16 matrix and vector, an fp32 vector, a matrix without a gradient every other
+    step) and each step's bf16 gradients, of magnitudes from 1e-3 to 10."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((37, 19), torch.bfloat16), ((53,), torch.bfloat16), ((11,), torch.float32), ((8, 24), torch.bfloat16)]
+    params = [torch.randn(s, generator=gen).to(dtype) for s, dtype in shapes]
+    grad = lambda p, step: (torch.randn(p.shape, generator=gen) * 10.0 ** (step % 5 - 3)).to(p.dtype)
+    grads = [[None if i == 3 and step % 2 else grad(p, step) for i, p in enumerate(params)] for step in range(steps)]
+    move = lambda t: None if t is None else t.to(device)
+    return [move(p) for p in params], [[move(g) for g in step] for step in grads]
+
+
+def reference_adamw(params, grads, config: OptimConfig, lrs):
+    """The optimizer written out plainly: clip the gradients, convert each to fp32, torch's for-each AdamW on fp32
+    masters (matrices decayed), round the masters into the parameters."""
+    masters = [p.float().clone() for p in params]
+    inner = torch.optim.AdamW(
+        [
+            {"params": [m for p, m in zip(params, masters) if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [m for p, m in zip(params, masters) if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        foreach=True,
+    )
+    for step_grads, lr in zip(grads, lrs):
+        live = [g.clone() for g in step_grads if g is not None]
+        torch.nn.utils.clip_grads_with_norm_(live, config.clip_grad, torch.nn.utils.get_total_norm(live))
+        live = iter(live)
+        for m, g in zip(masters, step_grads):
+            m.grad = None if g is None else next(live).float()
+        for group in inner.param_groups:
+            group["lr"] = lr
+        inner.step()
+    return masters, [m.to(p.dtype) for p, m in zip(params, masters)]
+
+
+@pytest.mark.parametrize(
+    "device,fused",
+    [("cpu", None), ("cpu", True)]
+    + [pytest.param("cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_step_equals_for_each_adamw_on_fp32_masters(device, fused):
+    """Five steps with clipping on, weight decay on matrices, an fp32 parameter beside bf16 ones and a gradient
+    missing every other step. CPU by default: bitwise the reference (torch's CPU AdamW; the for-each copies are
+    exact conversions). The fused kernel (CUDA's default, or forced on the CPU) orders its fp32 arithmetic
+    otherwise: its masters stay within a few fp32 ulps of the reference's (relative 2**-21, plus as many ulps of an
+    lr-sized update for masters near 0), and the bf16 parameters are those masters rounded."""
+    params, grads = adamw_inputs(device)
+    config = OptimConfig(lr=1e-2, weight_decay=0.1, adam_beta2=0.98, clip_grad=1.0)
+    lrs = [1e-2 * (step + 1) / 5 for step in range(len(grads))]
+    ref_masters, ref_params = reference_adamw(params, grads, config, lrs)
+    named = [(f"p{i}", torch.nn.Parameter(p.clone())) for i, p in enumerate(params)]
+    opt = Optimizer(named, config, fused=fused)
+    assert opt.inner.defaults["fused"] == (fused or device == "cuda")
+    for step_grads, lr in zip(grads, lrs):
+        for (_, p), g in zip(named, step_grads):
+            p.grad = None if g is None else g.clone()
+        opt.step(lr)
+    for master, ref, (_, p), ref_p in zip(opt.masters, ref_masters, named, ref_params):
+        assert master.dtype == torch.float32 and p.dtype == ref_p.dtype
+        if device == "cpu" and not fused:
+            assert torch.equal(master, ref) and torch.equal(p.detach(), ref_p)
+        else:
+            torch.testing.assert_close(master, ref, rtol=2**-21, atol=1e-2 * 2**-21)
+            assert torch.equal(p.detach(), master.to(p.dtype))
