@@ -7,7 +7,7 @@ on a 248k vocabulary); it does not promise bitwise agreement with the engine, so
 unfused form. On CUDA with Triton and bf16/fp16 weights, its per-chunk log-softmax work runs in the kernels of
 ``triton_logprob.py`` over the chunk's logits in the weights' dtype (no fp32 copy of them).
 
-Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk.
+Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk, B vocabulary columns of a backward block.
 """
 
 import torch
@@ -54,9 +54,9 @@ def linear_token_logprobs(
     """``log_softmax(float(hidden @ weight^T) / temperature)[t, tokens[t]]``, the output head fused in.
 
     Equals ``token_logprobs(F.linear(hidden, weight).float() / temperature, tokens)`` without holding the
-    ``[T, V]`` logits: forward and backward compute them ``chunk_size`` rows at a time (the backward computes
-    each chunk's logits again), so at most ``chunk_size`` rows of ``[rows, V]`` logits exist at once.
-    Differentiable in ``hidden_TD`` and ``weight_VD``.
+    ``[T, V]`` logits: the forward computes them ``chunk_size`` rows at a time, and the backward computes them again
+    in blocks of vocabulary columns over all rows of about as many elements, so about ``chunk_size`` rows' worth of
+    logits exist at once. Differentiable in ``hidden_TD`` and ``weight_VD``.
 
     Args:
         hidden_TD (torch.Tensor): ``[T, D]`` inputs of the output head, in the dtype of ``weight_VD``.
@@ -114,11 +114,15 @@ def _chunk_forward(
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Forward keeps only the per-row log-sum-exp (and entropy); backward rebuilds one chunk of logits at a time.
+    """Forward keeps only the per-row log-sum-exp (and entropy); backward rebuilds one block of logits at a time.
 
     With ``p = softmax(z)`` and ``g``, ``h`` the incoming gradients of the log-prob and the entropy:
-    ``dL/dz = g * (onehot(token) - p) - h * p * (z - (lse - H))``. Each chunk's weight gradient is a matmul in the
-    weight's dtype; the chunks' products are summed in fp32 and rounded to the weight's dtype once.
+    ``dL/dz = g * (onehot(token) - p) - h * p * (z - (lse - H))``, which needs only per-row numbers beside ``z``,
+    so the backward takes the logits in blocks of vocabulary columns over all rows (the forward's row chunks need
+    whole rows for the log-sum-exp). Each block's weight gradient is then final: one matmul over all rows, written
+    into its rows of the result in the weight's dtype, as the unfused backward computes it; row chunks would instead
+    add a ``[V, D]`` product per chunk into an fp32 sum (12 bytes moved per weight entry per chunk, 6 GB at the real
+    vocabulary and width). The hidden gradient, ``[T, D]``, is the one summed over blocks, in fp32, and rounded once.
     """
 
     @staticmethod
@@ -158,53 +162,65 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp_T: torch.Tensor | None, grad_ent_T: torch.Tensor | None):
         hidden_TD, weight_VD, tokens_T, lse_T, ent_T = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden_TD = torch.empty_like(hidden_TD) if want_hidden else None
+        num_rows, vocab = hidden_TD.shape[0], weight_VD.shape[0]
         acc_dtype = torch.promote_types(weight_VD.dtype, torch.float32)
-        grad_weight_VD = torch.zeros_like(weight_VD, dtype=acc_dtype) if want_weight else None
-        for start in range(0, hidden_TD.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            grad_logp_C = None if grad_logp_T is None else grad_logp_T[rows].float().contiguous()
-            ent_C = None if grad_ent_T is None else ent_T[rows]
-            grad_ent_C = None if grad_ent_T is None else grad_ent_T[rows].float().contiguous()
+        grad_hidden_TD = torch.zeros_like(hidden_TD, dtype=acc_dtype) if want_hidden else None
+        grad_weight_VD = torch.empty_like(weight_VD) if want_weight else None
+        grad_logp_T = None if grad_logp_T is None else grad_logp_T.float().contiguous()
+        ent_T = None if grad_ent_T is None else ent_T
+        grad_ent_T = None if grad_ent_T is None else grad_ent_T.float().contiguous()
+        block = _vocab_block(num_rows, vocab, ctx.chunk_size)
+        for start in range(0, vocab, block):
+            cols = slice(start, start + block)
+            token_cols_T = tokens_T - start  # each row's token as a column of this block (outside it: no one-hot)
+            grad_args = (token_cols_T, ctx.temperature, lse_T, grad_logp_T, ent_T, grad_ent_T)
             if ctx.fast:
                 from league.ops.triton_logprob import chunk_grad_logits
 
-                z_CV = F.linear(hidden_TD[rows], weight_VD)
-                grad_logits_CV = chunk_grad_logits(
-                    z_CV, tokens_T[rows], ctx.temperature, lse_T[rows], grad_logp_C, ent_C, grad_ent_C
-                )
+                grad_z_TB = chunk_grad_logits(F.linear(hidden_TD, weight_VD[cols]), *grad_args)
             else:
-                grad_logits_CV = _grad_chunk_logits(
-                    hidden_TD[rows],
-                    weight_VD,
-                    ctx.temperature,
-                    lse_T[rows],
-                    tokens_T[rows],
-                    grad_logp_C,
-                    ent_C,
-                    grad_ent_C,
-                )
+                grad_z_TB = _grad_chunk_logits(hidden_TD, weight_VD[cols], *grad_args)
             if want_hidden:
-                grad_hidden_TD[rows] = grad_logits_CV @ weight_VD
+                _add_matmul(grad_hidden_TD, grad_z_TB, weight_VD[cols])
             if want_weight:
-                grad_weight_VD.add_(grad_logits_CV.t() @ hidden_TD[rows])
-        if want_weight:
-            grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
+                torch.mm(grad_z_TB.t(), hidden_TD, out=grad_weight_VD[cols])
+        if want_hidden:
+            grad_hidden_TD = grad_hidden_TD.to(hidden_TD.dtype)
         return grad_hidden_TD, grad_weight_VD, None, None, None, None
+
+
+def _vocab_block(num_rows: int, vocab: int, chunk_size: int) -> int:
+    """Columns of the backward's logit blocks: all rows times this many columns are about ``chunk_size`` rows of
+    the whole vocabulary, in a multiple of 64 columns (aligned rows for the matmuls and kernels)."""
+    num_blocks = max(1, -(-num_rows // chunk_size))
+    per_block = -(-vocab // num_blocks)
+    return max(1, min(vocab, -(-per_block // 64) * 64))
+
+
+def _add_matmul(acc_TD: torch.Tensor, a_TB: torch.Tensor, b_BD: torch.Tensor) -> None:
+    """``acc += a @ b`` with the products summed in ``acc``'s dtype (fp32) whatever the operands' (bf16/fp16)."""
+    if a_TB.dtype == acc_TD.dtype:
+        acc_TD.addmm_(a_TB, b_BD)
+    elif a_TB.is_cuda:
+        acc_TD += torch.mm(a_TB, b_BD, out_dtype=acc_TD.dtype)
+    else:
+        acc_TD.addmm_(a_TB.to(acc_TD.dtype), b_BD.to(acc_TD.dtype))
 
 
 def _grad_chunk_logits(
     hidden_CD: torch.Tensor,
     weight_VD: torch.Tensor,
+    tokens_C: torch.Tensor,
     temperature: float,
     lse_C: torch.Tensor,
-    tokens_C: torch.Tensor,
     grad_logp_C: torch.Tensor | None,
     ent_C: torch.Tensor | None,
     grad_ent_C: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The gradient of one chunk's logits (in the weight's dtype, as autograd through ``.float()`` gives it),
-    from its recomputed logits ``z`` (see :class:`_LinearLogprobs`); two ``[C, V]`` fp32 buffers at most."""
+    """The gradient of a block of logits (in the weight's dtype, as autograd through ``.float()`` gives it), from
+    its recomputed logits ``z`` (see :class:`_LinearLogprobs`); two ``[C, V]`` fp32 buffers at most. The block is
+    any rows ``C`` (with their log-sum-exp) by any columns ``V`` (the rows of ``weight_VD``); ``tokens_C`` gives each
+    row's token as a column of the block, and a token outside it adds no one-hot term."""
     z_CV = _chunk_logits(hidden_CD, weight_VD, temperature)
     p_CV = (z_CV - lse_C[:, None]).exp_()
     if grad_ent_C is None:
@@ -216,7 +232,9 @@ def _grad_chunk_logits(
     grad_z_CV = p_CV.mul_(coef_CV).neg_()
     del z_CV, coef_CV
     if grad_logp_C is not None:
-        grad_z_CV.scatter_add_(-1, tokens_C[:, None], grad_logp_C[:, None])
+        num_cols = grad_z_CV.shape[1]
+        one_hot_C = torch.where((tokens_C >= 0) & (tokens_C < num_cols), grad_logp_C, 0.0)
+        grad_z_CV.scatter_add_(-1, tokens_C.clamp(0, max(num_cols - 1, 0))[:, None], one_hot_C[:, None])
     if temperature != 1.0:
         grad_z_CV /= temperature
     return grad_z_CV.to(weight_VD.dtype)

@@ -143,7 +143,9 @@ def chunk_grad_logits(
     ent_C: torch.Tensor | None,
     grad_ent_C: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The gradient of the loss in the chunk's logits, written over ``z_CV`` (returned), in its dtype."""
+    """The gradient of the loss in a block of logits, written over ``z_CV`` (returned), in its dtype. The block is
+    any rows (``lse_C`` etc. are theirs) by any columns of the vocabulary: ``tokens_C`` gives each row's token as a
+    column of the block, and a row whose token lies outside it gets no one-hot term."""
     num_rows, vocab = z_CV.shape
     if num_rows == 0:
         return z_CV
