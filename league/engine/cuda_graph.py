@@ -23,11 +23,7 @@ def graphs_apply(config, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an engine with ``config`` (an ``EngineConfig``) decodes (or drafts and verifies) through captured
     graphs: not disabled, not ``batch_invariant``, and a forward with no host synchronisation, which needs the
     grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
-    return (
-        not config.disable_cuda_graph
-        and not config.batch_invariant
-        and grouped_mm_is_native(dtype, device)
-    )
+    return not config.disable_cuda_graph and not config.batch_invariant and grouped_mm_is_native(dtype, device)
 
 
 def default_batch_sizes(max_running_requests: int) -> list[int]:

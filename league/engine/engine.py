@@ -20,7 +20,7 @@ from league.engine.scheduler import Scheduler
 from league.engine.speculative import SpeculativeStep, accept_batch
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
-from league.ops.sampling import filtered_probs, sample_rows
+from league.ops.sampling import filtered_probs, sample_logits, sample_rows, unfiltered
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,7 +46,7 @@ class EngineConfig:
     speculative_num_draft_tokens: int | None = None
     """Tokens per verify: must be speculative_num_steps + 1 (the default)."""
     random_seed: int = 0
-    """Seeds the per-request generators of requests that bring no seed."""
+    """Seeds the draws of the seeds of requests that bring none."""
     batch_invariant: bool = False
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
@@ -203,14 +203,8 @@ class LLMEngine:
             seed = (
                 params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
             )
-            generator = torch.Generator(device=self.device).manual_seed(seed)
             members.append(
-                Request(
-                    rid=base if n == 1 else f"{base}-{i}",
-                    prompt_ids=list(prompt_ids),
-                    params=params,
-                    generator=generator,
-                )
+                Request(rid=base if n == 1 else f"{base}-{i}", prompt_ids=list(prompt_ids), params=params, seed=seed)
             )
         for member in members[1:]:
             member.leader = members[0]
@@ -347,7 +341,9 @@ class LLMEngine:
             scratch_slot=self.num_slots if self.use_graphs else None,
         )
         self.stats.forward_passes += 1
-        results = accept_batch(logits, drafts, [r.params for r in reqs], [r.generator for r in reqs])
+        results = accept_batch(
+            logits, drafts, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
+        )
         commit_verified_states(self.cache, slots, [a for a, _ in results])
         # the log-prob of every emitted token at once: row (i, t) for t <= accepted_i
         emitted_all = [[*drafts[i][:a], bonus] for i, (a, bonus) in enumerate(results)]
@@ -378,15 +374,19 @@ class LLMEngine:
 
     def _sample_batch(self, reqs: list[Request], logits_BV: torch.Tensor) -> torch.Tensor:
         """One token per row, ``[B]`` on the device: argmax for greedy requests; rows sharing sampling settings
-        are filtered together and drawn with each request's own generator (so a row's token does not depend on
-        the batch)."""
+        are drawn together, each with its request's seed at its output position (so a row's token does not depend
+        on the batch)."""
         tokens = logits_BV.argmax(-1)
         for settings, rows in rows_by_settings([r.params for r in reqs]).items():
             if settings is None:  # greedy rows keep the argmax
                 continue
             index = slice(None) if len(rows) == len(reqs) else torch.tensor(rows, device=logits_BV.device)
-            probs = filtered_probs(logits_BV[index], *settings)
-            tokens[index] = sample_rows(probs, [reqs[i].generator for i in rows])
+            host = torch.tensor([[reqs[i].seed for i in rows], [len(reqs[i].output_ids) for i in rows]])
+            seeds, positions = host.to(logits_BV.device, non_blocking=True).unbind(0)
+            if unfiltered(*settings):
+                tokens[index] = sample_logits(logits_BV[index], settings[0], seeds, positions)[0]
+            else:
+                tokens[index] = sample_rows(filtered_probs(logits_BV[index], *settings), seeds, positions)
         return tokens
 
     def _append(self, r: Request, tokens: list[int], logprobs: list[float]) -> None:

@@ -6,8 +6,6 @@ Not responsible for scheduling or for the model.
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
@@ -132,7 +130,9 @@ class Request:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
+    """The seed of this request's sampling: its draws are a function of (seed, output position), see
+    ``ops.sampling``."""
     group: list["Request"] = field(default_factory=list)
     """Siblings that share this request's prefill (n samples); filled on the group's leader only."""
     leader: "Request | None" = None

@@ -14,7 +14,7 @@ import torch
 from league.engine.cuda_graph import capture_pieces, layer_runs
 from league.engine.request import SamplingParams, rows_by_settings
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
-from league.ops.sampling import filtered_probs, sample_rows
+from league.ops.sampling import coins, filtered_probs, sample_logits, sample_rows, unfiltered
 
 
 class SpeculativeStep:
@@ -181,7 +181,7 @@ class SpeculativeStep:
 
 
 def accept(
-    logits_NV: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator
+    logits_NV: torch.Tensor, drafts: list[int], params: SamplingParams, seed: int, position: int
 ) -> tuple[int, int]:
     """Decide how many drafts to keep and the bonus token (one request; see :func:`accept_batch`).
 
@@ -190,32 +190,35 @@ def accept(
             (input 0 is the pending token, input t > 0 is draft t).
         drafts (list[int]): the N draft tokens.
         params (SamplingParams): temperature 0 selects greedy acceptance.
-        generator (torch.Generator): the request's generator (coins and the bonus draw).
+        seed (int): the request's seed.
+        position (int): output position of the token row 0 decides (the request's output length).
 
     Returns:
         ``(num_accepted, bonus_token)``.
     """
-    return accept_batch(logits_NV[None], [drafts], [params], [generator])[0]
+    return accept_batch(logits_NV[None], [drafts], [params], [seed], [position])[0]
 
 
 def accept_batch(
     logits_BNV: torch.Tensor,
     drafts: list[list[int]],
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    seeds: list[int],
+    positions: list[int],
 ) -> list[tuple[int, int]]:
-    """:func:`accept` for B requests verified together, with a fixed number of host synchronisations.
+    """:func:`accept` for B requests verified together, with one host synchronisation per sampling setting.
 
     Greedy requests keep drafts while they equal the target's argmax. Sampling requests that share settings are
-    decided together: draft t is kept with probability p_t(d_t) (coin t of the request's N coins, drawn at once
-    from its generator), and the first rejected position t draws from the residual ``max(p_t - onehot(d_t), 0)``
-    (or, all kept, from ``p_N``), with the request's generator. Each request's result depends only on its own
-    logits and generator, never on the batch.
+    decided together: draft t is kept with probability p_t(d_t) (its coin: the uniform of the request's seed at
+    output position ``position + t``, coin stream), and the first rejected position t draws from the residual
+    ``max(p_t - onehot(d_t), 0)`` (or, all kept, from ``p_N``) with the seed's sampling noise at ``position + t``.
+    Each draw uses noise no earlier decision saw, so the emitted tokens follow the target exactly; each request's
+    result depends only on its own logits, seed and position, never on the batch.
 
     Returns:
         ``[(num_accepted, bonus_token)]`` per request.
     """
-    num_drafts = logits_BNV.shape[1] - 1
+    num_drafts, width = logits_BNV.shape[1] - 1, logits_BNV.shape[1]
     device = logits_BNV.device
     results: list[tuple[int, int] | None] = [None] * len(drafts)
     for key, rows in rows_by_settings(params).items():
@@ -228,18 +231,32 @@ def accept_batch(
                 accepted = _leading_true(keep)
                 results[i] = (accepted, best[accepted])
             continue
-        probs_BNV = filtered_probs(logits_BNV[index], *key)
-        p_draft_BN = probs_BNV[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0]
-        coins_BN = torch.stack([torch.rand(num_drafts, generator=generators[i], device=device) for i in rows])
-        accepted = [_leading_true(keep) for keep in (coins_BN < p_draft_BN).tolist()]
-        at = torch.tensor(accepted, device=device)
-        final_BV = probs_BNV[torch.arange(len(rows), device=device), at]
-        rejected = at < num_drafts
-        rejected_draft = drafts_BN.gather(1, at.clamp(max=num_drafts - 1)[:, None])[:, 0]
-        final_BV = torch.where(rejected[:, None], final_BV.scatter(1, rejected_draft[:, None], 0.0), final_BV)
-        final_BV = final_BV / final_BV.sum(-1, keepdim=True)
-        bonus = sample_rows(final_BV, [generators[i] for i in rows]).tolist()
-        for i, a, b in zip(rows, accepted, bonus):
+        host = torch.tensor([[seeds[i] for i in rows], [positions[i] for i in rows]], dtype=torch.long)
+        seeds_B, start_B = host.to(device, non_blocking=True).unbind(0)
+        steps = torch.arange(width, device=device)
+        seeds_BN1, positions_BN1 = seeds_B[:, None].expand(-1, width), start_B[:, None] + steps
+        logits = logits_BNV[index]
+        # each row's draw from its residual: the draft of that row left out (none after the last draft)
+        exclude_BN1 = torch.cat([drafts_BN, drafts_BN.new_full((len(rows), 1), -1)], dim=1)
+        seeds_flat, positions_flat = seeds_BN1.flatten(), positions_BN1.flatten()
+        if unfiltered(*key):
+            drawn, lse, coin = sample_logits(
+                logits.flatten(0, 1), key[0], seeds_flat, positions_flat, exclude_BN1.flatten()
+            )
+            z_draft = logits[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0].float() / key[0]
+            p_draft_BN = (z_draft - lse.view(len(rows), width)[:, :num_drafts]).exp()
+        else:
+            probs_BNV = filtered_probs(logits, *key)
+            p_draft_BN = probs_BNV[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0]
+            residual = probs_BNV.scatter(-1, exclude_BN1.clamp(min=0)[..., None], 0.0)
+            residual[:, num_drafts] = probs_BNV[:, num_drafts]
+            drawn = sample_rows(residual.flatten(0, 1), seeds_flat, positions_flat)
+            coin = coins(seeds_flat, positions_flat)
+        drawn_BN1 = drawn.view(len(rows), width)
+        keep_BN = coin.view(len(rows), width)[:, :num_drafts] < p_draft_BN
+        accepted_B = keep_BN.long().cumprod(-1).sum(-1)
+        bonus_B = drawn_BN1.gather(1, accepted_B[:, None])[:, 0]
+        for i, (a, b) in zip(rows, torch.stack([accepted_B, bonus_B]).t().tolist()):
             results[i] = (a, b)
     return results
 

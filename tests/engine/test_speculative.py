@@ -48,8 +48,8 @@ def test_acceptance_rule_emits_the_target_distribution():
     for draft in (int(target.argmax()), int(target.argsort()[-4]), int(target.argmin())):
         counts = torch.zeros(12)
         draws = 6000
-        for _ in range(draws):
-            accepted, bonus = accept(logits, [draft, 0], params, gen)
+        for seed in range(draws):
+            accepted, bonus = accept(logits, [draft, 0], params, seed, position=7)
             counts[draft if accepted else bonus] += 1
         assert chi_square_p_value(counts, target) > ALPHA
     wrong = torch.multinomial(shifted(target), draws, replacement=True, generator=gen).bincount(minlength=12)
@@ -148,7 +148,7 @@ def test_trained_mtp_head_gets_real_acceptance():
 
 
 def test_batched_acceptance_equals_each_request_alone():
-    """A request's acceptance and bonus depend only on its logits and generator, not on the rows beside it."""
+    """A request's acceptance and bonus depend only on its logits, seed and position, not on the rows beside it."""
     from league.engine.speculative import accept_batch
 
     gen = torch.Generator().manual_seed(3)
@@ -163,8 +163,9 @@ def test_batched_acceptance_equals_each_request_alone():
     ]
     for trial in range(20):
         seeds = [100 * trial + i for i in range(5)]
-        batched = accept_batch(logits, drafts, params, [torch.Generator().manual_seed(s) for s in seeds])
-        alone = [accept(logits[i], drafts[i], params[i], torch.Generator().manual_seed(seeds[i])) for i in range(5)]
+        positions = [3 * i for i in range(5)]
+        batched = accept_batch(logits, drafts, params, seeds, positions)
+        alone = [accept(logits[i], drafts[i], params[i], seeds[i], positions[i]) for i in range(5)]
         assert batched == alone
         greedy_best = logits[0].argmax(-1).tolist()
         kept = next((t for t in range(3) if drafts[0][t] != greedy_best[t]), 3)
@@ -180,8 +181,8 @@ def test_second_emitted_token_follows_the_target_after_an_accepted_draft():
     first, second = filtered_probs(logits[0], 1.0), filtered_probs(logits[1], 1.0)
     d1, d2 = int(first.argmax()), int(second.argsort()[-3])
     counts = torch.zeros(12)
-    for _ in range(8000):
-        accepted, bonus = accept(logits, [d1, d2], params, gen)
+    for seed in range(8000):
+        accepted, bonus = accept(logits, [d1, d2], params, seed, position=0)
         if accepted >= 1:
             counts[d2 if accepted == 2 else bonus] += 1
     assert counts.sum() > 2000
