@@ -18,7 +18,9 @@ tokens each (EOS ignored), by the engine without speculation and with EAGLE-styl
 Hopper/Blackwell: one graph per decode step, or per draft-and-verify step). Decode rate is
 ``B * (new - 1) / (t_generate - t_prefill)``, ``t_prefill`` the time of the same call generating one token, each the
 fastest of ``--repeats`` runs after a warm-up; acceptance length is tokens emitted per verify step (1 = no draft
-accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature.
+accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature;
+``live_fraction`` is the mean share of the batch still running in a decode step (below 1 when requests that advance
+at different rates leave the last steps part-empty; 1 without speculation, where all finish together).
 Greedy outputs with and without speculation are compared per batch (``greedy_equal``), equal in fp32 on a CPU; in
 bf16 the verify forward's numerics differ from decode's, so they may diverge (recorded, not asserted). Writes
 ``benchmarks/results/speculative_gpu.json``.
@@ -168,13 +170,17 @@ def measure(
         return time.perf_counter() - start, [o.output_ids for o in outs]
 
     timed(8)  # warm-up: kernels compiled and autotuned, CUDA graphs captured
+    passes = engine.stats.forward_passes
     prefill_s = min(timed(1)[0] for _ in range(opts.repeats))
+    prefill_passes = (engine.stats.forward_passes - passes) / opts.repeats
     before = SpecStats()
     before.add(engine.stats.spec)
+    passes = engine.stats.forward_passes
     total_s, outputs = float("inf"), []
     for _ in range(opts.repeats):
         seconds, outputs = timed(opts.new_tokens)
         total_s = min(total_s, seconds)
+    decode_steps = (engine.stats.forward_passes - passes) / opts.repeats - prefill_passes
     record = {
         "batch": batch,
         "temperature": temperature,
@@ -183,10 +189,14 @@ def measure(
         "seconds": total_s,
         "prefill_seconds": prefill_s,
         "decode_tokens_per_s": batch * (opts.new_tokens - 1) / (total_s - prefill_s),
+        "decode_steps": decode_steps,
+        # requests still running in the average decode step, over the batch (1: no step ran part-empty)
+        "live_fraction": 1.0,
     }
     if spec_steps:
         spec = engine.stats.spec
         steps = spec.verify_steps - before.verify_steps
+        record["live_fraction"] = steps / opts.repeats / max(decode_steps, 1) / batch
         record["accept_length"] = (spec.verified_output_tokens - before.verified_output_tokens) / max(steps, 1)
         record["draft_accept_rate"] = (spec.accepted_tokens - before.accepted_tokens) / max(
             spec.draft_tokens - before.draft_tokens, 1

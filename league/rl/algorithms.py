@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from league.ops.logprob import entropy, token_logprobs
+from league.ops.logprob import entropy
 
 __all__ = [
     "approx_kl",
@@ -324,17 +324,17 @@ def mtp_labels_and_mask(
     return shifted(tokens_T, 1), shifted(tokens_T, 2), shifted(loss_mask_T, 2)
 
 
-def mtp_loss(logits_TV: torch.Tensor, labels_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
-    """``sum_t m_t CE_t / max(sum_t m_t, 1)``: cross-entropy in fp32 over the whole vocabulary, masked mean.
+def mtp_loss(logprobs_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
+    """``-sum_t m_t logp_t / max(sum_t m_t, 1)``: the masked mean cross-entropy of the MTP head, from the fp32
+    log-probs of its labels over the whole vocabulary (``token_logprobs`` of its logits, or the fused head's).
 
     Args:
-        logits_TV (torch.Tensor): ``[T, V]`` MTP logits (any float dtype).
-        labels_T (torch.Tensor): ``[T]`` target ids (valid ids even where masked out).
+        logprobs_T (torch.Tensor): ``[T]`` log-probs of the labels.
         mask_T (torch.Tensor): ``[T]`` 0/1 mask.
 
     Returns:
         fp32 scalar.
     """
-    ce_T = -token_logprobs(logits_TV, labels_T)
+    ce_T = -logprobs_T.float()
     mask_T = mask_T.to(ce_T.dtype)
     return _masked(ce_T, mask_T).sum() / mask_T.sum().clamp_min(1)

@@ -268,8 +268,13 @@ class Trainer:
         next_tokens, labels, mask = algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
         mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
         rows = mask.nonzero()[:, 0]
-        logits = self.model.mtp_logits(mtp_hidden[rows], detach_head=True, batch_invariant=self.batch_invariant)
-        return algo.mtp_loss(logits, labels[rows], mask[rows])
+        hidden_RD, labels_R = mtp_hidden[rows], labels[rows]
+        if self.batch_invariant:  # the engine's own head, as the policy's log-probs take it
+            logits = self.model.mtp_logits(hidden_RD, detach_head=True, batch_invariant=True)
+            return algo.mtp_loss(token_logprobs(logits, labels_R), mask[rows])
+        # the output head fused into the log-prob (no [R, V] logits held), detached: the loss reaches MTP only
+        logp_R = linear_token_logprobs(hidden_RD, self.model.output_weight().detach(), labels_R)
+        return algo.mtp_loss(logp_R, mask[rows])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from league.ops.logprob import token_logprobs
 from league.rl import algorithms as algo
 
 INF, NAN = float("inf"), float("nan")
@@ -227,7 +228,7 @@ def test_mtp_loss_matches_manual_cross_entropy():
     for row, label, m in zip(logits.double(), labels, mask):
         if m:
             manual += -(row[label] - torch.log(torch.exp(row).sum())).item()
-    out = algo.mtp_loss(logits, labels, mask)
+    out = algo.mtp_loss(token_logprobs(logits, labels), mask)
     assert out.dtype == torch.float32
     close(out.double(), manual / 4, atol=1e-5)
-    close(algo.mtp_loss(logits, labels, torch.zeros(6)).double(), 0.0)
+    close(algo.mtp_loss(token_logprobs(logits, labels), torch.zeros(6)).double(), 0.0)

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from league.rl.algorithms import mtp_labels_and_mask
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
@@ -136,3 +137,32 @@ def test_entropy_bonus_is_the_same_fused_and_batch_invariant():
     (entropy_fused, norm_fused), (entropy_invariant, norm_invariant) = results
     assert entropy_fused > 0 and abs(entropy_fused - entropy_invariant) < 1e-5
     assert abs(norm_fused - norm_invariant) < 1e-5 * norm_invariant
+
+
+def test_mtp_loss_is_the_same_fused_and_batch_invariant():
+    """The MTP loss through the fused head (no [R, V] logits) equals the cross-entropy of its logits, computed by
+    hand over the masked rows, and so do the MTP parameters' gradients."""
+    model = tiny_model().float()
+    trainer = trainer_for(model)
+    mb = trainer._micro_batches(make_samples(8, model.args.vocab_size, seed=3), 4096)[0]
+    results = []
+    for invariant in (False, True):
+        trainer.batch_invariant = invariant
+        model.zero_grad()
+        hidden = model(mb.packed.tokens_T, mb.batch)
+        loss = trainer._mtp_loss(mb, hidden)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fused, grads_fused), (invariant, grads_invariant) = results
+    packed = mb.packed
+    next_tokens, labels, mask = mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
+    with torch.no_grad():
+        hidden = model(packed.tokens_T, mb.batch)
+        logits = model.mtp_logits(model.mtp_forward(hidden, next_tokens, mb.batch))
+    rows = mask.nonzero()[:, 0]
+    by_hand = torch.nn.functional.cross_entropy(logits[rows].double(), labels[rows])
+    assert len(rows) > 0 and abs(fused.item() - by_hand.item()) < 1e-5
+    assert abs(fused.item() - invariant.item()) < 1e-5
+    assert grads_fused.keys() == grads_invariant.keys() and all(n.startswith("mtp.") for n in grads_fused)
+    for name, grad in grads_fused.items():
+        torch.testing.assert_close(grad, grads_invariant[name], rtol=1e-4, atol=1e-6)
