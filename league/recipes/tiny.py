@@ -43,7 +43,7 @@ def recipe(mode: str | None = None) -> JobConfig:
             mtp_loss_scaling_factor=0.2,
         ),
         train=TrainConfig(global_batch_size=128, max_tokens_per_gpu=4096, recompute=False),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.0, adam_beta2=0.98, clip_grad=1.0),
+        optim=OptimConfig(lr=5e-4, weight_decay=0.0, adam_beta2=0.98, clip_grad=1.0),
         reward=RewardConfig(rm_type="exact"),
         eval=EvalConfig(
             eval_interval=10, eval_prompt_data=["add", "builtin:add"], eval_temperature=0.0, eval_max_response_len=6
