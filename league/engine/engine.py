@@ -46,7 +46,7 @@ class EngineConfig:
     speculative_num_draft_tokens: int | None = None
     """Tokens per verify: must be speculative_num_steps + 1 (the default)."""
     random_seed: int = 0
-    """Seeds the draws of the seeds of requests that bring none."""
+    """Seeds the engine's choice of a seed for each request that brings none."""
     batch_invariant: bool = False
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
