@@ -1,7 +1,8 @@
 """Rollout throughput on one GPU: league's engine beside transformers' ``generate``, on random bf16 weights of the
 Qwen3.6-35B-A3B shape (all 40 layers by default), with the memory roofline of every decode step.
 
-For each batch size: B prompts of ``--prompt-len`` tokens, ``--new-tokens`` greedy tokens each (EOS ignored).
+For each batch size: B prompts of ``--prompt-len`` tokens, ``--new-tokens`` tokens each (EOS ignored), greedy or
+sampled at ``--temperature`` (RL rollouts sample at 1; transformers is always timed greedy).
 league's decode rate is ``B * (new - 1) / (t_generate - t_prefill)`` with ``t_prefill`` the time of the same call
 generating one token; transformers' is measured the same way with ``--hf-new-tokens`` tokens. The roofline is the
 bytes a decode step must move at the vendor's 4.8 TB/s: the weights it reads (all non-expert weights plus the
@@ -9,7 +10,8 @@ experts its batch routes to, uniform routing assumed), each request's GDN state 
 and its keys and values read, at the run's mean context. Writes ``benchmarks/results/rollout_gpu.json``.
 
     python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
-        [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--hf-new-tokens 32] [--skip-hf]
+        [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--temperature 0] [--hf-new-tokens 32]
+        [--skip-hf]
 """
 
 import argparse
@@ -68,7 +70,12 @@ def timed(fn) -> float:
 
 
 def league_rates(
-    model: Transformer, prompts: list[list[int]], new_tokens: int, spec_steps: int, ssm_dtype: str = "float32"
+    model: Transformer,
+    prompts: list[list[int]],
+    new_tokens: int,
+    spec_steps: int,
+    ssm_dtype: str = "float32",
+    temperature: float = 0.0,
 ) -> dict:
     batch = len(prompts)
     config = EngineConfig(
@@ -82,11 +89,13 @@ def league_rates(
         mamba_ssm_dtype=ssm_dtype,
     )
     engine = LLMEngine(model, config)
-    engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))  # capture, compile
-    prefill_s = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0)))
+    engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature, ignore_eos=True))  # capture
+    prefill_s = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=temperature)))
     start_stats = engine.stats.spec.verify_steps, engine.stats.spec.verified_output_tokens
     total_s = timed(
-        lambda: engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+        lambda: engine.generate(
+            prompts, SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
+        )
     )
     decode_tokens = batch * (new_tokens - 1)
     record = {
@@ -145,6 +154,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--spec-steps", type=int, default=0, help="MTP draft steps (0: no speculation)")
     parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype of league's engine")
+    parser.add_argument("--temperature", type=float, default=0.0, help="league's sampling temperature (0: greedy)")
     parser.add_argument("--hf-new-tokens", type=int, default=32)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
@@ -157,7 +167,9 @@ def main() -> None:
     results = {}
     model = random_model(args).eval()
     for batch in batches:
-        rec = league_rates(model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps, opts.mamba_ssm_dtype)
+        rec = league_rates(
+            model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps, opts.mamba_ssm_dtype, opts.temperature
+        )
         gc.collect()
         torch.cuda.empty_cache()
         context = opts.prompt_len + opts.new_tokens / 2
