@@ -39,8 +39,21 @@ logits to the model's dtype); ``hidden_rel_err_prefill_vs_trainer``, the mean an
 run-to-run nondeterminism). Writes ``benchmarks/results/logprob_agreement_gpu.json``, one results block per
 ``--init-std`` value.
 
+With ``--attribute``, each results block also has ``attribution``: the decode gap split by layer and sublayer, on
+the first ``--attribute-batch`` samples (default 8). The engine decodes their sampled tokens teacher-forced, one
+token per step, as ``LLMEngine._decode`` builds its batch but without CUDA graphs (after a batched prefill of the
+prompts into its cache), and forward hooks on each layer's mixer (``.gdn`` or ``.attn``), ``.moe`` and the layer
+keep their outputs at the positions decode feeds (every response token but the last); the reference is the
+trainer's whole-sequence forward (one packed sequence, no cache). Per layer: ``mixer_rel_err``, ``moe_rel_err`` and
+``layer_out_rel_err``, the mean over those positions of ``|a - b| / |b|`` (decode a, whole sequence b), with the
+error accumulated from earlier sublayers; and ``*_own_rel_err``, from a second decode in which every hooked
+module's input is replaced by the whole-sequence run's (so the mixer's cache is filled from exact inputs too): the
+error each sublayer adds alone (for the layer output, the residual plus the two own outputs). Also
+``final_hidden_rel_err`` and ``logprob_gap`` (whole sequence - decode, the engine's head on both, response tokens
+1 on), to set beside ``decode_vs_prefill`` (whose decode ran ``--batch`` rows a step, with CUDA graphs).
+
     python benchmarks/logprob_agreement_gpu.py [--num-layers 4] [--batch 64] [--prompt-len 200] [--new-tokens 512]
-        [--init-std 0.05 | --init-std 0.02,0.05,0.1]
+        [--init-std 0.05 | --init-std 0.02,0.05,0.1] [--attribute [--attribute-batch 8]]
     python benchmarks/logprob_agreement_gpu.py --preset tiny --device cpu --dtype float32 --batch 4 --new-tokens 16
         (a smoke test of the script)
 """
@@ -135,6 +148,107 @@ def prefill_pass(engine: LLMEngine, samples: list[Sample]) -> tuple[list[torch.T
     return logprobs, hidden
 
 
+def sublayers(model: Transformer) -> dict[tuple[int, str], torch.nn.Module]:
+    """Each decoder layer's mixer (``.attn`` or ``.gdn``), its ``.moe`` and the layer itself, by (layer, name)."""
+    named = {}
+    for i, layer in enumerate(model.layers):
+        named[i, "mixer"] = layer.attn if layer.layer_type == "full_attention" else layer.gdn
+        named[i, "moe"], named[i, "layer"] = layer.moe, layer
+    return named
+
+
+def hook(
+    modules: dict, outputs: dict, inputs: dict | None = None, rows: slice = slice(None), given: dict | None = None
+):
+    """Forward hooks that append each module's output (with ``inputs``, also its first argument) at ``rows`` to
+    ``outputs[key]``; with ``given``, a pre-hook first replaces the first argument with ``given[key]``."""
+    handles = []
+    for key, m in modules.items():
+        if given is not None:
+            handles.append(m.register_forward_pre_hook(lambda _m, a, key=key: (given[key], *a[1:])))
+        if inputs is not None:
+            handles.append(m.register_forward_pre_hook(lambda _m, a, key=key: inputs[key].append(a[0][rows])))
+        handles.append(m.register_forward_hook(lambda _m, _a, out, key=key: outputs[key].append(out[rows])))
+    return handles
+
+
+@torch.no_grad()
+def teacher_forced_decode(
+    engine: LLMEngine, seqs: list[list[int]], prompt_len: int, outputs: dict, inputs_SBD: dict | None = None
+) -> torch.Tensor:
+    """The prompts prefilled into cache slots ``0..B-1``, then each sequence but its last token fed one token per
+    step, as ``LLMEngine._decode`` runs it without CUDA graphs. During decode, hooks append each sublayer's output
+    ``[B, D]`` to ``outputs``; with ``inputs_SBD``, each sublayer's input at step ``j`` is replaced by
+    ``inputs_SBD[key][j]``. Returns the final hidden states ``[B, S, D]`` (``S`` decode steps)."""
+    model, device, inv = engine.model, engine.device, engine.config.batch_invariant
+    num, slots = len(seqs), list(range(len(seqs)))
+    prompts = torch.tensor([t for s in seqs for t in s[:prompt_len]], device=device)
+    prefill = ForwardBatch.packed(
+        batch_invariant=inv, seq_lens=[prompt_len] * num, device=device, cache_lens=[0] * num, slots=slots
+    )
+    model(prompts, prefill, engine.cache)
+    given = None if inputs_SBD is None else {}
+    handles = hook(sublayers(model), outputs, given=given)
+    hidden = []
+    for step, p in enumerate(range(prompt_len, len(seqs[0]) - 1)):
+        if given is not None:
+            given.update({key: x_SBD[step] for key, x_SBD in inputs_SBD.items()})
+        batch = ForwardBatch.packed(
+            batch_invariant=inv, seq_lens=[1] * num, device=device, cache_lens=[p] * num, slots=slots
+        )
+        hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, engine.cache))
+    for h in handles:
+        h.remove()
+    return torch.stack(hidden, dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of ``|a - b| / |b|`` (L2 over the last dim)."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).mean().item()
+
+
+@torch.no_grad()
+def attribute(engine: LLMEngine, samples: list[Sample]) -> dict:
+    """Per layer, the relative error of each sublayer's output in teacher-forced decode against the whole-sequence
+    forward (the trainer's: one packed sequence, no cache), over the response positions that decode feeds (all
+    response tokens but the last): accumulated (decode's own inputs), and own (each sublayer's input replaced by
+    the whole-sequence run's, so the error it adds alone). Also the log-prob gap of the two runs' final hidden
+    states through the engine's head."""
+    model, device = engine.model, engine.device
+    prompt_len, seqs = len(samples[0].prompt_ids), [s.prompt_ids + s.response_ids for s in samples]
+    rows = slice(prompt_len, len(seqs[0]) - 1)
+    keys = list(sublayers(model))
+    whole_in, whole_out = {k: [] for k in keys}, {k: [] for k in keys}
+    handles = hook(sublayers(model), whole_out, whole_in, rows)
+    whole = [model(torch.tensor(s, device=device), ForwardBatch.packed([len(s)], device=device))[rows] for s in seqs]
+    for h in handles:
+        h.remove()
+    whole_in_SBD = {k: torch.stack(v, dim=1) for k, v in whole_in.items()}
+    whole_out_BSD = {k: torch.stack(v) for k, v in whole_out.items()}
+    acc, own = {k: [] for k in keys}, {k: [] for k in keys}
+    decoded = teacher_forced_decode(engine, seqs, prompt_len, acc)
+    teacher_forced_decode(engine, seqs, prompt_len, own, whole_in_SBD)
+    targets = torch.tensor([s[prompt_len + 1 :] for s in seqs], device=device)
+    head = [engine_head(model, h, t, LOGIT_ROWS) for h, t in zip(whole, targets)]
+    head_decoded = [engine_head(model, h, t, LOGIT_ROWS) for h, t in zip(decoded, targets)]
+    layers = []
+    for i, layer in enumerate(model.layers):
+        entry = {"layer": i, "type": layer.layer_type}
+        for name, label in (("mixer", "mixer"), ("moe", "moe"), ("layer", "layer_out")):
+            ref = whole_out_BSD[i, name]
+            entry[f"{label}_rel_err"] = rel_err(torch.stack(acc[i, name], dim=1), ref)
+            entry[f"{label}_own_rel_err"] = rel_err(torch.stack(own[i, name], dim=1), ref)
+        layers.append(entry)
+    return {
+        "batch": len(samples),
+        "positions": len(samples) * (rows.stop - rows.start),
+        "layers": layers,
+        "final_hidden_rel_err": rel_err(decoded, torch.stack(whole)),
+        "logprob_gap": gap(head, head_decoded),
+    }
+
+
 def gap(first: list[torch.Tensor], second: list[torch.Tensor]) -> dict:
     """Statistics of ``first - second`` over all response tokens (equal-length responses, ``[B, N]``)."""
     diffs = torch.stack([a.float().cpu() - b.float().cpu() for a, b in zip(first, second)])
@@ -173,6 +287,7 @@ def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
         h_train = h_train.float()
         rel_err = (torch.cat(prefill_hidden).float() - h_train).norm(dim=-1) / h_train.norm(dim=-1)
     rollout_lp = [torch.tensor(s.rollout_logprobs) for s in samples]
+    attribution = {"attribution": attribute(engine, samples[: opts.attribute_batch])} if opts.attribute else {}
     return {
         "init_std": init_std,
         "tokens": sum(len(s.response_ids) for s in samples),
@@ -184,7 +299,7 @@ def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
         "head_logits_vs_fp32": gap(head_fp32, head),
         "hidden_rel_err_prefill_vs_trainer": {"mean": rel_err.mean().item(), "max": rel_err.max().item()},
         "trainer_rerun_max_abs_diff": max((a - b).abs().max().item() for a, b in zip(train, train_again)),
-    }
+    } | attribution
 
 
 def main() -> None:
@@ -196,6 +311,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--init-std", default="0.05", help="one value or a comma list (one results block each)")
     parser.add_argument("--mamba-ssm-dtype", default="float32")
+    parser.add_argument("--attribute", action="store_true", help="add the per-layer, per-sublayer attribution")
+    parser.add_argument("--attribute-batch", type=int, default=8, help="sequences (the first ones) it runs on")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "logprob_agreement_gpu.json")
