@@ -76,6 +76,7 @@ def league_rates(
     spec_steps: int,
     ssm_dtype: str = "float32",
     temperature: float = 0.0,
+    overlap: bool = True,
 ) -> dict:
     batch = len(prompts)
     config = EngineConfig(
@@ -87,6 +88,7 @@ def league_rates(
         speculative_algorithm="EAGLE" if spec_steps else None,
         speculative_num_steps=max(spec_steps, 1),
         mamba_ssm_dtype=ssm_dtype,
+        disable_overlap_schedule=not overlap,
     )
     engine = LLMEngine(model, config)
     engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature, ignore_eos=True))  # capture
@@ -157,6 +159,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="league's sampling temperature (0: greedy)")
     parser.add_argument("--hf-new-tokens", type=int, default=32)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="also run league without the overlap schedule (results league_b<N>_no_overlap)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
@@ -166,19 +173,27 @@ def main() -> None:
     prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
     results = {}
     model = random_model(args).eval()
+    variants = [("", True), ("_no_overlap", False)] if opts.compare_overlap else [("", True)]
     for batch in batches:
-        rec = league_rates(
-            model, prompts[:batch].tolist(), opts.new_tokens, opts.spec_steps, opts.mamba_ssm_dtype, opts.temperature
-        )
-        gc.collect()
-        torch.cuda.empty_cache()
-        context = opts.prompt_len + opts.new_tokens / 2
-        state_bytes = getattr(torch, opts.mamba_ssm_dtype).itemsize
-        bound = batch / (step_bytes(args, batch, context, state_bytes) / HBM_BYTES_PER_S)
-        rec["roofline_tokens_per_s"] = bound
-        rec["roofline_fraction"] = rec["decode_tokens_per_s"] / bound
-        results[f"league_b{batch}"] = rec
-        print(batch, json.dumps(rec), flush=True)
+        for suffix, overlap in variants:
+            rec = league_rates(
+                model,
+                prompts[:batch].tolist(),
+                opts.new_tokens,
+                opts.spec_steps,
+                opts.mamba_ssm_dtype,
+                opts.temperature,
+                overlap,
+            )
+            gc.collect()
+            torch.cuda.empty_cache()
+            context = opts.prompt_len + opts.new_tokens / 2
+            state_bytes = getattr(torch, opts.mamba_ssm_dtype).itemsize
+            bound = batch / (step_bytes(args, batch, context, state_bytes) / HBM_BYTES_PER_S)
+            rec["roofline_tokens_per_s"] = bound
+            rec["roofline_fraction"] = rec["decode_tokens_per_s"] / bound
+            results[f"league_b{batch}{suffix}"] = rec
+            print(f"{batch}{suffix}", json.dumps(rec), flush=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -205,7 +220,7 @@ def main() -> None:
         | {
             "dtype": "bfloat16",
             "weights": "random (league init distributions); transformers' own random init of the same config",
-            "greedy": True,
+            "greedy": opts.temperature == 0,
             "hbm_bytes_per_s": HBM_BYTES_PER_S,
         },
         "results": results,

@@ -225,6 +225,14 @@ def serve(
     disable_cuda_graph: Annotated[
         bool, typer.Option("--disable-cuda-graph", help="Decode without captured CUDA graphs.")
     ] = False,
+    disable_overlap_schedule: Annotated[
+        bool,
+        typer.Option(
+            "--disable-overlap-schedule",
+            help="Read each decode step's tokens back before launching the next (default: after, so host work "
+            "overlaps the GPU's).",
+        ),
+    ] = False,
     mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
     dtype: Annotated[
@@ -246,6 +254,7 @@ def serve(
             batch_invariant=batch_invariant,
             cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),
             disable_cuda_graph=disable_cuda_graph,
+            disable_overlap_schedule=disable_overlap_schedule,
             mamba_ssm_dtype=mamba_ssm_dtype,
         )
         run(str(model), host, port, config, device=device, dtype=dtype)

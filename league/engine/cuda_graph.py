@@ -136,19 +136,18 @@ class DecodeGraphs:
         return batch <= self.sizes[-1]
 
     @torch.no_grad()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Decode one token for each of B requests (``positions`` = tokens already cached); ``[B, V]`` logits,
-        valid until the next replay."""
-        batch = len(tokens)
+    def run(self, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Decode one token for each of B requests: ``tokens`` ``[B]`` on the device, ``positions`` = tokens
+        already cached; ``[B, V]`` logits, valid until the next replay. Nothing waits for the device."""
+        batch = len(positions)
         size = next(s for s in self.sizes if s >= batch)
         pad = size - batch
-        host = torch.tensor(
-            [[*tokens, *[0] * pad], [*positions, *[0] * pad], [*slots, *[self.scratch_slot] * pad]], dtype=torch.long
-        )
+        host = torch.tensor([[*positions, *[0] * pad], [*slots, *[self.scratch_slot] * pad]], dtype=torch.long)
         staged = host.to(self.tokens.device, non_blocking=True)
-        self.tokens[:size].copy_(staged[0])
-        self.positions[:size].copy_(staged[1])
-        self.slots[:size].copy_(staged[2])
+        self.tokens[:batch].copy_(tokens)
+        self.tokens[batch:size].zero_()
+        self.positions[:size].copy_(staged[0])
+        self.slots[:size].copy_(staged[1])
         for graph in self.graphs[size]:
             graph.replay()
         return self.logits[:batch]

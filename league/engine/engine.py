@@ -2,7 +2,9 @@
 
 Each ``step()`` runs at most one prefill forward (prompt chunks under the token budget) and one decode
 forward (one token per running request, or, with speculation, a draft chain and one verify of
-``num_steps + 1`` tokens per request). Finished requests leave at once and new ones take their slots.
+``num_steps + 1`` tokens per request). Finished requests leave at once and new ones take their slots. Without
+speculation, a decode step's tokens are read back only after the next step is launched (the overlap schedule),
+so the host's bookkeeping runs while the GPU computes.
 The engine runs the same ``Transformer`` as the trainer, so a token's log-prob is computed the same way
 when it is sampled and when it is trained on. Not responsible for tokenising prompts, HTTP, or threads.
 """
@@ -56,6 +58,11 @@ class EngineConfig:
     serve a bf16 model on a Hopper/Blackwell GPU, without batch_invariant."""
     disable_cuda_graph: bool = False
     """Launch decode kernels one by one instead of replaying captured graphs."""
+    disable_overlap_schedule: bool = False
+    """Read each decode step's tokens back only after launching the next step, so the GPU runs step k + 1 while
+    the host appends step k's tokens, checks stops and schedules (a request that stops on a token of step k has
+    already run one more row in step k + 1, which is dropped; a request that will reach its length limit does
+    not). Without speculation only; results are the same either way."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
     the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify
@@ -90,6 +97,19 @@ class EngineConfig:
     @property
     def num_spec_steps(self) -> int:
         return self.speculative_num_steps if self.speculative_algorithm else 0
+
+
+@dataclass(kw_only=True, slots=True)
+class InFlight:
+    """A decode step launched and not yet read back: its requests in row order, their sampled tokens on the device
+    (the inputs of the next step), and host copies of the tokens and log-probs, complete once ``ready`` has
+    passed (None: already complete)."""
+
+    reqs: list[Request]
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    host_logprobs: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -161,6 +181,7 @@ class LLMEngine:
             else None
         )
         self.stats = EngineStats()
+        self.in_flight: InFlight | None = None
         self._seeds = torch.Generator().manual_seed(self.config.random_seed)
         self._ids = itertools.count()
 
@@ -241,11 +262,10 @@ class LLMEngine:
             if plan.prefill:
                 self._prefill(plan.prefill)
             decoding = [r for r in self.scheduler.running if r.finish_reason is None and r.pending_token is not None]
-            if decoding:
-                if self.config.num_spec_steps:
-                    self._decode_speculative(decoding)
-                else:
-                    self._decode(decoding)
+            if decoding and self.config.num_spec_steps:
+                self._decode_speculative(decoding)
+            elif decoding or self.in_flight is not None:
+                self._decode(decoding)
         return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
@@ -307,7 +327,35 @@ class LLMEngine:
             self.model.mtp_forward(torch.cat(rows), torch.tensor(tokens, device=self.device), mtp_batch, self.cache)
 
     def _decode(self, reqs: list[Request]) -> None:
-        tokens, positions, slots = [r.pending_token for r in reqs], [r.num_cached for r in reqs], [r.slot for r in reqs]
+        """Decode one token for each of ``reqs``; with the overlap schedule, read back the previous step's tokens
+        after this step is launched, and this step's in the next call."""
+        previous, self.in_flight = self.in_flight, None
+        launched = self._launch_decode(reqs, previous)
+        if self.config.disable_overlap_schedule:
+            if launched is not None:
+                self._land(launched)
+            return
+        self.in_flight = launched
+        if previous is not None:
+            self._land(previous)
+
+    def _launch_decode(self, reqs: list[Request], previous: InFlight | None) -> InFlight | None:
+        """Run the decode forward and sampling for ``reqs`` without waiting for the device. A request in the
+        ``previous`` step (not yet read back) takes that step's token from the device, one position further on;
+        one whose next token ends it by length is left out."""
+        row_of = {id(r): i for i, r in enumerate(previous.reqs)} if previous is not None else {}
+        reqs = [r for r in reqs if not (id(r) in row_of and self._ends_by_length(r, len(r.output_ids) + 1))]
+        if not reqs:
+            return None
+        lag = [int(id(r) in row_of) for r in reqs]  # tokens of the request still on the device
+        positions = [r.num_cached + a for r, a in zip(reqs, lag)]
+        slots = [r.slot for r in reqs]
+        tokens = torch.tensor([0 if a else r.pending_token for r, a in zip(reqs, lag)]).to(
+            self.device, non_blocking=True
+        )
+        if any(lag):
+            source = torch.tensor([row_of.get(id(r), -1) for r in reqs]).to(self.device, non_blocking=True)
+            tokens = torch.where(source >= 0, previous.tokens[source.clamp(min=0)], tokens)
         if self.use_graphs and self.graphs is None:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
             self.graphs = DecodeGraphs(self.model, self.cache, sizes, scratch_slot=self.num_slots)
@@ -321,12 +369,29 @@ class LLMEngine:
                 cache_lens=positions,
                 slots=slots,
             )
-            logits = self._logits(self.model(torch.tensor(tokens, device=self.device), batch, self.cache))
+            logits = self._logits(self.model(tokens, batch, self.cache))
         self.stats.forward_passes += 1
-        sampled = self._sample_batch(reqs, logits)
+        sampled = self._sample_batch(reqs, logits, [len(r.output_ids) + a for r, a in zip(reqs, lag)])
         logprobs = token_logprobs(logits, sampled)
-        for r, token, logprob in zip(reqs, sampled.tolist(), logprobs.tolist()):
-            self._append(r, [token], [logprob])
+        pinned = self.device.type == "cuda"
+        host_tokens = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pinned)
+        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=pinned)
+        host_tokens.copy_(sampled, non_blocking=pinned)
+        host_logprobs.copy_(logprobs, non_blocking=pinned)
+        ready = None
+        if pinned:
+            ready = torch.cuda.Event()
+            ready.record()
+        return InFlight(reqs=reqs, tokens=sampled, host_tokens=host_tokens, host_logprobs=host_logprobs, ready=ready)
+
+    def _land(self, step: InFlight) -> None:
+        """Append a launched step's tokens once they are on the host; rows of requests that ended meanwhile (a
+        stop token in the step before, an abort) are dropped."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        for r, token, logprob in zip(step.reqs, step.host_tokens.tolist(), step.host_logprobs.tolist()):
+            if r.finish_reason is None:
+                self._append(r, [token], [logprob])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
         num_steps, step = self.config.num_spec_steps, self.spec_step
@@ -370,18 +435,18 @@ class LLMEngine:
     # sampling and stopping ----------------------------------------------------------------------------------
 
     def _sample(self, r: Request, logits_V: torch.Tensor) -> int:
-        return int(self._sample_batch([r], logits_V[None])[0])
+        return int(self._sample_batch([r], logits_V[None], [len(r.output_ids)])[0])
 
-    def _sample_batch(self, reqs: list[Request], logits_BV: torch.Tensor) -> torch.Tensor:
+    def _sample_batch(self, reqs: list[Request], logits_BV: torch.Tensor, out_positions: list[int]) -> torch.Tensor:
         """One token per row, ``[B]`` on the device: argmax for greedy requests; rows sharing sampling settings
-        are drawn together, each with its request's seed at its output position (so a row's token does not depend
-        on the batch)."""
+        are drawn together, each with its request's seed at its output position ``out_positions[i]`` (so a row's token
+        does not depend on the batch)."""
         tokens = logits_BV.argmax(-1)
         for settings, rows in rows_by_settings([r.params for r in reqs]).items():
             if settings is None:  # greedy rows keep the argmax
                 continue
             index = slice(None) if len(rows) == len(reqs) else torch.tensor(rows, device=logits_BV.device)
-            host = torch.tensor([[reqs[i].seed for i in rows], [len(reqs[i].output_ids) for i in rows]])
+            host = torch.tensor([[reqs[i].seed for i in rows], [out_positions[i] for i in rows]])
             seeds, positions = host.to(logits_BV.device, non_blocking=True).unbind(0)
             if unfiltered(*settings):
                 tokens[index] = sample_logits(logits_BV[index], settings[0], seeds, positions)[0]
@@ -401,6 +466,10 @@ class LLMEngine:
                 r.finish_reason = reason
                 return
 
+    def _ends_by_length(self, r: Request, num_output: int) -> bool:
+        """Whether ``num_output`` generated tokens reach the request's max_new_tokens or the context length."""
+        return num_output >= r.params.max_new_tokens or len(r.prompt_ids) + num_output >= self.context_length
+
     def _finish_reason(self, r: Request, token: int) -> str | None:
         p = r.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
@@ -409,7 +478,7 @@ class LLMEngine:
             text = self.tokenizer.decode(r.output_ids)
             if any(s in text for s in p.stop):
                 return "stop"
-        if len(r.output_ids) >= p.max_new_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.context_length:
+        if self._ends_by_length(r, len(r.output_ids)):
             return "length"
         return None
 
