@@ -120,6 +120,33 @@ def test_slots_kernel_matches_reference_and_leaves_the_rest(verify, dtype):
 
 
 @pytest.mark.parametrize("verify", [False, True])
+def test_slots_kernel_makes_the_gates_like_gdn_gates(verify):
+    """bf16 projections a and b in, the gates made in the kernel: g within fp32 rounding of ``gdn_gates`` (so
+    outputs and states within 1e-5), beta rounded to bf16 as torch's sigmoid rounds it."""
+    from league.ops.gdn.gates import gdn_gates
+
+    num_tokens = 4 if verify else 1
+    q, k, v, _, _, _ = step_inputs(64, num_tokens, torch.bfloat16, seed=5)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    a, b = (torch.randn(64, num_tokens, HV, generator=gen, device="cuda").mul(4).to(torch.bfloat16) for _ in range(2))
+    a_log = torch.randn(HV, generator=gen, device="cuda").to(torch.bfloat16)
+    dt_bias = torch.randn(HV, generator=gen, device="cuda").to(torch.bfloat16)
+    cache = torch.randn(64, HV, K, V, device="cuda") * 0.1
+    slots = torch.randperm(64, device="cuda")
+    caches = [cache.clone(), cache.clone()]
+    scratches = [torch.zeros(64, num_tokens, HV, K, V, device="cuda") if verify else None for _ in range(2)]
+    g, beta = gdn_gates(a, b, a_log, dt_bias)
+    o_raw = gdn.recurrent_gated_delta_rule_slots(
+        q, k, v, a, b, caches[0], slots, None, None, scratches[0], (a_log, dt_bias)
+    )
+    o = gdn.recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, None, scratches[1])
+    print(f"raw gates vs torch gates: out {rel_err(o_raw, o):.2e}, states {rel_err(caches[0], caches[1]):.2e}")
+    assert rel_err(o_raw, o) < 1e-3 and rel_err(caches[0], caches[1]) < 1e-5
+    if verify:
+        assert rel_err(scratches[0], scratches[1]) < 1e-5
+
+
+@pytest.mark.parametrize("verify", [False, True])
 def test_slots_kernel_replays_in_a_cuda_graph(verify):
     q, k, v, g, beta, _ = step_inputs(4, 3 if verify else 1, torch.bfloat16, seed=3)
     static = [x.clone() for x in (q, k, v, g, beta)]

@@ -264,3 +264,34 @@ def test_fla_chunk_forward_and_backward_match_reference(fla_interpreter, layout,
     for name, got, ref in zip(names, *results):
         assert got.shape == ref.shape and max_err(got, ref) < tol, (name, max_err(got, ref))
     assert [grad.dtype for grad in results[0][2:]] == [x.dtype for x in inputs]
+
+
+@needs_triton
+@pytest.mark.parametrize("verify", [False, True])
+def test_slots_kernel_makes_the_gates_of_the_projections(verify):
+    """With ``gate_params`` the kernel turns the raw projections a and b into g and beta (``gates.gdn_gates``)."""
+    from league.ops.gdn.gates import gdn_gates
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
+
+    num_tokens = 3 if verify else 1
+    q, k, v, _, _, _ = step_inputs(3, num_tokens, 2, 4, 16, 12, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    a, b = (torch.randn(3, num_tokens, 4, generator=gen).to(DEVICE) * 3 for _ in range(2))
+    a[0, 0, 0] = 25.0  # past softplus' threshold
+    a_log, dt_bias = torch.randn(4, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE)
+    g, beta = gdn_gates(a, b, a_log, dt_bias)
+    cache = torch.randn(4, 4, 16, 12, generator=gen).to(DEVICE)
+    slots = torch.tensor([2, 0, 3], device=DEVICE)
+    caches = [cache.clone() for _ in range(3)]
+    scratches = [torch.zeros(3, num_tokens, 4, 16, 12, device=DEVICE) if verify else None for _ in range(3)]
+    o_raw = recurrent_gated_delta_rule_slots_fwd(
+        q, k, v, a, b, caches[0], slots, None, None, scratches[0], (a_log, dt_bias)
+    )
+    o_gates = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[1], slots, None, None, scratches[1])
+    o_ref = recurrent_gated_delta_rule_slots(
+        q, k, v, a, b, caches[2], slots, None, None, scratches[2], (a_log, dt_bias)
+    )
+    assert max_err(o_raw, o_gates) < 1e-5 and max_err(o_raw, o_ref) < 1e-5
+    assert max_err(caches[0], caches[1]) < 1e-5 and max_err(caches[0], caches[2]) < 1e-5
+    if verify:
+        assert max_err(scratches[0], scratches[1]) < 1e-5

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
-from league.ops.activations import sigmoid, silu, softplus
+from league.ops.activations import sigmoid, silu
 from league.ops.attention import cached_attention, varlen_causal_attention
 from league.ops.conv import causal_conv1d_batched, causal_conv1d_slots
 from league.ops.gdn import (
@@ -25,6 +25,7 @@ from league.ops.gdn import (
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_slots,
 )
+from league.ops.gdn.gates import gdn_gates
 from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
@@ -245,12 +246,9 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
         num_tokens, inv = x_TD.shape[0], batch.batch_invariant
         mixed_TC = linear(x_TD, self.w_qkv.weight, inv)
-        beta_TH = sigmoid(linear(x_TD, self.w_b.weight, inv), inv)
-        acc = torch.promote_types(x_TD.dtype, torch.float32)
-        g_TH = -self.A_log.to(acc).exp() * softplus(
-            linear(x_TD, self.w_a.weight, inv).to(acc) + self.dt_bias.to(acc), inv
-        )
-        o_THV = self._mix(mixed_TC, g_TH, beta_TH, batch, cache)
+        # the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on the GPU)
+        a_TH, b_TH = linear(x_TD, self.w_a.weight, inv), linear(x_TD, self.w_b.weight, inv)
+        o_THV = self._mix(mixed_TC, a_TH, b_TH, batch, cache)
         z_THV = linear(x_TD, self.w_z.weight, inv).view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
         return linear(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight, inv)
@@ -264,9 +262,10 @@ class GatedDeltaNet(nn.Module):
             v.reshape(*lead, self.num_v_heads, self.v_dim),
         )
 
-    def _mix(self, mixed_TC, g_TH, beta_TH, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
+    def _mix(self, mixed_TC, a_TH, b_TH, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
         """Conv and gated delta rule for all sequences at once (padded to the longest), each continuing from
-        its slot (or from zeros), committing the new states unless verifying.
+        its slot (or from zeros), committing the new states unless verifying. ``a_TH`` and ``b_TH`` are the
+        gates' projections.
 
         Padding steps have k = v = beta = g = 0, so they leave a state exactly as it was."""
         num_seqs, longest, rows = len(batch.seq_lens), batch.max_seqlen, batch.pad_rows
@@ -305,11 +304,17 @@ class GatedDeltaNet(nn.Module):
         else:
             conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
         q, k, v = self._split(conv_NTC)
-        g, beta = pad(g_TH), pad(beta_TH)
         new_states, o_packed = None, None
+        # the decode kernels make the gates of the projections themselves (one launch for ~9 small ones)
+        gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
+        if gate_params is None:
+            g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.batch_invariant)
+        else:
+            g_TH, beta_TH = a_TH, b_TH
+        g, beta = pad(g_TH), pad(beta_TH)
         if in_place:
             steps = cache.ssm_steps if batch.record_states else None
-            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, fresh_B=~resume, state_steps=steps)
+            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, steps, gate_params)
         elif step_by_step:
             o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
         elif packed_chunks(mixed_TC):

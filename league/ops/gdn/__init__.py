@@ -127,6 +127,7 @@ def recurrent_gated_delta_rule_slots(
     scale: float | None = None,
     fresh_B: torch.Tensor | None = None,
     state_steps: torch.Tensor | None = None,
+    gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """States read from and written to a slot-indexed cache in place; inference only. Contract of
     :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule_slots`.
@@ -138,10 +139,10 @@ def recurrent_gated_delta_rule_slots(
         from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
 
         return recurrent_gated_delta_rule_slots_fwd(
-            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps
+            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps, gate_params
         )
     return _recurrent.recurrent_gated_delta_rule_slots(
-        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps, gate_params
     )
 
 

@@ -10,6 +10,7 @@ Legend: B requests, T tokens per request, Hk key heads, Hv value heads, K key di
 
 import torch
 
+from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.naive import prepare_qk
 
 
@@ -65,6 +66,7 @@ def recurrent_gated_delta_rule_slots(
     scale: float | None = None,
     fresh_B: torch.Tensor | None = None,
     state_steps: torch.Tensor | None = None,
+    gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Step the recurrence T times for each of B requests whose states live in a slot-indexed cache, in place.
 
@@ -93,10 +95,15 @@ def recurrent_gated_delta_rule_slots(
         fresh_B (torch.Tensor, Optional): ``[B]`` bool, rows that start from zeros. Default: none.
         state_steps (torch.Tensor, Optional): ``[rows >= B, steps >= T, Hv, K, V]`` scratch for verify.
             Default: ``None`` (commit the final states to the cache).
+        gate_params (tuple, Optional): ``(A_log_H, dt_bias_H)``: then ``g_BTH`` and ``beta_BTH`` are the raw
+            projections ``a`` and ``b``, turned into gates by :func:`league.ops.gdn.gates.gdn_gates`. Default:
+            ``None`` (g and beta are the gates).
 
     Returns:
         ``o_BTHV`` in the dtype of v.
     """
+    if gate_params is not None:
+        g_BTH, beta_BTH = gdn_gates(g_BTH, beta_BTH, *gate_params)
     slots = slots_B.long()
     zero = slots < 0
     if fresh_B is not None:
