@@ -1,12 +1,17 @@
 """Decode-step kernels at the real model's sizes, each beside the bytes it must move (the memory bound at the
 H200's 4.8 TB/s): the Gated DeltaNet recurrent step over states in their slots (for each block width and warp
-count of the kernel, fp32 and bf16 states), the slot conv, and the two grouped GEMMs of the MoE experts at a
-decode batch. Times are CUDA-event medians over ``--iters`` runs. Writes ``benchmarks/results/kernels_gpu.json``.
+count of the kernel, fp32 and bf16 states), the slot conv, and the MoE experts: the two grouped GEMMs at a decode
+batch, and at each of ``--moe-batches`` the grouped GEMMs against the Triton kernels of ``ops.triton_moe`` (the
+whole call, and each kernel alone for a list of tile configs; replayed from a CUDA graph as decode runs them, over
+8 layers' weights in turn so that no layer finds its experts in L2; the bytes are the weights of the experts that
+received a token). Times are CUDA-event medians over ``--iters`` runs. Writes
+``benchmarks/results/kernels_gpu.json`` (``kernels_gpu_<only>.json`` with ``--only``).
 
-    python benchmarks/kernels_gpu.py [--batch 256] [--iters 50]
+    python benchmarks/kernels_gpu.py [--batch 256] [--iters 50] [--only moe]
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -18,11 +23,35 @@ import triton
 import league
 from league.ops.conv import causal_conv1d_slots
 from league.ops.gdn import triton_recurrent
-from league.ops.moe import grouped_swiglu_experts
+from league.ops.moe import TRITON_MAX_ROWS_PER_EXPERT, grouped_swiglu_experts, sort_pairs
+from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd, grouped_swiglu_experts_triton, tile_configs
 
 HBM_BYTES_PER_S = 4.8e12
 HK, HV, K, V, C, W = 16, 32, 128, 128, 8192, 4  # Qwen3.6-35B-A3B's GDN
 D, E, FF, TOPK = 2048, 256, 512, 8  # and its MoE
+# (block_m, block_n, block_k, num_warps, num_stages) tried for each Triton MoE kernel
+GATE_UP_CONFIGS = [
+    TileConfig(16, 16, 128, 4, 4),
+    TileConfig(16, 32, 128, 4, 4),
+    TileConfig(16, 32, 256, 4, 3),
+    TileConfig(16, 64, 64, 4, 6),
+    TileConfig(16, 64, 128, 4, 4),
+    TileConfig(16, 64, 128, 8, 4),
+    TileConfig(16, 128, 128, 8, 2),
+    TileConfig(32, 64, 128, 4, 4),
+    TileConfig(64, 64, 128, 4, 3),
+]
+DOWN_CONFIGS = [
+    TileConfig(16, 32, 128, 4, 4),
+    TileConfig(16, 64, 128, 4, 4),
+    TileConfig(16, 64, 256, 4, 2),
+    TileConfig(16, 128, 64, 4, 4),
+    TileConfig(16, 128, 128, 4, 4),
+    TileConfig(16, 256, 64, 8, 4),
+    TileConfig(32, 64, 128, 4, 4),
+    TileConfig(64, 128, 64, 4, 3),
+]
+MOE_LAYERS = 8  # weight copies the MoE timings cycle through: 40 layers of a decode step do not share L2 (50 MB)
 
 
 def median_ms(fn, iters: int) -> float:
@@ -96,6 +125,110 @@ def moe(batch: int, iters: int) -> dict:
     }
 
 
+def graph_ms(fn, iters: int) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (as the decode step runs: no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, iters)
+
+
+def per_layer_ms(fn, iters: int) -> float:
+    """Median time of ``fn(layer)`` per layer, run over the :data:`MOE_LAYERS` layers in turn in one CUDA graph."""
+
+    def step():
+        for layer in range(MOE_LAYERS):
+            fn(layer)
+
+    return graph_ms(step, iters) / MOE_LAYERS
+
+
+def config_name(config: TileConfig) -> str:
+    return "bm{}_bn{}_bk{}_w{}_s{}".format(*dataclasses.astuple(config))
+
+
+def sweep(kernel, configs: list[TileConfig], num_bytes: float, iters: int) -> dict:
+    """``kernel(layer, config)`` timed for each config; a config the GPU cannot run records its error."""
+    results = {}
+    for config in configs:
+        try:
+            ms = per_layer_ms(lambda layer, config=config: kernel(layer, config), iters)
+            results[config_name(config)] = record(ms, num_bytes)
+        except Exception as error:  # a config out of shared memory is a result, not a failure of the run
+            results[config_name(config)] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        print("  ", config_name(config), json.dumps(results[config_name(config)]), flush=True)
+    return results
+
+
+def fastest(results: dict) -> str:
+    return min((name for name in results if "ms" in results[name]), key=lambda name: results[name]["ms"])
+
+
+def expert_layers() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(w_gate_up, w_down)`` of :data:`MOE_LAYERS` layers, bf16 (1.5 GB a layer)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    draw = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+    return [(draw(E, 2 * FF, D), draw(E, D, FF)) for _ in range(MOE_LAYERS)]
+
+
+@torch.no_grad()
+def moe_triton(layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int, iters: int) -> dict:
+    """The grouped GEMMs against the Triton kernels at one batch (top-8 of 256 experts, random routing), each
+    timed per layer over layers that do not share weights, so no layer finds its experts in L2."""
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    x = torch.randn(batch, D, generator=gen, device="cuda").bfloat16()
+    experts = torch.rand(batch, E, generator=gen, device="cuda").topk(TOPK).indices
+    weights = torch.rand(batch, TOPK, generator=gen, device="cuda").bfloat16()
+    touched = experts.unique().numel()
+    gate_up_bytes, down_bytes = touched * 2 * D * FF * 2, touched * D * FF * 2
+    order, offs = sort_pairs(experts, E)
+    x_sorted = x[order // TOPK]
+    default_gate_up, default_down = tile_configs(order.numel(), E)
+    h = gate_up_swiglu_fwd(x, order, offs, layers[0][0], TOPK, default_gate_up)
+    args = lambda layer: (x, *layers[layer], weights, experts)
+    triton_out, grouped_out = grouped_swiglu_experts_triton(*args(0)), grouped_swiglu_experts(*args(0))
+    whole_bytes = gate_up_bytes + down_bytes
+    results = {
+        "experts_touched": touched,
+        "mean_rows_per_expert": order.numel() / E,
+        "triton_selected": order.numel() <= TRITON_MAX_ROWS_PER_EXPERT * E,
+        "default_configs": {"gate_up": config_name(default_gate_up), "down": config_name(default_down)},
+        "fraction_differing_from_grouped": (triton_out != grouped_out).float().mean().item(),
+        "grouped_swiglu_experts": record(per_layer_ms(lambda i: grouped_swiglu_experts(*args(i)), iters), whole_bytes),
+        "grouped_swiglu_experts_triton": record(
+            per_layer_ms(lambda i: grouped_swiglu_experts_triton(*args(i)), iters), whole_bytes
+        ),
+        "grouped_mm_gate_up": record(
+            per_layer_ms(lambda i: torch._grouped_mm(x_sorted, layers[i][0].transpose(-2, -1), offs=offs), iters),
+            gate_up_bytes,
+        ),
+        "grouped_mm_down": record(
+            per_layer_ms(lambda i: torch._grouped_mm(h, layers[i][1].transpose(-2, -1), offs=offs), iters), down_bytes
+        ),
+    }
+    print(f"moe_triton batch{batch}", json.dumps(results), flush=True)
+    results["triton_gate_up"] = sweep(
+        lambda i, config: gate_up_swiglu_fwd(x, order, offs, layers[i][0], TOPK, config),
+        GATE_UP_CONFIGS,
+        gate_up_bytes,
+        iters,
+    )
+    results["triton_down"] = sweep(
+        lambda i, config: down_fwd(h, order, offs, layers[i][1], weights.reshape(-1), config),
+        DOWN_CONFIGS,
+        down_bytes,
+        iters,
+    )
+    results["fastest"] = {"gate_up": fastest(results["triton_gate_up"]), "down": fastest(results["triton_down"])}
+    print(f"moe_triton batch{batch} fastest", json.dumps(results["fastest"]), flush=True)
+    return results
+
+
 def _offsets(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     counts = torch.bincount(experts.flatten(), minlength=num_experts)
     return counts.cumsum(0).to(torch.int32)
@@ -105,16 +238,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels_gpu.json")
+    parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    parser.add_argument("--only", choices=["gdn", "conv", "moe"], help="run one section (default: all)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/kernels_gpu[_<only>].json")
     opts = parser.parse_args()
-    default = triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS
-    results = {"gdn_recurrent_slots": gdn(opts.batch, opts.iters)}
-    triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS = default
-    results["gdn_default"] = {"block_v": default[0], "num_warps": default[1]}
-    results["conv_slots"] = conv(opts.batch, opts.iters)
-    print("conv", json.dumps(results["conv_slots"]), flush=True)
-    results["moe"] = moe(opts.batch, opts.iters)
-    print("moe", json.dumps(results["moe"]), flush=True)
+    results = {}
+    if opts.only in (None, "gdn"):
+        default = triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS
+        results["gdn_recurrent_slots"] = gdn(opts.batch, opts.iters)
+        triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS = default
+        results["gdn_default"] = {"block_v": default[0], "num_warps": default[1]}
+    if opts.only in (None, "conv"):
+        results["conv_slots"] = conv(opts.batch, opts.iters)
+        print("conv", json.dumps(results["conv_slots"]), flush=True)
+    if opts.only in (None, "moe"):
+        results["moe"] = moe(opts.batch, opts.iters)
+        print("moe", json.dumps(results["moe"]), flush=True)
+        layers = expert_layers()
+        results["moe_triton"] = {f"batch{b}": moe_triton(layers, b, opts.iters) for b in opts.moe_batches}
     out = {
         "benchmark": "kernels_gpu",
         "device": torch.cuda.get_device_name(),
@@ -127,8 +268,10 @@ def main() -> None:
         "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"hbm_bytes_per_s": HBM_BYTES_PER_S},
         "results": results,
     }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(out, indent=2) + "\n")
+    name = "kernels_gpu.json" if opts.only is None else f"kernels_gpu_{opts.only}.json"
+    path = opts.out or Path(__file__).parent / "results" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

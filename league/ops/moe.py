@@ -1,8 +1,16 @@
 """Mixture-of-experts routing and expert compute. Not responsible for placing experts on devices.
 
 :func:`swiglu_experts` picks the form: the reference loop over experts (CPU, batch-invariant runs, and the ground
-truth of the tests) or, on CUDA, :func:`grouped_swiglu_experts`, two grouped GEMMs over the token-expert pairs
-sorted by expert. The grouped form never reads a value back to the host, so a CUDA graph can capture it (when
+truth of the tests) or, on CUDA, one of two forms over the token-expert pairs sorted by expert:
+
+- :func:`grouped_swiglu_experts`, two grouped GEMMs (``torch._grouped_mm``), differentiable: training and prefill.
+- ``triton_moe.grouped_swiglu_experts_triton``, two Triton kernels that stream each expert's weights once, forward
+  only: decode and verify. With few rows per expert the step is bound by reading the weights, and cutlass' grouped
+  GEMM runs such skinny groups at 2-3 TB/s of an H200's 4.8 (19.4 ms of a decode step at batch 256 over 40 layers,
+  where the weights alone need 13.4 ms). Chosen on CUDA in bf16 when Triton is installed, no gradient is needed,
+  and the mean rows per expert ``N / E`` is at most :data:`TRITON_MAX_ROWS_PER_EXPERT`.
+
+Neither reads a value back to the host, so a CUDA graph can capture them (the grouped GEMMs when
 ``torch._grouped_mm`` takes its native path: bf16 on sm90/sm100; other dtypes run torch's per-group loop).
 
 Legend: T tokens, D model dim, E experts, I expert intermediate dim, A experts per token (top-k),
@@ -12,7 +20,12 @@ N = T * A token-expert pairs.
 import torch
 
 from league.ops.activations import silu
+from league.ops.backends import installed
 from league.ops.linear import linear
+
+# mean token-expert pairs per expert (N / E) up to which the Triton kernels run rather than the grouped GEMMs (256
+# experts, top-8: 32 is a batch of 1024 tokens); a first guess, to be set from benchmarks/kernels_gpu.py --only moe
+TRITON_MAX_ROWS_PER_EXPERT = 32
 
 
 def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +50,9 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
-    Runs :func:`grouped_swiglu_experts` on CUDA (unless ``batch_invariant``, or the shapes do not meet the
-    grouped GEMM's 16-byte alignment), :func:`swiglu_experts_reference` otherwise.
+    On CUDA (unless ``batch_invariant``) runs ``triton_moe.grouped_swiglu_experts_triton`` where
+    :func:`triton_experts_fit`, else :func:`grouped_swiglu_experts` where :func:`grouped_mm_fits`; elsewhere
+    :func:`swiglu_experts_reference`.
 
     Args:
         x_TD (torch.Tensor): ``[T, D]``.
@@ -47,8 +61,13 @@ def swiglu_experts(
         weights_TA, experts_TA (torch.Tensor): from :func:`route_topk`.
         batch_invariant (bool): row-independent matmuls (see ``ops.linear``). Default: ``False``.
     """
+    args = (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
+    if x_TD.is_cuda and not batch_invariant and triton_experts_fit(*args):
+        from league.ops.triton_moe import grouped_swiglu_experts_triton
+
+        return grouped_swiglu_experts_triton(*args)
     if x_TD.is_cuda and not batch_invariant and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
-        return grouped_swiglu_experts(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
+        return grouped_swiglu_experts(*args)
     return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)
 
 
@@ -90,6 +109,23 @@ def grouped_mm_fits(x_TD: torch.Tensor, w_gate_up_E2ID: torch.Tensor, w_down_EDI
     return x_TD.shape[-1] % align == 0 and w_down_EDI.shape[-1] % align == 0
 
 
+def triton_experts_fit(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    weights_TA: torch.Tensor,
+    experts_TA: torch.Tensor,
+) -> bool:
+    """Whether the Triton experts serve this call: bf16 operands, Triton installed, no gradient wanted, and at most
+    :data:`TRITON_MAX_ROWS_PER_EXPERT` pairs per expert on average (decided on the host from the shapes alone)."""
+    if not all(t.dtype == torch.bfloat16 for t in (x_TD, w_gate_up_E2ID, w_down_EDI)) or not installed("triton"):
+        return False
+    operands = (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
+        return False
+    return experts_TA.numel() <= TRITON_MAX_ROWS_PER_EXPERT * w_gate_up_E2ID.shape[0]
+
+
 def grouped_mm_is_native(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``torch._grouped_mm`` runs its own kernel here (bf16 on Hopper or Blackwell); elsewhere torch falls
     back to a per-group loop that reads the group offsets on the host, which a CUDA graph cannot capture."""
@@ -113,13 +149,8 @@ def grouped_swiglu_experts(
     backward. Differentiable in ``x``, both
     weights and ``weights_TA``. Arguments as :func:`swiglu_experts`; needs :func:`grouped_mm_fits`.
     """
-    num_experts, num_topk = w_gate_up_E2ID.shape[0], experts_TA.shape[1]
-    # the narrowest key type: a radix sort of 8-bit keys makes one pass where int64 keys make eight
-    key_dtype = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
-    sorted_experts_N, order_N = experts_TA.reshape(-1).to(key_dtype).sort(stable=True)
-    # group ends by binary search: bincount on CUDA reads its input's max back to the host
-    expert_ids_E = torch.arange(num_experts, device=x_TD.device, dtype=sorted_experts_N.dtype)
-    offs_E = torch.searchsorted(sorted_experts_N, expert_ids_E, right=True).to(torch.int32)
+    num_topk = experts_TA.shape[1]
+    order_N, offs_E = sort_pairs(experts_TA, w_gate_up_E2ID.shape[0])
     inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TD.device))
     token_N = order_N // num_topk
     x_ND = _Dispatch.apply(x_TD, token_N, inverse_N, num_topk)
@@ -127,6 +158,22 @@ def grouped_swiglu_experts(
     y_ND = torch._grouped_mm(silu(gate_NI) * up_NI, w_down_EDI.transpose(-2, -1), offs=offs_E)
     y_ND = (y_ND * weights_TA.reshape(-1).index_select(0, order_N)[:, None]).to(x_TD.dtype)
     return _Combine.apply(y_ND, token_N, inverse_N, num_topk)
+
+
+def sort_pairs(experts_TA: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-expert pairs sorted by expert (stable), without a host synchronisation.
+
+    Returns:
+        ``(order_N, offs_E)``: the pair index ``t * A + a`` at each sorted position (int64), and the group ends
+        (int32, cumulative: expert ``e`` owns sorted positions ``[offs_E[e-1], offs_E[e])``).
+    """
+    # the narrowest key type: a radix sort of 8-bit keys makes one pass where int64 keys make eight
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
+    sorted_experts_N, order_N = experts_TA.reshape(-1).to(key_dtype).sort(stable=True)
+    # group ends by binary search: bincount on CUDA reads its input's max back to the host
+    expert_ids_E = torch.arange(num_experts, device=experts_TA.device, dtype=sorted_experts_N.dtype)
+    offs_E = torch.searchsorted(sorted_experts_N, expert_ids_E, right=True).to(torch.int32)
+    return order_N, offs_E
 
 
 def _dispatch(x_TD: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The CUDA paths of the MoE experts (grouped GEMM), the output-head log-prob (fused, chunked) and the (1 + w)
-RMSNorm (Triton) against their references, at the real model's sizes (skipped without CUDA).
+"""The CUDA paths of the MoE experts (grouped GEMM; Triton kernels at decode), the output-head log-prob (fused,
+chunked) and the (1 + w) RMSNorm (Triton) against their references, at the real model's sizes (skipped without
+CUDA).
 
 bf16 results are held to the distance of the bf16 reference from the fp32 truth; fp32 results to the reference.
 Run on the GPU machine with ``python -m pytest tests/gpu/test_fast_moe_norm_logprob.py -q``.
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 
 from league.ops.logprob import linear_token_logprobs, token_logprobs
 from league.ops.moe import (
+    TRITON_MAX_ROWS_PER_EXPERT,
     grouped_mm_fits,
     grouped_swiglu_experts,
     route_topk,
+    sort_pairs,
     swiglu_experts,
     swiglu_experts_reference,
 )
@@ -77,24 +80,88 @@ def test_grouped_moe_matches_reference(dtype):
         assert rel_err(f, t) <= 1.5 * rel_err(r, t) + 1e-3, name
 
 
-def test_grouped_moe_is_deterministic_and_captured_by_a_cuda_graph():
-    x, w_gate_up, w_down, weights, experts = (t.bfloat16() if t.is_floating_point() else t for t in moe_inputs(256))
+@pytest.mark.parametrize("form", ["grouped_gemm", "triton"])
+@torch.no_grad()
+def test_grouped_moe_is_deterministic_and_captured_by_a_cuda_graph(form):
+    from league.ops.triton_moe import grouped_swiglu_experts_triton
+
+    experts_fn = grouped_swiglu_experts if form == "grouped_gemm" else grouped_swiglu_experts_triton
+    x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(256)
     args = (x, w_gate_up, w_down, weights, experts)
-    eager = grouped_swiglu_experts(*args)
-    assert torch.equal(eager, grouped_swiglu_experts(*args))
+    eager = experts_fn(*args)
+    assert torch.equal(eager, experts_fn(*args))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        grouped_swiglu_experts(*args)
+        experts_fn(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = grouped_swiglu_experts(*args)
+        captured = experts_fn(*args)
     new_experts = experts.roll(1, dims=0)  # other routing, same buffers: the graph must not have baked it in
     experts.copy_(new_experts)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, grouped_swiglu_experts(x, w_gate_up, w_down, weights, new_experts))
+    assert torch.equal(captured, experts_fn(x, w_gate_up, w_down, weights, new_experts))
+
+
+def bf16_moe_inputs(num_tokens: int) -> list[torch.Tensor]:
+    return [t.bfloat16() if t.is_floating_point() else t for t in moe_inputs(num_tokens)]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 1024])
+def test_triton_moe_kernels_round_where_grouped_gemm_rounds(num_tokens):
+    """Each kernel against the grouped-GEMM step it replaces, from the same input: a different fp32 summation
+    order moves a rare value across a rounding boundary; nothing else differs. (An ulp of a sum that cancelled is
+    many ulps of its small result, so differences are held to the largest magnitude: CPU runs of fp32 against fp64
+    sums at these sizes differ in ~0.03% of the elements, by at most a third of this bound.)"""
+    from league.ops.triton_moe import down_fwd, gate_up_swiglu_fwd, tile_configs
+
+    x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(num_tokens)
+    order, offs = sort_pairs(experts, NUM_EXPERTS)
+    gate_up_config, down_config = tile_configs(order.numel(), NUM_EXPERTS)
+    with torch.no_grad():
+        h = gate_up_swiglu_fwd(x, order, offs, w_gate_up, TOP_K, gate_up_config)
+        gate, up = torch._grouped_mm(x[order // TOP_K], w_gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        h_ref = F.silu(gate) * up
+        y = down_fwd(h_ref, order, offs, w_down, weights.reshape(-1), down_config)
+        y_ref = torch.empty_like(y)
+        y_ref[order] = (
+            torch._grouped_mm(h_ref, w_down.transpose(-2, -1), offs=offs) * weights.reshape(-1)[order, None]
+        ).to(y.dtype)
+    for name, got, ref in (("h", h, h_ref), ("y", y, y_ref)):
+        assert got.dtype == torch.bfloat16
+        assert (got != ref).float().mean().item() < 0.01, name
+        assert (got.float() - ref.float()).abs().max().item() <= 2.0**-7 * ref.float().abs().max().item(), name
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 1024])
+def test_triton_moe_matches_grouped_gemm(num_tokens):
+    from league.ops.triton_moe import grouped_swiglu_experts_triton
+
+    args = bf16_moe_inputs(num_tokens)
+    with torch.no_grad():
+        out = grouped_swiglu_experts_triton(*args)
+        ref = grouped_swiglu_experts(*args)
+        if num_tokens * TOP_K <= TRITON_MAX_ROWS_PER_EXPERT * NUM_EXPERTS:  # decode and verify batches
+            assert torch.equal(swiglu_experts(*args), out)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out != ref).float().mean().item() < 0.01
+    # a flipped rounding in h or y moves a token's sum by about an ulp of its row's largest terms, not of itself
+    row_scale = ref.float().abs().amax(-1, keepdim=True)
+    assert ((out.float() - ref.float()).abs() <= 2 * 2.0**-7 * row_scale).all()
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_triton_moe_serves_only_no_grad_calls():
+    from league.ops.triton_moe import grouped_swiglu_experts_triton
+
+    x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(16)
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="no backward"):
+        grouped_swiglu_experts_triton(x, w_gate_up, w_down, weights, experts)
+    out = swiglu_experts(x, w_gate_up, w_down, weights, experts)  # gradients wanted: the grouped GEMMs
+    assert torch.equal(out, grouped_swiglu_experts(x, w_gate_up, w_down, weights, experts))
 
 
 @pytest.mark.parametrize("chunk_size,temperature", [(1024, 1.0), (300, 0.7)])
