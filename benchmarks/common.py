@@ -1,9 +1,10 @@
-"""What the benchmark scripts share: a model of any shape with random weights drawn on its device, and the summary of
-a torch.profiler run by kernel bucket."""
+"""What the benchmark scripts share: a model of any shape with random weights drawn on its device, the forward
+batches of a teacher-forced decode, a relative-error measure, and the summary of a torch.profiler run by kernel
+bucket."""
 
 import torch
 
-from league.models.qwen3_5_moe import ModelArgs, Transformer
+from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 from league.ops.rope import rope_inv_freq
 
 
@@ -32,6 +33,51 @@ def random_model(
                 p.normal_(0.0, 0.02)
     model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).to(device)
     return model
+
+
+@torch.no_grad()
+def widen(model: Transformer, init_std: float) -> None:
+    """Scale every matrix of a :func:`random_model` (drawn with std 0.02) to std ``init_std``, in place: peaked
+    next-token distributions, as a trained model has."""
+    for p in model.parameters():
+        if p.ndim >= 2:
+            p.mul_(init_std / 0.02)
+
+
+def teacher_forced_batches(
+    num_seqs: int, prompt_len: int, end: int, device, batch_invariant: bool = False
+) -> tuple[ForwardBatch, object]:
+    """The forward batches of a teacher-forced decode in cache slots ``0..num_seqs-1``, as ``LLMEngine._decode``
+    builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots), then a
+    generator of ``(position, batch)``, one token per sequence a step at positions ``prompt_len .. end - 1``."""
+    slots = list(range(num_seqs))
+    prefill = ForwardBatch.packed(
+        batch_invariant=batch_invariant,
+        seq_lens=[prompt_len] * num_seqs,
+        device=device,
+        cache_lens=[0] * num_seqs,
+        slots=slots,
+    )
+    steps = (
+        (
+            p,
+            ForwardBatch.packed(
+                batch_invariant=batch_invariant,
+                seq_lens=[1] * num_seqs,
+                device=device,
+                cache_lens=[p] * num_seqs,
+                slots=slots,
+            ),
+        )
+        for p in range(prompt_len, end)
+    )
+    return prefill, steps
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Mean over rows of ``|a - b| / |b|`` (L2 over the last dim), computed in ``dtype``."""
+    a, b = a.to(dtype), b.to(dtype)
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).mean().item()
 
 
 # kernel-name fragments -> bucket, first match wins

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import random_model
+from common import random_model, rel_err, teacher_forced_batches, widen
 
 import league
 from league.engine.engine import EngineConfig, LLMEngine
@@ -181,31 +181,19 @@ def teacher_forced_decode(
     ``[B, D]`` to ``outputs``; with ``inputs_SBD``, each sublayer's input at step ``j`` is replaced by
     ``inputs_SBD[key][j]``. Returns the final hidden states ``[B, S, D]`` (``S`` decode steps)."""
     model, device, inv = engine.model, engine.device, engine.config.batch_invariant
-    num, slots = len(seqs), list(range(len(seqs)))
     prompts = torch.tensor([t for s in seqs for t in s[:prompt_len]], device=device)
-    prefill = ForwardBatch.packed(
-        batch_invariant=inv, seq_lens=[prompt_len] * num, device=device, cache_lens=[0] * num, slots=slots
-    )
+    prefill, steps = teacher_forced_batches(len(seqs), prompt_len, len(seqs[0]) - 1, device, inv)
     model(prompts, prefill, engine.cache)
     given = None if inputs_SBD is None else {}
     handles = hook(sublayers(model), outputs, given=given)
     hidden = []
-    for step, p in enumerate(range(prompt_len, len(seqs[0]) - 1)):
+    for step, (p, batch) in enumerate(steps):
         if given is not None:
             given.update({key: x_SBD[step] for key, x_SBD in inputs_SBD.items()})
-        batch = ForwardBatch.packed(
-            batch_invariant=inv, seq_lens=[1] * num, device=device, cache_lens=[p] * num, slots=slots
-        )
         hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, engine.cache))
     for h in handles:
         h.remove()
     return torch.stack(hidden, dim=1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of ``|a - b| / |b|`` (L2 over the last dim)."""
-    a, b = a.float(), b.float()
-    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).mean().item()
 
 
 @torch.no_grad()
@@ -263,10 +251,7 @@ def gap(first: list[torch.Tensor], second: list[torch.Tensor]) -> dict:
 
 def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
     model = random_model(args, opts.device, getattr(torch, opts.dtype)).eval()
-    with torch.no_grad():  # widen the matrices' distribution: peaked next-token distributions, as a trained model has
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.mul_(init_std / 0.02)
+    widen(model, init_std)
     engine, samples = rollout(model, prompts, opts)
     trainer = Trainer(
         model,
