@@ -1,8 +1,9 @@
 """RMS norms of the Qwen3.5 family.
 
-``rms_norm_reference`` defines the (1 + w) norm and runs on CPU; on CUDA ``rms_norm`` runs the Triton kernels of
-``ops.triton_norm`` (same formula, fp32 inside, each row reduced on its own), imported only when Triton is
-installed. The gated norm has only its reference. Not responsible for where the weights live.
+``rms_norm_reference`` defines the (1 + w) norm and ``gated_rms_norm_reference`` the GDN's gated norm; they run on
+CPU (and with ``batch_invariant``). On CUDA ``rms_norm`` and ``gated_rms_norm`` run the Triton kernels of
+``ops.triton_norm`` (same formulas, fp32 inside, each row reduced on its own), imported only when Triton is
+installed. Not responsible for where the weights live.
 
 Legend: T tokens, D feature dim.
 """
@@ -52,15 +53,34 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """The GDN output norm: ``w * (x / rms(x)) * silu(gate)``, with a plain (not 1+w) weight.
 
-    The normalised value is cast back to the input dtype before the weight multiplies it, and the
-    SiLU gate is applied in fp32, as the published model does.
+    On CUDA in fp32/bf16/fp16 with Triton installed (and not ``batch_invariant``):
+    ``triton_norm.triton_gated_rms_norm``; elsewhere :func:`gated_rms_norm_reference`.
 
     Args:
         x (torch.Tensor): ``[..., D]`` the GDN read-out of one value head.
         gate (torch.Tensor): ``[..., D]`` the ``z`` projection for the same head.
         weight (torch.Tensor): ``[D]``, initialised to ones.
         eps (float): added to the mean square.
+        batch_invariant (bool): the reference with the fixed-order SiLU (see ``ops.activations``).
     """
+    if x.is_cuda and x.dtype in _TRITON_DTYPES and gate.dtype == x.dtype and not batch_invariant:
+        if installed("triton"):
+            from league.ops.triton_norm import triton_gated_rms_norm
+
+            return triton_gated_rms_norm(x, gate, weight, eps)
+        warnings.warn(
+            "gated_rms_norm: triton is not installed; falling back to its reference PyTorch implementation",
+            stacklevel=2,
+        )
+    return gated_rms_norm_reference(x, gate, weight, eps, batch_invariant)
+
+
+def gated_rms_norm_reference(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool = False
+) -> torch.Tensor:
+    """:func:`gated_rms_norm` in plain torch (the definition). The normalised value is cast back to the input
+    dtype before the weight multiplies it, and the SiLU gate is applied in fp32, as the published model does.
+    Same arguments."""
     acc = torch.promote_types(x.dtype, torch.float32)
     x32 = x.to(acc)
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -1,7 +1,10 @@
-"""Triton kernels of the zero-centred RMSNorm ``x / rms(x) * (1 + w)``, forward and backward.
+"""Triton kernels of the zero-centred RMSNorm ``x / rms(x) * (1 + w)`` (forward and backward), and the forward of
+the GDN's gated norm ``w * (x / rms(x)) * silu(gate)``.
 
-Computes what ``norm.rms_norm_reference`` defines: fp32 arithmetic inside, the output in the input's dtype. It
-does not choose when to run (``norm.rms_norm`` does) and has no gated form.
+Compute what ``norm.rms_norm_reference`` and ``norm.gated_rms_norm_reference`` define: fp32 arithmetic inside,
+rounded where the references round, the output in the input's dtype. The gated norm's backward recomputes the
+reference under autograd (its values come from the kernel, so a trainer and an engine running it agree bitwise).
+It does not choose when to run (``norm`` does).
 
 Imported only when Triton is installed. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Launches read
 no device value on the host, so they can be captured in CUDA graphs. Each row is reduced within one program in a
@@ -75,6 +78,37 @@ def _rms_norm_bwd_kernel(
         dw += tl.sum(dy * x_hat, axis=0)
         i += 1
     tl.store(dw_partial_ptr + pid * D + cols, dw, mask=col_mask)
+
+
+@triton.jit
+def _gated_rms_norm_fwd_kernel(
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    y_ptr,
+    M,
+    D,
+    stride_x,
+    stride_z,
+    stride_y,
+    eps,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    ROUND_WY: tl.constexpr,
+):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BD)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    # rounded as the reference rounds: the normalised value to x's dtype, w * that to it when w has that dtype
+    y = (x * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+    if ROUND_WY:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+    y = y * tl.math.div_rn(z, 1.0 + tl.exp(-z))
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(dim: int) -> tuple[int, int]:
@@ -173,3 +207,64 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         eps (float): added to the mean square.
     """
     return _RMSNorm.apply(x, weight, eps)
+
+
+def gated_rms_norm_fwd(x_MD: torch.Tensor, z_MD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """The gated norm of ``[M, D]`` rows (last dims contiguous), in the dtype of ``x_MD``."""
+    num_rows, dim = x_MD.shape
+    y_MD = torch.empty_like(x_MD, memory_format=torch.contiguous_format)
+    if num_rows == 0:
+        return y_MD
+    block_m, block_d = _blocks(dim)
+    _gated_rms_norm_fwd_kernel[(triton.cdiv(num_rows, block_m),)](
+        x_MD,
+        z_MD,
+        weight_D,
+        y_MD,
+        num_rows,
+        dim,
+        x_MD.stride(0),
+        z_MD.stride(0),
+        y_MD.stride(0),
+        eps,
+        BM=block_m,
+        BD=block_d,
+        ROUND_WY=weight_D.dtype == x_MD.dtype,
+        num_warps=_num_warps(block_m * block_d),
+    )
+    return y_MD
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """Forward by the kernel; backward by recomputing the torch reference under autograd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, gate, weight_D)
+        ctx.eps = eps
+        return gated_rms_norm_fwd(_rows(x), _rows(gate), weight_D.contiguous(), eps).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from league.ops.norm import gated_rms_norm_reference
+
+        needs = ctx.needs_input_grad[:3]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            y = gated_rms_norm_reference(*inputs, ctx.eps)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy))
+        return (*(next(grads) if need else None for need in needs), None)
+
+
+def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``norm.gated_rms_norm_reference`` by the Triton kernel, differentiable (gradients by the reference).
+
+    Args:
+        x, gate (torch.Tensor): ``[..., D]`` in fp32, bf16 or fp16, the same shape and dtype.
+        weight (torch.Tensor): ``[D]``.
+        eps (float): added to the mean square.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)):
+        return _GatedRMSNorm.apply(x, gate, weight, eps)
+    return gated_rms_norm_fwd(_rows(x), _rows(gate), weight.contiguous(), eps).view(x.shape)

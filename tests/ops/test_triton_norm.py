@@ -82,3 +82,31 @@ def test_no_rows_and_dispatch():
     if DEVICE == "cpu":
         y = torch.randn(3, 64)
         assert torch.equal(rms_norm(y, w.detach(), 1e-6), rms_norm_reference(y, w.detach(), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
+    """Values from the kernel (rounded where the reference rounds), gradients by the reference."""
+    from league.ops.norm import gated_rms_norm_reference
+    from league.ops.triton_norm import triton_gated_rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 4, 32, generator=gen) * 3).to(dtype).to(DEVICE)
+    z = (torch.randn(7, 4, 32, generator=gen) * 2).to(dtype).to(DEVICE)
+    w = (1 + torch.randn(32, generator=gen) * 0.2).to(weight_dtype).to(DEVICE)
+    grad_out = torch.randn(7, 4, 32, generator=gen).to(dtype).to(DEVICE)
+    results = []
+    for fn in (triton_gated_rms_norm, gated_rms_norm_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, z, w)]
+        out = fn(*leaves, 1e-6)
+        out.backward(grad_out)
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    # bf16: three roundings, each up to one ulp apart under the interpreter's truncation
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=3.2e-2, atol=1e-2)
+    for got, ref in zip(*results):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, **tol)
+    with torch.no_grad():  # no autograd: the kernel alone, rows on their own
+        full = triton_gated_rms_norm(x, z, w, 1e-6)
+        assert torch.equal(full[2:3], triton_gated_rms_norm(x[2:3], z[2:3], w, 1e-6))
