@@ -73,6 +73,7 @@ from league.ops.backends import installed
 from league.ops.conv import causal_conv1d_batched
 from league.ops.gdn import chunk as gdn_chunk
 from league.ops.gdn import recurrent as gdn_recurrent
+from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.naive import l2norm, naive_gated_delta_rule
 from league.ops.linear import linear
 from league.ops.norm import gated_rms_norm, rms_norm_reference
@@ -244,8 +245,11 @@ def gdn_stages(calls: dict[str, list], gdn: torch.nn.Module, num_seqs: int) -> d
             fla = uses_fla(op, args[0])
             stages["q_l2norm"].append(tokens(core_l2norm(args[0], fla), num_seqs, layout))
             stages["k_l2norm"].append(tokens(core_l2norm(args[1], fla), num_seqs, layout))
-            stages["g"].append(tokens(args[3], num_seqs, layout))
-            stages["beta"].append(tokens(args[4], num_seqs, layout))
+            g, beta = args[3], args[4]
+            if len(args) > 10 and args[10] is not None:  # the decode kernel made the gates of the projections
+                g, beta = gdn_gates(g, beta, *args[10])
+            stages["g"].append(tokens(g, num_seqs, layout))
+            stages["beta"].append(tokens(beta, num_seqs, layout))
             stages["core"].append(tokens(out if op.endswith("slots") else out[0], num_seqs, layout))
     stages["gated_norm"] = [tokens(out, num_seqs) for _, out in calls["gated_rms_norm"]]
     return {name: torch.cat(stages[name], dim=1) for name in GDN_STAGES}

@@ -243,8 +243,9 @@ def test_package_chunk_call_takes_fla_and_matches_reference():
 
 
 def test_gated_rms_norm_kernel_matches_reference():
-    """The GDN output norm at the model's shape (Hv = 32 heads of V = 128), bf16: values within one bf16 ulp of the
-    reference (rare elements differ, from fp32 summation order and SiLU's exp), gradients by the reference."""
+    """The GDN output norm at the model's shape (Hv = 32 heads of V = 128), bf16: rare elements differ from the
+    reference (fp32 summation order and SiLU's exp; measured on an H200: 2e-6 of them), by at most three bf16 ulps
+    (an ulp of an intermediate rounding can carry through), gradients by the reference."""
     from league.ops.norm import gated_rms_norm, gated_rms_norm_reference
 
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -260,6 +261,6 @@ def test_gated_rms_norm_kernel_matches_reference():
     differ = (out != ref).float().mean().item()
     ulp = ref.float().abs().clamp(min=1e-30) * 2**-7
     print(f"gated norm: {differ:.2e} of elements differ")
-    assert differ < 1e-2 and bool(((out.float() - ref.float()).abs() <= ulp).all())
+    assert differ < 1e-3 and bool(((out.float() - ref.float()).abs() <= 3 * ulp).all())
     for got, expected in zip(grads, ref_grads):
         assert rel_err(got, expected) < 1e-2
