@@ -295,3 +295,25 @@ def test_slots_kernel_makes_the_gates_of_the_projections(verify):
     assert max_err(caches[0], caches[1]) < 1e-5 and max_err(caches[0], caches[2]) < 1e-5
     if verify:
         assert max_err(scratches[0], scratches[1]) < 1e-5
+
+
+@needs_triton
+def test_minus_inf_gate_projections_make_padding_steps_that_keep_the_state():
+    """The model pads ragged sequences with -inf gate projections (and zero q/k/v): g = 0 and beta = 0 there, so
+    the committed state is the one after the sequence's own last token, in the kernel and in the reference."""
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
+
+    q, k, v, _, _, _ = step_inputs(2, 3, 2, 4, 16, 12, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    a, b = (torch.randn(2, 3, 4, generator=gen).to(DEVICE) for _ in range(2))
+    params = (torch.randn(4, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE))
+    padded = [x.clone() for x in (q, k, v, a, b)]
+    for x, fill in zip(padded, (0.0, 0.0, 0.0, float("-inf"), float("-inf"))):
+        x[0, 2:] = fill  # request 0 has two tokens and one padding step
+    cache = torch.randn(2, 4, 16, 12, generator=gen).to(DEVICE)
+    slots = torch.tensor([0, 1], device=DEVICE)
+    for step in (recurrent_gated_delta_rule_slots_fwd, recurrent_gated_delta_rule_slots):
+        two_tokens, with_padding = cache.clone(), cache.clone()
+        step(*(x[:1, :2] for x in (q, k, v, a, b)), two_tokens[:1], slots[:1], gate_params=params)
+        step(*padded, with_padding, slots, gate_params=params)
+        assert max_err(with_padding[0], two_tokens[0]) < 1e-6 and torch.isfinite(with_padding).all()

@@ -267,15 +267,16 @@ class GatedDeltaNet(nn.Module):
         its slot (or from zeros), committing the new states unless verifying. ``a_TH`` and ``b_TH`` are the
         gates' projections.
 
-        Padding steps have k = v = beta = g = 0, so they leave a state exactly as it was."""
+        Padding steps have k = v = beta = g = 0 (raw gate projections -inf, which make those gates), so they leave
+        a state exactly as it was."""
         num_seqs, longest, rows = len(batch.seq_lens), batch.max_seqlen, batch.pad_rows
         device = mixed_TC.device
         acc = torch.promote_types(mixed_TC.dtype, torch.float32)
 
-        def pad(x_T: torch.Tensor) -> torch.Tensor:  # packed [T, ...] -> [N, longest, ...]
+        def pad(x_T: torch.Tensor, fill: float = 0.0) -> torch.Tensor:  # packed [T, ...] -> [N, longest, ...]
             if rows is None:  # all sequences have the same length
                 return x_T.view(num_seqs, longest, *x_T.shape[1:])
-            out = x_T.new_zeros(num_seqs * longest, *x_T.shape[1:])
+            out = x_T.new_full((num_seqs * longest, *x_T.shape[1:]), fill)
             out[rows] = x_T
             return out.view(num_seqs, longest, *x_T.shape[1:])
 
@@ -309,9 +310,9 @@ class GatedDeltaNet(nn.Module):
         gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
         if gate_params is None:
             g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.batch_invariant)
-        else:
-            g_TH, beta_TH = a_TH, b_TH
-        g, beta = pad(g_TH), pad(beta_TH)
+            g, beta = pad(g_TH), pad(beta_TH)
+        else:  # -inf projections make g = 0 and beta = 0 on padding steps
+            g, beta = pad(a_TH, float("-inf")), pad(b_TH, float("-inf"))
         if in_place:
             steps = cache.ssm_steps if batch.record_states else None
             o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, steps, gate_params)
