@@ -179,15 +179,11 @@ def main() -> None:
     parser.add_argument("--graph-calls", type=int, default=20)
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/route_gpu.json")
     opts = parser.parse_args()
+    versions = {m.__name__: m.__version__ for m in (league, torch, triton)}
     out = {
         "benchmark": "route_gpu",
         "device": torch.cuda.get_device_name(),
-        "versions": {
-            "league": league.__version__,
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions | {"python": platform.python_version()},
         "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"dim": D, "experts": E, "top_k": TOPK},
         "results": bench_route(opts.tokens, opts.iters, opts.graph_calls),
     }

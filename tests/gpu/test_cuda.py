@@ -42,10 +42,11 @@ def test_bf16_forward_is_close_to_fp32():
 
 
 @pytest.mark.parametrize("spec", [None, "EAGLE"])
-def test_engine_greedy_on_cuda_matches_cpu(spec):
+@pytest.mark.parametrize("lengths", [[5, 17, 33], [3, 7, 12]])  # the second: prefilled step by step, padded
+def test_engine_greedy_on_cuda_matches_cpu(spec, lengths):
     cpu = tiny_model("gqa2_interval2").float()
     gpu = tiny_model("gqa2_interval2").float().cuda()
-    prompts = prompts_of([5, 17, 33], cpu.args.vocab_size)
+    prompts = prompts_of(lengths, cpu.args.vocab_size)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     outs = []
     for model in (cpu, gpu):
