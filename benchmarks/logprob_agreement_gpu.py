@@ -39,6 +39,9 @@ logits to the model's dtype); ``hidden_rel_err_prefill_vs_trainer``, the mean an
 run-to-run nondeterminism). Writes ``benchmarks/results/logprob_agreement_gpu.json``, one results block per
 ``--init-std`` value.
 
+With ``--decode-parity``, the engine's prompt prefill, the prefill pass and the trainer run with
+``decode_parity`` (their token mixers computed as decode computes them; see ``ForwardBatch``).
+
 With ``--attribute``, each results block also has ``attribution``: the decode gap split by layer and sublayer, on
 the first ``--attribute-batch`` samples (default 8). The engine decodes their sampled tokens teacher-forced, one
 token per step, as ``LLMEngine._decode`` builds its batch but without CUDA graphs (after a batched prefill of the
@@ -53,7 +56,7 @@ error each sublayer adds alone (for the layer output, the residual plus the two 
 1 on), to set beside ``decode_vs_prefill`` (whose decode ran ``--batch`` rows a step, with CUDA graphs).
 
     python benchmarks/logprob_agreement_gpu.py [--num-layers 4] [--batch 64] [--prompt-len 200] [--new-tokens 512]
-        [--init-std 0.05 | --init-std 0.02,0.05,0.1] [--attribute [--attribute-batch 8]]
+        [--init-std 0.05 | --init-std 0.02,0.05,0.1] [--decode-parity] [--attribute [--attribute-batch 8]]
     python benchmarks/logprob_agreement_gpu.py --preset tiny --device cpu --dtype float32 --batch 4 --new-tokens 16
         (a smoke test of the script)
 """
@@ -86,6 +89,7 @@ def rollout(model: Transformer, prompts: list[list[int]], opts) -> tuple[LLMEngi
         num_slots=len(prompts),
         context_length=len(prompts[0]) + opts.new_tokens + 8,
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
+        decode_parity=opts.decode_parity,
     )
     engine = LLMEngine(model, config)
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
@@ -141,7 +145,9 @@ def prefill_pass(engine: LLMEngine, samples: list[Sample]) -> tuple[list[torch.T
     logprobs, hidden = [], []
     for s in samples:
         tokens = torch.tensor(s.prompt_ids + s.response_ids, device=device)
-        batch = ForwardBatch.packed([len(tokens)], device=device, cache_lens=[0], slots=[0])
+        batch = ForwardBatch.packed(
+            [len(tokens)], device=device, cache_lens=[0], slots=[0], decode_parity=engine.config.decode_parity
+        )
         hidden_RD = model(tokens, batch, engine.cache)[len(s.prompt_ids) - 1 : -1]
         logprobs.append(engine_head(model, hidden_RD, tokens[len(s.prompt_ids) :], LOGIT_ROWS))
         hidden.append(hidden_RD)
@@ -259,6 +265,7 @@ def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
         AlgorithmConfig(),
         OptimConfig(lr=0.0),
         total_steps=1,
+        decode_parity=opts.decode_parity,
     )
     train = trainer.compute_logprobs(samples)
     train_again, train_hidden = trainer_pass(trainer, samples)
@@ -296,6 +303,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--init-std", default="0.05", help="one value or a comma list (one results block each)")
     parser.add_argument("--mamba-ssm-dtype", default="float32")
+    parser.add_argument(
+        "--decode-parity",
+        action="store_true",
+        help="engine prefill and trainer compute the token mixers as decode does (ForwardBatch.decode_parity)",
+    )
     parser.add_argument("--attribute", action="store_true", help="add the per-layer, per-sublayer attribution")
     parser.add_argument("--attribute-batch", type=int, default=8, help="sequences (the first ones) it runs on")
     parser.add_argument("--device", default="cuda")

@@ -219,6 +219,12 @@ def serve(
     ] = None,
     speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
     batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
+    decode_parity: Annotated[
+        bool,
+        typer.Option(
+            "--decode-parity", help="Prefill computes as decode does (for trainers that recompute log-probs so)."
+        ),
+    ] = False,
     cuda_graph_bs: Annotated[
         str | None, typer.Option(help="Comma-separated batch sizes of captured decode steps (GPU).")
     ] = None,
@@ -252,6 +258,7 @@ def serve(
             speculative_algorithm=speculative_algorithm,
             speculative_num_steps=speculative_num_steps,
             batch_invariant=batch_invariant,
+            decode_parity=decode_parity,
             cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),
             disable_cuda_graph=disable_cuda_graph,
             disable_overlap_schedule=disable_overlap_schedule,

@@ -52,6 +52,10 @@ class EngineConfig:
     batch_invariant: bool = False
     """Compute every token independently of the rest of the batch (row-wise matmuls, step-by-step GDN), so
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
+    decode_parity: bool = False
+    """Prefill computes the token mixers as decode does (the recurrent GDN kernel, the decode attention kernel), so
+    that a trainer run with ``decode_parity`` recomputes the log-probs the engine sampled with; see
+    ``ForwardBatch.decode_parity``. Needs ``mamba_ssm_dtype`` float32. Slower prefill."""
     cuda_graph_bs: list[int] | None = None
     """Batch sizes of captured CUDA-graph decode steps (or draft-and-verify steps, with speculation). Default: 1, 2,
     4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256 up to max_running_requests (which is always one). Graphs
@@ -76,6 +80,10 @@ class EngineConfig:
             raise ValueError(f"`mamba_ssm_dtype` {self.mamba_ssm_dtype!r}: expected float32 or bfloat16")
         if self.batch_invariant and self.mamba_ssm_dtype != "float32":
             raise ValueError("`batch_invariant` needs `mamba_ssm_dtype` float32 (the trainer keeps fp32 states)")
+        if self.decode_parity and self.mamba_ssm_dtype != "float32":
+            raise ValueError("`decode_parity` needs `mamba_ssm_dtype` float32 (the trainer keeps fp32 states)")
+        if self.decode_parity and self.batch_invariant:
+            raise ValueError("`decode_parity` and `batch_invariant` are two exact modes; choose one")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
         if self.speculative_algorithm is not None:
@@ -272,6 +280,7 @@ class LLMEngine:
         tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
         batch = ForwardBatch.packed(
             batch_invariant=self.config.batch_invariant,
+            decode_parity=self.config.decode_parity,
             seq_lens=[e - s for _, s, e in chunks],
             device=self.device,
             cache_lens=[s for _, s, _ in chunks],

@@ -193,6 +193,60 @@ def cached_attention_reference(
     return out_THK
 
 
+def varlen_causal_attention_as_decode(
+    q_THK: torch.Tensor,
+    k_TGK: torch.Tensor,
+    v_TGK: torch.Tensor,
+    cu_seqlens_N1: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`varlen_causal_attention` computed as a decode step computes each row (decode parity); differentiable.
+
+    On CUDA with Triton: the values come from the kernel of :func:`cached_attention`, which reads the packed keys
+    in place as if each sequence's keys filled a cache slot (sequence i's "slot" starts at row ``cu[i]``): a query
+    row loops over its keys in the same blocks as when it is decoded, so its result is bitwise the decode's. The
+    gradients are those of :func:`varlen_causal_attention` (flash), recomputed in the backward. Elsewhere:
+    :func:`varlen_causal_attention_reference`. Arguments as :func:`varlen_causal_attention`.
+    """
+    if q_THK.is_cuda and q_THK.dtype != torch.float64 and installed("triton"):
+        return _AttentionAsDecode.apply(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
+    return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
+
+
+def _as_slots(x_TGK: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """``[T, G, K]`` viewed as a cache of ``max_seqlen`` rows a slot whose slot s starts at row s (no copy). The view
+    declares the slots whose rows all lie in ``x``; the kernel also reads the first rows of later slots (a
+    sequence's start plus its length never passes T), which are in the same storage."""
+    x_TGK = x_TGK.contiguous()
+    num_tokens, num_groups, dim = x_TGK.shape
+    row = num_groups * dim
+    return x_TGK.as_strided((num_tokens - max_seqlen + 1, max_seqlen, num_groups, dim), (row, row, dim, 1))
+
+
+class _AttentionAsDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale):
+        from league.ops.triton_attention import cached_attention_fwd
+
+        ctx.save_for_backward(q_THK, k_TGK, v_TGK, cu_seqlens_N1)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        starts_N, lens_N = cu_seqlens_N1[:-1], cu_seqlens_N1[1:] - cu_seqlens_N1[:-1]
+        k_cache, v_cache = _as_slots(k_TGK, max_seqlen), _as_slots(v_TGK, max_seqlen)
+        return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_N1, starts_N, lens_N, scale, max_seqlen)
+
+    @staticmethod
+    def backward(ctx, grad_THK):
+        q, k, v, cu = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
+        with torch.enable_grad():
+            out = varlen_causal_attention(*inputs, cu, ctx.max_seqlen, ctx.scale)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_THK) if wanted else [])
+        return (*(next(grads) if need else None for need in needs), None, None, None)
+
+
 @functools.cache
 def _torch_varlen_attn():
     """torch's ``varlen_attn`` (torch >= 2.10) and its keyword names, which changed between releases; ``None``

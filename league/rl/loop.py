@@ -43,6 +43,8 @@ def train(job: JobConfig) -> Path:
         job.optim,
         total_steps=job.rollout.num_rollout * steps_per_rollout,
         temperature=job.rollout.rollout_temperature,
+        batch_invariant=job.engine.batch_invariant,  # the trainer computes as the engine does
+        decode_parity=job.engine.decode_parity,
     )
     engine = setup.build_engine(job, model, tokenizer)
     start = setup.resume(job.checkpoint.load, model, trainer, sampler) if job.checkpoint.load else 0

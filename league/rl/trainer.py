@@ -137,6 +137,8 @@ class Trainer:
         temperature (float): rollout temperature; log-probs use logits / temperature. Default: ``1.0``.
         batch_invariant (bool): row-independent numerics, matching an engine run the same way bitwise.
             Default: ``False``.
+        decode_parity (bool): forwards compute the token mixers as the engine's decode does (see
+            ``ForwardBatch.decode_parity``), for an engine run with ``decode_parity``. Default: ``False``.
     """
 
     def __init__(
@@ -148,9 +150,11 @@ class Trainer:
         total_steps: int,
         temperature: float = 1.0,
         batch_invariant: bool = False,
+        decode_parity: bool = False,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
         self.total_steps, self.temperature, self.batch_invariant = total_steps, temperature, batch_invariant
+        self.decode_parity = decode_parity
         self.device = next(model.parameters()).device
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not algo_config.enable_mtp_training:
@@ -170,7 +174,10 @@ class Trainer:
                 MicroBatch(
                     packed=packed,
                     batch=ForwardBatch.packed(
-                        packed.seq_lens, device=self.device, batch_invariant=self.batch_invariant
+                        packed.seq_lens,
+                        device=self.device,
+                        batch_invariant=self.batch_invariant,
+                        decode_parity=self.decode_parity,
                     ),
                     indices=list(group),
                 )

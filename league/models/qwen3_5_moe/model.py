@@ -17,15 +17,16 @@ from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
 from league.ops.activations import sigmoid, silu
-from league.ops.attention import cached_attention, varlen_causal_attention
+from league.ops.attention import cached_attention, varlen_causal_attention, varlen_causal_attention_as_decode
 from league.ops.conv import causal_conv1d_batched, causal_conv1d_slots
 from league.ops.gdn import (
-    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_padded,
     chunk_gated_delta_rule_varlen,
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_slots,
 )
 from league.ops.gdn.gates import gdn_gates
+from league.ops.gdn.parity import gated_delta_rule_as_decode
 from league.ops.linear import linear
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
@@ -88,6 +89,11 @@ class ForwardBatch:
         batch_invariant (bool): every op computes a token's numbers independently of the other tokens and
             sequences in the forward (row-wise matmuls, step-by-step GDN, per-row attention), so prefill,
             decode, verify and training agree bitwise. Slower. Default: ``False``.
+        decode_parity (bool): a whole-sequence forward (training, prefill) runs the token mixers as decode runs
+            them: the recurrent GDN kernel over each sequence (``ops.gdn.parity``) and the decode attention
+            kernel (``attention.varlen_causal_attention_as_decode``), gradients from the chunked GDN and flash
+            attention; so a trainer's log-probs equal the ones the engine sampled with where the GEMMs do not
+            change with the row count. Slower training forward. Default: ``False``.
 
     The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
     forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
@@ -103,6 +109,7 @@ class ForwardBatch:
     cache_lens: list[int] | None = None
     record_states: bool = False
     batch_invariant: bool = False
+    decode_parity: bool = False
     seq_lens_t: torch.Tensor | None = None
     slots_t: torch.Tensor | None = None
     cache_lens_t: torch.Tensor | None = None
@@ -118,6 +125,7 @@ class ForwardBatch:
         slots: list[int] | None = None,
         record_states: bool = False,
         batch_invariant: bool = False,
+        decode_parity: bool = False,
     ) -> "ForwardBatch":
         """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
         num_seqs = len(seq_lens)
@@ -142,6 +150,7 @@ class ForwardBatch:
             cache_lens=cache_lens,
             record_states=record_states,
             batch_invariant=batch_invariant,
+            decode_parity=decode_parity,
             **fields,
         )
 
@@ -202,8 +211,11 @@ class GatedAttention(nn.Module):
         if cache is not None:  # a token's cache row is its position
             cache.k[batch.token_slots, batch.positions] = k_TGK.to(cache.k.dtype)
             cache.v[batch.token_slots, batch.positions] = v_TGK.to(cache.v.dtype)
-        if cache is None or not any(batch.cache_lens):  # fresh sequences: their own keys are all the keys
+        fresh = cache is None or not any(batch.cache_lens)
+        if fresh and not batch.decode_parity:  # fresh sequences: their own keys are all the keys
             out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, inv)
+        elif cache is None:  # decode parity in training: the decode kernel over the packed keys
+            out_THK = varlen_causal_attention_as_decode(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale)
         else:
             kv_lens_N = batch.cache_lens_t + batch.seq_lens_t
             max_kv = max(c + n for c, n in zip(batch.cache_lens, batch.seq_lens))
@@ -282,7 +294,10 @@ class GatedDeltaNet(nn.Module):
 
         conv_dim, width1 = mixed_TC.shape[1], self.conv_weight.shape[1] - 1
         step_by_step = (
-            batch.batch_invariant or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
+            batch.batch_invariant
+            or batch.record_states
+            or batch.decode_parity
+            or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
         )
         # on the GPU, decode and verify read and write the recurrent states in their slots (no gathered copies)
         in_place = cache is not None and step_by_step and mixed_TC.is_cuda
@@ -306,16 +321,20 @@ class GatedDeltaNet(nn.Module):
             conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
         q, k, v = self._split(conv_NTC)
         new_states, o_packed = None, None
-        # the decode kernels make the gates of the projections themselves (one launch for ~9 small ones)
-        gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
-        if gate_params is None:
+        # the decode kernels make the gates of the projections themselves (one launch for ~9 small ones), and so
+        # does the whole-sequence forward that computes as decode does
+        as_decode = batch.decode_parity and not (batch.batch_invariant or batch.record_states or in_place)
+        if conv_in_place or as_decode:  # -inf projections make g = 0 and beta = 0 on padding steps
+            g, beta = pad(a_TH, float("-inf")), pad(b_TH, float("-inf"))
+        else:
             g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.batch_invariant)
             g, beta = pad(g_TH), pad(beta_TH)
-        else:  # -inf projections make g = 0 and beta = 0 on padding steps
-            g, beta = pad(a_TH, float("-inf")), pad(b_TH, float("-inf"))
         if in_place:
             steps = cache.ssm_steps if batch.record_states else None
+            gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
             o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, steps, gate_params)
+        elif as_decode:
+            o, new_states = gated_delta_rule_as_decode(q, k, v, g, beta, self.A_log, self.dt_bias, states)
         elif step_by_step:
             o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
         elif packed_chunks(mixed_TC):
@@ -323,7 +342,7 @@ class GatedDeltaNet(nn.Module):
                 *(self._unpad(x, rows) for x in (q, k, v)), g_TH, beta_TH, batch.cu_seqlens, states
             )
         else:
-            o, new_states = self._chunk_folded(q, k, v, g, beta, states)
+            o, new_states = chunk_gated_delta_rule_padded(q, k, v, g, beta, states)
         if cache is not None:
             if batch.record_states:
                 if new_states is not None:
@@ -348,24 +367,6 @@ class GatedDeltaNet(nn.Module):
         """``[N, longest, ...]`` -> packed ``[T, ...]``."""
         x = x_NT.reshape(x_NT.shape[0] * x_NT.shape[1], *x_NT.shape[2:])
         return x if rows is None else x[rows]
-
-    def _chunk_folded(self, q, k, v, g, beta, states):
-        """The chunked rule over N padded sequences at once, folding sequences into the head dim."""
-        num_seqs, longest = q.shape[:2]
-
-        def fold(x):  # [N, T, H, ...] -> [T, N*H, ...]
-            return x.transpose(0, 1).reshape(longest, num_seqs * x.shape[2], *x.shape[3:])
-
-        o, final = chunk_gated_delta_rule(
-            fold(q),
-            fold(k),
-            fold(v),
-            fold(g[..., None])[..., 0],
-            fold(beta[..., None])[..., 0],
-            states.reshape(num_seqs * self.num_v_heads, self.k_dim, self.v_dim),
-        )
-        o = o.view(longest, num_seqs, self.num_v_heads, self.v_dim).transpose(0, 1)
-        return o, final.view(num_seqs, self.num_v_heads, self.k_dim, self.v_dim)
 
 
 class Experts(nn.Module):

@@ -22,6 +22,7 @@ from league.ops.gdn.naive import naive_gated_delta_rule
 
 __all__ = [
     "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_padded",
     "chunk_gated_delta_rule_varlen",
     "naive_gated_delta_rule",
     "recurrent_gated_delta_rule",
@@ -54,6 +55,38 @@ def chunk_gated_delta_rule(
         )
         return o[0], final[0]
     return _chunk.chunk_gated_delta_rule(q_THK, k_THK, v_THV, g_TH, beta_TH, initial_state_HKV, scale, chunk_size)
+
+
+def chunk_gated_delta_rule_padded(
+    q_NTHK: torch.Tensor,
+    k_NTHK: torch.Tensor,
+    v_NTHV: torch.Tensor,
+    g_NTH: torch.Tensor,
+    beta_NTH: torch.Tensor,
+    state_NHKV: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked rule over N padded sequences ``[N, T, ...]`` at once (:func:`chunk_gated_delta_rule`, each
+    sequence from its own state ``[N, Hv, K, V]``), the sequences folded into the head dim (value head
+    ``n * Hv + j`` reads key head ``n * Hk + j // (Hv / Hk)``, as head j of sequence n does); differentiable.
+    Returns ``(o_NTHV, final_NHKV)``."""
+    num_seqs, num_tokens = q_NTHK.shape[:2]
+
+    def fold(x):  # [N, T, H, ...] -> [T, N*H, ...]
+        return x.transpose(0, 1).reshape(num_tokens, num_seqs * x.shape[2], *x.shape[3:])
+
+    num_v_heads, k_dim, v_dim = state_NHKV.shape[1:]
+    o, final = chunk_gated_delta_rule(
+        fold(q_NTHK),
+        fold(k_NTHK),
+        fold(v_NTHV),
+        fold(g_NTH[..., None])[..., 0],
+        fold(beta_NTH[..., None])[..., 0],
+        state_NHKV.reshape(num_seqs * num_v_heads, k_dim, v_dim),
+        scale,
+    )
+    o = o.view(num_tokens, num_seqs, num_v_heads, v_dim).transpose(0, 1)
+    return o, final.view(num_seqs, num_v_heads, k_dim, v_dim)
 
 
 def chunk_gated_delta_rule_varlen(

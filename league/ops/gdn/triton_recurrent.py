@@ -189,11 +189,14 @@ def recurrent_gated_delta_rule_fwd(
     state_BHKV: torch.Tensor,
     scale: float | None = None,
     return_all_states: bool = False,
+    gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel behind :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule`; same arguments and results.
 
     Inputs may be fp32, bf16 or fp16 and strided (the last dim of q, k, v contiguous is best); the state is
-    read in its dtype and computed in fp32, and the states returned are new fp32 tensors. No autograd.
+    read in its dtype and computed in fp32, and the states returned are new fp32 tensors. No autograd. With
+    ``gate_params`` ``(A_log_H, dt_bias_H)``, g and beta are the raw projections a and b (see
+    :func:`recurrent_gated_delta_rule_slots_fwd`).
     """
     num_reqs, num_tokens, num_v_heads, v_dim = v_BTHV.shape
     k_dim = q_BTHK.shape[-1]
@@ -222,6 +225,7 @@ def recurrent_gated_delta_rule_fwd(
             use_slots=False,
             save_all=return_all_states,
             store_final=not return_all_states,
+            gate_params=gate_params,
         )
     elif final is not None:
         final.copy_(state_BHKV)
