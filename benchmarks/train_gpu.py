@@ -11,7 +11,7 @@ H200's dense bf16 rate of 989 TFLOP/s; the GDN recurrence is not counted.
 
     python benchmarks/train_gpu.py [--num-layers 4] [--steps 3] [--prompt-len 256] [--response-len 768]
         [--max-tokens-per-gpu 8192] [--global-batch-size 32] [--modes no_recompute,recompute] [--gdn-backward fla]
-        [--profile]
+        [--decode-parity] [--profile]
     python benchmarks/train_gpu.py --preset tiny --device cpu --steps 1   (a smoke test of the script)
 """
 
@@ -89,6 +89,7 @@ def measure(opts, args: ModelArgs, recompute: bool) -> dict:
         AlgorithmConfig(enable_mtp_training=True, mtp_loss_scaling_factor=0.2),
         OptimConfig(lr=1e-6, optimizer_cpu_offload=opts.optimizer_cpu_offload),
         total_steps=opts.steps + 1,
+        decode_parity=opts.decode_parity,
     )
     samples = make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, seed=1)
     trainer.train(samples)  # warm-up: kernels compiled and autotuned, allocator settled
@@ -148,6 +149,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--modes", default="no_recompute,recompute", help="activation recompute off, on, or both")
     parser.add_argument("--gdn-backward", default="fla", help="GDN chunk backward: fla (default) or torch")
+    parser.add_argument(
+        "--decode-parity", action="store_true", help="forwards compute the token mixers as decode does (their cost)"
+    )
     parser.add_argument("--profile", action="store_true", help="also profile one step: kernel time by bucket, trace")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_gpu.json")
     opts = parser.parse_args()
