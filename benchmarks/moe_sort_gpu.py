@@ -1,16 +1,14 @@
-"""The MoE bookkeeping of a decode step, torch against ``ops.triton_route``, at Qwen3.6-35B-A3B's sizes (256
-experts, top-8, hidden 2048, bf16 router logits): the routing (``moe.route_topk``), the sort of the pairs by expert
-with its inverse (``moe.sort_pairs`` and the scatter of ``moe.grouped_swiglu_experts``), and the combine
-(``moe._combine``).
+"""The sort of a decode step's token-expert pairs by expert, torch (``moe.sort_pairs``) against the one launch of
+``triton_moe.sort_pairs_triton`` that ``grouped_swiglu_experts_triton`` runs, at Qwen3.6-35B-A3B's sizes (256
+experts, top-8, the experts routed from bf16 logits).
 
-Each part is timed per call two ways: eager, as ``--iters`` calls back to back between two CUDA events (the host's
+Each is timed per call two ways: eager, as ``--iters`` calls back to back between two CUDA events (the host's
 launch cost included), and replayed from a CUDA graph holding ``--graph-calls`` calls, as a captured decode step
 runs them (the launch gaps inside a graph included, the host's cost not); graph times are medians over ``--iters``
-replays. Beside the times: how many results differ from torch, and probes of torch's own summation orders on this
-GPU (the softmax's, the top-k sum's, the combine's) that say which differences are expected. Writes
-``benchmarks/results/route_gpu.json``.
+replays. Beside the times: whether the results are equal (the order and group ends, and the Triton inverse against
+torch's scatter). Writes ``benchmarks/results/moe_sort_gpu.json``.
 
-    python benchmarks/route_gpu.py [--tokens 1 16 64 256] [--iters 200] [--graph-calls 20]
+    python benchmarks/moe_sort_gpu.py [--tokens 1 16 64 256] [--iters 200] [--graph-calls 20]
 """
 
 import argparse
@@ -23,10 +21,10 @@ import torch
 import triton
 
 import league
-from league.ops.moe import _combine, route_topk, sort_pairs
-from league.ops.triton_route import combine_triton, route_topk_triton, sort_pairs_triton
+from league.ops.moe import route_topk, sort_pairs
+from league.ops.triton_moe import sort_pairs_triton
 
-D, E, TOPK = 2048, 256, 8
+E, TOPK = 256, 8
 
 
 def eager_us(fn, iters: int) -> float:
@@ -57,116 +55,43 @@ def timed_us(fn) -> float:
     return start.elapsed_time(end) * 1e3
 
 
-def torch_sort(experts_TA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    order_N, offs_E = sort_pairs(experts_TA, E)
-    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device="cuda"))
-    return order_N, offs_E, inverse_N
-
-
-def inputs(num_tokens: int) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
-    logits = torch.randn(num_tokens, E, generator=gen, device="cuda").bfloat16()
-    experts = route_topk(logits, TOPK)[1]
+def agreement(experts_TA: torch.Tensor) -> dict:
+    """Whether the Triton sort's results equal torch's, without and with the inverse permutation."""
+    ref_order, ref_offs = sort_pairs(experts_TA, E)
+    positions_N = torch.arange(ref_order.numel(), device=experts_TA.device)
+    ref_inverse = torch.empty_like(ref_order).scatter_(0, ref_order, positions_N)
+    order, offs, _ = sort_pairs_triton(experts_TA, E)
+    with_inverse = sort_pairs_triton(experts_TA, E, with_inverse=True)
     return {
-        "logits": logits,
-        "experts": experts,
-        "inverse": torch_sort(experts)[2],
-        "y": torch.randn(num_tokens * TOPK, D, generator=gen, device="cuda").bfloat16(),
+        "equal": torch.equal(order, ref_order) and torch.equal(offs, ref_offs),
+        "with_inverse_equal": all(map(torch.equal, with_inverse, (ref_order, ref_offs, ref_inverse))),
     }
 
 
-def agreement(x: dict) -> dict:
-    """How many Triton results differ from torch's (bf16 and fp32 routing, sort, combine)."""
-    weights, experts = route_topk_triton(x["logits"], TOPK)
-    ref_weights, ref_experts = route_topk(x["logits"], TOPK)
-    weights32, experts32 = route_topk_triton(x["logits"].float(), TOPK)
-    ref_weights32, ref_experts32 = route_topk(x["logits"].float(), TOPK)
-    sorted_equal = all(torch.equal(a, b) for a, b in zip(sort_pairs_triton(x["experts"], E), torch_sort(x["experts"])))
-    out, ref_out = combine_triton(x["y"], x["inverse"], TOPK), _combine(x["y"], x["inverse"], TOPK)
+def times_us(experts_TA: torch.Tensor, iters: int, graph_calls: int) -> dict:
+    """Per-call microseconds of torch's sort and the Triton sort of ``experts_TA``, eager and in a graph."""
+    calls = {"torch": lambda: sort_pairs(experts_TA, E), "triton": lambda: sort_pairs_triton(experts_TA, E)}
     return {
-        "route_bf16_experts_differing": (experts != ref_experts).sum().item(),
-        "route_bf16_weights_differing": (weights != ref_weights).sum().item(),
-        "route_fp32_experts_differing": (experts32 != ref_experts32).sum().item(),
-        "route_fp32_weights_differing": (weights32 != ref_weights32).sum().item(),
-        "sort_equal": sorted_equal,
-        "combine_differing": (out != ref_out).sum().item(),
-        "combine_max_abs_diff": (out.float() - ref_out.float()).abs().max().item(),
-        "numel": {"weights": weights.numel(), "combine": out.numel()},
-    }
-
-
-def in_order(x_TKD: torch.Tensor) -> torch.Tensor:
-    acc = x_TKD[:, 0]
-    for k in range(1, x_TKD.shape[1]):
-        acc = acc + x_TKD[:, k]
-    return acc
-
-
-def pairwise(x_TKD: torch.Tensor) -> torch.Tensor:
-    while x_TKD.shape[1] > 1:
-        half = x_TKD.shape[1] // 2
-        x_TKD = x_TKD[:, :half] + x_TKD[:, half:]
-    return x_TKD[:, 0]
-
-
-def warp_softmax(x_TE: torch.Tensor) -> torch.Tensor:
-    """torch's CUDA softmax for rows of 256 as its warp kernel sums (32 lanes of 8 elements, then a butterfly)."""
-    e_TE = torch.exp(x_TE - x_TE.max(-1, keepdim=True).values)
-    s_TW = in_order(e_TE.view(-1, E // 32, 32))
-    while s_TW.shape[-1] > 1:
-        s_TW = s_TW[:, : s_TW.shape[-1] // 2] + s_TW[:, s_TW.shape[-1] // 2 :]
-    return e_TE / s_TW
-
-
-def torch_orders(num_tokens: int) -> dict:
-    """Mismatch counts of torch's own sums against in-order and pairwise sums: which order it uses here."""
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    x_TE = torch.randn(num_tokens, E, generator=gen, device="cuda") * 2
-    w_TA = x_TE.softmax(-1).topk(TOPK).values
-    y_TAD = torch.randn(num_tokens, TOPK, D, generator=gen, device="cuda")
-    count = lambda a, b: (a != b).sum().item()
-    return {
-        "softmax_vs_warp_order": count(x_TE.softmax(-1), warp_softmax(x_TE)),
-        "topk_sum_vs_in_order": count(w_TA.sum(-1), in_order(w_TA[..., None])[:, 0]),
-        "topk_sum_vs_pairwise": count(w_TA.sum(-1), pairwise(w_TA[..., None])[:, 0]),
-        "combine_fp32_vs_in_order": count(y_TAD.sum(1), in_order(y_TAD)),
-        "combine_fp32_vs_pairwise": count(y_TAD.sum(1), pairwise(y_TAD)),
-    }
-
-
-def parts(x: dict) -> dict:
-    """``{part: (torch call, Triton call)}`` on the inputs ``x``."""
-    return {
-        "route": (lambda: route_topk(x["logits"], TOPK), lambda: route_topk_triton(x["logits"], TOPK)),
-        "sort": (lambda: torch_sort(x["experts"]), lambda: sort_pairs_triton(x["experts"], E)),
-        "combine": (
-            lambda: _combine(x["y"], x["inverse"], TOPK),
-            lambda: combine_triton(x["y"], x["inverse"], TOPK),
-        ),
+        f"{name}_{mode}_us": timer(fn)
+        for name, fn in calls.items()
+        for mode, timer in (
+            ("eager", lambda fn: eager_us(fn, iters)),
+            ("graph", lambda fn: graph_us(fn, graph_calls, iters)),
+        )
     }
 
 
 @torch.no_grad()
-def bench_route(tokens: list[int], iters: int, graph_calls: int) -> dict:
-    """For each token count: per-call microseconds of the three parts, torch and Triton, eager and in a graph;
-    the agreement of the results; and the probes of torch's summation orders."""
+def bench_sort(tokens: list[int], iters: int, graph_calls: int) -> dict:
+    """For each token count: the times of :func:`times_us` and the agreement of the results."""
     results = {}
     for num_tokens in tokens:
-        x = inputs(num_tokens)
-        timings = {}
-        for part, (torch_fn, triton_fn) in parts(x).items():
-            timings[part] = {
-                f"{name}_{mode}_us": timer(fn)
-                for name, fn in (("torch", torch_fn), ("triton", triton_fn))
-                for mode, timer in (
-                    ("eager", lambda fn: eager_us(fn, iters)),
-                    ("graph", lambda fn: graph_us(fn, graph_calls, iters)),
-                )
-            }
+        gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+        experts = route_topk(torch.randn(num_tokens, E, generator=gen, device="cuda").bfloat16(), TOPK)[1]
         results[f"tokens{num_tokens}"] = {
-            "times": timings,
-            "agreement": agreement(x),
-            "torch_orders": torch_orders(num_tokens),
+            "pairs": experts.numel(),
+            "times": times_us(experts, iters, graph_calls),
+            "agreement": agreement(experts),
         }
         print(num_tokens, json.dumps(results[f"tokens{num_tokens}"]), flush=True)
     return results
@@ -177,17 +102,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--graph-calls", type=int, default=20)
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/route_gpu.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/moe_sort_gpu.json")
     opts = parser.parse_args()
     versions = {m.__name__: m.__version__ for m in (league, torch, triton)}
     out = {
-        "benchmark": "route_gpu",
+        "benchmark": "moe_sort_gpu",
         "device": torch.cuda.get_device_name(),
         "versions": versions | {"python": platform.python_version()},
-        "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"dim": D, "experts": E, "top_k": TOPK},
-        "results": bench_route(opts.tokens, opts.iters, opts.graph_calls),
+        "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"experts": E, "top_k": TOPK},
+        "results": bench_sort(opts.tokens, opts.iters, opts.graph_calls),
     }
-    path = opts.out or Path(__file__).parent / "results" / "route_gpu.json"
+    path = opts.out or Path(__file__).parent / "results" / "moe_sort_gpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
 

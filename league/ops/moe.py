@@ -4,10 +4,11 @@
 truth of the tests) or, on CUDA, one of two forms over the token-expert pairs sorted by expert:
 
 - :func:`grouped_swiglu_experts`, two grouped GEMMs (``torch._grouped_mm``), differentiable: training and prefill.
-- ``triton_moe.grouped_swiglu_experts_triton``, two Triton kernels that stream each expert's weights once, forward
-  only: decode and verify. With few rows per expert the step is bound by reading the weights, and cutlass' grouped
-  GEMM runs such skinny groups at 2-3 TB/s of an H200's 4.8 (19.4 ms of a decode step at batch 256 over 40 layers,
-  where the weights alone need 13.4 ms). Chosen on CUDA in bf16 when Triton is installed, no gradient is needed,
+- ``triton_moe.grouped_swiglu_experts_triton``, a one-launch Triton sort of the pairs (bitwise :func:`sort_pairs`)
+  and two Triton kernels that stream each expert's weights once, forward only: decode and verify. With few rows
+  per expert the step is bound by reading the weights, and cutlass' grouped GEMM runs such skinny groups at 2-3
+  TB/s of an H200's 4.8 (19.4 ms of a decode step at batch 256 over 40 layers, where the weights alone need 13.4
+  ms). Chosen on CUDA in bf16 when Triton is installed, no gradient is needed,
   and the mean rows per expert ``N / E`` is at most :data:`TRITON_MAX_ROWS_PER_EXPERT`.
 
 Neither reads a value back to the host, so a CUDA graph can capture them (the grouped GEMMs when

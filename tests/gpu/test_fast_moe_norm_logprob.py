@@ -1,6 +1,6 @@
-"""The CUDA paths of the MoE experts (grouped GEMM; Triton kernels at decode), the output-head log-prob (fused,
-chunked) and the (1 + w) RMSNorm (Triton) against their references, at the real model's sizes (skipped without
-CUDA).
+"""The CUDA paths of the MoE experts (grouped GEMM; Triton kernels at decode, with their sort of the pairs), the
+output-head log-prob (fused, chunked) and the (1 + w) RMSNorm (Triton) against their references, at the real
+model's sizes (skipped without CUDA).
 
 bf16 results are held to the distance of the bf16 reference from the fp32 truth; fp32 results to the reference.
 Run on the GPU machine with ``python -m pytest tests/gpu/test_fast_moe_norm_logprob.py -q``.
@@ -162,6 +162,44 @@ def test_triton_moe_serves_only_no_grad_calls():
         grouped_swiglu_experts_triton(x, w_gate_up, w_down, weights, experts)
     out = swiglu_experts(x, w_gate_up, w_down, weights, experts)  # gradients wanted: the grouped GEMMs
     assert torch.equal(out, grouped_swiglu_experts(x, w_gate_up, w_down, weights, experts))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 256, 1024, 2048])
+@pytest.mark.parametrize("case", ["routed", "unused_experts", "one_expert_takes_all"])
+def test_triton_sort_pairs_matches_torch(num_tokens, case):
+    from league.ops.triton_moe import sort_pairs_triton
+
+    experts = route_topk(randn(num_tokens, NUM_EXPERTS, seed=12), TOP_K)[1]
+    if case == "unused_experts":  # experts 0..127 receive no pair
+        experts = experts // 2 + 128
+    if case == "one_expert_takes_all":
+        experts = torch.full_like(experts, 5)
+    order, offs, inverse = sort_pairs_triton(experts, NUM_EXPERTS, with_inverse=True)
+    ref_order, ref_offs = sort_pairs(experts, NUM_EXPERTS)
+    ref_inverse = torch.empty_like(ref_order).scatter_(0, ref_order, torch.arange(ref_order.numel(), device="cuda"))
+    assert torch.equal(order, ref_order) and torch.equal(offs, ref_offs) and torch.equal(inverse, ref_inverse)
+
+
+@torch.no_grad()
+def test_triton_sort_pairs_replays_in_a_cuda_graph():
+    from league.ops.triton_moe import sort_pairs_triton
+
+    experts = route_topk(randn(256, NUM_EXPERTS, seed=13), TOP_K)[1]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sort_pairs_triton(experts, NUM_EXPERTS, with_inverse=True)  # compiles the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sort_pairs_triton(experts, NUM_EXPERTS, with_inverse=True)
+    experts.copy_(route_topk(randn(256, NUM_EXPERTS, seed=14), TOP_K)[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    order, offs, inverse = captured  # other routing, same buffers: the graph must not have baked it in
+    ref_order, ref_offs = sort_pairs(experts, NUM_EXPERTS)
+    assert torch.equal(order, ref_order) and torch.equal(offs, ref_offs)
+    assert torch.equal(inverse[order], torch.arange(experts.numel(), device="cuda"))
 
 
 @pytest.mark.parametrize("chunk_size,temperature", [(1024, 1.0), (300, 0.7)])

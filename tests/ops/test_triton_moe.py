@@ -1,4 +1,5 @@
-"""The Triton experts (``triton_moe``) against the reference loop and against the rounding points they reproduce.
+"""The Triton experts (``triton_moe``) against the reference loop and against the rounding points they reproduce,
+and their sort of the pairs against ``moe.sort_pairs`` (bitwise).
 
 Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (``PYTHONPATH`` holding a Triton install); skipped otherwise.
 On CPU in fp16 only: the interpreter's dot does not take bf16 (and it truncates fp32 to bf16 where CUDA rounds to
@@ -109,3 +110,54 @@ def test_no_tokens_and_no_gradients():
     assert out.shape == (0, 64)
     with pytest.raises(ValueError, match="no backward"):
         grouped_swiglu_experts_triton(x.requires_grad_(), w_gate_up, w_down, weights, experts)
+
+
+def inverse_of(order_N: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+
+
+@pytest.mark.parametrize(
+    "case", ["random", "one_token", "unused_experts", "one_expert_takes_all", "multi_block", "empty", "int32"]
+)
+def test_sort_pairs_matches_torch(case, monkeypatch):
+    import league.ops.triton_moe as triton_moe
+
+    num_tokens, top_k, num_experts = {"one_token": (1, 8, 256), "multi_block": (20, 4, 16), "empty": (0, 8, 8)}.get(
+        case, (64, 8, 256)
+    )
+    gen = torch.Generator().manual_seed(0)
+    experts = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k).indices
+    if case == "unused_experts":  # experts 0, 17 and 200..255 receive no pair
+        experts = torch.rand(num_tokens, 199, generator=gen).topk(top_k).indices + 1
+        experts[experts == 17] = 199
+    if case == "one_expert_takes_all":
+        experts = torch.full((num_tokens, top_k), 3)
+    if case == "multi_block":  # each program loops over 5 blocks of pairs
+        monkeypatch.setattr(triton_moe, "_SORT_BLOCK", 16)
+    if case == "int32":
+        experts = experts.int()
+    experts = experts.to(DEVICE)
+    order, offs, inverse = triton_moe.sort_pairs_triton(experts, num_experts, with_inverse=True)
+    ref_order, ref_offs = sort_pairs(experts, num_experts)
+    assert order.dtype == torch.int64 and offs.dtype == torch.int32 and inverse.dtype == torch.int64
+    assert torch.equal(order, ref_order)
+    assert torch.equal(offs, ref_offs)
+    assert torch.equal(inverse, inverse_of(ref_order))
+    order_only, offs_only, no_inverse = triton_moe.sort_pairs_triton(experts, num_experts)
+    assert no_inverse is None and torch.equal(order_only, ref_order) and torch.equal(offs_only, ref_offs)
+
+
+def test_torch_sort_past_the_sort_bound_gives_the_same_result(monkeypatch):
+    import league.ops.triton_moe as triton_moe
+
+    def not_this_sort(*args, **kwargs):
+        raise AssertionError("the other sort should run")
+
+    inputs = make_inputs(**CASES["crowded_and_empty"], dtype=DTYPES[0])
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(triton_moe, "sort_pairs", not_this_sort)
+        out = triton_moe.grouped_swiglu_experts_triton(*inputs)
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(triton_moe, "SORT_MAX_PAIRS", inputs[4].numel() - 1)
+        patch.setattr(triton_moe, "sort_pairs_triton", not_this_sort)
+        assert torch.equal(triton_moe.grouped_swiglu_experts_triton(*inputs), out)
