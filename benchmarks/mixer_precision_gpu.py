@@ -86,11 +86,10 @@ DEFAULTS = {
     True: {"preset": "tiny", "batch": 2, "seq_len": 48, "prompt_len": 16},
 }
 
-# GDN core ops of model.py, and how their tensors lay out tokens: "packed" [N*T, ...], "batched" [N, T, ...],
-# "folded" [T, N*H, ...] (``GatedDeltaNet._chunk_folded``, the CPU prefill)
+# GDN core ops of model.py, and how their tensors lay out tokens: "packed" [N*T, ...], "batched" [N, T, ...]
 CORE_LAYOUTS = {
     "chunk_gated_delta_rule_varlen": "packed",
-    "chunk_gated_delta_rule": "folded",
+    "chunk_gated_delta_rule_padded": "batched",
     "recurrent_gated_delta_rule": "batched",
     "recurrent_gated_delta_rule_slots": "batched",
 }
@@ -199,8 +198,6 @@ def tokens(x: torch.Tensor, num_seqs: int, layout: str = "packed") -> torch.Tens
     """``x`` as ``[N, T, ...]`` from its op's layout (see ``CORE_LAYOUTS``)."""
     if layout == "batched":
         return x
-    if layout == "folded":
-        return x.reshape(x.shape[0], num_seqs, x.shape[1] // num_seqs, *x.shape[2:]).transpose(0, 1)
     return x.reshape(num_seqs, -1, *x.shape[1:])
 
 
