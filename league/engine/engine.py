@@ -54,8 +54,9 @@ class EngineConfig:
     sampled log-probs equal the trainer's bitwise and never depend on batch composition. Slower."""
     decode_parity: bool = False
     """Prefill computes the token mixers as decode does (the recurrent GDN kernel, the decode attention kernel), so
-    that a trainer run with ``decode_parity`` recomputes the log-probs the engine sampled with; see
-    ``ForwardBatch.decode_parity``. Needs ``mamba_ssm_dtype`` float32. Slower prefill."""
+    that a trainer run with ``decode_parity`` (as ``league train`` runs its trainer when this is set) recomputes the
+    log-probs the engine sampled with; see ``ForwardBatch.decode_parity``. Needs ``mamba_ssm_dtype`` float32.
+    Slower prefill and training forward."""
     cuda_graph_bs: list[int] | None = None
     """Batch sizes of captured CUDA-graph decode steps (or draft-and-verify steps, with speculation). Default: 1, 2,
     4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256 up to max_running_requests (which is always one). Graphs
@@ -63,10 +64,11 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     """Launch decode kernels one by one instead of replaying captured graphs."""
     disable_overlap_schedule: bool = False
-    """Read each decode step's tokens back only after launching the next step, so the GPU runs step k + 1 while
-    the host appends step k's tokens, checks stops and schedules (a request that stops on a token of step k has
-    already run one more row in step k + 1, which is dropped; a request that will reach its length limit does
-    not). Without speculation only; results are the same either way."""
+    """Turn off the overlap schedule. With it (the default), each decode step's tokens are read back only after the
+    next step is launched, so the GPU runs step k + 1 while the host appends step k's tokens, checks stops and
+    schedules (a request that stops on a token of step k has already run one more row in step k + 1, which is
+    dropped; a request that will reach its length limit does not). Without speculation only; the tokens are the
+    same either way."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
     the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify
