@@ -45,14 +45,16 @@ def widen(model: Transformer, init_std: float) -> None:
 
 
 def teacher_forced_batches(
-    num_seqs: int, prompt_len: int, end: int, device, batch_invariant: bool = False
+    num_seqs: int, prompt_len: int, end: int, device, batch_invariant: bool = False, decode_parity: bool = False
 ) -> tuple[ForwardBatch, object]:
     """The forward batches of a teacher-forced decode in cache slots ``0..num_seqs-1``, as ``LLMEngine._decode``
-    builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots), then a
-    generator of ``(position, batch)``, one token per sequence a step at positions ``prompt_len .. end - 1``."""
+    builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots; with
+    ``decode_parity`` as the engine prefills then), then a generator of ``(position, batch)``, one token per
+    sequence a step at positions ``prompt_len .. end - 1``."""
     slots = list(range(num_seqs))
     prefill = ForwardBatch.packed(
         batch_invariant=batch_invariant,
+        decode_parity=decode_parity,
         seq_lens=[prompt_len] * num_seqs,
         device=device,
         cache_lens=[0] * num_seqs,

@@ -188,7 +188,9 @@ def teacher_forced_decode(
     ``inputs_SBD[key][j]``. Returns the final hidden states ``[B, S, D]`` (``S`` decode steps)."""
     model, device, inv = engine.model, engine.device, engine.config.batch_invariant
     prompts = torch.tensor([t for s in seqs for t in s[:prompt_len]], device=device)
-    prefill, steps = teacher_forced_batches(len(seqs), prompt_len, len(seqs[0]) - 1, device, inv)
+    prefill, steps = teacher_forced_batches(
+        len(seqs), prompt_len, len(seqs[0]) - 1, device, inv, engine.config.decode_parity
+    )
     model(prompts, prefill, engine.cache)
     given = None if inputs_SBD is None else {}
     handles = hook(sublayers(model), outputs, given=given)
@@ -215,7 +217,11 @@ def attribute(engine: LLMEngine, samples: list[Sample]) -> dict:
     keys = list(sublayers(model))
     whole_in, whole_out = {k: [] for k in keys}, {k: [] for k in keys}
     handles = hook(sublayers(model), whole_out, whole_in, rows)
-    whole = [model(torch.tensor(s, device=device), ForwardBatch.packed([len(s)], device=device))[rows] for s in seqs]
+    parity = engine.config.decode_parity  # the reference computes as the trainer does
+    whole = [
+        model(torch.tensor(s, device=device), ForwardBatch.packed([len(s)], device=device, decode_parity=parity))[rows]
+        for s in seqs
+    ]
     for h in handles:
         h.remove()
     whole_in_SBD = {k: torch.stack(v, dim=1) for k, v in whole_in.items()}
