@@ -9,8 +9,9 @@ expert's weights once per BM rows (once in all at decode) and exits at once when
 Three launches, none reading a value back to the host, so a CUDA graph can capture them:
 
 1. sort: the pairs sorted by expert as ``moe.sort_pairs`` sorts them (bitwise: integers), in one launch where
-   torch takes ~5 small kernels (with the inverse permutation on both sides, 4.4 against 25 µs a call in a CUDA
-   graph at 256 tokens on an H200): a counting sort with one program per expert (:func:`sort_pairs_triton`).
+   torch takes ~5 small kernels (3.8 against 19.2 µs a call in a CUDA graph at 256 tokens on an H200,
+   ``benchmarks/results/moe_sort_gpu.json``): a counting sort with one program per expert
+   (:func:`sort_pairs_triton`).
    Past :data:`SORT_MAX_PAIRS` pairs torch's sort runs instead.
 2. gate-up, over a static grid ``(E, column blocks)`` as the down kernel, each program reading its row range from
    the group ends ``offs_E`` on the device: the rows of x are gathered by token inside the kernel (no dispatched
