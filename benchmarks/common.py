@@ -48,9 +48,9 @@ def teacher_forced_batches(
     num_seqs: int, prompt_len: int, end: int, device, batch_invariant: bool = False, decode_parity: bool = False
 ) -> tuple[ForwardBatch, object]:
     """The forward batches of a teacher-forced decode in cache slots ``0..num_seqs-1``, as ``LLMEngine._decode``
-    builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots; with
-    ``decode_parity`` as the engine prefills then), then a generator of ``(position, batch)``, one token per
-    sequence a step at positions ``prompt_len .. end - 1``."""
+    builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots), then a
+    generator of ``(position, batch)``, one token per sequence a step at positions ``prompt_len .. end - 1``; all
+    with ``decode_parity`` if asked, as the engine runs them then."""
     slots = list(range(num_seqs))
     prefill = ForwardBatch.packed(
         batch_invariant=batch_invariant,
@@ -65,6 +65,7 @@ def teacher_forced_batches(
             p,
             ForwardBatch.packed(
                 batch_invariant=batch_invariant,
+                decode_parity=decode_parity,
                 seq_lens=[1] * num_seqs,
                 device=device,
                 cache_lens=[p] * num_seqs,
@@ -84,6 +85,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32
 
 # kernel-name fragments -> bucket, first match wins
 BUCKETS = (
+    ("moe_triton", ("_gate_up_swiglu_kernel", "_down_kernel", "_sort_pairs_kernel")),
     ("moe_grouped_gemm", ("grouped", "cutlass", "Grouped")),
     ("gdn_recurrent", ("recurrent_gated_delta",)),
     ("gdn_chunk", ("chunk_", "chunk_gated", "solve_tril", "wy_fast", "kkt", "cumsum")),

@@ -26,6 +26,11 @@ over tokens of ``|x - x64| / |x64|``, L2 over each token's values), ``floor_rel_
 to the prefill's dtype: what any path that stores the stage in that dtype must lose), ``decode_vs_prefill_rel_err``
 and ``differ_fraction`` (the share of elements in which the two paths differ at all).
 
+With ``--decode-parity`` the prefill run is the trainer's under decode parity (the GDN recurrence and attention by
+the decode kernels over whole sequences, ``league.ops.gdn.parity`` and ``varlen_causal_attention_as_decode``): its
+stages should then equal decode's bitwise, and a stage that does not is where the two still part; the core and
+attention experiments (which read the ordinary prefill ops) are skipped.
+
 Experiments on shared inputs, each against the fp64 op on the very same inputs, over the decode positions (the
 lines ``*_as_prefill`` are the prefill path's own outputs: the error that op adds alone): ``core`` runs the GDN
 recurrence on the prefill's bf16 q, k, v, g, beta: fla's chunk kernels in bf16 (the prefill path) and on fp32 copies
@@ -34,14 +39,14 @@ recurrent kernel over whole sequences (the decode kernel's arithmetic), the torc
 fp32; ``attention`` runs the prefill's q, k, v by flash varlen (the prefill path), by the decode attention kernel
 over whole sequences (its chunked-prefill form, each query row computed as in decode; bf16 and fp32), by SDPA in fp32
 and by the torch reference in fp32; ``gemm`` runs each projection on its prefill inputs at all rows at once (the
-prefill path) and ``--batch`` rows at a time (as decode). Kernels that are not available (no CUDA, no fla) are
-skipped. Each line gives ``rel_err`` (and ``rel_err_rounded`` for an fp32 output rounded to the path's dtype) and
-``differ_fraction_vs_path``.
+prefill path) and ``--batch`` rows at a time (as decode), by cuBLAS and by decode parity's fixed-tiles GEMM.
+Kernels that are not available (no CUDA, no fla) are skipped. Each line gives ``rel_err`` (and
+``rel_err_rounded`` for an fp32 output rounded to the path's dtype) and ``differ_fraction_vs_path``.
 
 Writes ``benchmarks/results/mixer_precision_gpu.json`` (rewritten after each layer, with ``seconds`` per layer).
 
     python benchmarks/mixer_precision_gpu.py [--batch 8] [--seq-len 512] [--prompt-len 128] [--init-std 0.02]
-        [--no-fla-fp32]
+        [--no-fla-fp32] [--decode-parity]
     python benchmarks/mixer_precision_gpu.py --device cpu
         (a smoke test of the script: tiny preset, 2 x 48 tokens, torch reference ops only)
 """
@@ -75,7 +80,7 @@ from league.ops.gdn import chunk as gdn_chunk
 from league.ops.gdn import recurrent as gdn_recurrent
 from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.naive import l2norm, naive_gated_delta_rule
-from league.ops.linear import linear
+from league.ops.linear import fixed_tiles_fit, linear
 from league.ops.norm import gated_rms_norm, rms_norm_reference
 from league.ops.rope import apply_rope
 
@@ -92,6 +97,7 @@ CORE_LAYOUTS = {
     "chunk_gated_delta_rule_padded": "batched",
     "recurrent_gated_delta_rule": "batched",
     "recurrent_gated_delta_rule_slots": "batched",
+    "gated_delta_rule_as_decode": "batched",
 }
 RECORDED = (
     "linear",
@@ -102,6 +108,7 @@ RECORDED = (
     "gated_rms_norm",
     "apply_rope",
     "varlen_causal_attention",
+    "varlen_causal_attention_as_decode",
     "cached_attention",
 )
 # the GDN input projections (module attribute -> stage)
@@ -171,22 +178,25 @@ def run_mixer(model: Transformer, layer: int, x_TD: torch.Tensor, batch: Forward
 
 
 @torch.no_grad()
-def prefill_calls(model: Transformer, layer: int, x_NTD: torch.Tensor) -> dict[str, list]:
-    """The op calls of the mixer over the whole sequences, packed, without a cache."""
+def prefill_calls(model: Transformer, layer: int, x_NTD: torch.Tensor, decode_parity: bool = False) -> dict[str, list]:
+    """The op calls of the mixer over the whole sequences, packed, without a cache (with ``decode_parity``, as
+    the trainer runs it then)."""
     num_seqs, seq_len, dim = x_NTD.shape
-    batch = ForwardBatch.packed([seq_len] * num_seqs, device=x_NTD.device)
+    batch = ForwardBatch.packed([seq_len] * num_seqs, device=x_NTD.device, decode_parity=decode_parity)
     with recording(defaultdict(list)) as calls:
         run_mixer(model, layer, x_NTD.reshape(-1, dim), batch, None)
     return calls
 
 
 @torch.no_grad()
-def decode_calls(model: Transformer, layer: int, x_NTD: torch.Tensor, prompt_len: int) -> dict[str, list]:
+def decode_calls(
+    model: Transformer, layer: int, x_NTD: torch.Tensor, prompt_len: int, decode_parity: bool = False
+) -> dict[str, list]:
     """The op calls of the mixer's decode steps (positions ``prompt_len`` on), after a prefill of the prompts into
-    fresh cache slots (the engine's cache, fp32 GDN states)."""
+    fresh cache slots (the engine's cache, fp32 GDN states); with ``decode_parity`` as the engine runs then."""
     num_seqs, seq_len, dim = x_NTD.shape
     cache = allocate_cache(model.args, num_seqs, seq_len, x_NTD.dtype, x_NTD.device).layers[layer]
-    prefill, steps = teacher_forced_batches(num_seqs, prompt_len, seq_len, x_NTD.device)
+    prefill, steps = teacher_forced_batches(num_seqs, prompt_len, seq_len, x_NTD.device, decode_parity=decode_parity)
     run_mixer(model, layer, x_NTD[:, :prompt_len].reshape(-1, dim), prefill, cache)
     with recording(defaultdict(list)) as calls:
         for p, batch in steps:
@@ -243,7 +253,9 @@ def gdn_stages(calls: dict[str, list], gdn: torch.nn.Module, num_seqs: int) -> d
             stages["q_l2norm"].append(tokens(core_l2norm(args[0], fla), num_seqs, layout))
             stages["k_l2norm"].append(tokens(core_l2norm(args[1], fla), num_seqs, layout))
             g, beta = args[3], args[4]
-            if len(args) > 10 and args[10] is not None:  # the decode kernel made the gates of the projections
+            if op == "gated_delta_rule_as_decode":  # made of the projections, by the kernel
+                g, beta = gdn_gates(g, beta, args[5], args[6])
+            elif len(args) > 10 and args[10] is not None:  # the decode kernel made the gates of the projections
                 g, beta = gdn_gates(g, beta, *args[10])
             stages["g"].append(tokens(g, num_seqs, layout))
             stages["beta"].append(tokens(beta, num_seqs, layout))
@@ -258,7 +270,7 @@ def attention_stages(calls: dict[str, list], attn: torch.nn.Module, num_seqs: in
     linear_stages(calls, attn, num_seqs, stages)
     ropes = [tokens(out, num_seqs) for _, out in calls["apply_rope"]]  # q then k, forward by forward
     stages["q_norm_rope"], stages["k_norm_rope"] = ropes[0::2], ropes[1::2]
-    for op in ("varlen_causal_attention", "cached_attention"):
+    for op in ("varlen_causal_attention", "varlen_causal_attention_as_decode", "cached_attention"):
         stages["attention"] += [tokens(out, num_seqs) for _, out in calls[op]]
     stages["gate_sigmoid"] = [tokens(out, num_seqs) for _, out in calls["sigmoid"]]
     return {name: torch.cat(stages[name], dim=1) for name in ATTENTION_STAGES}
@@ -425,40 +437,49 @@ def attention_experiments(calls: dict[str, list], num_seqs: int, start: int) -> 
 
 @torch.no_grad()
 def gemm_experiments(calls: dict[str, list], mixer: torch.nn.Module, num_seqs: int, start: int) -> list[dict]:
-    """Each projection of the prefill path on its own inputs, at all rows at once and at ``num_seqs`` rows a step
-    (one row per sequence, as decode), against fp64."""
+    """Each projection of the prefill path on its own inputs, at all rows at once (the path's own output) and at
+    ``num_seqs`` rows a step (one row per sequence, as decode), against fp64: by cuBLAS (``F.linear``) and, where
+    it runs, by the fixed-tiles GEMM of decode parity."""
     names = {id(p): name.split(".")[0] for name, p in mixer.named_parameters()}
     lines = []
     for args, out in calls["linear"]:
         x_TK, weight = args[:2]
         x = tokens(x_TK, num_seqs)
         path, ref = tokens(out, num_seqs), linear(x.double(), weight.double())
-        steps = torch.stack([linear(x[:, p].contiguous(), weight) for p in range(x.shape[1])], dim=1)
         stage = LINEAR_STAGES[names[id(weight)]]
         lines.append(against(f"{stage}_all_rows_as_prefill", path, ref, path, start, rows=x_TK.shape[0]))
-        lines.append(against(f"{stage}_{num_seqs}_rows_a_step", steps, ref, path, start, rows=num_seqs))
+        forms = {"": {}} | ({"fixed_tiles_": {"fixed_tiles": True}} if fixed_tiles_fit(x_TK, weight) else {})
+        for form, kw in forms.items():
+            if form:
+                whole = linear(x_TK, weight, **kw)
+                lines.append(against(f"{stage}_{form}all_rows", tokens(whole, num_seqs), ref, path, start))
+            steps = torch.stack([linear(x[:, p].contiguous(), weight, **kw) for p in range(x.shape[1])], dim=1)
+            lines.append(against(f"{stage}_{form}{num_seqs}_rows_a_step", steps, ref, path, start, rows=num_seqs))
     return lines
 
 
 @torch.no_grad()
-def measure(model: Transformer, layer: int, x_NTD: torch.Tensor, prompt_len: int, fla_fp32: bool) -> dict:
+def measure(
+    model: Transformer, layer: int, x_NTD: torch.Tensor, prompt_len: int, fla_fp32: bool, decode_parity: bool = False
+) -> dict:
     """The stage table and the experiments of one layer's mixer."""
     block, num_seqs = model.layers[layer], x_NTD.shape[0]
     x_NTD = block.attn_norm(x_NTD.flatten(0, 1)).view_as(x_NTD)
     begin = time.perf_counter()
-    prefill, decode = prefill_calls(model, layer, x_NTD), decode_calls(model, layer, x_NTD, prompt_len)
+    prefill = prefill_calls(model, layer, x_NTD, decode_parity)
+    decode = decode_calls(model, layer, x_NTD, prompt_len, decode_parity)
     if block.layer_type == "full_attention":
         stages = {"prefill": attention_stages(prefill, block.attn, num_seqs)}
         stages["decode"] = attention_stages(decode, block.attn, num_seqs)
         stages["fp64"] = attention_reference(block.attn, x_NTD, model.inv_freq)
         names, mixer = ATTENTION_STAGES, block.attn
-        experiments = {"attention": attention_experiments(prefill, num_seqs, prompt_len)}
+        experiments = {} if decode_parity else {"attention": attention_experiments(prefill, num_seqs, prompt_len)}
     else:
         stages = {"prefill": gdn_stages(prefill, block.gdn, num_seqs)}
         stages["decode"] = gdn_stages(decode, block.gdn, num_seqs)
         stages["fp64"] = gdn_reference(block.gdn, x_NTD)
         names, mixer = GDN_STAGES, block.gdn
-        experiments = {"core": core_experiments(prefill, num_seqs, prompt_len, fla_fp32)}
+        experiments = {} if decode_parity else {"core": core_experiments(prefill, num_seqs, prompt_len, fla_fp32)}
     experiments["gemm"] = gemm_experiments(prefill, mixer, num_seqs, prompt_len)
     return {
         "layer": layer,
@@ -478,6 +499,9 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fla-fp32", action=argparse.BooleanOptionalAction, default=True, help="fla on fp32 inputs")
+    parser.add_argument(
+        "--decode-parity", action="store_true", help="the whole-sequence path computes as decode (the trainer's then)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mixer_precision_gpu.json")
@@ -503,7 +527,7 @@ def main() -> None:
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     for layer in range(len(layer_types)):  # the file is rewritten after each layer
-        record["results"].append(measure(model, layer, x_NTD, opts.prompt_len, opts.fla_fp32))
+        record["results"].append(measure(model, layer, x_NTD, opts.prompt_len, opts.fla_fp32, opts.decode_parity))
         record["seconds_after_imports"] = time.perf_counter() - START
         print(json.dumps(record["results"][-1]), flush=True)
         opts.out.write_text(json.dumps(record, indent=2) + "\n")

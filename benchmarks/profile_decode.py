@@ -1,15 +1,21 @@
 """Where a decode step's time goes: the engine decodes a batch on random weights under torch.profiler, and the
 kernel time is summed by what it belongs to (MoE expert GEMMs, GDN recurrence, attention, norms, other matmuls,
 sampling and log-probs, the rest), beside the step's wall time without the profiler (the same number of steps
-just before). Writes ``benchmarks/results/profile_decode.json``
-and a Chrome trace beside it.
+just before). Writes ``benchmarks/results/profile_decode.json`` and a Chrome trace beside it.
+
+Also the routing's spread over the experts, which sets how often the Triton expert kernels stream an expert's
+weights more than once (once per ``block_m`` rows): the prefill's token-expert choices, layer by layer, are drawn
+in random sets of ``--batch`` tokens (the decode batch), and the rows each expert gets are summarised (mean, the
+99th percentile, the max, and the share of experts past 16 and 32 rows). ``--moe-block-m`` overrides the kernels'
+rows per tile (``triton_moe.CONFIGS``) to measure its effect on the step.
 
     python benchmarks/profile_decode.py [--num-layers 40] [--batch 256] [--prompt-len 200] [--steps 8]
-        [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--out results/profile_decode.json]
+        [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32] [--out results/profile_decode.json]
     python benchmarks/profile_decode.py --preset tiny --device cpu --num-layers 4 --batch 8   (a smoke test)
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -22,7 +28,49 @@ from torch.profiler import ProfilerActivity, profile, schedule
 import league
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
+from league.models.qwen3_5_moe import model as model_py
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+
+
+def record_routing(calls: list[torch.Tensor]):
+    """Wrap ``model.py``'s ``route_topk`` so that each call appends its expert ids ``[T, A]`` (on the CPU) to
+    ``calls``; returns the function that unwraps it."""
+    original = model_py.route_topk
+
+    def recorded(logits, top_k):
+        weights, experts = original(logits, top_k)
+        if not (experts.is_cuda and torch.cuda.is_current_stream_capturing()):
+            calls.append(experts.cpu())
+        return weights, experts
+
+    model_py.route_topk = recorded
+    return lambda: setattr(model_py, "route_topk", original)
+
+
+def routing_spread(calls: list[torch.Tensor], num_experts: int, batch: int, draws: int = 64) -> dict:
+    """Rows per expert in random sets of ``batch`` tokens drawn from each recorded call (see the module doc)."""
+    gen = torch.Generator().manual_seed(0)
+    counts = []
+    for experts_TA in calls:
+        if experts_TA.shape[0] < batch:
+            continue
+        for _ in range(draws):
+            pick = torch.randperm(experts_TA.shape[0], generator=gen)[:batch]
+            counts.append(torch.bincount(experts_TA[pick].flatten(), minlength=num_experts))
+    if not counts:
+        return {}
+    rows = torch.stack(counts).float()
+    per_set_max = rows.max(dim=1).values
+    return {
+        "sets": rows.shape[0],
+        "mean_rows": rows.mean().item(),
+        "p99_rows": rows.flatten().quantile(0.99).item(),
+        "max_rows_mean_over_sets": per_set_max.mean().item(),
+        "max_rows": per_set_max.max().item(),
+        "share_of_experts_over_16_rows": (rows > 16).float().mean().item(),
+        "share_of_experts_over_32_rows": (rows > 32).float().mean().item(),
+        "idle_experts_share": (rows == 0).float().mean().item(),
+    }
 
 
 def main() -> None:
@@ -36,9 +84,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--disable-cuda-graph", action="store_true", help="profile eager decode steps")
     parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype: float32 or bfloat16")
+    parser.add_argument("--moe-block-m", type=int, help="rows per tile of both Triton expert kernels, every batch")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_decode.json")
     opts = parser.parse_args()
     cuda = opts.device == "cuda"
+    if opts.moe_block_m is not None:
+        from league.ops import triton_moe
+
+        triton_moe.CONFIGS = tuple(
+            (bound, *(dataclasses.replace(c, block_m=opts.moe_block_m) for c in configs))
+            for bound, *configs in triton_moe.CONFIGS
+        )
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=0)
     model = random_model(args, opts.device, torch.bfloat16 if cuda else torch.float32).eval()
     gen = torch.Generator().manual_seed(0)
@@ -57,8 +113,11 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=warm + 2 * opts.steps + 2, temperature=opts.temperature, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
+    routing: list[torch.Tensor] = []
+    unwrap = record_routing(routing)
     while any(r.num_prefilled < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everything first
+    unwrap()
     for _ in range(warm):
         engine.step()
     if cuda:
@@ -96,6 +155,7 @@ def main() -> None:
             "step_ms": unprofiled * 1e3,
             "tokens_per_s": opts.batch / unprofiled,
             **kernel_summary(prof, opts.steps, cuda, marker=marker),
+            "routing_rows_per_expert": routing_spread(routing, args.num_experts, opts.batch),
         },
     }
     opts.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -11,7 +11,7 @@ and its keys and values read, at the run's mean context. Writes ``benchmarks/res
 
     python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
         [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--temperature 0] [--hf-new-tokens 32]
-        [--skip-hf]
+        [--skip-hf] [--compare-overlap] [--compare-parity]
 """
 
 import argparse
@@ -77,6 +77,7 @@ def league_rates(
     ssm_dtype: str = "float32",
     temperature: float = 0.0,
     overlap: bool = True,
+    decode_parity: bool = False,
 ) -> dict:
     batch = len(prompts)
     config = EngineConfig(
@@ -89,6 +90,7 @@ def league_rates(
         speculative_num_steps=max(spec_steps, 1),
         mamba_ssm_dtype=ssm_dtype,
         disable_overlap_schedule=not overlap,
+        decode_parity=decode_parity,
     )
     engine = LLMEngine(model, config)
     engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature, ignore_eos=True))  # capture
@@ -164,6 +166,11 @@ def main() -> None:
         action="store_true",
         help="also run league without the overlap schedule (results league_b<N>_no_overlap)",
     )
+    parser.add_argument(
+        "--compare-parity",
+        action="store_true",
+        help="also run league with decode parity, whose GEMMs are the fixed-tiles Triton ones (league_b<N>_parity)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
@@ -173,9 +180,11 @@ def main() -> None:
     prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
     results = {}
     model = random_model(args).eval()
-    variants = [("", True), ("_no_overlap", False)] if opts.compare_overlap else [("", True)]
+    variants = [("", True, False)]  # (result suffix, overlap schedule, decode parity)
+    variants += [("_no_overlap", False, False)] if opts.compare_overlap else []
+    variants += [("_parity", True, True)] if opts.compare_parity else []
     for batch in batches:
-        for suffix, overlap in variants:
+        for suffix, overlap, parity in variants:
             rec = league_rates(
                 model,
                 prompts[:batch].tolist(),
@@ -184,6 +193,7 @@ def main() -> None:
                 opts.mamba_ssm_dtype,
                 opts.temperature,
                 overlap,
+                parity,
             )
             gc.collect()
             torch.cuda.empty_cache()

@@ -150,7 +150,9 @@ def main() -> None:
     parser.add_argument("--modes", default="no_recompute,recompute", help="activation recompute off, on, or both")
     parser.add_argument("--gdn-backward", default="fla", help="GDN chunk backward: fla (default) or torch")
     parser.add_argument(
-        "--decode-parity", action="store_true", help="forwards compute the token mixers as decode does (their cost)"
+        "--decode-parity",
+        action="store_true",
+        help="forwards compute as decode does (the parity GDN, attention and fixed-tiles GEMMs: their cost)",
     )
     parser.add_argument("--profile", action="store_true", help="also profile one step: kernel time by bucket, trace")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_gpu.json")

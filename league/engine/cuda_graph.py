@@ -76,10 +76,18 @@ class DecodeGraphs:
         batch_sizes (list[int]): sizes to capture; a batch runs in the smallest size that holds it.
         scratch_slot (int): where padding rows write their keys and states (all of them the same slot: they start
             fresh, and nothing reads what they leave there).
+        decode_parity (bool): capture the forwards with ``ForwardBatch.decode_parity``. Default: ``False``.
     """
 
-    def __init__(self, model: Transformer, cache: ModelCache, batch_sizes: list[int], scratch_slot: int):
-        self.model, self.cache = model, cache
+    def __init__(
+        self,
+        model: Transformer,
+        cache: ModelCache,
+        batch_sizes: list[int],
+        scratch_slot: int,
+        decode_parity: bool = False,
+    ):
+        self.model, self.cache, self.decode_parity = model, cache, decode_parity
         self.sizes = sorted(set(batch_sizes))
         self.scratch_slot = scratch_slot
         device = next(model.parameters()).device
@@ -107,6 +115,7 @@ class DecodeGraphs:
             slots_t=self.slots[:size],
             cache_lens_t=self.positions[:size],  # one new token each: its position is its cached length
             token_slots=self.slots[:size],
+            decode_parity=self.decode_parity,
         )
 
     def _pieces(self, size: int) -> list:

@@ -186,6 +186,7 @@ class LLMEngine:
                 num_slots + self.use_graphs,
                 self.config.max_running_requests,
                 self.config.batch_invariant,
+                self.config.decode_parity,
             )
             if self.config.num_spec_steps
             else None
@@ -330,6 +331,7 @@ class LLMEngine:
         if rows:
             mtp_batch = ForwardBatch.packed(
                 batch_invariant=self.config.batch_invariant,
+                decode_parity=self.config.decode_parity,
                 seq_lens=lens,
                 device=self.device,
                 cache_lens=starts,
@@ -369,12 +371,15 @@ class LLMEngine:
             tokens = torch.where(source >= 0, previous.tokens[source.clamp(min=0)], tokens)
         if self.use_graphs and self.graphs is None:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
-            self.graphs = DecodeGraphs(self.model, self.cache, sizes, scratch_slot=self.num_slots)
+            self.graphs = DecodeGraphs(
+                self.model, self.cache, sizes, scratch_slot=self.num_slots, decode_parity=self.config.decode_parity
+            )
         if self.graphs is not None and self.graphs.fits(len(reqs)):
             logits = self.graphs.run(tokens, positions, slots)
         else:
             batch = ForwardBatch.packed(
                 batch_invariant=self.config.batch_invariant,
+                decode_parity=self.config.decode_parity,
                 seq_lens=[1] * len(reqs),
                 device=self.device,
                 cache_lens=positions,

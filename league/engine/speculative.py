@@ -46,6 +46,7 @@ class SpeculativeStep:
         num_slots (int): cache slots (the scratch slot included, when capturing).
         max_rows (int): most requests in one step.
         batch_invariant (bool): row-independent numerics (see ``ForwardBatch``).
+        decode_parity (bool): the forwards with ``ForwardBatch.decode_parity``. Default: ``False``.
     """
 
     def __init__(
@@ -56,8 +57,10 @@ class SpeculativeStep:
         num_slots: int,
         max_rows: int,
         batch_invariant: bool,
+        decode_parity: bool = False,
     ):
         self.model, self.cache, self.num_steps, self.batch_invariant = model, cache, num_steps, batch_invariant
+        self.decode_parity = decode_parity
         param = next(model.parameters())
         device, width = param.device, num_steps + 1
         self.width, self.max_rows = width, max_rows
@@ -121,6 +124,7 @@ class SpeculativeStep:
             cache_lens_t=cache_lens,
             token_slots=slots[:, None].expand(size, width).reshape(-1),
             batch_invariant=self.batch_invariant,
+            decode_parity=self.decode_parity,
             **kw,
         )
 

@@ -1,6 +1,8 @@
 """Decode parity on the GPU in bf16: an engine whose prefill computes as decode does, decoding through CUDA graphs,
-against a trainer-style whole-sequence forward with ``decode_parity`` (skipped without CUDA). Without parity the
-same comparison shows the ordinary gap (flash attention and fla's chunked GDN against the decode kernels).
+against a trainer-style whole-sequence forward with ``decode_parity`` (skipped without CUDA), on the tiny preset
+and on two full-width layers of Qwen3.6-35B-A3B (where cuBLAS splits the out-projections' K at few rows). Without
+parity the same comparison shows the ordinary gap (flash attention, fla's chunked GDN and cuBLAS against the decode
+kernels). Also the fixed-tiles GEMM at the full-width projection shapes: each row bitwise the same at any row count.
 
 Run on the GPU machine with ``python -m pytest tests/gpu/test_decode_parity.py -q -s`` (``-s`` prints the gaps).
 """
@@ -12,16 +14,47 @@ from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS
+from league.ops.linear import linear
 from league.ops.logprob import token_logprobs
+from league.ops.rope import rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def gap(parity: bool) -> tuple[float, float]:
-    """(mean |trainer - rollout| over sampled tokens, fraction of tokens whose log-probs are bitwise equal)."""
+def tiny_model() -> Transformer:
     model = Transformer(PRESETS["tiny"])
     model.init_weights(seed=3, std=0.2)
-    model = model.cuda().to(torch.bfloat16).eval()
+    return model.cuda().to(torch.bfloat16).eval()
+
+
+def full_width_model() -> Transformer:
+    """Two layers (Gated DeltaNet, gated attention) of the 35B-A3B preset, drawn on the GPU: normal(0, 0.02)
+    matrices, A_log = log U(0.01, 16), unit dt_bias and gated-norm weights, zero (1 + w) norms."""
+    args = PRESETS["qwen3.6-35b-a3b"].replace(
+        num_layers=2, layer_types=["linear_attention", "full_attention"], mtp_num_layers=0
+    )
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(0.01, 16.0).log_()
+            elif name.endswith(("dt_bias", "norm_weight")):
+                p.fill_(1.0)
+            elif name.endswith("conv_weight"):
+                p.uniform_(-0.5, 0.5)
+            elif p.ndim == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).cuda()
+    return model.eval()
+
+
+def gap(model: Transformer, parity: bool) -> tuple[float, float]:
+    """(mean |trainer - rollout| over sampled tokens, fraction of tokens whose log-probs are bitwise equal)."""
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in (40, 7, 90, 23)]
     engine = LLMEngine(model, EngineConfig(max_running_requests=4, context_length=160, decode_parity=parity))
@@ -41,10 +74,31 @@ def gap(parity: bool) -> tuple[float, float]:
     return diff.mean().item(), (diff == 0).float().mean().item()
 
 
-def test_decode_parity_closes_the_train_rollout_gap():
-    ordinary, parity = gap(False), gap(True)
+@pytest.mark.parametrize("make_model", [tiny_model, full_width_model], ids=["tiny", "full_width_2_layers"])
+def test_decode_parity_closes_the_train_rollout_gap(make_model):
+    model = make_model()
+    ordinary, parity = gap(model, False), gap(model, True)
     print(
         f"mean |trainer - rollout|: ordinary {ordinary[0]:.2e} ({ordinary[1]:.0%} equal), "
         f"decode parity {parity[0]:.2e} ({parity[1]:.0%} equal)"
     )
     assert parity[0] <= 1e-3 and parity[0] <= ordinary[0]
+
+
+# (N, K) of the full-width projections: GDN qkv / z / a and out, attention q+gate / k and out, router, shared
+# expert gate-up and down, its gate
+FULL_WIDTH_WEIGHTS = [(8192, 2048), (4096, 2048), (32, 2048), (2048, 4096), (8192, 2048), (512, 2048)]
+FULL_WIDTH_WEIGHTS += [(2048, 4096), (256, 2048), (512, 2048), (2048, 512), (1, 2048)]
+
+
+@pytest.mark.parametrize("shape", sorted(set(FULL_WIDTH_WEIGHTS)))
+def test_fixed_tiles_rows_are_bitwise_the_same_at_any_row_count(shape):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cols, dim = shape
+    w = torch.randn(cols, dim, generator=gen, device="cuda").mul_(0.02).to(torch.bfloat16)
+    x = torch.randn(4096, dim, generator=gen, device="cuda").to(torch.bfloat16)
+    whole = linear(x, w, fixed_tiles=True)
+    torch.testing.assert_close(whole.float(), x.float() @ w.float().t(), rtol=1.6e-2, atol=2e-3)
+    for rows in (1, 8, 64, 256, 711):
+        assert torch.equal(linear(x[:rows], w, fixed_tiles=True), whole[:rows]), rows
+    assert torch.equal(linear(x[3000:3001], w, fixed_tiles=True), whole[3000:3001])

@@ -92,8 +92,9 @@ class ForwardBatch:
         decode_parity (bool): a whole-sequence forward (training, prefill) runs the token mixers as decode runs
             them: the recurrent GDN kernel over each sequence (``ops.gdn.parity``) and the decode attention
             kernel (``attention.varlen_causal_attention_as_decode``), gradients from the chunked GDN and flash
-            attention; so a trainer's log-probs equal the ones the engine sampled with where the GEMMs do not
-            change with the row count. Slower training forward. Default: ``False``.
+            attention; and every forward with it (decode steps too) runs the dense projections by a GEMM whose
+            rounding does not change with the row count (``ops.linear``'s fixed tiles); so a trainer's log-probs
+            equal the ones the engine sampled with. Slower. Default: ``False``.
 
     The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
     forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
@@ -115,6 +116,11 @@ class ForwardBatch:
     cache_lens_t: torch.Tensor | None = None
     token_slots: torch.Tensor | None = None
     pad_rows: torch.Tensor | None = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A dense projection as this forward's numerics run it: ``ops.linear.linear`` with ``batch_invariant``,
+        and with its fixed-tiles GEMM under ``decode_parity``."""
+        return linear(x, weight, self.batch_invariant, fixed_tiles=self.decode_parity)
 
     @classmethod
     def packed(
@@ -199,11 +205,11 @@ class GatedAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        num_tokens, inv = x_TD.shape[0], batch.batch_invariant
-        q_and_gate = linear(x_TD, self.wq.weight, inv).view(num_tokens, self.num_heads, 2 * self.head_dim)
+        num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
+        q_and_gate = proj(x_TD, self.wq.weight).view(num_tokens, self.num_heads, 2 * self.head_dim)
         q_THK, gate_THK = q_and_gate.chunk(2, dim=-1)
-        k_TGK = linear(x_TD, self.wk.weight, inv).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v_TGK = linear(x_TD, self.wv.weight, inv).view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_TGK = proj(x_TD, self.wk.weight).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v_TGK = proj(x_TD, self.wv.weight).view(num_tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
@@ -232,7 +238,7 @@ class GatedAttention(nn.Module):
                 batch_invariant=inv,
             )
         out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), inv)
-        return linear(out_TD, self.wo.weight, inv)
+        return proj(out_TD, self.wo.weight)
 
 
 class GatedDeltaNet(nn.Module):
@@ -256,14 +262,14 @@ class GatedDeltaNet(nn.Module):
         self.wo = nn.Linear(self.value_dim, args.dim, bias=False)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
-        num_tokens, inv = x_TD.shape[0], batch.batch_invariant
-        mixed_TC = linear(x_TD, self.w_qkv.weight, inv)
+        num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
+        mixed_TC = proj(x_TD, self.w_qkv.weight)
         # the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on the GPU)
-        a_TH, b_TH = linear(x_TD, self.w_a.weight, inv), linear(x_TD, self.w_b.weight, inv)
+        a_TH, b_TH = proj(x_TD, self.w_a.weight), proj(x_TD, self.w_b.weight)
         o_THV = self._mix(mixed_TC, a_TH, b_TH, batch, cache)
-        z_THV = linear(x_TD, self.w_z.weight, inv).view(num_tokens, self.num_v_heads, self.v_dim)
+        z_THV = proj(x_TD, self.w_z.weight).view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
-        return linear(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight, inv)
+        return proj(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight)
 
     def _split(self, conv_out_TC: torch.Tensor):
         q, k, v = conv_out_TC.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -385,10 +391,10 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
-        gate = silu(linear(x, self.w_gate.weight, batch_invariant), batch_invariant)
-        hidden = gate * linear(x, self.w_up.weight, batch_invariant)
-        return linear(hidden, self.w_down.weight, batch_invariant)
+    def forward(self, x: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False) -> torch.Tensor:
+        gate = silu(linear(x, self.w_gate.weight, batch_invariant, fixed_tiles), batch_invariant)
+        hidden = gate * linear(x, self.w_up.weight, batch_invariant, fixed_tiles)
+        return linear(hidden, self.w_down.weight, batch_invariant, fixed_tiles)
 
 
 class MoE(nn.Module):
@@ -402,11 +408,14 @@ class MoE(nn.Module):
         self.shared = SwiGLU(args.dim, args.shared_expert_intermediate_size)
         self.shared_gate = nn.Linear(args.dim, 1, bias=False)
 
-    def forward(self, x_TD: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
-        inv = batch_invariant
-        weights, experts = route_topk(linear(x_TD, self.router.weight, inv), self.top_k)
+    def forward(self, x_TD: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False) -> torch.Tensor:
+        """``fixed_tiles``: the dense projections (router, shared expert and its gate) by ``linear``'s fixed-tiles
+        GEMM, as decode parity runs them."""
+        inv, tiles = batch_invariant, fixed_tiles
+        weights, experts = route_topk(linear(x_TD, self.router.weight, inv, tiles), self.top_k)
         routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
-        return routed + sigmoid(linear(x_TD, self.shared_gate.weight, inv), inv) * self.shared(x_TD, inv)
+        gate = sigmoid(linear(x_TD, self.shared_gate.weight, inv, tiles), inv)
+        return routed + gate * self.shared(x_TD, inv, tiles)
 
 
 class DecoderLayer(nn.Module):
@@ -435,7 +444,7 @@ class DecoderLayer(nn.Module):
             x_TD = x_TD + self.attn(h, batch, rope, cache)
         else:
             x_TD = x_TD + self.gdn(h, batch, cache)
-        return x_TD + self.moe(self.ffn_norm(x_TD), batch.batch_invariant)
+        return x_TD + self.moe(self.ffn_norm(x_TD), batch.batch_invariant, batch.decode_parity)
 
 
 class MTP(nn.Module):
@@ -462,7 +471,7 @@ class MTP(nn.Module):
         caches: list[AttentionCache] | None,
     ) -> torch.Tensor:
         joined = torch.cat([self.embed_norm(embeds_TD), self.hidden_norm(hidden_TD)], dim=-1)
-        x_TD = linear(joined, self.fc.weight, batch.batch_invariant)
+        x_TD = batch.linear(joined, self.fc.weight)
         for j, layer in enumerate(self.layers):
             x_TD = layer(x_TD, batch, rope, None if caches is None else caches[j])
         return self.norm(x_TD)
