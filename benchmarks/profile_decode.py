@@ -7,10 +7,12 @@ Also the routing's spread over the experts, which sets how often the Triton expe
 weights more than once (once per ``block_m`` rows): the prefill's token-expert choices, layer by layer, are drawn
 in random sets of ``--batch`` tokens (the decode batch), and the rows each expert gets are summarised (mean, the
 99th percentile, the max, and the share of experts past 16 and 32 rows). ``--moe-block-m`` overrides the kernels'
-rows per tile (``triton_moe.CONFIGS``) to measure its effect on the step.
+rows per tile (``triton_moe.CONFIGS``) and ``--moe-row-splits`` the programs sharing an expert's tiles, to
+measure their effect on the step.
 
     python benchmarks/profile_decode.py [--num-layers 40] [--batch 256] [--prompt-len 200] [--steps 8]
-        [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32] [--out results/profile_decode.json]
+        [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32]
+        [--moe-row-splits 4] [--out results/profile_decode.json]
     python benchmarks/profile_decode.py --preset tiny --device cpu --num-layers 4 --batch 8   (a smoke test)
 """
 
@@ -85,15 +87,17 @@ def main() -> None:
     parser.add_argument("--disable-cuda-graph", action="store_true", help="profile eager decode steps")
     parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype: float32 or bfloat16")
     parser.add_argument("--moe-block-m", type=int, help="rows per tile of both Triton expert kernels, every batch")
+    parser.add_argument("--moe-row-splits", type=int, help="programs sharing an expert's row tiles, every batch")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_decode.json")
     opts = parser.parse_args()
     cuda = opts.device == "cuda"
-    if opts.moe_block_m is not None:
+    overrides = {"block_m": opts.moe_block_m, "row_splits": opts.moe_row_splits}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
         from league.ops import triton_moe
 
         triton_moe.CONFIGS = tuple(
-            (bound, *(dataclasses.replace(c, block_m=opts.moe_block_m) for c in configs))
-            for bound, *configs in triton_moe.CONFIGS
+            (bound, *(dataclasses.replace(c, **overrides) for c in configs)) for bound, *configs in triton_moe.CONFIGS
         )
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=0)
     model = random_model(args, opts.device, torch.bfloat16 if cuda else torch.float32).eval()

@@ -4,7 +4,10 @@ Computes what ``moe.grouped_swiglu_experts`` computes, for the case where each e
 (at decode, 256 experts and top-8 give ~8 rows per expert at batch 256). There the step is bound by reading the
 experts' weights, and the grouped GEMM of ``torch._grouped_mm`` runs such skinny groups well below the memory
 bandwidth. Each program here owns one expert and one block of output columns: it streams that block of the
-expert's weights once per BM rows (once in all at decode) and exits at once when the expert has no rows.
+expert's weights once per BM rows (once in all at decode) and exits at once when the expert has no rows. Routing
+is rarely even (in a decode batch of 256 on random weights, the busiest expert of a layer gets ~70 rows where the
+mean is 8: ``benchmarks/results/profile_decode.json``), so ``TileConfig.row_splits`` programs can share one
+expert's row tiles.
 
 Three launches, none reading a value back to the host, so a CUDA graph can capture them:
 
@@ -13,11 +16,11 @@ Three launches, none reading a value back to the host, so a CUDA graph can captu
    ``benchmarks/results/moe_sort_gpu.json``): a counting sort with one program per expert
    (:func:`sort_pairs_triton`).
    Past :data:`SORT_MAX_PAIRS` pairs torch's sort runs instead.
-2. gate-up, over a static grid ``(E, column blocks)`` as the down kernel, each program reading its row range from
-   the group ends ``offs_E`` on the device: the rows of x are gathered by token inside the kernel (no dispatched
-   copy of x), gate and up accumulate in fp32, and the epilogue rounds where the reference does: gate and up to
-   the weights' dtype (the grouped GEMM's output), SiLU in fp32 of the rounded gate, rounded, times the rounded
-   up, rounded.
+2. gate-up, over a static grid ``(E, column blocks, row splits)`` as the down kernel, each program reading its row
+   range from the group ends ``offs_E`` on the device: the rows of x are gathered by token inside the kernel (no
+   dispatched copy of x), gate and up accumulate in fp32, and the epilogue rounds where the reference does: gate
+   and up to the weights' dtype (the grouped GEMM's output), SiLU in fp32 of the rounded gate, rounded, times the
+   rounded up, rounded.
 3. down: the fp32 sum is rounded (the grouped GEMM's output), multiplied in fp32 by the pair's routing weight and
    rounded, as ``(y * w).to(dtype)`` does; each row is stored at its pair's index ``t * A + a``, so the combine
    over a token's A experts is a plain ``view(T, A, D).sum(1)`` (the same sum as ``moe._combine``).
@@ -56,6 +59,9 @@ class TileConfig:
     """Warps per program."""
     num_stages: int
     """Depth of the software pipeline over K (tiles in flight)."""
+    row_splits: int = 1
+    """Programs that share an expert's row tiles (program r takes tiles r, r + splits, ...): a hot expert's tiles
+    then run side by side instead of one after another."""
 
 
 # (mean rows per expert up to, gate-up config, down config), first match wins. On an H200
@@ -149,13 +155,14 @@ def _swiglu(gate, up, dtype: tl.constexpr):
 
 
 @triton.jit
-def _program_block(offs_ptr, NUM_COLS: tl.constexpr, BN: tl.constexpr):
-    """This program's expert, its block of output columns and their mask, and the expert's rows ``[start, end)``."""
+def _program_block(offs_ptr, NUM_COLS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """This program's expert, its block of output columns and their mask, the first row of its first row tile and
+    the expert's end row (its tiles are every ``num_programs(2)``-th from that one)."""
     expert = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offs_ptr + expert)
-    return expert, cols, cols < NUM_COLS, start, end
+    return expert, cols, cols < NUM_COLS, start + tl.program_id(2) * BM, end
 
 
 @triton.jit
@@ -176,7 +183,7 @@ def _gate_up_swiglu_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    expert, cols, col_mask, start, end = _program_block(offs_ptr, NUM_COLS, BN)
+    expert, cols, col_mask, start, end = _program_block(offs_ptr, NUM_COLS, BN, BM)
     ks = tl.arange(0, BK)
     w_gate_ptr = w_ptr + expert.to(tl.int64) * stride_we + cols[:, None] * stride_wn
     w_up_ptr = w_gate_ptr + NUM_COLS * stride_wn
@@ -200,7 +207,7 @@ def _gate_up_swiglu_kernel(
         h = _swiglu(gate, up, h_ptr.dtype.element_ty)
         h_row_ptr = h_ptr + rows.to(tl.int64)[:, None] * stride_h
         tl.store(h_row_ptr + cols[None, :], h, mask=row_mask[:, None] & col_mask[None, :])
-        row0 += BM
+        row0 += BM * tl.num_programs(2)
 
 
 @triton.jit
@@ -221,7 +228,7 @@ def _down_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    expert, cols, col_mask, start, end = _program_block(offs_ptr, NUM_COLS, BN)
+    expert, cols, col_mask, start, end = _program_block(offs_ptr, NUM_COLS, BN, BM)
     ks = tl.arange(0, BK)
     w_row_ptr = w_ptr + expert.to(tl.int64) * stride_we + cols[:, None] * stride_wn
     row0 = start
@@ -241,7 +248,7 @@ def _down_kernel(
         y = acc.to(dtype).to(tl.float32) * pair_weight[:, None]
         y_row_ptr = y_ptr + pairs[:, None] * stride_y
         tl.store(y_row_ptr + cols[None, :], y.to(dtype), mask=row_mask[:, None] & col_mask[None, :])
-        row0 += BM
+        row0 += BM * tl.num_programs(2)
 
 
 def _launch_options(config: TileConfig) -> dict:
@@ -282,7 +289,7 @@ def gate_up_swiglu_fwd(
     num_experts, two_inter, dim = w_gate_up_E2ID.shape
     assert x_TD.stride(-1) == 1 and w_gate_up_E2ID.stride(-1) == 1 and x_TD.dtype == w_gate_up_E2ID.dtype
     h_NI = torch.empty(order_N.numel(), two_inter // 2, dtype=x_TD.dtype, device=x_TD.device)
-    grid = (num_experts, triton.cdiv(two_inter // 2, config.block_n))
+    grid = (num_experts, triton.cdiv(two_inter // 2, config.block_n), config.row_splits)
     _gate_up_swiglu_kernel[grid](
         x_TD,
         order_N,
@@ -322,7 +329,7 @@ def down_fwd(
     num_experts, dim, inter = w_down_EDI.shape
     assert h_NI.stride(-1) == 1 and w_down_EDI.stride(-1) == 1 and h_NI.dtype == w_down_EDI.dtype
     y_ND = torch.empty(h_NI.shape[0], dim, dtype=h_NI.dtype, device=h_NI.device)
-    grid = (num_experts, triton.cdiv(dim, config.block_n))
+    grid = (num_experts, triton.cdiv(dim, config.block_n), config.row_splits)
     _down_kernel[grid](
         h_NI,
         order_N,

@@ -101,6 +101,21 @@ def test_kernels_round_where_the_reference_rounds(case, block_m, block_n, block_
         assert (got - ref).abs().max().item() <= ULP[dtype] * ref.abs().max().item(), name
 
 
+@pytest.mark.parametrize("row_splits", [2, 3])
+def test_row_splits_give_the_same_bits(row_splits):
+    """An expert's row tiles shared by several programs: each tile is computed as by one program, bitwise."""
+    from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd
+
+    x, w_gate_up, w_down, weights, experts = make_inputs(**CASES["crowded_and_empty"], dtype=torch.float16)
+    order, offs = sort_pairs(experts, w_gate_up.shape[0])
+    outs = []
+    for splits in (1, row_splits):
+        config = TileConfig(16, 32, 32, 4, 2, row_splits=splits)
+        h = gate_up_swiglu_fwd(x, order, offs, w_gate_up, experts.shape[1], config)
+        outs.append((h, down_fwd(h, order, offs, w_down, weights.reshape(-1), config)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_no_tokens_and_no_gradients():
     from league.ops.triton_moe import grouped_swiglu_experts_triton
 
