@@ -1,6 +1,8 @@
 """What the benchmark scripts share: a model of any shape with random weights drawn on its device, the forward
-batches of a teacher-forced decode, a relative-error measure, and the summary of a torch.profiler run by kernel
-bucket."""
+batches of a teacher-forced decode, a relative-error measure, the summary of a torch.profiler run by kernel
+bucket, and overrides of the Triton expert kernels' tiles."""
+
+import dataclasses
 
 import torch
 
@@ -33,6 +35,19 @@ def random_model(
                 p.normal_(0.0, 0.02)
     model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).to(device)
     return model
+
+
+def override_moe_tiles(**fields) -> None:
+    """Set ``fields`` (``block_m``, ``row_splits``: see ``triton_moe.TileConfig``; ``None`` values are skipped) in
+    every tile config of the Triton expert kernels, for engines made after the call (graphs capture the configs)."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if not fields:
+        return
+    from league.ops import triton_moe
+
+    triton_moe.CONFIGS = tuple(
+        (bound, *(dataclasses.replace(c, **fields) for c in configs)) for bound, *configs in triton_moe.CONFIGS
+    )
 
 
 @torch.no_grad()

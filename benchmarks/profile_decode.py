@@ -10,21 +10,29 @@ in random sets of ``--batch`` tokens (the decode batch), and the rows each exper
 rows per tile (``triton_moe.CONFIGS``) and ``--moe-row-splits`` the programs sharing an expert's tiles, to
 measure their effect on the step.
 
+The step is timed twice without the profiler: back to back (``step_ms``, the engine's own pace) and with each step
+waited for (``step_ms_synchronized``, the profiled steps' pattern); from the trace, the kernels per step and the
+GPU's idle time between kernels (gaps up to 50 µs: inside a step's graphs; longer: between steps).
+``--sample-clocks`` records the SM and memory clocks and the power that ``nvidia-smi`` reads during both timings.
+
     python benchmarks/profile_decode.py [--num-layers 40] [--batch 256] [--prompt-len 200] [--steps 8]
         [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32]
-        [--moe-row-splits 4] [--out results/profile_decode.json]
+        [--moe-row-splits 4] [--sample-clocks] [--out results/profile_decode.json]
     python benchmarks/profile_decode.py --preset tiny --device cpu --num-layers 4 --batch 8   (a smoke test)
 """
 
 import argparse
-import dataclasses
+import contextlib
+import gzip
 import json
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import torch
-from common import kernel_summary, random_model
+from common import kernel_summary, override_moe_tiles, random_model
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import league
@@ -47,6 +55,70 @@ def record_routing(calls: list[torch.Tensor]):
 
     model_py.route_topk = recorded
     return lambda: setattr(model_py, "route_topk", original)
+
+
+class ClockSampler:
+    """While open, ``nvidia-smi`` samples the GPU's SM and memory clocks (MHz) and power (W) every ``period_ms``;
+    :attr:`summary` then holds their means, minima and the sample count (empty without ``nvidia-smi``)."""
+
+    FIELDS = ("sm_clock_mhz", "mem_clock_mhz", "power_w")
+
+    def __init__(self, period_ms: int = 20):
+        self.period_ms, self.summary, self._proc = period_ms, {}, None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=clocks.sm,clocks.mem,power.draw",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={self.period_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate()
+        rows = []
+        for line in out.splitlines():
+            try:
+                rows.append([float(v) for v in line.split(",")])
+            except ValueError:
+                continue
+        if rows:
+            cols = list(zip(*rows))
+            self.summary = {"samples": len(rows)}
+            for name, values in zip(self.FIELDS, cols):
+                self.summary[f"{name}_mean"] = sum(values) / len(values)
+                self.summary[f"{name}_min"] = min(values)
+
+
+def timeline_gaps(trace: Path, steps: float, idle_us: float = 50.0) -> dict:
+    """From a Chrome trace: kernels per step, and the GPU's idle time per step between consecutive kernels, split
+    into gaps up to ``idle_us`` (inside a step's graphs) and longer ones (between steps, the host)."""
+    events = json.load(gzip.open(trace))["traceEvents"]
+    kernels = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "kernel")
+    if not kernels:
+        return {}
+    short = long = 0.0
+    end = kernels[0][0]
+    for ts, dur in kernels:
+        if ts > end:
+            gap = ts - end
+            short, long = (short + gap, long) if gap <= idle_us else (short, long + gap)
+        end = max(end, ts + dur)
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "gaps_up_to_50us_ms_per_step": short / 1e3 / steps,
+        "longer_gaps_ms_per_step": long / 1e3 / steps,
+    }
 
 
 def routing_spread(calls: list[torch.Tensor], num_experts: int, batch: int, draws: int = 64) -> dict:
@@ -88,17 +160,13 @@ def main() -> None:
     parser.add_argument("--mamba-ssm-dtype", default="float32", help="GDN state dtype: float32 or bfloat16")
     parser.add_argument("--moe-block-m", type=int, help="rows per tile of both Triton expert kernels, every batch")
     parser.add_argument("--moe-row-splits", type=int, help="programs sharing an expert's row tiles, every batch")
+    parser.add_argument(
+        "--sample-clocks", action="store_true", help="sample SM/memory clocks and power with nvidia-smi while timing"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_decode.json")
     opts = parser.parse_args()
     cuda = opts.device == "cuda"
-    overrides = {"block_m": opts.moe_block_m, "row_splits": opts.moe_row_splits}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides:
-        from league.ops import triton_moe
-
-        triton_moe.CONFIGS = tuple(
-            (bound, *(dataclasses.replace(c, **overrides) for c in configs)) for bound, *configs in triton_moe.CONFIGS
-        )
+    override_moe_tiles(block_m=opts.moe_block_m, row_splits=opts.moe_row_splits)
     args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=0)
     model = random_model(args, opts.device, torch.bfloat16 if cuda else torch.float32).eval()
     gen = torch.Generator().manual_seed(0)
@@ -107,14 +175,14 @@ def main() -> None:
     config = EngineConfig(
         max_running_requests=opts.batch,
         num_slots=opts.batch,
-        context_length=opts.prompt_len + warm + 2 * opts.steps + 10,
+        context_length=opts.prompt_len + warm + 3 * opts.steps + 10,
         max_num_batched_tokens=8192,
         cuda_graph_bs=None if opts.disable_cuda_graph else [opts.batch],
         disable_cuda_graph=opts.disable_cuda_graph,
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
     )
     engine = LLMEngine(model, config)
-    params = SamplingParams(max_new_tokens=warm + 2 * opts.steps + 2, temperature=opts.temperature, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=warm + 3 * opts.steps + 2, temperature=opts.temperature, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
     routing: list[torch.Tensor] = []
@@ -126,12 +194,23 @@ def main() -> None:
         engine.step()
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(opts.steps):  # unprofiled, for the true step time
-        engine.step()
-    if cuda:
-        torch.cuda.synchronize()
-    unprofiled = (time.perf_counter() - start) / opts.steps
+    clocks = {}
+    with ClockSampler() if cuda and opts.sample_clocks else contextlib.nullcontext() as sampler:
+        start = time.perf_counter()
+        for _ in range(opts.steps):  # unprofiled, back to back: the true step time
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        unprofiled = (time.perf_counter() - start) / opts.steps
+    clocks["back_to_back"] = sampler.summary if sampler is not None else {}
+    with ClockSampler() if cuda and opts.sample_clocks else contextlib.nullcontext() as sampler:
+        start = time.perf_counter()
+        for _ in range(opts.steps):  # unprofiled, each step waited for, as the profiled steps below
+            engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+        synchronized = (time.perf_counter() - start) / opts.steps
+    clocks["synchronized"] = sampler.summary if sampler is not None else {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     trace = opts.out.with_suffix(".trace.json.gz")
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +229,7 @@ def main() -> None:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     num_gdn = sum(kind == "linear_attention" for kind in args.layer_types)
     marker = ("_recurrent_gated_delta_rule_kernel", num_gdn) if cuda and num_gdn else None
+    summary = kernel_summary(prof, opts.steps, cuda, marker=marker)
     record = {
         "benchmark": "profile_decode",
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -158,7 +238,10 @@ def main() -> None:
         "results": {
             "step_ms": unprofiled * 1e3,
             "tokens_per_s": opts.batch / unprofiled,
-            **kernel_summary(prof, opts.steps, cuda, marker=marker),
+            "step_ms_synchronized": synchronized * 1e3,
+            **summary,
+            **(timeline_gaps(trace, summary["steps_recorded"]) if cuda and trace.exists() else {}),
+            **({"clocks": clocks} if opts.sample_clocks else {}),
             "routing_rows_per_expert": routing_spread(routing, args.num_experts, opts.batch),
         },
     }

@@ -11,7 +11,7 @@ and its keys and values read, at the run's mean context. Writes ``benchmarks/res
 
     python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
         [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--temperature 0] [--hf-new-tokens 32]
-        [--skip-hf] [--compare-overlap] [--compare-parity]
+        [--skip-hf] [--compare-overlap] [--compare-parity] [--moe-row-splits 4]
 """
 
 import argparse
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import random_model
+from common import override_moe_tiles, random_model
 
 import league
 from league.engine.engine import EngineConfig, LLMEngine
@@ -166,6 +166,7 @@ def main() -> None:
         action="store_true",
         help="also run league without the overlap schedule (results league_b<N>_no_overlap)",
     )
+    parser.add_argument("--moe-row-splits", type=int, help="programs sharing an expert's row tiles (triton_moe)")
     parser.add_argument(
         "--compare-parity",
         action="store_true",
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_gpu.json")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
+    override_moe_tiles(row_splits=opts.moe_row_splits)
     args = with_num_layers(PRESETS["qwen3.6-35b-a3b"], opts.num_layers)
     args = args.replace(mtp_num_layers=1 if opts.spec_steps else 0)
     gen = torch.Generator().manual_seed(0)

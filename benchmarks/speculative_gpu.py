@@ -21,6 +21,10 @@ fastest of ``--repeats`` runs after a warm-up; acceptance length is tokens emitt
 accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature;
 ``live_fraction`` is the mean share of the batch still running in a decode step (below 1 when requests that advance
 at different rates leave the last steps part-empty; 1 without speculation, where all finish together).
+With ``--requests-per-slot K`` (default 1) each engine takes K x B prompts with B slots: a finished request's slot
+takes a waiting one (continuous batching, as an RL rollout runs), so the batch stays full but for the last wave;
+the decode rate then counts all K x B requests, and ``tokens_per_s`` (every request's new tokens over the whole
+call, prefills included) gives ``speedup_end_to_end``; result keys end in ``_r<K>``.
 Greedy outputs with and without speculation are compared per batch (``greedy_equal``), equal in fp32 on a CPU; in
 bf16 the verify forward's numerics differ from decode's, so they may diverge (recorded, not asserted). Writes
 ``benchmarks/results/speculative_gpu.json``.
@@ -30,6 +34,7 @@ the default 8 layers; up to about 16 layers fit an H200).
 
     python benchmarks/speculative_gpu.py [--num-layers 8] [--batches 1,16,64] [--spec-steps 1,2,3]
         [--temperatures 0,1] [--train-steps 200] [--lang-vocab 256] [--noise 0.05] [--new-tokens 256]
+        [--requests-per-slot 4]
     OMP_NUM_THREADS=1 python benchmarks/speculative_gpu.py --device cpu --preset tiny --num-layers 4 \
         --lang-vocab 64 --train-steps 200 --train-len 32 --lr 3e-3 --prompt-len 16 --batches 1,4 --new-tokens 32 \
         --spec-steps 1,2 --out /tmp/spec.json   (a CPU smoke test: a minute or two on 2 cores)
@@ -155,9 +160,11 @@ def measure(
     opts: argparse.Namespace,
     spec_steps: int,
     temperature: float,
+    slots: int | None = None,
 ) -> tuple[dict, list[list[int]]]:
-    """Decode rate (and acceptance when speculating) of one engine setting; the last timed run's output ids."""
-    batch = len(prompts)
+    """Decode rate (and acceptance when speculating) of one engine setting running ``slots`` requests at a time
+    (default: all of ``prompts`` at once); the last timed run's output ids."""
+    requests, batch = len(prompts), slots or len(prompts)
     free_memory(opts.device)  # the previous setting's engine (cache, graphs)
     engine = make_engine(model, opts, batch, spec_steps)
 
@@ -183,12 +190,14 @@ def measure(
     decode_steps = (engine.stats.forward_passes - passes) / opts.repeats - prefill_passes
     record = {
         "batch": batch,
+        "requests": requests,
         "temperature": temperature,
         "spec_steps": spec_steps,
         "cuda_graphs": engine.use_graphs,
         "seconds": total_s,
         "prefill_seconds": prefill_s,
-        "decode_tokens_per_s": batch * (opts.new_tokens - 1) / (total_s - prefill_s),
+        "decode_tokens_per_s": requests * (opts.new_tokens - 1) / (total_s - prefill_s),
+        "tokens_per_s": requests * opts.new_tokens / total_s,
         "decode_steps": decode_steps,
         # requests still running in the average decode step, over the batch (1: no step ran part-empty)
         "live_fraction": 1.0,
@@ -205,19 +214,21 @@ def measure(
 
 
 def run_batch(
-    model: Transformer, prompts: list[list[int]], opts: argparse.Namespace, temperature: float
+    model: Transformer, prompts: list[list[int]], opts: argparse.Namespace, temperature: float, slots: int
 ) -> tuple[dict[str, dict], bool | None]:
-    """Every setting at one batch and temperature: no speculation, then each draft length; greedy: whether every
-    speculative output equals the output without speculation."""
-    tag = f"b{len(prompts)}_t{temperature:g}"
+    """Every setting at one batch (``slots`` requests at a time) and temperature: no speculation, then each draft
+    length; greedy: whether every speculative output equals the output without speculation."""
+    waves = len(prompts) // slots
+    tag = f"b{slots}_t{temperature:g}" + (f"_r{waves}" if waves > 1 else "")
     results: dict[str, dict] = {}
-    base, base_ids = measure(model, prompts, opts, 0, temperature)
+    base, base_ids = measure(model, prompts, opts, 0, temperature, slots)
     results[f"{tag}_no_spec"] = base
     print(tag, "no spec", json.dumps(base), flush=True)
     equal = None
     for steps in opts.spec_steps:
-        rec, ids = measure(model, prompts, opts, steps, temperature)
+        rec, ids = measure(model, prompts, opts, steps, temperature, slots)
         rec["speedup"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        rec["speedup_end_to_end"] = rec["tokens_per_s"] / base["tokens_per_s"]
         if temperature == 0:
             same = [a == b for a, b in zip(ids, base_ids)]
             rec["greedy_equal"] = all(same)
@@ -280,6 +291,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--requests-per-slot",
+        type=int,
+        default=1,
+        help="requests per engine slot: with more than 1, finished requests' slots take waiting ones (continuous "
+        "batching), so the batch stays full until the last wave",
+    )
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
     parser.add_argument("--train-len", type=int, default=64, help="tokens per training sequence")
@@ -294,6 +312,8 @@ def parse_args() -> argparse.Namespace:
     opts.batches = [int(b) for b in opts.batches.split(",")]
     opts.spec_steps = [int(s) for s in opts.spec_steps.split(",")]
     opts.temperatures = sorted({0.0, *(float(t) for t in opts.temperatures.split(","))})
+    if opts.requests_per_slot < 1:
+        parser.error(f"--requests-per-slot must be >= 1, got {opts.requests_per_slot}")
     return opts
 
 
@@ -316,12 +336,13 @@ def main() -> None:
     training = train(model, opts, gen)
     print("training:", json.dumps(training), flush=True)
     model.eval().requires_grad_(False)
-    prompts = synthetic(max(opts.batches), opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
+    waves = opts.requests_per_slot
+    prompts = synthetic(max(opts.batches) * waves, opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
     results: dict[str, dict] = {}
     greedy_equal: dict[str, bool | None] = {}
     for batch in opts.batches:
         for temperature in opts.temperatures:
-            recs, equal = run_batch(model, prompts[:batch], opts, temperature)
+            recs, equal = run_batch(model, prompts[: batch * waves], opts, temperature, batch)
             results |= recs
             if temperature == 0:
                 greedy_equal[f"b{batch}"] = equal
