@@ -10,6 +10,7 @@ import torch
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
+from league.models.qwen3_5_moe import model as model_py
 from league.ops.logprob import token_logprobs
 from tests.models.test_forms import tiny_model
 
@@ -73,3 +74,33 @@ def test_engine_with_parity_prefill_decodes_as_the_trainer_scores():
 def test_parity_config_is_checked(bad, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(decode_parity=True, **bad)
+
+
+@pytest.mark.parametrize("spec_steps", [0, 2])
+def test_every_projection_of_every_parity_forward_asks_for_fixed_tiles(monkeypatch, spec_steps):
+    """Under parity the trainer's forward and each engine forward (prefill, decode, MTP drafts and verify) run the
+    dense projections by the fixed-tiles GEMM, so decode's rounding equals training's; without parity none does.
+    (On CPU the flag falls back to F.linear: this checks the plumbing, the GPU tests the bits.)"""
+    calls = []
+    original = model_py.linear
+
+    def recorded(x, weight, batch_invariant=False, fixed_tiles=False):
+        calls.append((tuple(weight.shape), fixed_tiles))
+        return original(x, weight, batch_invariant, fixed_tiles)
+
+    monkeypatch.setattr(model_py, "linear", recorded)
+    model = tiny_model("gqa2_interval2").float()
+    head = tuple(model.output_weight().shape)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7]]
+    for parity in (False, True):
+        calls.clear()
+        config = dict(speculative_algorithm="EAGLE", speculative_num_steps=spec_steps) if spec_steps else {}
+        engine = LLMEngine(
+            model, EngineConfig(max_running_requests=2, context_length=32, decode_parity=parity, **config)
+        )
+        engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+        with torch.no_grad():
+            model(torch.tensor(prompts[1]), ForwardBatch.packed([len(prompts[1])], decode_parity=parity))
+        projections = [tiles for shape, tiles in calls if shape != head]  # the output head is the log-prob kernels'
+        assert len(projections) > 20
+        assert all(tiles == parity for tiles in projections)
