@@ -93,8 +93,8 @@ class ForwardBatch:
             them: the recurrent GDN kernel over each sequence (``ops.gdn.parity``) and the decode attention
             kernel (``attention.varlen_causal_attention_as_decode``), gradients from the chunked GDN and flash
             attention; and every forward with it (decode steps too) runs the dense projections by a GEMM whose
-            rounding does not change with the row count (``ops.linear``'s fixed tiles); so a trainer's log-probs
-            equal the ones the engine sampled with. Slower. Default: ``False``.
+            rounding does not change with the row count (``ops.linear``'s fixed tiles, bf16/fp16 on CUDA); so a
+            trainer's log-probs equal the ones the engine sampled with. Slower. Default: ``False``.
 
     The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
     forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
