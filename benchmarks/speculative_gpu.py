@@ -21,6 +21,9 @@ fastest of ``--repeats`` runs after a warm-up; acceptance length is tokens emitt
 accepted) over the timed runs; speedup is the decode rate over no speculation's at the same batch and temperature;
 ``live_fraction`` is the mean share of the batch still running in a decode step (below 1 when requests that advance
 at different rates leave the last steps part-empty; 1 without speculation, where all finish together).
+The engines capture one graph size, the batch's, so the last steps of a batch whose requests finish at different
+steps run padded to the full batch; ``--graph-sizes default`` captures the engine's default sizes up to the batch
+instead (as ``league serve`` does), so a shrinking batch runs in the smallest graph that holds it.
 With ``--requests-per-slot K`` (default 1) each engine takes K x B prompts with B slots: a finished request's slot
 takes a waiting one (continuous batching, as an RL rollout runs), so the batch stays full but for the last wave;
 the decode rate then counts all K x B requests, and ``tokens_per_s`` (every request's new tokens over the whole
@@ -34,7 +37,7 @@ the default 8 layers; up to about 16 layers fit an H200).
 
     python benchmarks/speculative_gpu.py [--num-layers 8] [--batches 1,16,64] [--spec-steps 1,2,3]
         [--temperatures 0,1] [--train-steps 200] [--lang-vocab 256] [--noise 0.05] [--new-tokens 256]
-        [--requests-per-slot 4]
+        [--requests-per-slot 4] [--graph-sizes default]
     OMP_NUM_THREADS=1 python benchmarks/speculative_gpu.py --device cpu --preset tiny --num-layers 4 \
         --lang-vocab 64 --train-steps 200 --train-len 32 --lr 3e-3 --prompt-len 16 --batches 1,4 --new-tokens 32 \
         --spec-steps 1,2 --out /tmp/spec.json   (a CPU smoke test: a minute or two on 2 cores)
@@ -145,7 +148,7 @@ def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_s
         num_slots=batch,
         context_length=opts.prompt_len + opts.new_tokens + 8,
         max_num_batched_tokens=max(4096, batch * opts.prompt_len),
-        cuda_graph_bs=[batch] if graphs else None,
+        cuda_graph_bs=([batch] if opts.graph_sizes == "batch" else None) if graphs else None,
         disable_cuda_graph=not graphs,
         speculative_algorithm="EAGLE" if spec_steps else None,
         speculative_num_steps=max(spec_steps, 1),
@@ -291,6 +294,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--graph-sizes",
+        choices=("batch", "default"),
+        default="batch",
+        help="CUDA graph sizes: the batch's only (a step runs padded to it as requests finish), or the engine's "
+        "default sizes up to the batch (a shrinking batch runs in the smallest graph that holds it)",
+    )
     parser.add_argument(
         "--requests-per-slot",
         type=int,
