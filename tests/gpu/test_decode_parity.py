@@ -28,27 +28,15 @@ def tiny_model() -> Transformer:
 
 
 def full_width_model() -> Transformer:
-    """Two layers (Gated DeltaNet, gated attention) of the 35B-A3B preset, drawn on the GPU: normal(0, 0.02)
-    matrices, A_log = log U(0.01, 16), unit dt_bias and gated-norm weights, zero (1 + w) norms."""
+    """Two layers (Gated DeltaNet, gated attention) of the 35B-A3B preset with ``league init``'s weights, made on
+    the GPU (no fp32 copy of the model on the host)."""
     args = PRESETS["qwen3.6-35b-a3b"].replace(
         num_layers=2, layer_types=["linear_attention", "full_attention"], mtp_num_layers=0
     )
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(0.01, 16.0).log_()
-            elif name.endswith(("dt_bias", "norm_weight")):
-                p.fill_(1.0)
-            elif name.endswith("conv_weight"):
-                p.uniform_(-0.5, 0.5)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
+    model.init_weights(seed=0)
     model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).cuda()
     return model.eval()
 

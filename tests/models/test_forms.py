@@ -188,3 +188,17 @@ def test_mtp_gradient_reaches_only_mtp_parameters():
     for name, p in model.named_parameters():
         reached = p.grad is not None and p.grad.abs().sum().item() > 0
         assert reached == name.startswith("mtp."), name
+
+
+def test_rope_table_stays_fp32_when_the_model_is_cast():
+    """``model.to(bf16)`` casts buffers too; the RoPE frequencies are remade in fp32 (bf16's rounding, up to 2^-9
+    relative, would move the angle of position 4,000 by up to ~8 radians), and fp64 is kept for exact references."""
+    from league.ops.rope import rope_inv_freq
+
+    args = ModelArgs.from_hf_config(hf_text_config("gqa2_interval2").to_dict())
+    table = rope_inv_freq(args.rotary_dim, args.rope_theta)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        model = cast(Transformer(args))
+        assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, table)
+    assert Transformer(args).double().inv_freq.dtype == torch.float64
+    assert Transformer(args).to(torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16

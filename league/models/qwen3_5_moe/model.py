@@ -490,6 +490,15 @@ class Transformer(nn.Module):
         self.mtp = MTP(args) if args.mtp_num_layers > 0 else None
         self.register_buffer("inv_freq", rope_inv_freq(args.rotary_dim, args.rope_theta), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to(dtype)`` casts buffers too: the RoPE frequencies are remade in fp32 rather than kept in
+        bf16/fp16, whose rounding would shift the rotation angles at long positions (fp64 is kept)."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.bfloat16, torch.float16):
+            device = self.inv_freq.device
+            self.inv_freq = rope_inv_freq(self.args.rotary_dim, self.args.rope_theta).to(device)
+        return self
+
     def rope(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions_T, self.inv_freq)
 
