@@ -7,9 +7,9 @@ one tile configuration, with no split: each output is one fp32 sum over K in BK 
 order whatever M is, then rounded once to the output dtype. So a token's projections in a decode step equal
 its projections in a training forward bitwise, which decode parity (``ForwardBatch.decode_parity``) needs.
 
-Forward only: ``linear.fixed_tiles_linear`` takes the gradients from ``torch.matmul``. Imported only when Triton
-is installed; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Reads no device value on the host, so
-CUDA graphs can capture it.
+Forward only: ``linear.linear(..., fixed_tiles=True)`` takes the gradients from ``torch.matmul``. Imported only when
+Triton is installed; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Reads no device value on the
+host, so CUDA graphs can capture it.
 
 Legend: M rows, K input dim, N output dim; inside the kernel BM x BN output tiles, BK input columns a step.
 """
