@@ -12,12 +12,15 @@ measure their effect on the step.
 
 The step is timed twice without the profiler: back to back (``step_ms``, the engine's own pace) and with each step
 waited for (``step_ms_synchronized``, the profiled steps' pattern); from the trace, the kernels per step and the
-GPU's idle time between kernels (gaps up to 50 µs: inside a step's graphs; longer: between steps).
+GPU's idle time between kernels (gaps up to 50 µs: inside a step's graphs; longer: between steps). Then the
+back-to-back steps split into the host's own work and its waits for the device (``host_ms_per_step``: past the
+device's time, the step is bound by the host), and the captured forward replayed with no host work between
+(``graph_replay_ms``: the device's time for the forward and head alone).
 ``--sample-clocks`` records the SM and memory clocks and the power that ``nvidia-smi`` reads during both timings.
 
     python benchmarks/profile_decode.py [--num-layers 40] [--batch 256] [--prompt-len 200] [--steps 8]
         [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32]
-        [--moe-row-splits 4] [--sample-clocks] [--out results/profile_decode.json]
+        [--moe-row-splits 4] [--spec-steps 3] [--sample-clocks] [--out results/profile_decode.json]
     python benchmarks/profile_decode.py --preset tiny --device cpu --num-layers 4 --batch 8   (a smoke test)
 """
 
@@ -100,6 +103,47 @@ class ClockSampler:
                 self.summary[f"{name}_min"] = min(values)
 
 
+def host_split(engine: LLMEngine, steps: int) -> dict:
+    """Back-to-back steps again, split into the host's own work and its waits for the device (the overlap
+    schedule's ``ready.synchronize()`` on the step before): a step whose host work alone takes as long as the
+    device's is bound by the host, and faster kernels then leave the GPU idle."""
+    waited = [0.0]
+    original = engine._land
+
+    def land(step):
+        if step.ready is not None:
+            start = time.perf_counter()
+            step.ready.synchronize()
+            waited[0] += time.perf_counter() - start
+        original(step)
+
+    engine._land = land
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        host = time.perf_counter() - start  # without the final synchronize: the host's pace
+        torch.cuda.synchronize()
+    finally:
+        del engine._land
+    return {"host_ms_per_step": (host - waited[0]) * 1e3 / steps, "host_wait_ms_per_step": waited[0] * 1e3 / steps}
+
+
+def graph_replay_ms(engine: LLMEngine, batch: int, steps: int) -> float:
+    """The captured decode forward of ``batch`` rows replayed back to back with no host work between (inputs as the
+    last step left them; the replays rewrite the same cache positions): the device's time for a step's forward
+    and output head alone, without sampling."""
+    graphs = engine.graphs.graphs[min(s for s in engine.graphs.sizes if s >= batch)]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        for graph in graphs:
+            graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def timeline_gaps(trace: Path, steps: float, idle_us: float = 50.0) -> dict:
     """From a Chrome trace: kernels per step, and the GPU's idle time per step between consecutive kernels, split
     into gaps up to ``idle_us`` (inside a step's graphs) and longer ones (between steps, the host)."""
@@ -161,13 +205,20 @@ def main() -> None:
     parser.add_argument("--moe-block-m", type=int, help="rows per tile of both Triton expert kernels, every batch")
     parser.add_argument("--moe-row-splits", type=int, help="programs sharing an expert's row tiles, every batch")
     parser.add_argument(
+        "--spec-steps",
+        type=int,
+        default=0,
+        help="profile MTP-speculative steps (drafts + one verify) with this many drafts; the MTP layer is random, so "
+        "few drafts are kept: this times the step, not the speedup",
+    )
+    parser.add_argument(
         "--sample-clocks", action="store_true", help="sample SM/memory clocks and power with nvidia-smi while timing"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_decode.json")
     opts = parser.parse_args()
     cuda = opts.device == "cuda"
     override_moe_tiles(block_m=opts.moe_block_m, row_splits=opts.moe_row_splits)
-    args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=0)
+    args = with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=int(opts.spec_steps > 0))
     model = random_model(args, opts.device, torch.bfloat16 if cuda else torch.float32).eval()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab_size, (opts.batch, opts.prompt_len), generator=gen).tolist()
@@ -175,14 +226,16 @@ def main() -> None:
     config = EngineConfig(
         max_running_requests=opts.batch,
         num_slots=opts.batch,
-        context_length=opts.prompt_len + warm + 3 * opts.steps + 10,
+        context_length=opts.prompt_len + (warm + 4 * opts.steps + 10) * (opts.spec_steps + 1),
         max_num_batched_tokens=8192,
         cuda_graph_bs=None if opts.disable_cuda_graph else [opts.batch],
         disable_cuda_graph=opts.disable_cuda_graph,
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
+        speculative_algorithm="EAGLE" if opts.spec_steps else None,
+        speculative_num_steps=max(opts.spec_steps, 1),
     )
     engine = LLMEngine(model, config)
-    params = SamplingParams(max_new_tokens=warm + 3 * opts.steps + 2, temperature=opts.temperature, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=(warm + 4 * opts.steps + 2) * (opts.spec_steps + 1), temperature=opts.temperature, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
     routing: list[torch.Tensor] = []
@@ -196,12 +249,13 @@ def main() -> None:
         torch.cuda.synchronize()
     clocks = {}
     with ClockSampler() if cuda and opts.sample_clocks else contextlib.nullcontext() as sampler:
-        start = time.perf_counter()
+        start, generated = time.perf_counter(), engine.stats.generated_tokens
         for _ in range(opts.steps):  # unprofiled, back to back: the true step time
             engine.step()
         if cuda:
             torch.cuda.synchronize()
         unprofiled = (time.perf_counter() - start) / opts.steps
+        tokens_per_step = (engine.stats.generated_tokens - generated) / opts.steps
     clocks["back_to_back"] = sampler.summary if sampler is not None else {}
     with ClockSampler() if cuda and opts.sample_clocks else contextlib.nullcontext() as sampler:
         start = time.perf_counter()
@@ -211,6 +265,8 @@ def main() -> None:
                 torch.cuda.synchronize()
         synchronized = (time.perf_counter() - start) / opts.steps
     clocks["synchronized"] = sampler.summary if sampler is not None else {}
+    host = host_split(engine, opts.steps) if cuda else {}
+    replay = graph_replay_ms(engine, opts.batch, opts.steps) if cuda and engine.graphs is not None else None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     trace = opts.out.with_suffix(".trace.json.gz")
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +284,7 @@ def main() -> None:
             prof.step()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     num_gdn = sum(kind == "linear_attention" for kind in args.layer_types)
-    marker = ("_recurrent_gated_delta_rule_kernel", num_gdn) if cuda and num_gdn else None
+    marker = ("_recurrent_gated_delta_rule_kernel", num_gdn) if cuda and num_gdn and not opts.spec_steps else None
     summary = kernel_summary(prof, opts.steps, cuda, marker=marker)
     record = {
         "benchmark": "profile_decode",
@@ -237,8 +293,10 @@ def main() -> None:
         "settings": {k: v for k, v in vars(opts).items() if k != "out"},
         "results": {
             "step_ms": unprofiled * 1e3,
-            "tokens_per_s": opts.batch / unprofiled,
+            "tokens_per_s": tokens_per_step / unprofiled,  # with the overlap schedule, landed a step late
             "step_ms_synchronized": synchronized * 1e3,
+            **host,
+            **({"graph_replay_ms": replay} if replay is not None else {}),
             **summary,
             **(timeline_gaps(trace, summary["steps_recorded"]) if cuda and trace.exists() else {}),
             **({"clocks": clocks} if opts.sample_clocks else {}),
