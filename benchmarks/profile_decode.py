@@ -235,7 +235,11 @@ def main() -> None:
         speculative_num_steps=max(opts.spec_steps, 1),
     )
     engine = LLMEngine(model, config)
-    params = SamplingParams(max_new_tokens=(warm + 4 * opts.steps + 2) * (opts.spec_steps + 1), temperature=opts.temperature, ignore_eos=True)
+    params = SamplingParams(
+        max_new_tokens=(warm + 4 * opts.steps + 2) * (opts.spec_steps + 1),
+        temperature=opts.temperature,
+        ignore_eos=True,
+    )
     for prompt in prompts:
         engine.add_request(prompt, params)
     routing: list[torch.Tensor] = []

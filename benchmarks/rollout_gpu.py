@@ -11,10 +11,14 @@ and its keys and values read, at the run's mean context. Writes ``benchmarks/res
 
     python benchmarks/rollout_gpu.py [--num-layers 40] [--batches 1,16,64,256] [--prompt-len 200]
         [--new-tokens 1024] [--spec-steps 0] [--mamba-ssm-dtype float32] [--temperature 0] [--hf-new-tokens 32]
-        [--skip-hf] [--compare-overlap] [--compare-parity] [--moe-row-splits 4]
+        [--skip-hf] [--compare-overlap] [--compare-parity] [--compare-unjoined] [--moe-row-splits 4]
+
+``--compare-unjoined`` adds, before each default run, one whose engine runs every projection as its own GEMM (the
+engine joins each group of projections of one input into one GEMM on CUDA: ``Transformer.join_projections``).
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -32,6 +36,22 @@ from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
+
+
+@contextlib.contextmanager
+def unjoined(model: Transformer):
+    """Within the block, engines leave ``model``'s projections one GEMM each: joined weights are first given their
+    own storage again."""
+    original = Transformer.join_projections
+    Transformer.join_projections = lambda self: None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.data = p.detach().clone()
+    try:
+        yield
+    finally:
+        Transformer.join_projections = original
 
 
 def step_bytes(args: ModelArgs, batch: int, context: float, state_bytes: int = 4) -> float:
@@ -166,6 +186,9 @@ def main() -> None:
         action="store_true",
         help="also run league without the overlap schedule (results league_b<N>_no_overlap)",
     )
+    parser.add_argument(
+        "--compare-unjoined", action="store_true", help="also time engines that run each projection as its own GEMM"
+    )
     parser.add_argument("--moe-row-splits", type=int, help="programs sharing an expert's row tiles (triton_moe)")
     parser.add_argument(
         "--compare-parity",
@@ -182,21 +205,23 @@ def main() -> None:
     prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
     results = {}
     model = random_model(args).eval()
-    variants = [("", True, False)]  # (result suffix, overlap schedule, decode parity)
-    variants += [("_no_overlap", False, False)] if opts.compare_overlap else []
-    variants += [("_parity", True, True)] if opts.compare_parity else []
+    variants = [("", True, False, True)]  # (result suffix, overlap schedule, decode parity, joined projections)
+    variants = ([("_unjoined", True, False, False)] if opts.compare_unjoined else []) + variants
+    variants += [("_no_overlap", False, False, True)] if opts.compare_overlap else []
+    variants += [("_parity", True, True, True)] if opts.compare_parity else []
     for batch in batches:
-        for suffix, overlap, parity in variants:
-            rec = league_rates(
-                model,
-                prompts[:batch].tolist(),
-                opts.new_tokens,
-                opts.spec_steps,
-                opts.mamba_ssm_dtype,
-                opts.temperature,
-                overlap,
-                parity,
-            )
+        for suffix, overlap, parity, joined in variants:
+            with contextlib.nullcontext() if joined else unjoined(model):
+                rec = league_rates(
+                    model,
+                    prompts[:batch].tolist(),
+                    opts.new_tokens,
+                    opts.spec_steps,
+                    opts.mamba_ssm_dtype,
+                    opts.temperature,
+                    overlap,
+                    parity,
+                )
             gc.collect()
             torch.cuda.empty_cache()
             context = opts.prompt_len + opts.new_tokens / 2

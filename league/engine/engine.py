@@ -149,6 +149,8 @@ class LLMEngine:
         self.context_length = min(self.config.context_length, self.args.max_position_embeddings)
         self.state_dtype = getattr(torch, self.config.mamba_ssm_dtype)
         self.use_graphs = graphs_apply(self.config, self.device, self.dtype)
+        if self.device.type == "cuda":  # each group of projections of one input as one GEMM
+            model.join_projections()
         if self.config.cuda_graph_bs and not self.use_graphs:
             warnings.warn(
                 "cuda_graph_bs is ignored: CUDA graphs serve a bf16 model on a Hopper or Blackwell GPU, "

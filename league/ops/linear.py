@@ -10,8 +10,16 @@ The fixed-tiles form (decode parity's, ``ForwardBatch.decode_parity``) gets the 
 GEMM speed: a Triton GEMM with one tile configuration and no split of K (``triton_linear``), bf16/fp16 on
 CUDA; gradients by ``torch.matmul``. Elsewhere it is ``F.linear``.
 
+Projections of one input (a mixer's input projections, the router and the shared expert's) run as one GEMM
+when their weights lie end to end in one buffer (:func:`join_rows` puts them there, :func:`linear_joined` finds
+them): a decode step makes ~250 small GEMMs, each paying a launch and a tail. Only without gradients (the
+engine); a row's value is the same as from its own weight under the fixed-tiles GEMM, whose output columns do
+not depend on the others.
+
 Legend: M rows, K input dim, N output dim.
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,56 @@ def linear(
     blocks = [(rows[s : s + ROWS, None, :] * weight_NK[None]).sum(-1) for s in range(0, rows.shape[0], ROWS)]
     out = torch.cat(blocks) if blocks else rows.new_zeros(0, weight_NK.shape[0])
     return out.reshape(*lead, weight_NK.shape[0])
+
+
+def linear_joined(
+    x_MK: torch.Tensor, weights: Sequence[torch.Tensor], batch_invariant: bool = False, fixed_tiles: bool = False
+) -> list[torch.Tensor]:
+    """``[linear(x_MK, w, batch_invariant, fixed_tiles) for w in weights]``, as one GEMM over their joined matrix
+    (the outputs are column slices of its result) when the weights lie end to end in one buffer (:func:`joined`)
+    and no gradient is needed; one GEMM each otherwise."""
+    needs_grad = torch.is_grad_enabled() and (x_MK.requires_grad or any(w.requires_grad for w in weights))
+    whole = None if batch_invariant or needs_grad else joined(weights)
+    if whole is None:
+        return [linear(x_MK, w, batch_invariant, fixed_tiles) for w in weights]
+    return list(linear(x_MK, whole, fixed_tiles=fixed_tiles).split([w.shape[0] for w in weights], dim=-1))
+
+
+def joined(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The ``[sum N_i, K]`` matrix that ``weights`` (``[N_i, K]`` each, row-major, one dtype) form when they lie
+    end to end in one storage, in order; ``None`` when they do not."""
+    first = weights[0]
+    if first.dim() != 2:
+        return None
+    dim = first.shape[1]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for w in weights:
+        if (
+            w.dim() != 2
+            or w.shape[1] != dim
+            or w.stride() != (dim, 1)
+            or w.dtype != first.dtype
+            or w.untyped_storage().data_ptr() != storage
+            or w.storage_offset() != offset
+        ):
+            return None
+        offset += w.numel()
+    return first.detach().as_strided((sum(w.shape[0] for w in weights), dim), (dim, 1))
+
+
+@torch.no_grad()
+def join_rows(weights: Sequence[torch.Tensor]) -> None:
+    """Move ``weights`` (``[N_i, K]`` parameters of one dtype and device) into one new ``[sum N_i, K]`` buffer,
+    end to end in order, each becoming a view of its rows with its values unchanged; in-place updates (weight
+    sync, checkpoint loads, optimizer steps) keep them there, a parameter replaced by a new tensor leaves the group
+    (and :func:`linear_joined` falls back to one GEMM each). Tensor subclasses (DTensor shards) are left apart."""
+    if any(type(w.data) is not torch.Tensor for w in weights):  # noqa: E721 (DTensor shards and the like stay apart)
+        return
+    whole = torch.cat([w.detach() for w in weights])
+    start = 0
+    for w in weights:
+        w.data = whole[start : start + w.shape[0]]
+        start += w.shape[0]
 
 
 def fixed_tiles_fit(x_MK: torch.Tensor, weight_NK: torch.Tensor) -> bool:

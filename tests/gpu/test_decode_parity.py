@@ -2,7 +2,8 @@
 against a trainer-style whole-sequence forward with ``decode_parity`` (skipped without CUDA), on the tiny preset
 and on two full-width layers of Qwen3.6-35B-A3B (where cuBLAS splits the out-projections' K at few rows). Without
 parity the same comparison shows the ordinary gap (flash attention, fla's chunked GDN and cuBLAS against the decode
-kernels). Also the fixed-tiles GEMM at the full-width projection shapes: each row bitwise the same at any row count.
+kernels). Also the fixed-tiles GEMM at the full-width projection shapes: each row bitwise the same at any row count;
+and the engine's joined projections (one GEMM per group) bitwise the trainer's one-by-one GEMMs under parity.
 
 Run on the GPU machine with ``python -m pytest tests/gpu/test_decode_parity.py -q -s`` (``-s`` prints the gaps).
 """
@@ -90,3 +91,24 @@ def test_fixed_tiles_rows_are_bitwise_the_same_at_any_row_count(shape):
     for rows in (1, 8, 64, 256, 711):
         assert torch.equal(linear(x[:rows], w, fixed_tiles=True), whole[:rows]), rows
     assert torch.equal(linear(x[3000:3001], w, fixed_tiles=True), whole[3000:3001])
+
+
+def test_joined_projections_give_the_same_bits_under_parity():
+    """The engine joins each group of projections of one input into one GEMM (``Transformer.join_projections``);
+    the trainer, with gradients, runs them one by one. Under parity the fixed-tiles GEMM's columns do not depend on
+    the other columns, so both give the same bits; without parity cuBLAS may round the joined GEMM differently."""
+    model = full_width_model()
+    gen = torch.Generator().manual_seed(3)
+    lens = [40, 7, 90]
+    tokens = torch.randint(0, model.args.vocab_size, (sum(lens),), generator=gen).cuda()
+    outs = {}
+    for joined in (False, True):
+        if joined:
+            model.join_projections()
+        for parity in (False, True):
+            batch = ForwardBatch.packed(lens, device="cuda", decode_parity=parity)
+            with torch.no_grad():
+                outs[joined, parity] = model(tokens, batch)
+    assert torch.equal(outs[True, True], outs[False, True])
+    plain, joined = outs[False, False].float(), outs[True, False].float()
+    assert ((joined - plain).norm(dim=-1) / plain.norm(dim=-1)).max() < 2e-2

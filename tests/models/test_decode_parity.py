@@ -11,6 +11,7 @@ from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe import model as model_py
+from league.ops import linear as linear_module
 from league.ops.logprob import token_logprobs
 from tests.models.test_forms import tiny_model
 
@@ -89,6 +90,7 @@ def test_every_projection_of_every_parity_forward_asks_for_fixed_tiles(monkeypat
         return original(x, weight, batch_invariant, fixed_tiles)
 
     monkeypatch.setattr(model_py, "linear", recorded)
+    monkeypatch.setattr(linear_module, "linear", recorded)  # the joined projections' (``linear_joined``)
     model = tiny_model("gqa2_interval2").float()
     head = tuple(model.output_weight().shape)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7]]

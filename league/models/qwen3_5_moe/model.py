@@ -27,7 +27,7 @@ from league.ops.gdn import (
 )
 from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.parity import gated_delta_rule_as_decode
-from league.ops.linear import linear
+from league.ops.linear import join_rows, linear, linear_joined
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -122,6 +122,11 @@ class ForwardBatch:
         and with its fixed-tiles GEMM under ``decode_parity``."""
         return linear(x, weight, self.batch_invariant, fixed_tiles=self.decode_parity)
 
+    def linears(self, x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
+        """Projections of one input as :meth:`linear` runs each; one GEMM when the weights are joined
+        (``Transformer.join_projections``) and no gradient is needed."""
+        return linear_joined(x, weights, self.batch_invariant, fixed_tiles=self.decode_parity)
+
     @classmethod
     def packed(
         cls,
@@ -206,10 +211,10 @@ class GatedAttention(nn.Module):
         cache: AttentionCache | None,
     ) -> torch.Tensor:
         num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
-        q_and_gate = proj(x_TD, self.wq.weight).view(num_tokens, self.num_heads, 2 * self.head_dim)
-        q_THK, gate_THK = q_and_gate.chunk(2, dim=-1)
-        k_TGK = proj(x_TD, self.wk.weight).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v_TGK = proj(x_TD, self.wv.weight).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q_and_gate, k_TG, v_TG = batch.linears(x_TD, self.wq.weight, self.wk.weight, self.wv.weight)
+        q_THK, gate_THK = q_and_gate.view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k_TGK = k_TG.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v_TGK = v_TG.view(num_tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
@@ -263,11 +268,13 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
         num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
-        mixed_TC = proj(x_TD, self.w_qkv.weight)
-        # the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on the GPU)
-        a_TH, b_TH = proj(x_TD, self.w_a.weight), proj(x_TD, self.w_b.weight)
+        # a_TH, b_TH: the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on
+        # the GPU)
+        mixed_TC, z_TV, a_TH, b_TH = batch.linears(
+            x_TD, self.w_qkv.weight, self.w_z.weight, self.w_a.weight, self.w_b.weight
+        )
         o_THV = self._mix(mixed_TC, a_TH, b_TH, batch, cache)
-        z_THV = proj(x_TD, self.w_z.weight).view(num_tokens, self.num_v_heads, self.v_dim)
+        z_THV = z_TV.view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
         return proj(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight)
 
@@ -385,16 +392,14 @@ class Experts(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """The shared expert's weights, ``down(silu(gate(x)) * up(x))``; ``MoE.forward`` runs it, its gate and up
+    projections beside the router's."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False) -> torch.Tensor:
-        gate = silu(linear(x, self.w_gate.weight, batch_invariant, fixed_tiles), batch_invariant)
-        hidden = gate * linear(x, self.w_up.weight, batch_invariant, fixed_tiles)
-        return linear(hidden, self.w_down.weight, batch_invariant, fixed_tiles)
 
 
 class MoE(nn.Module):
@@ -411,11 +416,14 @@ class MoE(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False) -> torch.Tensor:
         """``fixed_tiles``: the dense projections (router, shared expert and its gate) by ``linear``'s fixed-tiles
         GEMM, as decode parity runs them."""
-        inv, tiles = batch_invariant, fixed_tiles
-        weights, experts = route_topk(linear(x_TD, self.router.weight, inv, tiles), self.top_k)
+        inv, tiles, shared = batch_invariant, fixed_tiles, self.shared
+        router_TE, gate_T1, shared_gate_TI, shared_up_TI = linear_joined(
+            x_TD, (self.router.weight, self.shared_gate.weight, shared.w_gate.weight, shared.w_up.weight), inv, tiles
+        )
+        weights, experts = route_topk(router_TE, self.top_k)
         routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
-        gate = sigmoid(linear(x_TD, self.shared_gate.weight, inv, tiles), inv)
-        return routed + gate * self.shared(x_TD, inv, tiles)
+        shared_TD = linear(silu(shared_gate_TI, inv) * shared_up_TI, shared.w_down.weight, inv, tiles)
+        return routed + sigmoid(gate_T1, inv) * shared_TD
 
 
 class DecoderLayer(nn.Module):
@@ -568,6 +576,22 @@ class Transformer(nn.Module):
         """Logits of the MTP head through the shared output head (detached from it if asked)."""
         weight = self.output_weight()
         return linear(mtp_hidden_TD, weight.detach() if detach_head else weight, batch_invariant)
+
+    def join_projections(self) -> None:
+        """Put the weights of each group of projections of one input (a GDN mixer's qkv, z, a, b; attention's q,
+        k, v; the router, shared-expert gate, gate and up of each MoE), trunk and MTP layers, end to end in one
+        buffer, so that forwards without gradients run each group as one GEMM (``ops.linear.linear_joined``).
+        Values and parameter names are unchanged; meant for the engine's model."""
+        layers = [*self.layers, *(self.mtp.layers if self.mtp is not None else ())]
+        for layer in layers:
+            if layer.layer_type == "full_attention":
+                groups = [(layer.attn.wq, layer.attn.wk, layer.attn.wv)]
+            else:
+                groups = [(layer.gdn.w_qkv, layer.gdn.w_z, layer.gdn.w_a, layer.gdn.w_b)]
+            moe = layer.moe
+            groups.append((moe.router, moe.shared_gate, moe.shared.w_gate, moe.shared.w_up))
+            for group in groups:
+                join_rows([m.weight for m in group])
 
     @torch.no_grad()
     def init_weights(self, seed: int, std: float = 0.02) -> None:
