@@ -101,6 +101,7 @@ CORE_LAYOUTS = {
 }
 RECORDED = (
     "linear",
+    "linear_joined",  # recorded as one "linear" call per weight
     "sigmoid",
     "causal_conv1d_batched",
     "causal_conv1d_slots",
@@ -149,12 +150,16 @@ ATTENTION_STAGES = (
 
 @contextlib.contextmanager
 def recording(calls: dict[str, list]):
-    """While open, each op of ``RECORDED`` that ``model.py`` calls appends ``(args, output)`` to ``calls[op]``."""
+    """While open, each op of ``RECORDED`` that ``model.py`` calls appends ``(args, output)`` to ``calls[op]`` (a
+    group of joined projections one ``((x, weight), output)`` per weight to ``calls["linear"]``)."""
 
     def wrap(name, fn):
         def recorded(*args, **kwargs):
             out = fn(*args, **kwargs)
-            calls[name].append((args, out))
+            if name == "linear_joined":
+                calls["linear"].extend(((args[0], w), o) for w, o in zip(args[1], out))
+            else:
+                calls[name].append((args, out))
             return out
 
         return recorded

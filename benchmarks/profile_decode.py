@@ -4,9 +4,9 @@ sampling and log-probs, the rest), beside the step's wall time without the profi
 just before). Writes ``benchmarks/results/profile_decode.json`` and a Chrome trace beside it.
 
 Also the routing's spread over the experts, which sets how often the Triton expert kernels stream an expert's
-weights more than once (once per ``block_m`` rows): the prefill's token-expert choices, layer by layer, are drawn
-in random sets of ``--batch`` tokens (the decode batch), and the rows each expert gets are summarised (mean, the
-99th percentile, the max, and the share of experts past 16 and 32 rows). ``--moe-block-m`` overrides the kernels'
+weights more than once (once per ``block_m`` rows): the token-expert choices of two decode steps run eagerly
+after the timed ones (captured graphs record nothing), layer by layer, and the rows each expert gets are
+summarised (mean, the 99th percentile, the max, and the share of experts past 16 and 32 rows). ``--moe-block-m`` overrides the kernels'
 rows per tile (``triton_moe.CONFIGS``) and ``--moe-row-splits`` the programs sharing an expert's tiles, to
 measure their effect on the step.
 
@@ -165,8 +165,32 @@ def timeline_gaps(trace: Path, steps: float, idle_us: float = 50.0) -> dict:
     }
 
 
+def decode_routing(engine: LLMEngine, steps: int = 2) -> list[torch.Tensor]:
+    """The expert ids ``[B, A]`` of every MoE layer in ``steps`` decode steps run eagerly (not through the captured
+    graphs, which record nothing on the host)."""
+    calls: list[torch.Tensor] = []
+    graphs = engine.graphs
+    engine.graphs = None if graphs is None else _Uncaptured()
+    unwrap = record_routing(calls)
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        unwrap()
+        engine.graphs = graphs
+    return calls
+
+
+class _Uncaptured:
+    """Stands in for an engine's ``DecodeGraphs``: no batch fits, so decode steps run eagerly."""
+
+    def fits(self, batch: int) -> bool:
+        return False
+
+
 def routing_spread(calls: list[torch.Tensor], num_experts: int, batch: int, draws: int = 64) -> dict:
-    """Rows per expert in random sets of ``batch`` tokens drawn from each recorded call (see the module doc)."""
+    """Rows per expert in ``draws`` random sets of ``batch`` tokens drawn from each recorded call (one set, the
+    whole call, when it has ``batch`` tokens and ``draws`` is 1)."""
     gen = torch.Generator().manual_seed(0)
     counts = []
     for experts_TA in calls:
@@ -226,7 +250,7 @@ def main() -> None:
     config = EngineConfig(
         max_running_requests=opts.batch,
         num_slots=opts.batch,
-        context_length=opts.prompt_len + (warm + 4 * opts.steps + 10) * (opts.spec_steps + 1),
+        context_length=opts.prompt_len + (warm + 4 * opts.steps + 16) * (opts.spec_steps + 1),
         max_num_batched_tokens=8192,
         cuda_graph_bs=None if opts.disable_cuda_graph else [opts.batch],
         disable_cuda_graph=opts.disable_cuda_graph,
@@ -236,17 +260,14 @@ def main() -> None:
     )
     engine = LLMEngine(model, config)
     params = SamplingParams(
-        max_new_tokens=(warm + 4 * opts.steps + 2) * (opts.spec_steps + 1),
+        max_new_tokens=(warm + 4 * opts.steps + 8) * (opts.spec_steps + 1),
         temperature=opts.temperature,
         ignore_eos=True,
     )
     for prompt in prompts:
         engine.add_request(prompt, params)
-    routing: list[torch.Tensor] = []
-    unwrap = record_routing(routing)
     while any(r.num_prefilled < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everything first
-    unwrap()
     for _ in range(warm):
         engine.step()
     if cuda:
@@ -304,7 +325,7 @@ def main() -> None:
             **summary,
             **(timeline_gaps(trace, summary["steps_recorded"]) if cuda and trace.exists() else {}),
             **({"clocks": clocks} if opts.sample_clocks else {}),
-            "routing_rows_per_expert": routing_spread(routing, args.num_experts, opts.batch),
+            "routing_rows_per_expert": routing_spread(decode_routing(engine), args.num_experts, opts.batch, draws=1),
         },
     }
     opts.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -103,7 +103,7 @@ def test_joined_model_computes_as_before_with_one_gemm_per_group(name, monkeypat
         calls.clear()
         want = reference.logits(reference(tokens, batch))
         kinds = [layer.layer_type for layer in model.layers]
-        assert len(calls) == sum(3 + 4 if kind == "full_attention" else 4 + 4 for kind in kinds)
+        assert len(calls) == sum(3 + 3 if kind == "full_attention" else 4 + 3 for kind in kinds)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     mtp = model.mtp.layers[0]
     assert joined([mtp.attn.wq.weight, mtp.attn.wk.weight, mtp.attn.wv.weight]) is not None

@@ -417,11 +417,12 @@ class MoE(nn.Module):
         """``fixed_tiles``: the dense projections (router, shared expert and its gate) by ``linear``'s fixed-tiles
         GEMM, as decode parity runs them."""
         inv, tiles, shared = batch_invariant, fixed_tiles, self.shared
-        router_TE, gate_T1, shared_gate_TI, shared_up_TI = linear_joined(
-            x_TD, (self.router.weight, self.shared_gate.weight, shared.w_gate.weight, shared.w_up.weight), inv, tiles
+        router_TE, shared_gate_TI, shared_up_TI = linear_joined(
+            x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight), inv, tiles
         )
         weights, experts = route_topk(router_TE, self.top_k)
         routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
+        gate_T1 = linear(x_TD, self.shared_gate.weight, inv, tiles)
         shared_TD = linear(silu(shared_gate_TI, inv) * shared_up_TI, shared.w_down.weight, inv, tiles)
         return routed + sigmoid(gate_T1, inv) * shared_TD
 
@@ -579,9 +580,10 @@ class Transformer(nn.Module):
 
     def join_projections(self) -> None:
         """Put the weights of each group of projections of one input (a GDN mixer's qkv, z, a, b; attention's q,
-        k, v; the router, shared-expert gate, gate and up of each MoE), trunk and MTP layers, end to end in one
+        k, v; the router and the shared expert's gate and up of each MoE), trunk and MTP layers, end to end in one
         buffer, so that forwards without gradients run each group as one GEMM (``ops.linear.linear_joined``).
-        Values and parameter names are unchanged; meant for the engine's model."""
+        Values and parameter names are unchanged; meant for the engine's model. (The shared expert's one-column
+        gate stays apart: with it a group's row count is odd, and cuBLAS then takes a slow unaligned kernel.)"""
         layers = [*self.layers, *(self.mtp.layers if self.mtp is not None else ())]
         for layer in layers:
             if layer.layer_type == "full_attention":
@@ -589,7 +591,7 @@ class Transformer(nn.Module):
             else:
                 groups = [(layer.gdn.w_qkv, layer.gdn.w_z, layer.gdn.w_a, layer.gdn.w_b)]
             moe = layer.moe
-            groups.append((moe.router, moe.shared_gate, moe.shared.w_gate, moe.shared.w_up))
+            groups.append((moe.router, moe.shared.w_gate, moe.shared.w_up))
             for group in groups:
                 join_rows([m.weight for m in group])
 
