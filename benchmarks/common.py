@@ -121,6 +121,14 @@ def bucket_of(name: str) -> str:
     return "other"
 
 
+def top_kernels(events, ms, top: int, width: int = 120) -> dict[str, float]:
+    """The ``top`` longest kernels by name cut to ``width`` characters (kernels whose cut names agree summed)."""
+    totals: dict[str, float] = {}
+    for event in events:
+        totals[event.key[:width]] = totals.get(event.key[:width], 0.0) + ms(event)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
+
+
 def kernel_summary(prof, steps: int, cuda: bool, top: int = 40, marker: tuple[str, int] | None = None) -> dict:
     """Device (or, without CUDA, CPU self) milliseconds per step: the total, by bucket, and the top kernels.
 
@@ -148,5 +156,5 @@ def kernel_summary(prof, steps: int, cuda: bool, top: int = 40, marker: tuple[st
         "steps_recorded": steps,
         "kernel_ms_per_step": sum(buckets.values()),
         "kernel_ms_per_step_by_bucket": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-        "top_kernels_ms_per_step": {e.key[:120]: ms(e) for e in sorted(events, key=lambda e: -ms(e))[:top]},
+        "top_kernels_ms_per_step": top_kernels(events, ms, top),
     }

@@ -247,10 +247,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab_size, (opts.batch, opts.prompt_len), generator=gen).tolist()
     warm = 4
+    # every decode step below and the ones the prefill's steps make meanwhile (the prompts take prompt tokens /
+    # 8,192 steps): no request may finish before the last one
+    new_tokens = warm + 5 * (opts.steps + 1) + opts.batch * opts.prompt_len // 8192 + 16
     config = EngineConfig(
         max_running_requests=opts.batch,
         num_slots=opts.batch,
-        context_length=opts.prompt_len + (warm + 4 * opts.steps + 16) * (opts.spec_steps + 1),
+        context_length=opts.prompt_len + new_tokens * (opts.spec_steps + 1) + 8,
         max_num_batched_tokens=8192,
         cuda_graph_bs=None if opts.disable_cuda_graph else [opts.batch],
         disable_cuda_graph=opts.disable_cuda_graph,
@@ -260,7 +263,7 @@ def main() -> None:
     )
     engine = LLMEngine(model, config)
     params = SamplingParams(
-        max_new_tokens=(warm + 4 * opts.steps + 8) * (opts.spec_steps + 1),
+        max_new_tokens=new_tokens * (opts.spec_steps + 1),
         temperature=opts.temperature,
         ignore_eos=True,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from league.models.qwen3_5_moe import AttentionCache, GDNCache, ModelArgs, ModelCache
+from league.ops.rows import copy_rows
 
 
 def allocate_cache(
@@ -73,11 +74,13 @@ def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: 
     if not layers:
         return
     device = layers[0].ssm.device
-    index = torch.tensor([list(range(len(slots))), accepted_steps, slots]).to(device, non_blocking=True)
-    rows, steps, slots_t = index.unbind(0)
-    for layer in layers:
-        layer.ssm[slots_t] = layer.ssm_steps[rows, steps]
-        layer.conv[slots_t] = layer.conv_steps[rows, steps]
+    width = layers[0].ssm_steps.shape[1]  # steps per scratch row
+    rows = [i * width + step for i, step in enumerate(accepted_steps)]
+    index = torch.tensor([rows, slots]).to(device, non_blocking=True)
+    rows_t, slots_t = index.unbind(0)
+    for layer in layers:  # the scratch rows as [rows * steps, ...]: row i's step s is row i * steps + s
+        copy_rows(layer.ssm, slots_t, layer.ssm_steps.flatten(0, 1), rows_t)
+        copy_rows(layer.conv, slots_t, layer.conv_steps.flatten(0, 1), rows_t)
 
 
 def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None:
