@@ -23,14 +23,35 @@ _BWD_PROGRAMS = 256  # programs of the backward, each summing the weight gradien
 
 
 @triton.jit
+def _row_offsets(rows, H, stride_t, stride_h):
+    """Offsets of rows laid out as ``[T, H, D]`` with strides ``(stride_t, stride_h, 1)`` (``H`` = 1: plain
+    ``[M, D]`` rows ``stride_t`` apart), row ``r`` being ``(r // H, r % H)``."""
+    rows = rows.to(tl.int64)
+    return (rows // H) * stride_t + (rows % H) * stride_h
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, stride_x, stride_y, eps, BM: tl.constexpr, BD: tl.constexpr
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    M,
+    D,
+    H_x,
+    stride_x,
+    stride_xh,
+    stride_y,
+    eps,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     row_mask = rows < M
     mask = row_mask[:, None] & (cols < D)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rows = _row_offsets(rows, H_x, stride_x, stride_xh)
+    x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None] * (1.0 + w)[None, :]
@@ -88,8 +109,12 @@ def _gated_rms_norm_fwd_kernel(
     y_ptr,
     M,
     D,
+    H_x,
     stride_x,
+    stride_xh,
+    H_z,
     stride_z,
+    stride_zh,
     stride_y,
     eps,
     BM: tl.constexpr,
@@ -99,8 +124,10 @@ def _gated_rms_norm_fwd_kernel(
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rows = _row_offsets(rows, H_x, stride_x, stride_xh)
+    z_rows = _row_offsets(rows, H_z, stride_z, stride_zh)
+    x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     # rounded as the reference rounds: the normalised value to x's dtype, w * that to it when w has that dtype
@@ -121,22 +148,28 @@ def _num_warps(tile: int) -> int:
 
 
 def rms_norm_fwd(x_MD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y_MD, rstd_M)``: the normalised rows in the dtype of ``x_MD`` (last dim contiguous) and fp32 ``1/rms``."""
-    num_rows, dim = x_MD.shape
-    y_MD = torch.empty_like(x_MD, memory_format=torch.contiguous_format)
-    rstd_M = torch.empty(num_rows, dtype=torch.float32, device=x_MD.device)
+    """``(y_MD, rstd_M)``: the normalised rows in the dtype of ``x_MD`` and fp32 ``1/rms``. ``x_MD`` is ``[M, D]``,
+    or ``[T, H, D]`` (rows ``(t, h)``, e.g. heads of a projection's column slice) with a contiguous last dim;
+    ``y_MD`` is ``[M, D]``, contiguous."""
+    x, heads, stride_t, stride_h = _layout(x_MD)
+    dim = x.shape[-1]
+    num_rows = x.numel() // dim
+    y_MD = torch.empty(num_rows, dim, dtype=x.dtype, device=x.device)
+    rstd_M = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return y_MD, rstd_M
     block_m, block_d = _blocks(dim)
     grid = (triton.cdiv(num_rows, block_m),)
     _rms_norm_fwd_kernel[grid](
-        x_MD,
+        x,
         weight_D,
         y_MD,
         rstd_M,
         num_rows,
         dim,
-        x_MD.stride(0),
+        heads,
+        stride_t,
+        stride_h,
         y_MD.stride(0),
         eps,
         BM=block_m,
@@ -198,6 +231,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
 
 
+def _inference_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s rows for the forward kernels without a copy where one can be avoided: ``[M, D]`` when its leading
+    dims fold into one, else ``[T, H, D]`` (the last two dims of ``x`` as ``H, D``: heads of a column slice of a
+    wider matrix), else a contiguous ``[M, D]`` copy."""
+    if x.stride(-1) == 1:
+        try:
+            return x.view(-1, x.shape[-1])
+        except RuntimeError:
+            pass
+        if x.dim() >= 3:
+            try:
+                return x.view(-1, x.shape[-2], x.shape[-1])
+            except RuntimeError:
+                pass
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``(x, H, stride_t, stride_h)`` of ``[M, D]`` (H = 1) or ``[T, H, D]`` rows, the last dim contiguous."""
+    assert x.stride(-1) == 1 and x.dim() in (2, 3)
+    if x.dim() == 2:
+        return x, 1, x.stride(0), 0
+    return x, x.shape[1], x.stride(0), x.stride(1)
+
+
 def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``norm.rms_norm_reference`` by the Triton kernels, differentiable in ``x`` and ``weight``.
 
@@ -206,30 +264,41 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         weight (torch.Tensor): ``[D]``.
         eps (float): added to the mean square.
     """
-    return _RMSNorm.apply(x, weight, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_fwd(_inference_rows(x), weight.contiguous(), eps)[0].view(x.shape)
 
 
 def gated_rms_norm_fwd(x_MD: torch.Tensor, z_MD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """The gated norm of ``[M, D]`` rows (last dims contiguous), in the dtype of ``x_MD``."""
-    num_rows, dim = x_MD.shape
-    y_MD = torch.empty_like(x_MD, memory_format=torch.contiguous_format)
+    """The gated norm of M rows of D, in the dtype of ``x_MD``, as a contiguous ``[M, D]``; ``x_MD`` and ``z_MD``
+    each ``[M, D]`` or ``[T, H, D]`` (as :func:`rms_norm_fwd` takes), last dims contiguous."""
+    x, heads_x, stride_x, stride_xh = _layout(x_MD)
+    z, heads_z, stride_z, stride_zh = _layout(z_MD)
+    dim = x.shape[-1]
+    num_rows = x.numel() // dim
+    assert z.numel() == x.numel() and z.shape[-1] == dim
+    y_MD = torch.empty(num_rows, dim, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return y_MD
     block_m, block_d = _blocks(dim)
     _gated_rms_norm_fwd_kernel[(triton.cdiv(num_rows, block_m),)](
-        x_MD,
-        z_MD,
+        x,
+        z,
         weight_D,
         y_MD,
         num_rows,
         dim,
-        x_MD.stride(0),
-        z_MD.stride(0),
+        heads_x,
+        stride_x,
+        stride_xh,
+        heads_z,
+        stride_z,
+        stride_zh,
         y_MD.stride(0),
         eps,
         BM=block_m,
         BD=block_d,
-        ROUND_WY=weight_D.dtype == x_MD.dtype,
+        ROUND_WY=weight_D.dtype == x.dtype,
         num_warps=_num_warps(block_m * block_d),
     )
     return y_MD
@@ -267,4 +336,4 @@ def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Ten
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)):
         return _GatedRMSNorm.apply(x, gate, weight, eps)
-    return gated_rms_norm_fwd(_rows(x), _rows(gate), weight.contiguous(), eps).view(x.shape)
+    return gated_rms_norm_fwd(_inference_rows(x), _inference_rows(gate), weight.contiguous(), eps).view(x.shape)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from league.ops.norm import rms_norm, rms_norm_reference
+from league.ops.norm import gated_rms_norm_reference, rms_norm, rms_norm_reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CAN_RUN_TRITON = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -88,7 +88,6 @@ def test_no_rows_and_dispatch():
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
     """Values from the kernel (rounded where the reference rounds), gradients by the reference."""
-    from league.ops.norm import gated_rms_norm_reference
     from league.ops.triton_norm import triton_gated_rms_norm
 
     gen = torch.Generator().manual_seed(3)
@@ -110,3 +109,26 @@ def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
     with torch.no_grad():  # no autograd: the kernel alone, rows on their own
         full = triton_gated_rms_norm(x, z, w, 1e-6)
         assert torch.equal(full[2:3], triton_gated_rms_norm(x[2:3], z[2:3], w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_slices_of_a_wider_matrix_are_read_in_place_with_the_same_bits(dtype):
+    """Without gradients the forward kernels read ``[T, H, D]`` heads of a column slice of a wider matrix (a joined
+    projection's output) where they lie, no copy: the same bits as from contiguous rows, for both norms."""
+    from league.ops import triton_norm
+    from league.ops.triton_norm import triton_gated_rms_norm, triton_rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(7, 3 * 4 * 32 + 5, generator=gen).to(DEVICE, dtype)  # [T, q | k | z | 5 more]
+    heads = [wide[:, i * 128 : (i + 1) * 128].view(7, 4, 32) for i in range(3)]
+    w = (torch.randn(32, generator=gen) * 0.1).to(DEVICE, dtype)
+    assert not heads[1].is_contiguous() and triton_norm._inference_rows(heads[1]).dim() == 3  # read in place
+    with torch.no_grad():
+        for x in heads:
+            assert torch.equal(triton_rms_norm(x, w, 1e-6), triton_rms_norm(x.contiguous(), w, 1e-6))
+        got = triton_gated_rms_norm(heads[0], heads[2], w, 1e-6)
+        assert torch.equal(got, triton_gated_rms_norm(heads[0].contiguous(), heads[2].contiguous(), w, 1e-6))
+        torch.testing.assert_close(got, gated_rms_norm_reference(heads[0], heads[2], w, 1e-6), **TOL[dtype])
+        torch.testing.assert_close(
+            triton_rms_norm(heads[1], w, 1e-6), rms_norm_reference(heads[1], w, 1e-6), **TOL[dtype]
+        )
