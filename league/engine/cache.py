@@ -68,16 +68,17 @@ def cache_bytes_per_slot(
     return num_full * kv + num_gdn * (conv + ssm)
 
 
-def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: list[int]) -> None:
-    """After a verify, copy each row's GDN state at its last accepted step into the row's slot."""
+def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: list[int] | torch.Tensor) -> None:
+    """After a verify, copy each row's GDN state at its last accepted step into the row's slot (``accepted_steps``
+    on the host, or ``[B]`` long on the cache's device: then nothing is read back)."""
     layers = [layer for layer in cache.layers if isinstance(layer, GDNCache)]
     if not layers:
         return
     device = layers[0].ssm.device
     width = layers[0].ssm_steps.shape[1]  # steps per scratch row
-    rows = [i * width + step for i, step in enumerate(accepted_steps)]
-    index = torch.tensor([rows, slots]).to(device, non_blocking=True)
-    rows_t, slots_t = index.unbind(0)
+    slots_t = torch.tensor(slots).to(device, non_blocking=True)
+    steps_t = torch.as_tensor(accepted_steps).to(device, non_blocking=True)
+    rows_t = torch.arange(len(slots), device=device) * width + steps_t
     for layer in layers:  # the scratch rows as [rows * steps, ...]: row i's step s is row i * steps + s
         copy_rows(layer.ssm, slots_t, layer.ssm_steps.flatten(0, 1), rows_t)
         copy_rows(layer.conv, slots_t, layer.conv_steps.flatten(0, 1), rows_t)

@@ -19,7 +19,7 @@ from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_ver
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, rows_by_settings
 from league.engine.scheduler import Scheduler
-from league.engine.speculative import SpeculativeStep, accept_batch
+from league.engine.speculative import SpeculativeStep, accept_on_device
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.sampling import filtered_probs, sample_logits, sample_rows, unfiltered
@@ -417,35 +417,39 @@ class LLMEngine:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
             step.capture([s for s in sizes if s <= step.max_rows], scratch_slot=self.num_slots)
         committed, slots = [r.num_cached for r in reqs], [r.slot for r in reqs]
-        drafts, logits = step.run(
+        drafts_BN, logits = step.run(
             slots,
             [r.mtp_start for r in reqs],
             [r.mtp_tokens for r in reqs],
             scratch_slot=self.num_slots if self.use_graphs else None,
         )
         self.stats.forward_passes += 1
-        results = accept_batch(
-            logits, drafts, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
+        # acceptance, the states' commit and the emitted tokens' log-probs all queued on the device, then one read
+        accepted_B, bonus_B = accept_on_device(
+            logits, drafts_BN, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
         )
-        commit_verified_states(self.cache, slots, [a for a, _ in results])
-        # the log-prob of every emitted token at once: row (i, t) for t <= accepted_i
-        emitted_all = [[*drafts[i][:a], bonus] for i, (a, bonus) in enumerate(results)]
-        rows = torch.tensor([i * (num_steps + 1) + t for i, e in enumerate(emitted_all) for t in range(len(e))])
-        flat = torch.tensor([t for e in emitted_all for t in e], device=self.device)
-        flat_logprobs = token_logprobs(logits.view(-1, logits.shape[-1])[rows.to(self.device)], flat).tolist()
-        offsets = list(itertools.accumulate((len(e) for e in emitted_all), initial=0))
-        for i, (r, (num_accepted, _)) in enumerate(zip(reqs, results)):
+        commit_verified_states(self.cache, slots, accepted_B)
+        # emitted token t of request i: draft t while t < accepted_i, the bonus at t == accepted_i (and past it,
+        # where nothing is emitted)
+        steps = torch.arange(num_steps + 1, device=self.device)
+        candidates = torch.cat([drafts_BN, bonus_B[:, None]], dim=1)
+        emitted_BN1 = torch.where(steps < accepted_B[:, None], candidates, bonus_B[:, None])
+        logprobs_BN1 = token_logprobs(logits.reshape(-1, logits.shape[-1]), emitted_BN1.flatten())
+        rows = torch.cat([accepted_B[:, None], emitted_BN1], dim=1).tolist()  # the step's one wait
+        logprob_rows = logprobs_BN1.view(len(reqs), num_steps + 1).tolist()
+        for i, (r, (num_accepted, *tokens)) in enumerate(zip(reqs, rows)):
+            emitted = tokens[: num_accepted + 1]
             stats = SpecStats(
                 draft_tokens=num_steps,
                 accepted_tokens=num_accepted,
                 verify_steps=1,
-                verified_output_tokens=len(emitted_all[i]),
+                verified_output_tokens=len(emitted),
             )
             r.spec.add(stats)
             self.stats.spec.add(stats)
             # the next step's MTP rows: this verify's hidden states (kept by the step) with the emitted tokens
-            r.mtp_start, r.mtp_tokens = committed[i], emitted_all[i]
-            self._append(r, emitted_all[i], flat_logprobs[offsets[i] : offsets[i + 1]])
+            r.mtp_start, r.mtp_tokens = committed[i], emitted
+            self._append(r, emitted, logprob_rows[i][: num_accepted + 1])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden, self.config.batch_invariant)

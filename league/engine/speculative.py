@@ -84,8 +84,9 @@ class SpeculativeStep:
         self.pool = None
 
     def run(self, slots: list[int], starts: list[int], tokens: list[list[int]], scratch_slot: int | None = None):
-        """Draft and verify for B requests; returns ``([B][N] drafts, [B, N + 1, V] verify logits)``, the
-        logits valid until the next run. ``scratch_slot`` pads a batch up to a captured size."""
+        """Draft and verify for B requests; returns ``([B, N] drafts, [B, N + 1, V] verify logits)`` on the
+        device, valid until the next run (nothing is read back). ``scratch_slot`` pads a batch up to a captured
+        size."""
         batch = len(slots)
         size = next((s for s in sorted(self.graphs) if s >= batch), batch)
         pad = size - batch
@@ -108,8 +109,7 @@ class SpeculativeStep:
         else:
             for piece in self.pieces(size):
                 piece()
-        drafts = self.drafts[:batch].tolist()
-        return drafts, self.logits[: batch * self.width].view(batch, self.width, -1)
+        return self.drafts[:batch], self.logits[: batch * self.width].view(batch, self.width, -1)
 
     def _batch(self, size: int, width: int, positions: torch.Tensor, cache_lens: torch.Tensor, **kw) -> ForwardBatch:
         """``size`` sequences of ``width`` new tokens each, continuing in their slots (no host values read)."""
@@ -210,7 +210,25 @@ def accept_batch(
     seeds: list[int],
     positions: list[int],
 ) -> list[tuple[int, int]]:
-    """:func:`accept` for B requests verified together, with one host synchronisation per sampling setting.
+    """:func:`accept` for B requests verified together (:func:`accept_on_device`, read back).
+
+    Returns:
+        ``[(num_accepted, bonus_token)]`` per request.
+    """
+    drafts_BN = torch.tensor(drafts, dtype=torch.long).view(len(drafts), logits_BNV.shape[1] - 1)
+    accepted_B, bonus_B = accept_on_device(logits_BNV, drafts_BN.to(logits_BNV.device), params, seeds, positions)
+    return [(a, b) for a, b in zip(*torch.stack([accepted_B, bonus_B]).tolist())]
+
+
+def accept_on_device(
+    logits_BNV: torch.Tensor,
+    drafts_BN: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    positions: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`accept` for B requests verified together, left on the device (nothing is read back, so the host can
+    queue what follows before it waits).
 
     Greedy requests keep drafts while they equal the target's argmax. Sampling requests that share settings are
     decided together: draft t is kept with probability p_t(d_t) (its coin: the uniform of the request's seed at
@@ -219,55 +237,50 @@ def accept_batch(
     Each draw uses noise no earlier decision saw, so the emitted tokens follow the target exactly; each request's
     result depends only on its own logits, seed and position, never on the batch.
 
+    Args:
+        logits_BNV (torch.Tensor): ``[B, N + 1, V]`` verify logits.
+        drafts_BN (torch.Tensor): ``[B, N]`` draft tokens (long), on the logits' device.
+        params, seeds, positions: per request, as :func:`accept` takes them.
+
     Returns:
-        ``[(num_accepted, bonus_token)]`` per request.
+        ``(accepted_B, bonus_B)``: drafts kept and the bonus token of each request (long, on the device).
     """
-    num_drafts, width = logits_BNV.shape[1] - 1, logits_BNV.shape[1]
-    device = logits_BNV.device
-    results: list[tuple[int, int] | None] = [None] * len(drafts)
+    num_rows, width = logits_BNV.shape[:2]
+    num_drafts, device = width - 1, logits_BNV.device
+    accepted_B = torch.empty(num_rows, dtype=torch.long, device=device)
+    bonus_B = torch.empty(num_rows, dtype=torch.long, device=device)
     for key, rows in rows_by_settings(params).items():
-        index = torch.tensor(rows, device=device)
-        drafts_BN = torch.tensor([drafts[i] for i in rows], device=device, dtype=torch.long).view(len(rows), num_drafts)
-        if key is None:  # greedy
-            best_BN1 = logits_BNV[index].argmax(-1)
-            keep_BN = drafts_BN == best_BN1[:, :num_drafts]
-            for i, keep, best in zip(rows, keep_BN.tolist(), best_BN1.tolist()):
-                accepted = _leading_true(keep)
-                results[i] = (accepted, best[accepted])
+        index = slice(None) if len(rows) == num_rows else torch.tensor(rows).to(device, non_blocking=True)
+        drafts = drafts_BN[index]
+        logits = logits_BNV[index]
+        if key is None:  # greedy: drafts kept while they equal the argmax
+            best_BN1 = logits.argmax(-1)
+            keep_BN = drafts == best_BN1[:, :num_drafts]
+            accepted = keep_BN.long().cumprod(-1).sum(-1)
+            accepted_B[index], bonus_B[index] = accepted, best_BN1.gather(1, accepted[:, None])[:, 0]
             continue
         host = torch.tensor([[seeds[i] for i in rows], [positions[i] for i in rows]], dtype=torch.long)
         seeds_B, start_B = host.to(device, non_blocking=True).unbind(0)
         steps = torch.arange(width, device=device)
         seeds_BN1, positions_BN1 = seeds_B[:, None].expand(-1, width), start_B[:, None] + steps
-        logits = logits_BNV[index]
         # each row's draw from its residual: the draft of that row left out (none after the last draft)
-        exclude_BN1 = torch.cat([drafts_BN, drafts_BN.new_full((len(rows), 1), -1)], dim=1)
+        exclude_BN1 = torch.cat([drafts, drafts.new_full((len(rows), 1), -1)], dim=1)
         seeds_flat, positions_flat = seeds_BN1.flatten(), positions_BN1.flatten()
         if unfiltered(*key):
             drawn, lse, coin = sample_logits(
                 logits.flatten(0, 1), key[0], seeds_flat, positions_flat, exclude_BN1.flatten()
             )
-            z_draft = logits[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0].float() / key[0]
+            z_draft = logits[:, :num_drafts].gather(-1, drafts[..., None])[..., 0].float() / key[0]
             p_draft_BN = (z_draft - lse.view(len(rows), width)[:, :num_drafts]).exp()
         else:
             probs_BNV = filtered_probs(logits, *key)
-            p_draft_BN = probs_BNV[:, :num_drafts].gather(-1, drafts_BN[..., None])[..., 0]
+            p_draft_BN = probs_BNV[:, :num_drafts].gather(-1, drafts[..., None])[..., 0]
             residual = probs_BNV.scatter(-1, exclude_BN1.clamp(min=0)[..., None], 0.0)
             residual[:, num_drafts] = probs_BNV[:, num_drafts]
             drawn = sample_rows(residual.flatten(0, 1), seeds_flat, positions_flat)
             coin = coins(seeds_flat, positions_flat)
         drawn_BN1 = drawn.view(len(rows), width)
         keep_BN = coin.view(len(rows), width)[:, :num_drafts] < p_draft_BN
-        accepted_B = keep_BN.long().cumprod(-1).sum(-1)
-        bonus_B = drawn_BN1.gather(1, accepted_B[:, None])[:, 0]
-        for i, (a, b) in zip(rows, torch.stack([accepted_B, bonus_B]).t().tolist()):
-            results[i] = (a, b)
-    return results
-
-
-def _leading_true(flags: list[bool]) -> int:
-    """How many of ``flags`` are true before the first false."""
-    count = 0
-    while count < len(flags) and flags[count]:
-        count += 1
-    return count
+        accepted = keep_BN.long().cumprod(-1).sum(-1)
+        accepted_B[index], bonus_B[index] = accepted, drawn_BN1.gather(1, accepted[:, None])[:, 0]
+    return accepted_B, bonus_B
