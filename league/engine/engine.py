@@ -4,7 +4,8 @@ Each ``step()`` runs at most one prefill forward (prompt chunks under the token 
 forward (one token per running request, or, with speculation, a draft chain and one verify of
 ``num_steps + 1`` tokens per request). Finished requests leave at once and new ones take their slots. Without
 speculation, a decode step's tokens are read back only after the next step is launched (the overlap schedule),
-so the host's bookkeeping runs while the GPU computes.
+so the host's bookkeeping runs while the GPU computes; with it, a step's acceptance, state commit and log-probs
+are queued on the device behind the verify and read back once.
 The engine runs the same ``Transformer`` as the trainer, so a token's log-prob is computed the same way
 when it is sampled and when it is trained on. Not responsible for tokenising prompts, HTTP, or threads.
 """

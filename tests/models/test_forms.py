@@ -94,7 +94,8 @@ def test_packed_sequences_equal_each_alone():
 
 @torch.no_grad()
 @pytest.mark.parametrize("accepted", [0, 1, 3])
-def test_verify_keeps_intermediate_states(accepted):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_list", "tensor"])
+def test_verify_keeps_intermediate_states(accepted, on_device):
     """Verify 4 tokens without committing; committing step ``accepted`` equals having run those tokens."""
     model = tiny_model("gqa2_interval2")
     gen = torch.Generator().manual_seed(5)
@@ -105,7 +106,7 @@ def test_verify_keeps_intermediate_states(accepted):
     model(prompt, ForwardBatch.packed([30], cache_lens=[0], slots=[1]), cache)
     verify = ForwardBatch.packed([4], cache_lens=[30], slots=[1], record_states=True)
     verify_logits = model.logits(model(draft, verify, cache))
-    commit_verified_states(cache, slots=[1], accepted_steps=[accepted])
+    commit_verified_states(cache, slots=[1], accepted_steps=torch.tensor([accepted]) if on_device else [accepted])
     kept = accepted + 1
     after = model.logits(model(follow, ForwardBatch.packed([1], cache_lens=[30 + kept], slots=[1]), cache))
     reference = full_logits(model, torch.cat([prompt, draft[:kept], follow]))
