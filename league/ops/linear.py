@@ -95,6 +95,8 @@ def join_rows(weights: Sequence[torch.Tensor]) -> None:
     (and :func:`linear_joined` falls back to one GEMM each). Tensor subclasses (DTensor shards) are left apart."""
     if any(type(w.data) is not torch.Tensor for w in weights):  # noqa: E721 (DTensor shards and the like stay apart)
         return
+    if joined(weights) is not None:  # already joined (a second engine on the same model)
+        return
     whole = torch.cat([w.detach() for w in weights])
     start = 0
     for w in weights:

@@ -30,6 +30,8 @@ def test_join_rows_keeps_values_and_parameters_and_lays_them_end_to_end():
     assert all(torch.equal(w, b) for w, b in zip(ws, before))
     whole = joined(ws)
     assert whole.shape == (9, 8) and whole.data_ptr() == ws[0].data_ptr()
+    join_rows(ws)  # joined already: left where they are
+    assert joined(ws).data_ptr() == whole.data_ptr()
     assert torch.equal(whole, torch.cat(before))
     assert joined(ws[::-1]) is None  # out of order
     assert joined([ws[0], ws[2]]) is None  # a gap
