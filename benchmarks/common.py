@@ -3,11 +3,31 @@ batches of a teacher-forced decode, a relative-error measure, the summary of a t
 bucket, and overrides of the Triton expert kernels' tiles."""
 
 import dataclasses
+import platform
 
 import torch
 
+import league
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 from league.ops.rope import rope_inv_freq
+
+
+def versions() -> dict[str, str | None]:
+    """The versions a benchmark record names: league, torch, triton and fla (``None`` when not importable), Python."""
+    return {
+        "league": league.__version__,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fla": _version("fla"),
+        "python": platform.python_version(),
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return getattr(__import__(name), "__version__", "unknown")
+    except Exception:  # not installed, or fails to import without a GPU
+        return None
 
 
 def random_model(

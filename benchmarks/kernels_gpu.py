@@ -13,14 +13,12 @@ received a token). Times are CUDA-event medians over ``--iters`` runs. Writes
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import torch
-import triton
+from common import versions
 
-import league
 from league.ops.conv import causal_conv1d_slots
 from league.ops.gdn import triton_recurrent
 from league.ops.moe import TRITON_MAX_ROWS_PER_EXPERT, grouped_swiglu_experts, sort_pairs
@@ -259,12 +257,7 @@ def main() -> None:
     out = {
         "benchmark": "kernels_gpu",
         "device": torch.cuda.get_device_name(),
-        "versions": {
-            "league": league.__version__,
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "settings": {k: v for k, v in vars(opts).items() if k != "out"} | {"hbm_bytes_per_s": HBM_BYTES_PER_S},
         "results": results,
     }

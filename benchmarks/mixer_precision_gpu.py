@@ -60,8 +60,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import random_model, rel_err, teacher_forced_batches, widen
-from speculative_gpu import device_name, versions
+from common import random_model, rel_err, teacher_forced_batches, versions, widen
+from speculative_gpu import device_name
 
 from league.engine.cache import allocate_cache
 from league.models.qwen3_5_moe import ForwardBatch, Transformer

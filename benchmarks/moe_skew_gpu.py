@@ -20,17 +20,14 @@ the down kernel; both the same if two numbers are given). Writes ``benchmarks/re
 import argparse
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import triton
-from common import random_model
+from common import random_model, versions
 from profile_decode import record_routing
 from torch.profiler import ProfilerActivity, profile
 
-import league
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.ops import triton_moe
@@ -169,12 +166,7 @@ def main() -> None:
     record = {
         "benchmark": "moe_skew_gpu",
         "device": torch.cuda.get_device_name(),
-        "versions": {
-            "league": league.__version__,
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
         "routing": {
             "mean_rows": counts.mean().item(),

@@ -52,9 +52,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import random_model
+from common import random_model, versions
 
-import league
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams, SpecStats
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
@@ -245,23 +244,6 @@ def run_batch(
 def model_args(opts: argparse.Namespace) -> ModelArgs:
     """The preset cut to ``--num-layers`` layers of its pattern, with one MTP layer."""
     return with_num_layers(PRESETS[opts.preset], opts.num_layers).replace(mtp_num_layers=1)
-
-
-def versions() -> dict[str, str | None]:
-    return {
-        "league": league.__version__,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "fla": _version("fla"),
-        "python": platform.python_version(),
-    }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return getattr(__import__(name), "__version__", "unknown")
-    except Exception:  # not installed, or fails to import without a GPU
-        return None
 
 
 def device_name(device: str) -> str:
