@@ -16,11 +16,12 @@ GPU's idle time between kernels (gaps up to 50 µs: inside a step's graphs; long
 back-to-back steps split into the host's own work and its waits for the device (``host_ms_per_step``: past the
 device's time, the step is bound by the host), and the captured forward replayed with no host work between
 (``graph_replay_ms``: the device's time for the forward and head alone).
+``--by-op`` adds the torch ops (with input shapes) that launch the most kernel time in eager steps (``ops_eager``).
 ``--sample-clocks`` records the SM and memory clocks and the power that ``nvidia-smi`` reads during both timings.
 
     python benchmarks/profile_decode.py [--num-layers 40] [--batch 256] [--prompt-len 200] [--steps 8]
         [--disable-cuda-graph] [--mamba-ssm-dtype bfloat16] [--moe-block-m 32]
-        [--moe-row-splits 4] [--spec-steps 3] [--sample-clocks] [--out results/profile_decode.json]
+        [--moe-row-splits 4] [--spec-steps 3] [--sample-clocks] [--by-op] [--out results/profile_decode.json]
     python benchmarks/profile_decode.py --preset tiny --device cpu --num-layers 4 --batch 8   (a smoke test)
 """
 
@@ -181,6 +182,34 @@ def decode_routing(engine: LLMEngine, steps: int = 2) -> list[torch.Tensor]:
     return calls
 
 
+def op_times(engine: LLMEngine, steps: int, top: int = 40) -> list[dict]:
+    """Device time a step of the ``top`` torch ops (with their input shapes) that launch the most kernel time, in
+    ``steps`` decode steps run eagerly (a graph replay hides which op launched a kernel; the eager steps launch the
+    same kernels, so this names the kernels of the captured step)."""
+    graphs = engine.graphs
+    engine.graphs = None if graphs is None else _Uncaptured()
+    try:
+        engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+    finally:
+        engine.graphs = graphs
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:200],
+            "calls_per_step": e.count / steps,
+            "ms_per_step": e.self_device_time_total / 1e3 / steps,
+        }
+        for e in rows[:top]
+    ]
+
+
 class _Uncaptured:
     """Stands in for an engine's ``DecodeGraphs``: no batch fits, so decode steps run eagerly."""
 
@@ -236,6 +265,11 @@ def main() -> None:
         "few drafts are kept: this times the step, not the speedup",
     )
     parser.add_argument(
+        "--by-op",
+        action="store_true",
+        help="also profile eager steps with input shapes and list the ops that launch the most kernel time",
+    )
+    parser.add_argument(
         "--sample-clocks", action="store_true", help="sample SM/memory clocks and power with nvidia-smi while timing"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_decode.json")
@@ -249,7 +283,7 @@ def main() -> None:
     warm = 4
     # every decode step below and the ones the prefill's steps make meanwhile (the prompts take prompt tokens /
     # 8,192 steps): no request may finish before the last one
-    new_tokens = warm + 5 * (opts.steps + 1) + opts.batch * opts.prompt_len // 8192 + 16
+    new_tokens = warm + 6 * (opts.steps + 1) + opts.batch * opts.prompt_len // 8192 + 16
     config = EngineConfig(
         max_running_requests=opts.batch,
         num_slots=opts.batch,
@@ -329,6 +363,7 @@ def main() -> None:
             **(timeline_gaps(trace, summary["steps_recorded"]) if cuda and trace.exists() else {}),
             **({"clocks": clocks} if opts.sample_clocks else {}),
             "routing_rows_per_expert": routing_spread(decode_routing(engine), args.num_experts, opts.batch, draws=1),
+            **({"ops_eager": op_times(engine, opts.steps)} if cuda and opts.by_op else {}),
         },
     }
     opts.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -464,8 +464,12 @@ class LLMEngine:
         """One token per row, ``[B]`` on the device: argmax for greedy requests; rows sharing sampling settings
         are drawn together, each with its request's seed at its output position ``out_positions[i]`` (so a row's token
         does not depend on the batch)."""
-        tokens = logits_BV.argmax(-1)
-        for settings, rows in rows_by_settings([r.params for r in reqs]).items():
+        groups = rows_by_settings([r.params for r in reqs])
+        if None in groups:
+            tokens = logits_BV.argmax(-1)
+        else:  # no greedy row: skip a pass over the logits
+            tokens = torch.empty(logits_BV.shape[0], dtype=torch.long, device=logits_BV.device)
+        for settings, rows in groups.items():
             if settings is None:  # greedy rows keep the argmax
                 continue
             index = slice(None) if len(rows) == len(reqs) else torch.tensor(rows, device=logits_BV.device)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from league.ops.backends import installed
 
 ROWS = 16
+ROW_ALIGN = 8  # joined buffers are padded to a multiple of this many rows (see with_spare_rows)
 _FIXED_TILES_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -62,7 +63,22 @@ def linear_joined(
     whole = None if batch_invariant or needs_grad else joined(weights)
     if whole is None:
         return [linear(x_MK, w, batch_invariant, fixed_tiles) for w in weights]
-    return list(linear(x_MK, whole, fixed_tiles=fixed_tiles).split([w.shape[0] for w in weights], dim=-1))
+    whole = with_spare_rows(whole)  # the rows join_rows added past the last weight, if any
+    sizes = [w.shape[0] for w in weights]
+    outs = linear(x_MK, whole, fixed_tiles=fixed_tiles).split([*sizes, whole.shape[0] - sum(sizes)], dim=-1)
+    return list(outs[: len(weights)])
+
+
+def with_spare_rows(whole_NK: torch.Tensor) -> torch.Tensor:
+    """``whole`` grown to a multiple of :data:`ROW_ALIGN` rows where its storage holds the rows that follow it
+    (as :func:`join_rows` leaves them); else ``whole`` itself. A GEMM whose output has an odd column count
+    sends cuBLAS to a slow unaligned kernel (the shared expert's one-column gate made a group 1,281 columns)."""
+    rows, dim = whole_NK.shape
+    spare = -rows % ROW_ALIGN
+    end = (whole_NK.storage_offset() + (rows + spare) * dim) * whole_NK.element_size()
+    if spare == 0 or end > whole_NK.untyped_storage().nbytes():
+        return whole_NK
+    return whole_NK.as_strided((rows + spare, dim), (dim, 1))
 
 
 def joined(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -89,15 +105,18 @@ def joined(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def join_rows(weights: Sequence[torch.Tensor]) -> None:
-    """Move ``weights`` (``[N_i, K]`` parameters of one dtype and device) into one new ``[sum N_i, K]`` buffer,
-    end to end in order, each becoming a view of its rows with its values unchanged; in-place updates (weight
-    sync, checkpoint loads, optimizer steps) keep them there, a parameter replaced by a new tensor leaves the group
-    (and :func:`linear_joined` falls back to one GEMM each). Tensor subclasses (DTensor shards) are left apart."""
+    """Move ``weights`` (``[N_i, K]`` parameters of one dtype and device) into one new buffer, end to end in
+    order and followed by zero rows up to a multiple of :data:`ROW_ALIGN`, each becoming a view of its rows with
+    its values unchanged; in-place updates (weight sync, checkpoint loads, optimizer steps) keep them there, a
+    parameter replaced by a new tensor leaves the group (and :func:`linear_joined` falls back to one GEMM each).
+    Tensor subclasses (DTensor shards) are left apart."""
     if any(type(w.data) is not torch.Tensor for w in weights):  # noqa: E721 (DTensor shards and the like stay apart)
         return
     if joined(weights) is not None:  # already joined (a second engine on the same model)
         return
-    whole = torch.cat([w.detach() for w in weights])
+    rows = sum(w.shape[0] for w in weights)
+    spare = weights[0].new_zeros(-rows % ROW_ALIGN, weights[0].shape[1])  # see with_spare_rows
+    whole = torch.cat([*(w.detach() for w in weights), spare])
     start = 0
     for w in weights:
         w.data = whole[start : start + w.shape[0]]

@@ -17,16 +17,51 @@ from league.ops.backends import installed
 
 
 def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """``log_softmax(float(logits))[t, tokens[t]]`` for each row, ``chunk_size`` rows at a time.
+    """``log_softmax(float(logits))[t, tokens[t]]`` for each row, differentiable in the logits.
+
+    On CUDA with Triton: one pass of ``triton_logprob``'s log-sum-exp kernel over the logits in their dtype (no
+    fp32 copy; a decode step at batch 256 read its 248,320-column logits five times in torch); the engine and the
+    batch-invariant trainer both come here, so they agree bitwise. Elsewhere :func:`token_logprobs_reference`.
 
     Args:
         logits_TV (torch.Tensor): ``[T, V]`` raw logits (any float dtype).
         tokens_T (torch.Tensor): ``[T]`` token ids.
-        chunk_size (int): rows converted to fp32 at once. Default: ``4096``.
+        chunk_size (int): rows converted to fp32 at once by the reference. Default: ``4096``.
 
     Returns:
         ``[T]`` fp32.
     """
+    if logits_TV.is_cuda and installed("triton"):
+        return _TokenLogprobs.apply(logits_TV, tokens_T)
+    return token_logprobs_reference(logits_TV, tokens_T, chunk_size)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """:func:`token_logprobs` by the Triton kernels: forward by the log-sum-exp kernel, backward by the logits'
+    gradient kernel (``softmax - one-hot``, scaled), on a copy of the logits."""
+
+    @staticmethod
+    def forward(ctx, logits_TV: torch.Tensor, tokens_T: torch.Tensor) -> torch.Tensor:
+        from league.ops.triton_logprob import chunk_logsumexp
+
+        logits_TV = logits_TV if logits_TV.stride(-1) == 1 else logits_TV.contiguous()
+        logp_T = logits_TV.new_empty(logits_TV.shape[0], dtype=torch.float32)
+        lse_T = torch.empty_like(logp_T)
+        chunk_logsumexp(logits_TV, tokens_T, 1.0, lse_T, logp_T, logp_T.new_empty(0))
+        ctx.save_for_backward(logits_TV, tokens_T, lse_T)
+        return logp_T
+
+    @staticmethod
+    def backward(ctx, grad_logp_T: torch.Tensor):
+        from league.ops.triton_logprob import chunk_grad_logits
+
+        logits_TV, tokens_T, lse_T = ctx.saved_tensors
+        grad = grad_logp_T.float().contiguous()
+        return chunk_grad_logits(logits_TV.clone(), tokens_T, 1.0, lse_T, grad, None, None), None
+
+
+def token_logprobs_reference(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """:func:`token_logprobs` in torch, ``chunk_size`` rows converted to fp32 at a time."""
     out = []
     for start in range(0, logits_TV.shape[0], chunk_size):
         rows = logits_TV[start : start + chunk_size].float()

@@ -32,9 +32,58 @@ TRITON_MAX_ROWS_PER_EXPERT = 32
 def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep the top-k, renormalise them to sum to one.
 
+    On CUDA with Triton (fp32/bf16/fp16 logits): ``triton_router``'s one-launch kernel, for the trainer and the
+    engine alike (so they route alike); its weights are differentiated, given the experts it chose, by
+    :func:`renormalised_weights`. Elsewhere :func:`route_topk_reference`.
+
     Returns:
-        ``(weights_TA, experts_TA)``: weights in the dtype of the logits, expert indices (int64).
+        ``(weights_TA, experts_TA)``: weights in the dtype of the logits, expert indices (int64), in descending
+        order of probability.
     """
+    if router_logits_TE.is_cuda and router_logits_TE.dtype in _KERNEL_DTYPES and installed("triton"):
+        if torch.is_grad_enabled() and router_logits_TE.requires_grad:
+            return _RouteTopk.apply(router_logits_TE, top_k)
+        from league.ops.triton_router import route_topk_fwd
+
+        return route_topk_fwd(router_logits_TE, top_k)
+    return route_topk_reference(router_logits_TE, top_k)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def renormalised_weights(router_logits_TE: torch.Tensor, experts_TA: torch.Tensor) -> torch.Tensor:
+    """The weights of the chosen experts: their fp32 softmax probabilities over all experts divided by their sum,
+    in the dtype of the logits (differentiable in the logits)."""
+    probs_TE = router_logits_TE.to(torch.promote_types(router_logits_TE.dtype, torch.float32)).softmax(-1)
+    chosen_TA = probs_TE.gather(-1, experts_TA)
+    return (chosen_TA / chosen_TA.sum(-1, keepdim=True)).to(router_logits_TE.dtype)
+
+
+class _RouteTopk(torch.autograd.Function):
+    """:func:`route_topk` by the kernel, the gradient of its weights by :func:`renormalised_weights` of the experts
+    it chose."""
+
+    @staticmethod
+    def forward(ctx, router_logits_TE: torch.Tensor, top_k: int):
+        from league.ops.triton_router import route_topk_fwd
+
+        weights_TA, experts_TA = route_topk_fwd(router_logits_TE, top_k)
+        ctx.save_for_backward(router_logits_TE, experts_TA)
+        ctx.mark_non_differentiable(experts_TA)
+        return weights_TA, experts_TA
+
+    @staticmethod
+    def backward(ctx, grad_weights_TA: torch.Tensor, _grad_experts):
+        router_logits_TE, experts_TA = ctx.saved_tensors
+        with torch.enable_grad():
+            logits = router_logits_TE.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(renormalised_weights(logits, experts_TA), logits, grad_weights_TA)
+        return grad, None
+
+
+def route_topk_reference(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route_topk` in torch."""
     probs_TE = router_logits_TE.to(torch.promote_types(router_logits_TE.dtype, torch.float32)).softmax(-1)
     weights_TA, experts_TA = probs_TE.topk(top_k, dim=-1)
     weights_TA = weights_TA / weights_TA.sum(-1, keepdim=True)

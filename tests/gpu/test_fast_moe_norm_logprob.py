@@ -253,6 +253,31 @@ def test_fused_head_logprobs_match_unfused(chunk_size, temperature):
     assert rel_err(gh, gh_ref) < 1e-2 and rel_err(gw, gw_ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_token_logprobs_kernel_matches_reference(dtype):
+    """``token_logprobs`` on CUDA (the log-sum-exp kernel over the logits in their dtype, gradient by the
+    logits-gradient kernel) against the torch reference; a row's value does not depend on the other rows."""
+    from league.ops.logprob import token_logprobs_reference
+
+    num_rows = 300
+    logits = randn(num_rows, VOCAB, seed=9, scale=3.0).to(dtype)
+    tokens = torch.randint(0, VOCAB, (num_rows,), device="cuda", generator=torch.Generator("cuda").manual_seed(10))
+    grad_out = randn(num_rows, seed=11)
+    results = []
+    for fn in (token_logprobs, token_logprobs_reference):
+        z = logits.clone().requires_grad_()
+        logp = fn(z, tokens)
+        logp.backward(grad_out)
+        results.append((logp.detach(), z.grad))
+    (logp, grad), (logp_ref, grad_ref) = results
+    assert logp.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(logp, logp_ref, rtol=0, atol=2e-5)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 1e-5  # one bf16 rounding; fp32 exp and log-sum-exp rounding
+    assert ((grad.float() - grad_ref.float()).abs() <= ulp * grad_ref.float().abs() + 1e-12).all()
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(logits[5:12], tokens[5:12]), logp[5:12])
+
+
 def test_fused_head_memory_stays_within_chunks():
     """Forward and backward of 8,192 rows at V = 248,320 (fp32 logits alone would be 8 GB)."""
     num_rows, chunk_size = 8192, 1024

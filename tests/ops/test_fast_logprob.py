@@ -181,3 +181,30 @@ def test_triton_logits_gradient_is_the_torch_one_within_a_bf16_ulp(with_entropy)
     got = chunk_grad_logits(F.linear(hidden, weight), tokens, 0.7, lse, grad_logp, ent_arg, grad_ent).float()
     ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=1e-30))) - 7)
     assert ((got - ref).abs() <= ulp).all()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton under TRITON_INTERPRET=1 (the GPU tests run the kernels on CUDA)",
+)
+def test_token_logprobs_kernel_path_equals_the_reference():
+    """The CUDA path of ``token_logprobs`` (one kernel pass, gradient by the logits-gradient kernel) against the
+    torch reference, on fp32 logits over more than one 4,096-column block, values and gradients."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 5000, generator=gen) * 3
+    tokens = torch.randint(0, 5000, (9,), generator=gen)
+    grad_out = torch.randn(9, generator=gen)
+    results = []
+    for fn in (logprob_module._TokenLogprobs.apply, logprob_module.token_logprobs_reference):
+        z = logits.clone().requires_grad_()
+        logp = fn(z, tokens)
+        logp.backward(grad_out)
+        results.append((logp.detach(), z.grad))
+    (logp, grad), (logp_ref, grad_ref) = results
+    assert logp.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(logp, logp_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-6)
+    # by hand: softmax - one-hot at the token, scaled by the row's cotangent
+    expected = -(logits.softmax(-1) * grad_out[:, None])
+    expected[torch.arange(9), tokens] += grad_out
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)

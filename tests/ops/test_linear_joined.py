@@ -11,7 +11,7 @@ from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.ops import linear as linear_module
-from league.ops.linear import join_rows, joined, linear_joined
+from league.ops.linear import join_rows, joined, linear_joined, with_spare_rows
 from tests.models.test_forms import tiny_model
 
 
@@ -41,6 +41,21 @@ def test_join_rows_keeps_values_and_parameters_and_lays_them_end_to_end():
     assert joined(ws) is None
 
 
+def test_join_rows_pads_the_buffer_to_a_multiple_of_eight_rows():
+    ws = params(6, 4, 1)
+    join_rows(ws)
+    whole = joined(ws)
+    assert whole.shape == (11, 8)
+    padded = with_spare_rows(whole)
+    assert padded.shape == (16, 8) and padded.data_ptr() == whole.data_ptr()
+    assert torch.equal(padded[11:], torch.zeros(5, 8, dtype=padded.dtype))
+    aligned = params(6, 2)  # already 8 rows: no padding
+    join_rows(aligned)
+    assert with_spare_rows(joined(aligned)).shape == (8, 8)
+    loose = torch.randn(11, 8)  # a tensor whose storage ends with it: nothing to grow into
+    assert with_spare_rows(loose) is loose
+
+
 def test_linear_joined_equals_one_gemm_each_and_keeps_gradients():
     ws = params(6, 4, 2)
     x = torch.randn(3, 5, 8, dtype=torch.float64)
@@ -57,7 +72,7 @@ def test_linear_joined_equals_one_gemm_each_and_keeps_gradients():
     try:
         with torch.no_grad():
             outs = linear_joined(x, ws)
-        assert calls == [(12, 8)]  # one GEMM over the joined matrix
+        assert calls == [(16, 8)]  # one GEMM over the joined matrix and the 4 zero rows padding it to 16
         assert [o.shape for o in outs] == [(3, 5, 6), (3, 5, 4), (3, 5, 2)]
         for out, exp in zip(outs, expected):
             torch.testing.assert_close(out, exp, rtol=1e-12, atol=1e-12)
@@ -105,7 +120,7 @@ def test_joined_model_computes_as_before_with_one_gemm_per_group(name, monkeypat
         calls.clear()
         want = reference.logits(reference(tokens, batch))
         kinds = [layer.layer_type for layer in model.layers]
-        assert len(calls) == sum(3 + 3 if kind == "full_attention" else 4 + 3 for kind in kinds)
+        assert len(calls) == sum((3 if kind == "full_attention" else 4) + 4 for kind in kinds)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     mtp = model.mtp.layers[0]
     assert joined([mtp.attn.wq.weight, mtp.attn.wk.weight, mtp.attn.wv.weight]) is not None

@@ -417,12 +417,11 @@ class MoE(nn.Module):
         """``fixed_tiles``: the dense projections (router, shared expert and its gate) by ``linear``'s fixed-tiles
         GEMM, as decode parity runs them."""
         inv, tiles, shared = batch_invariant, fixed_tiles, self.shared
-        router_TE, shared_gate_TI, shared_up_TI = linear_joined(
-            x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight), inv, tiles
+        router_TE, shared_gate_TI, shared_up_TI, gate_T1 = linear_joined(
+            x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight, self.shared_gate.weight), inv, tiles
         )
         weights, experts = route_topk(router_TE, self.top_k)
         routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
-        gate_T1 = linear(x_TD, self.shared_gate.weight, inv, tiles)
         shared_TD = linear(silu(shared_gate_TI, inv) * shared_up_TI, shared.w_down.weight, inv, tiles)
         return routed + sigmoid(gate_T1, inv) * shared_TD
 
@@ -583,7 +582,7 @@ class Transformer(nn.Module):
         k, v; the router and the shared expert's gate and up of each MoE), trunk and MTP layers, end to end in one
         buffer, so that forwards without gradients run each group as one GEMM (``ops.linear.linear_joined``).
         Values and parameter names are unchanged; meant for the engine's model. (The shared expert's one-column
-        gate stays apart: with it a group's row count is odd, and cuBLAS then takes a slow unaligned kernel.)"""
+        gate joins the router's group, whose buffer ``join_rows`` pads to a multiple of 8 rows.)"""
         layers = [*self.layers, *(self.mtp.layers if self.mtp is not None else ())]
         for layer in layers:
             if layer.layer_type == "full_attention":
@@ -591,7 +590,7 @@ class Transformer(nn.Module):
             else:
                 groups = [(layer.gdn.w_qkv, layer.gdn.w_z, layer.gdn.w_a, layer.gdn.w_b)]
             moe = layer.moe
-            groups.append((moe.router, moe.shared.w_gate, moe.shared.w_up))
+            groups.append((moe.router, moe.shared.w_gate, moe.shared.w_up, moe.shared_gate))
             for group in groups:
                 join_rows([m.weight for m in group])
 
