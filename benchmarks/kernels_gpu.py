@@ -4,7 +4,10 @@ count of the kernel, fp32 and bf16 states), the slot conv, and the MoE experts: 
 batch, and at each of ``--moe-batches`` the grouped GEMMs against the Triton kernels of ``ops.triton_moe`` (the
 whole call, and each kernel alone for a list of tile configs; replayed from a CUDA graph as decode runs them, over
 8 layers' weights in turn so that no layer finds its experts in L2; the bytes are the weights of the experts that
-received a token). Times are CUDA-event medians over ``--iters`` runs. Writes
+received a token); the router's softmax and top-k (torch against the Triton kernel at each rows-per-program and
+warp count) and the token log-probs over the 248,320-column logits (torch against the Triton pass), each replayed
+40 times in a CUDA graph as the 40 MoE layers run it; and each dense projection of a decode step by cuBLAS
+against the fixed-tiles Triton GEMM (``ops.triton_linear``). Times are CUDA-event medians over ``--iters`` runs. Writes
 ``benchmarks/results/kernels_gpu.json`` (``kernels_gpu_<only>.json`` with ``--only``).
 
     python benchmarks/kernels_gpu.py [--batch 256] [--iters 50] [--only moe]
@@ -19,9 +22,11 @@ from pathlib import Path
 import torch
 from common import versions
 
+from league.ops import triton_router
 from league.ops.conv import causal_conv1d_slots
 from league.ops.gdn import triton_recurrent
-from league.ops.moe import TRITON_MAX_ROWS_PER_EXPERT, grouped_swiglu_experts, sort_pairs
+from league.ops.logprob import token_logprobs, token_logprobs_reference
+from league.ops.moe import TRITON_MAX_ROWS_PER_EXPERT, grouped_swiglu_experts, route_topk_reference, sort_pairs
 from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd, grouped_swiglu_experts_triton, tile_configs
 
 HBM_BYTES_PER_S = 4.8e12
@@ -136,6 +141,56 @@ def graph_ms(fn, iters: int) -> float:
     return median_ms(graph.replay, iters)
 
 
+def router(batch: int, iters: int, repeats: int = 40) -> dict:
+    """The router's softmax and top-8 over 256 experts, ``repeats`` calls in one graph: ms a call."""
+    logits = torch.randn(batch, E + 1032, device="cuda").bfloat16()[:, :E]  # a slice of the joined projection
+    results = {"torch": graph_ms(lambda: [route_topk_reference(logits, TOPK) for _ in range(repeats)], iters) / repeats}
+    default = triton_router._BLOCK_T, triton_router._NUM_WARPS
+    try:
+        for rows, warps in ((4, 4), (1, 1), (2, 1), (4, 1), (4, 2), (8, 4), (16, 4)):
+            triton_router._BLOCK_T, triton_router._NUM_WARPS = rows, warps
+            step = lambda: [triton_router.route_topk_fwd(logits, TOPK) for _ in range(repeats)]  # noqa: E731
+            results[f"triton_t{rows}_w{warps}"] = graph_ms(step, iters) / repeats
+    finally:
+        triton_router._BLOCK_T, triton_router._NUM_WARPS = default
+    results["default"] = {"block_t": default[0], "num_warps": default[1]}
+    return results
+
+
+def logprob(batch: int, iters: int, vocab: int = 248_320) -> dict:
+    """Token log-probs of ``[batch, vocab]`` bf16 logits: ms a call, torch and the Triton pass."""
+    logits = torch.randn(batch, vocab, device="cuda").bfloat16()
+    tokens = torch.randint(0, vocab, (batch,), device="cuda")
+    num_bytes = logits.nbytes
+    return {
+        "torch": record(graph_ms(lambda: token_logprobs_reference(logits, tokens), iters), num_bytes),
+        "triton": record(graph_ms(lambda: token_logprobs(logits, tokens), iters), num_bytes),
+    }
+
+
+# the decode step's dense projections (N, K) at Qwen3.6-35B-A3B's sizes: GDN in (joined), attention in (joined),
+# router + shared gate/up (joined), out-projections, shared down, output head
+DENSE_SHAPES = ((12352, 2048), (9216, 2048), (1288, 2048), (2048, 4096), (2048, 512), (248320, 2048))
+
+
+def dense(batch: int, iters: int, repeats: int = 10) -> dict:
+    """Each decode projection: cuBLAS (``F.linear``) against the fixed-tiles Triton GEMM, ``repeats`` calls on as
+    many weight copies (no call finds its weights in L2) in one graph; ms a call and the weights' TB/s."""
+    from league.ops.triton_linear import fixed_tiles_matmul
+
+    results = {}
+    x_by_k = {k: torch.randn(batch, k, device="cuda").bfloat16() for _, k in DENSE_SHAPES}
+    for n, k in DENSE_SHAPES:
+        copies = 2 if n * k > 1e8 else repeats
+        weights = [torch.randn(n, k, device="cuda").bfloat16() * 0.02 for _ in range(copies)]
+        x, num_bytes = x_by_k[k], weights[0].nbytes
+        cublas = graph_ms(lambda x=x, ws=weights: [torch.nn.functional.linear(x, w) for w in ws], iters) / copies
+        fixed = graph_ms(lambda x=x, ws=weights: [fixed_tiles_matmul(x, w) for w in ws], iters) / copies
+        results[f"n{n}_k{k}"] = {"cublas": record(cublas, num_bytes), "fixed_tiles": record(fixed, num_bytes)}
+        print("  dense", n, k, json.dumps(results[f"n{n}_k{k}"]), flush=True)
+    return results
+
+
 def per_layer_ms(fn, iters: int) -> float:
     """Median time of ``fn(layer)`` per layer, run over the :data:`MOE_LAYERS` layers in turn in one CUDA graph."""
 
@@ -237,7 +292,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
-    parser.add_argument("--only", choices=["gdn", "conv", "moe"], help="run one section (default: all)")
+    parser.add_argument(
+        "--only", choices=["gdn", "conv", "moe", "router", "logprob", "dense"], help="run one section (default: all)"
+    )
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/kernels_gpu[_<only>].json")
     opts = parser.parse_args()
     results = {}
@@ -249,6 +306,14 @@ def main() -> None:
     if opts.only in (None, "conv"):
         results["conv_slots"] = conv(opts.batch, opts.iters)
         print("conv", json.dumps(results["conv_slots"]), flush=True)
+    if opts.only in (None, "router"):
+        results["router"] = router(opts.batch, opts.iters)
+        print("router", json.dumps(results["router"]), flush=True)
+    if opts.only in (None, "logprob"):
+        results["logprob"] = logprob(opts.batch, opts.iters)
+        print("logprob", json.dumps(results["logprob"]), flush=True)
+    if opts.only in (None, "dense"):
+        results["dense"] = dense(opts.batch, opts.iters)
     if opts.only in (None, "moe"):
         results["moe"] = moe(opts.batch, opts.iters)
         print("moe", json.dumps(results["moe"]), flush=True)

@@ -4,11 +4,21 @@ On CPU, torch evaluates elementwise functions with vector code over most of a te
 the leftover tail, and for sigmoid / SiLU / softplus the two can round differently; which path an
 element takes depends on the tensor's size, so a token's value could depend on its batch. The
 batch-invariant forms are written with ``exp`` and ``log`` (whose vector and scalar paths agree) and exact
-arithmetic. Not responsible for anything else.
+arithmetic.
+
+Two compositions of them, the MoE block's elementwise tail, run as one Triton launch each on CUDA
+(``triton_activations``) outside batch-invariant runs, for the trainer and the engine alike: :func:`silu_mul`
+and :func:`add_gated`; their gradients come from the torch forms. Not responsible for anything else.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from league.ops.backends import installed
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def sigmoid(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
@@ -24,3 +34,68 @@ def softplus(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     if not batch_invariant:
         return F.softplus(x)
     return torch.where(x > 20.0, x, torch.log(1.0 + torch.exp(x.clamp(max=20.0))))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` (a SwiGLU's hidden), differentiable."""
+    if _kernel_applies(batch_invariant, gate, up):
+        from league.ops.triton_activations import silu_mul_fwd
+
+        return _by_kernel(silu_mul_fwd, silu_mul_reference, gate, up)
+    return silu_mul_reference(gate, up, batch_invariant)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+    return silu(gate, batch_invariant) * up
+
+
+def add_gated(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, batch_invariant: bool = False):
+    """``x + sigmoid(gate_logit) * y`` (the MoE block's output: routed experts plus the gated shared expert),
+    ``gate_logit`` ``[..., 1]``; differentiable."""
+    if _kernel_applies(batch_invariant, x, gate_logit, y):
+        from league.ops.triton_activations import add_gated_fwd
+
+        return _by_kernel(add_gated_fwd, add_gated_reference, x, gate_logit, y)
+    return add_gated_reference(x, gate_logit, y, batch_invariant)
+
+
+def add_gated_reference(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, batch_invariant: bool = False):
+    return x + sigmoid(gate_logit, batch_invariant) * y
+
+
+def _kernel_applies(batch_invariant: bool, *tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (
+        not batch_invariant
+        and first.is_cuda
+        and first.dtype in _KERNEL_DTYPES
+        and all(t.dtype == first.dtype for t in tensors)
+        and installed("triton")
+    )
+
+
+def _by_kernel(kernel: Callable, reference: Callable, *inputs: torch.Tensor) -> torch.Tensor:
+    """``kernel(*inputs)``; with gradients asked for, differentiated through ``reference``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _KernelForward.apply(kernel, reference, *inputs)
+    return kernel(*inputs)
+
+
+class _KernelForward(torch.autograd.Function):
+    """Values from a kernel, gradients from recomputing its torch reference under autograd."""
+
+    @staticmethod
+    def forward(ctx, kernel: Callable, reference: Callable, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.reference = reference
+        ctx.save_for_backward(*inputs)
+        return kernel(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        needs = ctx.needs_input_grad[2:]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            out = ctx.reference(*inputs)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return None, None, *(next(grads) if need else None for need in needs)

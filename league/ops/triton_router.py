@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_T = 4
-_NUM_WARPS = 4
+# one row a program, one warp: 2.7 us a call at batch 256 on an H200, 5.3 with 4 rows and 4 warps (torch: 24 us),
+# benchmarks/results/kernels_gpu_router.json
+_BLOCK_T = 1
+_NUM_WARPS = 1
 _NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel can read must be a constexpr
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
-from league.ops.activations import sigmoid, silu
+from league.ops.activations import add_gated, sigmoid, silu_mul
 from league.ops.attention import cached_attention, varlen_causal_attention, varlen_causal_attention_as_decode
 from league.ops.conv import causal_conv1d_batched, causal_conv1d_slots
 from league.ops.gdn import (
@@ -422,8 +422,8 @@ class MoE(nn.Module):
         )
         weights, experts = route_topk(router_TE, self.top_k)
         routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
-        shared_TD = linear(silu(shared_gate_TI, inv) * shared_up_TI, shared.w_down.weight, inv, tiles)
-        return routed + sigmoid(gate_T1, inv) * shared_TD
+        shared_TD = linear(silu_mul(shared_gate_TI, shared_up_TI, inv), shared.w_down.weight, inv, tiles)
+        return add_gated(routed, gate_T1, shared_TD, inv)
 
 
 class DecoderLayer(nn.Module):
