@@ -112,6 +112,31 @@ def teacher_forced_batches(
     return prefill, steps
 
 
+def capture_graph(step) -> "torch.cuda.CUDAGraph":
+    """``step`` run twice (compiling and autotuning outside the capture), then captured in a CUDA graph and
+    replayed three times."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        graph.replay()
+    return graph
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", iters: int) -> float:
+    """ms per replay of ``graph``, ``iters`` replays back to back between CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """Mean over rows of ``|a - b| / |b|`` (L2 over the last dim), computed in ``dtype``."""
     a, b = a.to(dtype), b.to(dtype)

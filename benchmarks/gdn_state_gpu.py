@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import versions
+from common import capture_graph, replay_ms, versions
 
 from league.ops.gdn import triton_recurrent
 
@@ -29,21 +29,7 @@ HK, HV, K, V = 16, 32, 128, 128  # Qwen3.6-35B-A3B's GDN heads and dims
 
 def graph_ms(step, iters: int) -> float:
     """``step`` captured in a CUDA graph: ms per replay, back to back between CUDA events."""
-    for _ in range(2):  # compile outside the capture
-        step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return replay_ms(capture_graph(step), iters)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_model, versions
+from common import capture_graph, random_model, replay_ms, versions
 from profile_decode import record_routing
 from torch.profiler import ProfilerActivity, profile
 
@@ -74,28 +74,15 @@ def decode_routing(calls: list[torch.Tensor], num_layers: int, batch: int, seed:
 
 def time_step(step, iters: int) -> tuple[float, float]:
     """``step`` captured in a CUDA graph: (ms per replay between events, profiled kernel ms per replay)."""
-    for _ in range(2):  # compile and autotune outside the capture
-        step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    replay_ms = start.elapsed_time(end) / iters
+    graph = capture_graph(step)
+    ms = replay_ms(graph, iters)
     profiled = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(profiled):
             graph.replay()
         torch.cuda.synchronize()
     kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return replay_ms, kernel_us / 1e3 / profiled
+    return ms, kernel_us / 1e3 / profiled
 
 
 def main() -> None:
@@ -152,14 +139,14 @@ def main() -> None:
         variants.append(("default_uniform_routing", settings.get("default", (16, 1, 16, 1)), uniform))
     for name, tiles, sets in variants:
         triton_moe.CONFIGS = with_tiles(base, *tiles)
-        replay_ms, kernel_ms = time_step(runner(sets), opts.iters)
+        step_ms, kernel_ms = time_step(runner(sets), opts.iters)
         moved = bytes_moved(sets)
         results[name] = {
             "tiles": dict(zip(("bm_gate_up", "splits_gate_up", "bm_down", "splits_down"), tiles)),
-            "replay_ms": replay_ms,
+            "replay_ms": step_ms,
             "profiled_kernel_ms": kernel_ms,
             "bytes": moved,
-            "bound_fraction": moved / HBM_BYTES_PER_S / (replay_ms / 1e3),
+            "bound_fraction": moved / HBM_BYTES_PER_S / (step_ms / 1e3),
         }
         print(name, json.dumps(results[name]), flush=True)
     triton_moe.CONFIGS = base
