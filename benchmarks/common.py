@@ -8,8 +8,8 @@ import platform
 import torch
 
 import league
-from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
-from league.ops.rope import rope_inv_freq
+from league.bench import random_model  # noqa: F401  (the benchmarks' random weights)
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
 
 
 def versions() -> dict[str, str | None]:
@@ -28,33 +28,6 @@ def _version(name: str) -> str | None:
         return getattr(__import__(name), "__version__", "unknown")
     except Exception:  # not installed, or fails to import without a GPU
         return None
-
-
-def random_model(
-    args: ModelArgs, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
-) -> Transformer:
-    """``args``'s model with the distributions of ``league init`` (normal(0, 0.02) matrices, zero (1+w) norms, ones
-    for the gated norm and dt_bias, ``A_log = log(U(0.01, 16))``, uniform conv kernels), drawn directly on ``device``
-    in ``dtype`` (a 35 B model is made in seconds on a GPU, without a checkpoint on disk)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(0.01, 16.0).log_()
-            elif name.endswith(("dt_bias", "norm_weight")):
-                p.fill_(1.0)
-            elif name.endswith("conv_weight"):
-                bound = p.shape[-1] ** -0.5
-                p.uniform_(-bound, bound)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    model.inv_freq = rope_inv_freq(args.rotary_dim, args.rope_theta).to(device)
-    return model
 
 
 def override_moe_tiles(**fields) -> None:

@@ -30,12 +30,11 @@ import transformers
 from common import override_moe_tiles, random_model
 
 import league
-from league.engine.engine import EngineConfig, LLMEngine
-from league.engine.request import SamplingParams
+from league.bench import H200_BYTES_PER_S, BenchSettings, rollout_rates
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 
-HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
+HBM_BYTES_PER_S = H200_BYTES_PER_S
 
 
 @contextlib.contextmanager
@@ -54,84 +53,12 @@ def unjoined(model: Transformer):
         Transformer.join_projections = original
 
 
-def step_bytes(args: ModelArgs, batch: int, context: float, state_bytes: int = 4) -> float:
-    """Bytes one decode step of ``batch`` requests at mean ``context`` must move (bf16 weights and KV)."""
-    expert = 3 * args.dim * args.moe_intermediate_size * 2
-    per_layer_experts = args.num_experts * (1 - (1 - args.num_experts_per_tok / args.num_experts) ** batch)
-    moe_layers = args.num_layers
-    expert_bytes = moe_layers * per_layer_experts * expert
-    total_params = sum(
-        p for name, p in param_counts(args).items() if name != "experts" and name != "embedding"
-    )  # non-expert weights read every step (the embedding is a lookup)
-    num_gdn = sum(kind == "linear_attention" for kind in args.layer_types)
-    num_full = args.num_layers - num_gdn
-    state = num_gdn * args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * state_bytes
-    conv = num_gdn * args.gdn_conv_dim * (args.linear_conv_kernel_dim - 1) * 2
-    kv = num_full * 2 * args.num_kv_heads * args.head_dim * 2 * context
-    return expert_bytes + 2 * total_params + batch * (2 * state + 2 * conv + kv)
-
-
-def param_counts(args: ModelArgs) -> dict[str, int]:
-    with torch.device("meta"):
-        model = Transformer(args.replace(mtp_num_layers=0))
-    counts = {"experts": 0, "embedding": 0, "other": 0}
-    for name, p in model.named_parameters():
-        key = "experts" if ".experts." in name else "embedding" if name.startswith("tok_embeddings") else "other"
-        counts[key] += p.numel()
-    return counts
-
-
 def timed(fn) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def league_rates(
-    model: Transformer,
-    prompts: list[list[int]],
-    new_tokens: int,
-    spec_steps: int,
-    ssm_dtype: str = "float32",
-    temperature: float = 0.0,
-    overlap: bool = True,
-    decode_parity: bool = False,
-) -> dict:
-    batch = len(prompts)
-    config = EngineConfig(
-        max_running_requests=batch,
-        num_slots=batch,
-        context_length=len(prompts[0]) + new_tokens + 8,
-        max_num_batched_tokens=8192,
-        cuda_graph_bs=[batch],
-        speculative_algorithm="EAGLE" if spec_steps else None,
-        speculative_num_steps=max(spec_steps, 1),
-        mamba_ssm_dtype=ssm_dtype,
-        disable_overlap_schedule=not overlap,
-        decode_parity=decode_parity,
-    )
-    engine = LLMEngine(model, config)
-    engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature, ignore_eos=True))  # capture
-    prefill_s = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=temperature)))
-    start_stats = engine.stats.spec.verify_steps, engine.stats.spec.verified_output_tokens
-    total_s = timed(
-        lambda: engine.generate(
-            prompts, SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
-        )
-    )
-    decode_tokens = batch * (new_tokens - 1)
-    record = {
-        "seconds": total_s,
-        "prefill_seconds": prefill_s,
-        "tokens_per_s": batch * new_tokens / total_s,
-        "decode_tokens_per_s": decode_tokens / (total_s - prefill_s),
-    }
-    if spec_steps:
-        steps = engine.stats.spec.verify_steps - start_stats[0]
-        record["spec_accept_length"] = (engine.stats.spec.verified_output_tokens - start_stats[1]) / max(steps, 1)
-    return record
 
 
 def hf_rates(args: ModelArgs, prompts: torch.Tensor, new_tokens: int) -> dict:
@@ -202,7 +129,7 @@ def main() -> None:
     args = with_num_layers(PRESETS["qwen3.6-35b-a3b"], opts.num_layers)
     args = args.replace(mtp_num_layers=1 if opts.spec_steps else 0)
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)
+    prompts = torch.randint(0, 200_000, (max(batches), opts.prompt_len), generator=gen)  # transformers' prompts
     results = {}
     model = random_model(args).eval()
     variants = [("", True, False, True)]  # (result suffix, overlap schedule, decode parity, joined projections)
@@ -211,24 +138,21 @@ def main() -> None:
     variants += [("_parity", True, True, True)] if opts.compare_parity else []
     for batch in batches:
         for suffix, overlap, parity, joined in variants:
+            settings = BenchSettings(
+                batch=batch,
+                prompt_len=opts.prompt_len,
+                new_tokens=opts.new_tokens,
+                temperature=opts.temperature,
+                spec_steps=opts.spec_steps,
+                mamba_ssm_dtype=opts.mamba_ssm_dtype,
+                decode_parity=parity,
+                overlap=overlap,
+                memory_bytes_per_s=HBM_BYTES_PER_S,
+            )
             with contextlib.nullcontext() if joined else unjoined(model):
-                rec = league_rates(
-                    model,
-                    prompts[:batch].tolist(),
-                    opts.new_tokens,
-                    opts.spec_steps,
-                    opts.mamba_ssm_dtype,
-                    opts.temperature,
-                    overlap,
-                    parity,
-                )
+                rec = rollout_rates(model, settings)
             gc.collect()
             torch.cuda.empty_cache()
-            context = opts.prompt_len + opts.new_tokens / 2
-            state_bytes = getattr(torch, opts.mamba_ssm_dtype).itemsize
-            bound = batch / (step_bytes(args, batch, context, state_bytes) / HBM_BYTES_PER_S)
-            rec["roofline_tokens_per_s"] = bound
-            rec["roofline_fraction"] = rec["decode_tokens_per_s"] / bound
             results[f"league_b{batch}{suffix}"] = rec
             print(f"{batch}{suffix}", json.dumps(rec), flush=True)
     del model

@@ -304,6 +304,111 @@ def reward(
 
 
 @app.command()
+def bench(
+    model: Annotated[
+        Path | None, typer.Option(help="Hugging Face checkpoint folder (or --preset for random weights).")
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Time this architecture with random weights made on the device: tiny or qwen3.6-35b-a3b."),
+    ] = None,
+    num_layers: Annotated[
+        int | None, typer.Option(help="With --preset: decoder layers, repeating its pattern. Default: the preset's.")
+    ] = None,
+    mtp_num_layers: Annotated[
+        int | None, typer.Option(help="With --preset: MTP layers (1 to speculate). Default: the preset's.")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; one rollout each.")] = "256",
+    prompt_len: Annotated[int, typer.Option(help="Tokens of each random prompt.")] = 200,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated for each request, EOS ignored.")] = 1024,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 1.0,
+    speculative_num_steps: Annotated[
+        int, typer.Option(min=0, help="MTP draft steps per verify; 0 decodes without speculation.")
+    ] = 0,
+    mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
+    decode_parity: Annotated[
+        bool, typer.Option("--decode-parity", help="Run the engine with decode parity (trainer-equal log-probs).")
+    ] = False,
+    memory_bandwidth: Annotated[
+        float, typer.Option(help="The device's memory bandwidth in TB/s, for the roofline. Default: an H200's.")
+    ] = 4.8,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the settings and results to this JSON file.")] = None,
+) -> None:
+    """Time the engine's rollout at the RL shape (B random prompts, N new tokens each, EOS ignored): prefill,
+    tokens/s and decode tokens/s, beside the memory roofline of a decode step (the bytes it must move at
+    --memory-bandwidth). The warm-up compiles kernels and captures the decode graph before the timed calls."""
+    with user_errors():
+        import torch
+
+        import league
+        from league.bench import BenchSettings, bench_model, rollout_rates
+
+        try:
+            batches = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"--batch {batch!r}: expected comma-separated integers such as 1,16,64") from None
+        if not batches:
+            raise ValueError("--batch: give at least one batch size")
+        runs = [
+            BenchSettings(
+                batch=b,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                temperature=temperature,
+                spec_steps=speculative_num_steps,
+                mamba_ssm_dtype=mamba_ssm_dtype,
+                decode_parity=decode_parity,
+                memory_bytes_per_s=memory_bandwidth * 1e12,
+            )
+            for b in batches
+        ]
+        net = bench_model(model, preset, num_layers, mtp_num_layers, device, dtype)
+        for settings in runs:
+            settings.check(net.args)
+        results = {}
+        for settings in runs:
+            results[settings.batch] = rollout_rates(net, settings)
+    table = Table("batch", "prefill s", "total s", "tokens/s", "decode tokens/s", "roofline", "of roofline")
+    spec = speculative_num_steps > 0
+    if spec:
+        table.add_column("tokens/verify")
+    for b, r in results.items():
+        row = [str(b), f"{r['prefill_seconds']:.2f}", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}"]
+        row += [f"{r['decode_tokens_per_s']:,.0f}", f"{r['roofline_tokens_per_s']:,.0f}"]
+        row += [f"{r['roofline_fraction']:.0%}"]
+        table.add_row(*row, *([f"{r['spec_accept_length']:.2f}"] if spec else []))
+    stdout.print(table)
+    if out is not None:
+        device_name = next(net.parameters()).device
+        record = {
+            "benchmark": "league bench",
+            "device": torch.cuda.get_device_name(device_name) if device_name.type == "cuda" else "cpu",
+            "versions": {"league": league.__version__, "torch": torch.__version__},
+            "settings": {
+                "model": str(model) if model is not None else None,
+                "preset": preset,
+                "num_layers": net.args.num_layers,
+                "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "temperature": temperature,
+                "speculative_num_steps": speculative_num_steps,
+                "mamba_ssm_dtype": mamba_ssm_dtype,
+                "decode_parity": decode_parity,
+                "memory_bandwidth_tb_per_s": memory_bandwidth,
+            },
+            "results": {f"b{b}": r for b, r in results.items()},
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        stderr.print(f"wrote {out}")
+
+
+@app.command()
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (with metrics.jsonl).")],
     out: Annotated[Path | None, typer.Option(help="PNG to write. Default: RUN_DIR/curves.png.")] = None,
