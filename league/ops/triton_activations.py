@@ -15,22 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from league.ops.triton_rounding import round_to
+
 _BLOCK_D = 1024
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even) and back. Done on the bits for bf16: on an H200 a
-    plain ``.to(bf16).to(fp32)`` of ``div_rn``'s result did not round (the kernel then matched torch's ops on ~80%
-    of the elements; rounding the bits, on nearly all), while the same pair after ``/`` rounds in ``triton_moe``."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
-    else:
-        return x
 
 
 @triton.jit
@@ -41,7 +28,7 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, D, stride_gate, stride_up, strid
     gate = tl.load(gate_ptr + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + row * stride_up + cols, mask=inside, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    act = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)
+    act = round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=inside)
 
 
@@ -54,10 +41,10 @@ def _add_gated_kernel(
     inside = cols < D
     dtype = out_ptr.dtype.element_ty
     gate = tl.load(gate_ptr + row * stride_gate).to(tl.float32)
-    scale = _round(tl.math.div_rn(1.0, 1.0 + tl.exp(-gate)), dtype)
+    scale = round_to(tl.math.div_rn(1.0, 1.0 + tl.exp(-gate)), dtype)
     x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * stride_y + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (x + _round(scale * y, dtype)).to(dtype), mask=inside)
+    tl.store(out_ptr + row * stride_out + cols, (x + round_to(scale * y, dtype)).to(dtype), mask=inside)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -96,3 +96,28 @@ def test_gradients_come_from_the_references():
             grads.append([t.grad for t in leaves])
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=0, atol=0)  # the very reference, recomputed
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from league.ops.triton_rounding import round_to
+
+    @triton.jit
+    def _round_kernel(x_ptr, out_ptr, N: tl.constexpr, BF16: tl.constexpr):
+        cols = tl.arange(0, N)
+        x = tl.load(x_ptr + cols)
+        tl.store(out_ptr + cols, round_to(x, tl.bfloat16 if BF16 else tl.float32))
+
+
+def test_round_to_rounds_to_nearest_even_as_torch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, generator=gen) * 100
+    # exact ties between two bf16 values (the low 16 bits 0x8000), both parities, negative, infinities, zero
+    ties = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), float("inf"), -float("inf"), 0.0])
+    x = torch.cat([x, ties, torch.zeros(1024 - ties.numel())]).to(DEVICE)
+    for bf16, expected in ((True, x.bfloat16().float()), (False, x)):
+        out = torch.empty_like(x)
+        _round_kernel[(1,)](x, out, N=x.numel(), BF16=bf16)
+        assert torch.equal(out, expected)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from league.ops.gdn.recurrent import recurrent_gated_delta_rule
+from league.ops.triton_rounding import round_to
 
 _NORM_EPS = 1e-6  # the L2-norm eps of naive.l2norm
 # fixed (not tuned per shape), so that the arithmetic of a state column never depends on the batch
@@ -130,7 +131,7 @@ def _recurrent_gated_delta_rule_kernel(
             b_a = b_g + b_dt
             b_g = b_decay * tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
             # rounded to b's dtype, as torch's sigmoid of the projection is
-            b_beta = tl.math.div_rn(1.0, 1.0 + tl.exp(-b_beta)).to(beta_ptr.dtype.element_ty).to(tl.float32)
+            b_beta = round_to(tl.math.div_rn(1.0, 1.0 + tl.exp(-b_beta)), beta_ptr.dtype.element_ty)
         b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + EPS) * scale
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + EPS)
         b_h = b_h * tl.exp(b_g)
