@@ -62,3 +62,23 @@ def test_engine_sizes_slots_from_gpu_memory():
     model = tiny_model("gqa2_interval2").float().cuda()
     engine = LLMEngine(model, EngineConfig(max_running_requests=8, context_length=64, mem_fraction_static=0.5))
     assert engine.scheduler.pool.num_slots == 8
+
+
+def test_league_bench_times_a_rollout_through_cuda_graphs(tmp_path):
+    """``league bench`` on the GPU: random bf16 weights made on the device, the decode graph captured, a record."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from league.cli import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--batch", "4", "--prompt-len", "16", "--new-tokens", "32"]
+    args += ["--speculative-num-steps", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["device"] != "cpu" and record["settings"]["dtype"] == "bfloat16"
+    rates = record["results"]["b4"]
+    assert rates["decode_tokens_per_s"] > 0 and 0 < rates["roofline_fraction"]
+    assert 1.0 <= rates["spec_accept_length"] <= 3.0
