@@ -13,6 +13,7 @@ mean context.
 Not responsible for choosing kernels (the ops do) nor for the benchmark records of ``benchmarks/``, which call it.
 """
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,25 @@ def bench_model(
         args = with_num_layers(args, num_layers)
     if mtp_num_layers is not None:
         args = args.replace(mtp_num_layers=mtp_num_layers)
+    check_fits(args, torch_device, torch_dtype)
     return random_model(args, str(torch_device), torch_dtype).eval()
+
+
+def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise a ``ValueError`` naming the sizes when ``args``'s weights in ``dtype`` exceed ``device``'s free
+    memory (on the CPU: its physical memory), rather than failing inside an allocation."""
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in Transformer(args).parameters())
+    need = num_params * dtype.itemsize
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    else:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise ValueError(
+            f"the weights alone need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, and {device.type} "
+            f"has {have / 2**30:.1f} GiB; use fewer layers (--num-layers) or another dtype or device"
+        )
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:

@@ -71,6 +71,7 @@ def test_speculation_reports_its_acceptance():
         (dict(preset="tiny", model_dir="x"), "exactly one of --model"),
         (dict(preset="nope"), "preset 'nope'"),
         (dict(preset="tiny", num_layers=0), "at least 1"),
+        (dict(preset="qwen3.6-35b-a3b", num_layers=400, dtype="float32"), "GiB in float32"),
     ],
 )
 def test_bad_models_are_user_errors(kwargs, message):
