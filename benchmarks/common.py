@@ -125,9 +125,11 @@ BUCKETS = (
     ("conv", ("conv",)),
     ("attention", ("cached_attention", "flash", "attention", "fmha")),
     ("rms_norm", ("rms_norm",)),
+    ("router", ("_route_topk_kernel",)),
+    ("moe_tail", ("_silu_mul_kernel", "_add_gated_kernel")),
     ("logprob_head", ("_logprob", "logsumexp", "log_softmax")),
     ("gemm", ("gemm", "Gemm", "sm90_xmma", "nvjet", "addmm", "mm")),
-    ("softmax_sampling", ("softmax", "exponential", "argmax", "topk", "sort")),
+    ("softmax_sampling", ("softmax", "exponential", "argmax", "topk", "sort", "_race_kernel")),
     ("optimizer", ("multi_tensor", "foreach", "adam")),
 )
 
