@@ -260,7 +260,9 @@ def test_fla_chunk_forward_and_backward_match_reference(fla_interpreter, layout,
         ((o * weights).sum() + (final * final.detach().sin()).sum()).backward()
         results.append([o.detach(), final.detach(), *(x.grad for x in leaves)])
     names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
-    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    # on CUDA, fla's fp32 tl.dot calls run in TF32 (Triton's default precision; most set no allow_tf32): the
+    # interpreter's fp32 tolerance does not hold there (its first CUDA run failed it)
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else 5e-3
     for name, got, ref in zip(names, *results):
         assert got.shape == ref.shape and max_err(got, ref) < tol, (name, max_err(got, ref))
     assert [grad.dtype for grad in results[0][2:]] == [x.dtype for x in inputs]
