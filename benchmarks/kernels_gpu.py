@@ -302,7 +302,11 @@ def main() -> None:
         default = triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS
         results["gdn_recurrent_slots"] = gdn(opts.batch, opts.iters)
         triton_recurrent._BLOCK_V, triton_recurrent._NUM_WARPS = default
-        results["gdn_default"] = {"block_v": default[0], "num_warps": default[1]}
+        results["gdn_default"] = {
+            "block_v": default[0],
+            "num_warps": default[1],
+            "stream_state": triton_recurrent._STREAM_STATE,  # every setting of the sweep runs with it
+        }
     if opts.only in (None, "conv"):
         results["conv_slots"] = conv(opts.batch, opts.iters)
         print("conv", json.dumps(results["conv_slots"]), flush=True)
