@@ -372,14 +372,14 @@ def bench(
         results = {}
         for settings in runs:
             results[settings.batch] = rollout_rates(net, settings)
-    table = Table("batch", "prefill s", "total s", "tokens/s", "decode tokens/s", "roofline", "of roofline")
+    table = Table("batch", "prefill s", "total s", "tok/s", "decode tok/s", "roofline tok/s", "fraction")
     spec = speculative_num_steps > 0
     if spec:
-        table.add_column("tokens/verify")
+        table.add_column("tok/verify")
     for b, r in results.items():
-        row = [str(b), f"{r['prefill_seconds']:.2f}", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}"]
-        row += [f"{r['decode_tokens_per_s']:,.0f}", f"{r['roofline_tokens_per_s']:,.0f}"]
-        row += [f"{r['roofline_fraction']:.0%}"]
+        row = [str(b), f"{r['prefill_seconds']:.2f}", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}"]
+        row += [f"{r['decode_tokens_per_s']:.0f}", f"{r['roofline_tokens_per_s']:.3g}"]
+        row += [f"{r['roofline_fraction']:.1%}"]
         table.add_row(*row, *([f"{r['spec_accept_length']:.2f}"] if spec else []))
     stdout.print(table)
     if out is not None:
