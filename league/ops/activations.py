@@ -16,9 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import installed
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from league.ops.backends import KERNEL_DTYPES, installed
 
 
 def sigmoid(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
@@ -68,7 +66,7 @@ def _kernel_applies(batch_invariant: bool, *tensors: torch.Tensor) -> bool:
     return (
         not batch_invariant
         and first.is_cuda
-        and first.dtype in _KERNEL_DTYPES
+        and first.dtype in KERNEL_DTYPES
         and all(t.dtype == first.dtype for t in tensors)
         and installed("triton")
     )

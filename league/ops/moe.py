@@ -21,7 +21,7 @@ N = T * A token-expert pairs.
 import torch
 
 from league.ops.activations import silu
-from league.ops.backends import installed
+from league.ops.backends import KERNEL_DTYPES, installed
 from league.ops.linear import linear
 
 # mean token-expert pairs per expert (N / E) up to which the Triton kernels run rather than the grouped GEMMs (256
@@ -40,16 +40,13 @@ def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor
         ``(weights_TA, experts_TA)``: weights in the dtype of the logits, expert indices (int64), in descending
         order of probability.
     """
-    if router_logits_TE.is_cuda and router_logits_TE.dtype in _KERNEL_DTYPES and installed("triton"):
+    if router_logits_TE.is_cuda and router_logits_TE.dtype in KERNEL_DTYPES and installed("triton"):
         if torch.is_grad_enabled() and router_logits_TE.requires_grad:
             return _RouteTopk.apply(router_logits_TE, top_k)
         from league.ops.triton_router import route_topk_fwd
 
         return route_topk_fwd(router_logits_TE, top_k)
     return route_topk_reference(router_logits_TE, top_k)
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def renormalised_weights(router_logits_TE: torch.Tensor, experts_TA: torch.Tensor) -> torch.Tensor:
