@@ -32,12 +32,19 @@ Greedy outputs with and without speculation are compared per batch (``greedy_equ
 bf16 the verify forward's numerics differ from decode's, so they may diverge (recorded, not asserted). Writes
 ``benchmarks/results/speculative_gpu.json``.
 
+The trained layers are few (training must fit the device), so the MTP layer's share of a step's cost is larger
+than in the full model. ``--serve-layers L`` (e.g. 40) decodes instead with the trained layers followed by
+``L - --num-layers`` inert ones (random weights but for zero output projections: each reads the weights, caches and
+states a real layer does, and adds exact zeros to the residual stream), so every step costs what the full-depth
+model's does while tokens and drafts, and so acceptance, stay the trained model's. The 40-layer model takes 70 GB
+of bf16 weights, made after training frees its optimizer.
+
 Training keeps bf16 weights, gradients and AdamW moments (8 bytes a parameter: 64 GiB for the 8.6 B parameters of
 the default 8 layers; up to about 16 layers fit an H200).
 
     python benchmarks/speculative_gpu.py [--num-layers 8] [--batches 1,16,64] [--spec-steps 1,2,3]
         [--temperatures 0,1] [--train-steps 200] [--lang-vocab 256] [--noise 0.05] [--new-tokens 256]
-        [--requests-per-slot 4] [--graph-sizes default]
+        [--requests-per-slot 4] [--graph-sizes default] [--serve-layers 40]
     OMP_NUM_THREADS=1 python benchmarks/speculative_gpu.py --device cpu --preset tiny --num-layers 4 \
         --lang-vocab 64 --train-steps 200 --train-len 32 --lr 3e-3 --prompt-len 16 --batches 1,4 --new-tokens 32 \
         --spec-steps 1,2 --out /tmp/spec.json   (a CPU smoke test: a minute or two on 2 cores)
@@ -124,6 +131,33 @@ def train(model: Transformer, opts: argparse.Namespace, gen: torch.Generator) ->
         "mtp_loss_last": history[-1][1],
         "mtp_loss_last10_mean": sum(m for _, m in tail) / len(tail),
     }
+
+
+def with_inert_layers(model: Transformer, deep_args: ModelArgs, seed: int) -> Transformer:
+    """``model`` deepened to ``deep_args``'s layers: its own layers (and embedding, MTP layer, norm, head) first,
+    then random ones whose outputs to the residual stream are zero (the token mixer's output projection, the routed
+    and shared experts' down projections). The extra layers read the weights, caches and recurrent states that
+    real ones do, and their routers spread tokens over the experts, so a step costs what the deeper model's does;
+    adding exact zeros, they leave every hidden state, and so every token and every draft, the trained
+    ``model``'s."""
+    num_layers, param = model.args.num_layers, next(model.parameters())
+    if deep_args.num_layers <= num_layers or deep_args.layer_types[:num_layers] != model.args.layer_types:
+        raise ValueError(
+            f"cannot deepen layers {model.args.layer_types} to {deep_args.layer_types}: the deeper model must "
+            "begin with the same layers and have more"
+        )
+    deep = random_model(deep_args, str(param.device), param.dtype, seed=seed)
+    missing, unexpected = deep.load_state_dict(model.state_dict(), strict=False)
+    extra = [name for name in deep.state_dict() if name.startswith("layers.") and int(name.split(".")[1]) >= num_layers]
+    if unexpected or sorted(missing) != sorted(extra):
+        raise RuntimeError(f"weights that do not match when deepening: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for layer in deep.layers[num_layers:]:
+            mixer = layer.attn if layer.layer_type == "full_attention" else layer.gdn
+            mixer.wo.weight.zero_()
+            layer.moe.experts.w_down.zero_()
+            layer.moe.shared.w_down.weight.zero_()
+    return deep.train(model.training)
 
 
 def sync(device: str) -> None:
@@ -270,6 +304,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--preset", default="qwen3.6-35b-a3b", choices=sorted(PRESETS))
     parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument(
+        "--serve-layers",
+        type=int,
+        default=None,
+        help="decode with the trained layers followed by inert ones up to this depth (e.g. 40, the full model), so "
+        "steps cost what the full-depth model's do while the tokens stay the trained model's; default: --num-layers",
+    )
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--spec-steps", default="1,2,3")
     parser.add_argument("--temperatures", default="0,1", help="0 is greedy; greedy is always measured")
@@ -328,6 +369,12 @@ def main() -> None:
     training = train(model, opts, gen)
     print("training:", json.dumps(training), flush=True)
     model.eval().requires_grad_(False)
+    served = args
+    if opts.serve_layers is not None and opts.serve_layers != args.num_layers:
+        served = with_num_layers(PRESETS[opts.preset], opts.serve_layers).replace(mtp_num_layers=1)
+        model = with_inert_layers(model, served, seed=opts.seed + 1).eval().requires_grad_(False)
+        free_memory(opts.device)  # the trained model's own copy
+        print(f"served with {served.num_layers - args.num_layers} inert layers after the trained ones", flush=True)
     waves = opts.requests_per_slot
     prompts = synthetic(max(opts.batches) * waves, opts.prompt_len, opts.lang_vocab, 0.0, gen).tolist()
     results: dict[str, dict] = {}
@@ -344,8 +391,11 @@ def main() -> None:
         "versions": versions(),
         "settings": {k: v for k, v in vars(opts).items() if k != "out"}
         | {
-            "model": f"{opts.preset} cut to {args.num_layers} layers ({args.layer_types}) + 1 MTP layer",
+            "model": f"{opts.preset} cut to {args.num_layers} layers ({args.layer_types}) + 1 MTP layer"
+            + (f", served with {served.num_layers - args.num_layers} inert layers after them" if served is not args else ""),
             "num_params": num_params,
+            "served_num_layers": served.num_layers,
+            "served_num_params": sum(p.numel() for p in model.parameters()),
             "vocab_size": args.vocab_size,
             "speculative_algorithm": "EAGLE (the model's MTP layer, chain drafts)",
         },
