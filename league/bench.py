@@ -70,7 +70,7 @@ def random_model(args: ModelArgs, device: str = "cuda", dtype: torch.dtype = tor
     in ``dtype`` (a 35 B model is made in seconds on a GPU, without a checkpoint on disk)."""
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-size fp32 copy on the device
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
