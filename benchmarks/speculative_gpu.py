@@ -392,7 +392,11 @@ def main() -> None:
         "settings": {k: v for k, v in vars(opts).items() if k != "out"}
         | {
             "model": f"{opts.preset} cut to {args.num_layers} layers ({args.layer_types}) + 1 MTP layer"
-            + (f", served with {served.num_layers - args.num_layers} inert layers after them" if served is not args else ""),
+            + (
+                f", served with {served.num_layers - args.num_layers} inert layers after them"
+                if served is not args
+                else ""
+            ),
             "num_params": num_params,
             "served_num_layers": served.num_layers,
             "served_num_params": sum(p.numel() for p in model.parameters()),

@@ -2,8 +2,8 @@
 
 A request owns one slot: full-attention KV ``[slots, max_len, G, K]`` per layer (trunk and MTP), GDN conv
 window ``[slots, C, W-1]`` and recurrent state ``[slots, Hv, K, V]`` (fp32) per GDN layer, and verify
-scratch rows for the per-step GDN states. Not responsible for deciding which request gets which slot
-beyond a free list, nor for the model's math.
+scratch rows for the per-step conv windows and the recurrence's inputs (see ``GDNCache``). Not responsible for
+deciding which request gets which slot beyond a free list, nor for the model's math.
 """
 
 from dataclasses import dataclass, field
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from league.models.qwen3_5_moe import AttentionCache, GDNCache, ModelArgs, ModelCache
-from league.ops.rows import copy_rows
 
 
 def allocate_cache(
@@ -41,15 +40,20 @@ def allocate_cache(
     def gdn() -> GDNCache:
         conv_shape = (args.gdn_conv_dim, args.linear_conv_kernel_dim - 1)
         ssm_shape = (args.linear_num_value_heads, args.linear_key_head_dim, args.linear_value_head_dim)
-        scratch = max_rows > 0 and max_steps > 0
-        return GDNCache(
+        cache = GDNCache(
             conv=torch.zeros((num_slots, *conv_shape), dtype=dtype, device=device),
             ssm=torch.zeros((num_slots, *ssm_shape), dtype=state_dtype, device=device),
-            conv_steps=torch.zeros((max_rows, max_steps, *conv_shape), dtype=dtype, device=device) if scratch else None,
-            ssm_steps=torch.zeros((max_rows, max_steps, *ssm_shape), dtype=state_dtype, device=device)
-            if scratch
-            else None,
         )
+        if max_rows > 0 and max_steps > 0:
+
+            def scratch(*shape: int) -> torch.Tensor:
+                return torch.zeros((max_rows, max_steps, *shape), dtype=dtype, device=device)
+
+            cache.conv_steps = scratch(*conv_shape)
+            cache.verify_mixed = scratch(args.gdn_conv_dim)
+            cache.verify_a = scratch(args.linear_num_value_heads)
+            cache.verify_b = scratch(args.linear_num_value_heads)
+        return cache
 
     layers = [kv() if kind == "full_attention" else gdn() for kind in args.layer_types]
     return ModelCache(layers=layers, mtp_layers=[kv() for _ in range(args.mtp_num_layers)])
@@ -66,22 +70,6 @@ def cache_bytes_per_slot(
     conv = args.gdn_conv_dim * (args.linear_conv_kernel_dim - 1) * item
     ssm = args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * state_item
     return num_full * kv + num_gdn * (conv + ssm)
-
-
-def commit_verified_states(cache: ModelCache, slots: list[int], accepted_steps: list[int] | torch.Tensor) -> None:
-    """After a verify, copy each row's GDN state at its last accepted step into the row's slot (``accepted_steps``
-    on the host, or ``[B]`` long on the cache's device: then nothing is read back)."""
-    layers = [layer for layer in cache.layers if isinstance(layer, GDNCache)]
-    if not layers:
-        return
-    device = layers[0].ssm.device
-    width = layers[0].ssm_steps.shape[1]  # steps per scratch row
-    slots_t = torch.tensor(slots).to(device, non_blocking=True)
-    steps_t = torch.as_tensor(accepted_steps).to(device, non_blocking=True)
-    rows_t = torch.arange(len(slots), device=device) * width + steps_t
-    for layer in layers:  # the scratch rows as [rows * steps, ...]: row i's step s is row i * steps + s
-        copy_rows(layer.ssm, slots_t, layer.ssm_steps.flatten(0, 1), rows_t)
-        copy_rows(layer.conv, slots_t, layer.conv_steps.flatten(0, 1), rows_t)
 
 
 def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from league.engine.cache import allocate_cache, cache_bytes_per_slot, commit_verified_states, copy_slot
+from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, rows_by_settings
 from league.engine.scheduler import Scheduler
@@ -429,7 +429,8 @@ class LLMEngine:
         accepted_B, bonus_B = accept_on_device(
             logits, drafts_BN, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
         )
-        commit_verified_states(self.cache, slots, accepted_B)
+        slots_B = torch.tensor(slots).to(self.device, non_blocking=True)
+        self.model.commit_verified(self.cache, slots_B, accepted_B, self.config.batch_invariant)
         # emitted token t of request i: draft t while t < accepted_i, the bonus at t == accepted_i (and past it,
         # where nothing is emitted)
         steps = torch.arange(num_steps + 1, device=self.device)

@@ -1,11 +1,10 @@
-"""Whole rows copied between tensors by index, ``dst[dst_index] = src[src_index]`` over the first dim: how the
-engine commits a verify's GDN states (each request's state after its last accepted token, from the verify's
+"""Whole rows copied between tensors by index, ``dst[dst_index] = src[src_index]`` over the first dim: how a
+verify's GDN conv windows are committed (each request's window after its last accepted token, from the verify's
 per-step scratch rows into its slot).
 
 Advanced indexing gathers into a temporary and scatters it back, element by element; on CUDA with Triton one
-kernel copies each row straight across, in wide contiguous blocks (a row is a whole state: 2 MiB in fp32 at the
-35B-A3B shape), reading the indices on the device (no host synchronisation). Not responsible for which rows
-move (the engine decides).
+kernel copies each row straight across, in wide contiguous blocks (a row is a whole window or state), reading the
+indices on the device (no host synchronisation). Not responsible for which rows move (the model decides).
 
 Legend: R rows moved, E elements per row.
 """

@@ -101,22 +101,44 @@ def test_slots_kernel_matches_reference_and_leaves_the_rest(verify, dtype):
     num_tokens = 4 if verify else 1
     q, k, v, g, beta, _ = step_inputs(6, num_tokens, dtype, seed=2)
     cache = torch.randn(10, HV, K, V, device="cuda")
-    scratch = torch.randn(8, 5, HV, K, V, device="cuda") if verify else None
     slots = torch.tensor([7, -1, 3, 9, 1, -1], device="cuda")
     fresh = torch.tensor([False, False, True, False, False, False], device="cuda")
     caches = [cache.clone(), cache.clone()]
-    scratches = [scratch.clone(), scratch.clone()] if verify else [None, None]
-    o = gdn.recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[0], slots, None, fresh, scratches[0])
-    o_ref = recurrent_gated_delta_rule_slots(*fp32((q, k, v, g, beta)), caches[1], slots, None, fresh, scratches[1])
-    rows = [0, 2, 3, 4]  # not padding: the outputs and scratch rows of padding rows are meaningless
+    commit = not verify
+    o = gdn.recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[0], slots, None, fresh, commit)
+    o_ref = recurrent_gated_delta_rule_slots(*fp32((q, k, v, g, beta)), caches[1], slots, None, fresh, commit)
+    rows = [0, 2, 3, 4]  # not padding: the outputs of padding rows are meaningless
     assert rel_err(o[rows], o_ref[rows]) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert rel_err(caches[0], caches[1]) < 1e-5
-    untouched = [0, 2, 4, 5, 6, 8] + ([1, 3, 7, 9] if verify else [])
+    untouched = [0, 2, 4, 5, 6, 8] + ([1, 3, 7, 9] if verify else [])  # a verify writes no state
     assert all(torch.equal(caches[0][i], cache[i]) for i in untouched)
-    if verify:
-        assert rel_err(scratches[0][rows, :num_tokens], scratches[1][rows, :num_tokens]) < 1e-5
-        assert torch.equal(scratches[0][6:], scratch[6:])
-        assert torch.equal(scratches[0][:, num_tokens:], scratch[:, num_tokens:])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_committing_a_verified_prefix_equals_decoding_it_bitwise(state_dtype):
+    """A verify reads the states only; its accepted prefix is committed by stepping it again from the same states
+    with -inf gate projections past it (the model's commit). The committed state must be, bit for bit, the one that
+    running just the accepted tokens through the kernel from those states gives (as a decode step would)."""
+    num_reqs, width = 8, 4
+    q, k, v, _, _, _ = step_inputs(num_reqs, width, torch.bfloat16, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    a, b = (torch.randn(num_reqs, width, HV, generator=gen, device="cuda").mul(2).to(torch.bfloat16) for _ in "ab")
+    params = tuple(torch.randn(HV, generator=gen, device="cuda").to(torch.bfloat16) for _ in "pd")
+    cache = (torch.randn(num_reqs + 2, HV, K, V, generator=gen, device="cuda") * 0.1).to(state_dtype)
+    slots = torch.tensor([9, 0, 3, 2, 8, 1, 5, 4], device="cuda")
+    accepted = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0], device="cuda")
+    expected = cache.clone()
+    for n in range(width):
+        rows = (accepted == n).nonzero()[:, 0]
+        kept = (x[rows, : n + 1] for x in (q, k, v, a, b))
+        gdn.recurrent_gated_delta_rule_slots(*kept, expected, slots[rows], gate_params=params)
+    before = cache.clone()
+    gdn.recurrent_gated_delta_rule_slots(q, k, v, a, b, cache, slots, None, None, False, params)
+    assert torch.equal(cache, before)
+    dropped = (torch.arange(width, device="cuda") > accepted[:, None])[..., None]
+    a_kept, b_kept = (x.masked_fill(dropped, float("-inf")) for x in (a, b))
+    gdn.recurrent_gated_delta_rule_slots(q, k, v, a_kept, b_kept, cache, slots, gate_params=params)
+    assert torch.equal(cache, expected)
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -134,16 +156,13 @@ def test_slots_kernel_makes_the_gates_like_gdn_gates(verify):
     cache = torch.randn(64, HV, K, V, device="cuda") * 0.1
     slots = torch.randperm(64, device="cuda")
     caches = [cache.clone(), cache.clone()]
-    scratches = [torch.zeros(64, num_tokens, HV, K, V, device="cuda") if verify else None for _ in range(2)]
     g, beta = gdn_gates(a, b, a_log, dt_bias)
     o_raw = gdn.recurrent_gated_delta_rule_slots(
-        q, k, v, a, b, caches[0], slots, None, None, scratches[0], (a_log, dt_bias)
+        q, k, v, a, b, caches[0], slots, None, None, not verify, (a_log, dt_bias)
     )
-    o = gdn.recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, None, scratches[1])
+    o = gdn.recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, None, not verify)
     print(f"raw gates vs torch gates: out {rel_err(o_raw, o):.2e}, states {rel_err(caches[0], caches[1]):.2e}")
     assert rel_err(o_raw, o) < 1e-3 and rel_err(caches[0], caches[1]) < 1e-5
-    if verify:
-        assert rel_err(scratches[0], scratches[1]) < 1e-5
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -151,27 +170,23 @@ def test_slots_kernel_replays_in_a_cuda_graph(verify):
     q, k, v, g, beta, _ = step_inputs(4, 3 if verify else 1, torch.bfloat16, seed=3)
     static = [x.clone() for x in (q, k, v, g, beta)]
     cache = torch.randn(6, HV, K, V, device="cuda")
-    scratch = torch.zeros(4, 3, HV, K, V, device="cuda") if verify else None
     slots = torch.tensor([5, 0, 2, -1], device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up compiles the kernel outside the capture
-        gdn.recurrent_gated_delta_rule_slots(*static, cache.clone(), slots, state_steps=scratch)
+        gdn.recurrent_gated_delta_rule_slots(*static, cache.clone(), slots, commit=not verify)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gdn.recurrent_gated_delta_rule_slots(*static, cache, slots, state_steps=scratch)
+        out = gdn.recurrent_gated_delta_rule_slots(*static, cache, slots, commit=not verify)
     for buffer, value in zip(static, step_inputs(4, q.shape[1], torch.bfloat16, seed=4)[:5]):
         buffer.copy_(value)
     slots.copy_(torch.tensor([1, 3, -1, 4], device="cuda"))
     expected_cache = cache.clone()
-    expected_scratch = torch.zeros_like(scratch) if verify else None
     graph.replay()
-    expected = gdn.recurrent_gated_delta_rule_slots(*static, expected_cache, slots, state_steps=expected_scratch)
+    expected = gdn.recurrent_gated_delta_rule_slots(*static, expected_cache, slots, commit=not verify)
     rows = [0, 1, 3]  # row 2 is padding
     assert torch.equal(out[rows], expected[rows]) and torch.equal(cache, expected_cache)
-    if verify:
-        assert torch.equal(scratch[rows], expected_scratch[rows])
 
 
 def packed_inputs(lens, dtype, seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from league.engine.cache import allocate_cache, commit_verified_states
-from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
+from league.engine.cache import allocate_cache
+from league.models.qwen3_5_moe import ForwardBatch, GDNCache, ModelArgs, Transformer
 from league.ops.norm import rms_norm
 from tests.conftest import hf_text_config
 
@@ -94,8 +94,7 @@ def test_packed_sequences_equal_each_alone():
 
 @torch.no_grad()
 @pytest.mark.parametrize("accepted", [0, 1, 3])
-@pytest.mark.parametrize("on_device", [False, True], ids=["host_list", "tensor"])
-def test_verify_keeps_intermediate_states(accepted, on_device):
+def test_verify_then_commit_equals_running_the_accepted_tokens(accepted):
     """Verify 4 tokens without committing; committing step ``accepted`` equals having run those tokens."""
     model = tiny_model("gqa2_interval2")
     gen = torch.Generator().manual_seed(5)
@@ -104,10 +103,21 @@ def test_verify_keeps_intermediate_states(accepted, on_device):
     follow = torch.randint(0, model.args.vocab_size, (1,), generator=gen)
     cache = allocate_cache(model.args, num_slots=2, max_len=64, **F64, max_rows=2, max_steps=4)
     model(prompt, ForwardBatch.packed([30], cache_lens=[0], slots=[1]), cache)
+    gdn_caches = [layer for layer in cache.layers if isinstance(layer, GDNCache)]
+    before = [(layer.conv.clone(), layer.ssm.clone()) for layer in gdn_caches]
     verify = ForwardBatch.packed([4], cache_lens=[30], slots=[1], record_states=True)
     verify_logits = model.logits(model(draft, verify, cache))
-    commit_verified_states(cache, slots=[1], accepted_steps=torch.tensor([accepted]) if on_device else [accepted])
+    for (conv, ssm), layer in zip(before, gdn_caches):  # a verify commits nothing
+        assert torch.equal(conv, layer.conv) and torch.equal(ssm, layer.ssm)
+    model.commit_verified(cache, torch.tensor([1]), torch.tensor([accepted]))
     kept = accepted + 1
+    # the committed windows and states are those of running the kept tokens as a decode would
+    plain = allocate_cache(model.args, num_slots=2, max_len=64, **F64)
+    model(prompt, ForwardBatch.packed([30], cache_lens=[0], slots=[1]), plain)
+    model(draft[:kept], ForwardBatch.packed([kept], cache_lens=[30], slots=[1]), plain)
+    for layer, expected in zip(gdn_caches, [c for c in plain.layers if isinstance(c, GDNCache)]):
+        assert (layer.conv[1] - expected.conv[1]).abs().max().item() < TOL
+        assert (layer.ssm[1] - expected.ssm[1]).abs().max().item() < TOL
     after = model.logits(model(follow, ForwardBatch.packed([1], cache_lens=[30 + kept], slots=[1]), cache))
     reference = full_logits(model, torch.cat([prompt, draft[:kept], follow]))
     assert (verify_logits[:kept] - reference[30 : 30 + kept]).abs().max().item() < TOL

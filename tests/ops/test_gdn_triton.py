@@ -155,22 +155,15 @@ def test_slots_kernel_matches_reference_and_leaves_the_rest(verify):
     q, k, v, g, beta, _ = step_inputs(4, num_tokens, 2, 4, 16, 12, seed=7)
     gen = torch.Generator().manual_seed(8)
     cache = torch.randn(6, 4, 16, 12, generator=gen).to(DEVICE)
-    scratch = torch.randn(5, 6, 4, 16, 12, generator=gen).to(DEVICE) if verify else None
     slots = torch.tensor([5, -1, 1, 2], device=DEVICE)
     fresh = torch.tensor([False, False, False, True], device=DEVICE)
     caches = [cache.clone(), cache.clone()]
-    scratches = [scratch.clone(), scratch.clone()] if verify else [None, None]
-    o = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[0], slots, None, fresh, scratches[0])
-    o_ref = recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, fresh, scratches[1])
+    o = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[0], slots, None, fresh, not verify)
+    o_ref = recurrent_gated_delta_rule_slots(q, k, v, g, beta, caches[1], slots, None, fresh, not verify)
     assert max_err(o, o_ref) < 1e-5
     assert max_err(caches[0], caches[1]) < 1e-5
-    untouched = [0, 3, 4] + ([1, 2, 5] if verify else [])
+    untouched = [0, 3, 4] + ([1, 2, 5] if verify else [])  # a verify writes no state
     assert all(torch.equal(caches[0][i], cache[i]) for i in untouched)
-    if verify:
-        assert max_err(scratches[0][:4, :num_tokens], scratches[1][:4, :num_tokens]) < 1e-5
-        assert torch.equal(scratches[0][4], scratch[4]) and torch.equal(
-            scratches[0][:, num_tokens:], scratch[:, num_tokens:]
-        )
 
 
 @needs_triton
@@ -285,18 +278,13 @@ def test_slots_kernel_makes_the_gates_of_the_projections(verify):
     cache = torch.randn(4, 4, 16, 12, generator=gen).to(DEVICE)
     slots = torch.tensor([2, 0, 3], device=DEVICE)
     caches = [cache.clone() for _ in range(3)]
-    scratches = [torch.zeros(3, num_tokens, 4, 16, 12, device=DEVICE) if verify else None for _ in range(3)]
-    o_raw = recurrent_gated_delta_rule_slots_fwd(
-        q, k, v, a, b, caches[0], slots, None, None, scratches[0], (a_log, dt_bias)
-    )
-    o_gates = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[1], slots, None, None, scratches[1])
-    o_ref = recurrent_gated_delta_rule_slots(
-        q, k, v, a, b, caches[2], slots, None, None, scratches[2], (a_log, dt_bias)
-    )
+    commit = not verify
+    o_raw = recurrent_gated_delta_rule_slots_fwd(q, k, v, a, b, caches[0], slots, None, None, commit, (a_log, dt_bias))
+    o_gates = recurrent_gated_delta_rule_slots_fwd(q, k, v, g, beta, caches[1], slots, None, None, commit)
+    o_ref = recurrent_gated_delta_rule_slots(q, k, v, a, b, caches[2], slots, None, None, commit, (a_log, dt_bias))
     assert max_err(o_raw, o_gates) < 1e-5 and max_err(o_raw, o_ref) < 1e-5
     assert max_err(caches[0], caches[1]) < 1e-5 and max_err(caches[0], caches[2]) < 1e-5
-    if verify:
-        assert max_err(scratches[0], scratches[1]) < 1e-5
+    assert torch.equal(caches[0], cache) == verify
 
 
 @needs_triton
@@ -319,3 +307,37 @@ def test_minus_inf_gate_projections_make_padding_steps_that_keep_the_state():
         step(*(x[:1, :2] for x in (q, k, v, a, b)), two_tokens[:1], slots[:1], gate_params=params)
         step(*padded, with_padding, slots, gate_params=params)
         assert max_err(with_padding[0], two_tokens[0]) < 1e-6 and torch.isfinite(with_padding).all()
+
+
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=needs_triton)], ids=["reference", "kernel"])
+def test_commit_replays_the_accepted_prefix_to_its_state(kernel):
+    """The model's verify-then-commit: a verify (``commit=False``) reads the states and writes none; stepping each
+    row's accepted prefix again from the same states, with -inf gate projections past it, commits exactly the
+    state after the last accepted token, in the reference and in the kernel."""
+    if kernel:
+        from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd as slots_step
+    else:
+        slots_step = recurrent_gated_delta_rule_slots
+    q, k, v, _, _, _ = step_inputs(4, 3, 2, 4, 16, 12, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    a, b = (torch.randn(4, 3, 4, generator=gen).to(DEVICE) * 2 for _ in range(2))
+    params = (torch.randn(4, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE))
+    cache = torch.randn(6, 4, 16, 12, generator=gen).to(DEVICE)
+    slots, accepted = torch.tensor([4, 0, 5, 2], device=DEVICE), torch.tensor([0, 2, 1, 2], device=DEVICE)
+    expected = cache.clone()
+    if kernel:  # the kernel's arithmetic does not depend on the batch: decode each row's accepted tokens alone
+        for n in range(3):
+            rows = (accepted == n).nonzero()[:, 0]
+            slots_step(*(x[rows, : n + 1] for x in (q, k, v, a, b)), expected, slots[rows], gate_params=params)
+    else:  # torch's reductions may round differently at other shapes: the state after each step, at this shape
+        from league.ops.gdn.gates import gdn_gates
+
+        _, steps = recurrent_gated_delta_rule(q, k, v, *gdn_gates(a, b, *params), cache[slots], None, True)
+        expected[slots] = steps[torch.arange(4, device=DEVICE), accepted]
+    before = cache.clone()
+    slots_step(q, k, v, a, b, cache, slots, None, None, False, params)
+    assert torch.equal(cache, before)
+    dropped = (torch.arange(3, device=DEVICE) > accepted[:, None])[..., None]
+    a_kept, b_kept = (x.masked_fill(dropped, float("-inf")) for x in (a, b))
+    slots_step(q, k, v, a_kept, b_kept, cache, slots, gate_params=params)
+    assert torch.equal(cache, expected) and not torch.equal(cache, before)

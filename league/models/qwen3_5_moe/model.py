@@ -1,9 +1,9 @@
 """The Qwen3.5 / Qwen3.6 MoE text model, single-device code.
 
 One forward serves training (packed variable-length sequences, ``cu_seqlens``, no cache) and the
-engine (each sequence continues from a cache slot: prefill, decode, or verify, which keeps every
-intermediate GDN state instead of committing). Knows nothing of parallelism, of how cache slots are
-allocated, or of sampling.
+engine (each sequence continues from a cache slot: prefill, decode, or verify, which reads the GDN states without
+committing them and keeps its inputs, so that :meth:`Transformer.commit_verified` commits the accepted prefix).
+Knows nothing of parallelism, of how cache slots are allocated, or of sampling.
 
 Legend: T packed tokens, N sequences, D model dim, V vocabulary, H query heads, G KV heads, K head dim.
 """
@@ -31,6 +31,7 @@ from league.ops.linear import join_rows, linear, linear_joined
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from league.ops.rows import copy_rows
 
 # with a cache, runs of at most this many new tokens step the GDN recurrence; longer ones use the chunked form
 RECURRENT_MAX_TOKENS = 16
@@ -53,17 +54,22 @@ class AttentionCache:
 
 @dataclass(kw_only=True, slots=True)
 class GDNCache:
-    """State of one Gated DeltaNet layer per slot, and per-step scratch rows for verify.
+    """State of one Gated DeltaNet layer per slot, and scratch rows for verify.
 
     ``conv`` ``[slots, C, W-1]`` holds the last pre-conv inputs; ``ssm`` ``[slots, Hv, K, V]`` (fp32) the
-    recurrent state. In verify mode, batch row i writes the state after each of its tokens into
-    ``conv_steps[i, t]`` ``[rows, steps, C, W-1]`` and ``ssm_steps[i, t]`` ``[rows, steps, Hv, K, V]``.
+    recurrent state. A verify leaves both untouched; batch row i writes the conv window after each of its tokens
+    into ``conv_steps[i, t]`` ``[rows, steps, C, W-1]``, and the recurrence's inputs, conv outputs
+    ``verify_mixed[i, t]`` ``[rows, steps, C]`` and gate projections ``verify_a[i, t]``, ``verify_b[i, t]``
+    ``[rows, steps, Hv]``, from which the commit steps the accepted tokens again (a recurrent state is ~2,000x
+    the bytes of one token's inputs, so this moves a state twice a verify instead of once per token).
     """
 
     conv: torch.Tensor
     ssm: torch.Tensor
     conv_steps: torch.Tensor | None = None
-    ssm_steps: torch.Tensor | None = None
+    verify_mixed: torch.Tensor | None = None
+    verify_a: torch.Tensor | None = None
+    verify_b: torch.Tensor | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,8 +90,9 @@ class ForwardBatch:
         positions (torch.Tensor): ``[T]`` absolute position of each token (for RoPE).
         slots (list[int], Optional): cache slot of each sequence. Default: no cache.
         cache_lens (list[int], Optional): tokens already in the cache for each sequence; 0 starts fresh.
-        record_states (bool): verify mode: keep GDN states per step in the scratch rows and leave the
-            slots' committed states untouched. Default: ``False``.
+        record_states (bool): verify mode: leave the slots' GDN states untouched, and keep each step's conv
+            window and the recurrence's inputs in the scratch rows for :meth:`Transformer.commit_verified`.
+            Default: ``False``.
         batch_invariant (bool): every op computes a token's numbers independently of the other tokens and
             sequences in the forward (row-wise matmuls, step-by-step GDN, per-row attention), so prefill,
             decode, verify and training agree bitwise. Slower. Default: ``False``.
@@ -342,14 +349,14 @@ class GatedDeltaNet(nn.Module):
         else:
             g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.batch_invariant)
             g, beta = pad(g_TH), pad(beta_TH)
+        commit = not batch.record_states
         if in_place:
-            steps = cache.ssm_steps if batch.record_states else None
             gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
-            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, steps, gate_params)
+            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, commit, gate_params)
         elif as_decode:
             o, new_states = gated_delta_rule_as_decode(q, k, v, g, beta, self.A_log, self.dt_bias, states)
         elif step_by_step:
-            o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states, return_all_states=batch.record_states)
+            o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states)
         elif packed_chunks(mixed_TC):
             o_packed, new_states = chunk_gated_delta_rule_varlen(
                 *(self._unpad(x, rows) for x in (q, k, v)), g_TH, beta_TH, batch.cu_seqlens, states
@@ -358,8 +365,9 @@ class GatedDeltaNet(nn.Module):
             o, new_states = chunk_gated_delta_rule_padded(q, k, v, g, beta, states)
         if cache is not None:
             if batch.record_states:
-                if new_states is not None:
-                    cache.ssm_steps[:num_seqs, :longest] = new_states.to(cache.ssm_steps.dtype)
+                cache.verify_mixed[:num_seqs, :longest] = conv_NTC
+                cache.verify_a[:num_seqs, :longest] = pad(a_TH, float("-inf"))
+                cache.verify_b[:num_seqs, :longest] = pad(b_TH, float("-inf"))
                 if not conv_in_place:
                     cache.conv_steps[:num_seqs, :longest] = (
                         full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
@@ -374,6 +382,35 @@ class GatedDeltaNet(nn.Module):
         if o_packed is not None:
             return o_packed
         return self._unpad(o, rows).contiguous()
+
+    @torch.no_grad()
+    def commit_verified(
+        self, cache: GDNCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, batch_invariant: bool = False
+    ) -> None:
+        """After a verify of B rows (batch row b in slot ``slots_B[b]``, in the verify's row order), commit each row's
+        first ``accepted_B[b] + 1`` tokens: the conv window after them copied from ``conv_steps``, the recurrent
+        state stepped over them again from the slot's state, from the inputs the verify kept, by the recurrence the
+        verify ran (the steps past them padded with -inf gate projections, which leave a state as it is), so it
+        equals the verify's state after that token. ``batch_invariant`` must be the verify's."""
+        num_rows, steps = slots_B.shape[0], cache.verify_a.shape[1]
+        rows = torch.arange(num_rows, device=slots_B.device)
+        copy_rows(cache.conv, slots_B, cache.conv_steps.flatten(0, 1), rows * steps + accepted_B)
+        dropped = (torch.arange(steps, device=slots_B.device) > accepted_B[:, None])[..., None]  # [B, steps, 1]
+        a, b = (x[:num_rows].masked_fill(dropped, float("-inf")) for x in (cache.verify_a, cache.verify_b))
+        q, k, v = self._split(cache.verify_mixed[:num_rows])
+        if q.is_cuda:  # as the verify ran: in the kernel, on the slots' states, the gates made there but when inv
+            if batch_invariant:
+                g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, batch_invariant)
+                recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots_B)
+            else:
+                recurrent_gated_delta_rule_slots(
+                    q, k, v, a, b, cache.ssm, slots_B, gate_params=(self.A_log, self.dt_bias)
+                )
+            return
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, batch_invariant)
+        states = cache.ssm[slots_B].to(torch.promote_types(q.dtype, torch.float32))
+        _, final = recurrent_gated_delta_rule(q, k, v, g, beta, states)
+        cache.ssm[slots_B] = final.to(cache.ssm.dtype)
 
     @staticmethod
     def _unpad(x_NT: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -534,6 +571,17 @@ class Transformer(nn.Module):
         for i in layers:
             x_TD = self.layers[i](x_TD, batch, rope, None if cache is None else cache.layers[i])
         return x_TD
+
+    def commit_verified(
+        self, cache: ModelCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, batch_invariant: bool = False
+    ) -> None:
+        """After a verify forward (``ForwardBatch.record_states``) of B rows, commit each row's GDN conv windows and
+        states at its last accepted token ``accepted_B[b]`` (0 keeps the first token) into slot ``slots_B[b]``
+        (``[B]`` long tensors on the cache's device; nothing is read back). Attention caches need no commit: keys
+        past a sequence's length are never read and are overwritten."""
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            if layer.layer_type != "full_attention":
+                layer.gdn.commit_verified(layer_cache, slots_B, accepted_B, batch_invariant)
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight

@@ -159,7 +159,7 @@ def recurrent_gated_delta_rule_slots(
     slots_B: torch.Tensor,
     scale: float | None = None,
     fresh_B: torch.Tensor | None = None,
-    state_steps: torch.Tensor | None = None,
+    commit: bool = True,
     gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """States read from and written to a slot-indexed cache in place; inference only. Contract of
@@ -172,10 +172,10 @@ def recurrent_gated_delta_rule_slots(
         from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
 
         return recurrent_gated_delta_rule_slots_fwd(
-            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps, gate_params
+            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, commit, gate_params
         )
     return _recurrent.recurrent_gated_delta_rule_slots(
-        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, state_steps, gate_params
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, commit, gate_params
     )
 
 

@@ -2,8 +2,9 @@
 
 Not responsible for where states live: the caller passes each request's state and decides what to
 commit. Reductions are elementwise products summed over K, so a request's numbers do not depend on
-the other requests in the batch. In verify mode every intermediate state is returned, so a rejected suffix is dropped by
-choosing which one to keep, with no recomputation.
+the other requests in the batch, nor on how its tokens are split across calls: a verify reads the states without
+committing them, and the accepted prefix is committed afterwards by stepping it again from the same state (the
+steps past it padded), which reproduces the verify's state at that step.
 
 Legend: B requests, T tokens per request, Hk key heads, Hv value heads, K key dim, V value dim.
 """
@@ -65,7 +66,7 @@ def recurrent_gated_delta_rule_slots(
     slots_B: torch.Tensor,
     scale: float | None = None,
     fresh_B: torch.Tensor | None = None,
-    state_steps: torch.Tensor | None = None,
+    commit: bool = True,
     gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Step the recurrence T times for each of B requests whose states live in a slot-indexed cache, in place.
@@ -73,16 +74,14 @@ def recurrent_gated_delta_rule_slots(
     Request b starts from ``state_cache[slots_B[b]]``, or from zeros where ``fresh_B[b]`` is true (a new
     request) or ``slots_B[b] < 0`` (a padding row, e.g. of a CUDA-graph batch). Then:
 
-    - without ``state_steps`` (decode, prefill): the state after its last token is written back to
+    - with ``commit`` (decode, prefill, a verify's commit): the state after its last token is written back to
       ``state_cache[slots_B[b]]``; rows with a negative slot write nothing.
-    - with ``state_steps`` (verify): the state after token t is written to ``state_steps[b, t]`` for every row b
-      (padding rows included, with meaningless values) and t < T; ``state_cache`` is left untouched, so the
-      caller commits the accepted step by copying ``state_steps[b, a]`` to the slot.
+    - without (verify): nothing is written; the caller commits the accepted tokens afterwards by stepping them
+      again from the same states (steps past them padded), which gives the verify's state at that step.
 
-    Nothing else is written: other slots, and scratch rows ``>= B`` or steps ``>= T``, keep their contents.
-    Non-negative slots must be distinct. Padding steps (k = v = beta = g = 0) leave a state unchanged, so
-    requests of different lengths can share T. Inference only (no autograd). This is the reference: it reads
-    ``slots_B`` on the host.
+    Nothing else is written. Non-negative slots must be distinct. Padding steps (k = v = beta = g = 0) leave a
+    state unchanged, so requests of different lengths can share T. Inference only (no autograd). This is the
+    reference: it reads ``slots_B`` on the host.
 
     Args:
         q_BTHK, k_BTHK (torch.Tensor): ``[B, T, Hk, K]`` raw queries and keys.
@@ -93,8 +92,7 @@ def recurrent_gated_delta_rule_slots(
         slots_B (torch.Tensor): ``[B]`` integer slot of each request, ``-1`` for padding rows.
         scale (float, Optional): query scale. Default: ``K ** -0.5``.
         fresh_B (torch.Tensor, Optional): ``[B]`` bool, rows that start from zeros. Default: none.
-        state_steps (torch.Tensor, Optional): ``[rows >= B, steps >= T, Hv, K, V]`` scratch for verify.
-            Default: ``None`` (commit the final states to the cache).
+        commit (bool): write the final states to their slots. Default: ``True``.
         gate_params (tuple, Optional): ``(A_log_H, dt_bias_H)``: then ``g_BTH`` and ``beta_BTH`` are the raw
             projections ``a`` and ``b``, turned into gates by :func:`league.ops.gdn.gates.gdn_gates`. Default:
             ``None`` (g and beta are the gates).
@@ -110,11 +108,8 @@ def recurrent_gated_delta_rule_slots(
         zero = zero | fresh_B.bool()
     state = state_cache[slots.clamp(min=0)].to(torch.float32)
     state = torch.where(zero[:, None, None, None], torch.zeros_like(state), state)
-    verify = state_steps is not None
-    out, states = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state, scale, verify)
-    if verify:
-        state_steps[: states.shape[0], : states.shape[1]] = states.to(state_steps.dtype)
-    else:
+    out, final = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state, scale)
+    if commit:
         keep = slots >= 0
-        state_cache[slots[keep]] = states[keep].to(state_cache.dtype)
+        state_cache[slots[keep]] = final[keep].to(state_cache.dtype)
     return out

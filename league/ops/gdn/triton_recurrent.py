@@ -1,9 +1,9 @@
 """Triton kernel of the gated delta rule stepped a few tokens at a time (decode and speculative verify).
 
 Computes exactly what ``recurrent.recurrent_gated_delta_rule`` defines, in two forms: states passed in and
-returned (``recurrent_gated_delta_rule_fwd``), or read from and written to a slot-indexed state cache in place
-(``recurrent_gated_delta_rule_slots_fwd``). It does not decide which states to commit after a verify, nor does
-it have a backward: ``recurrent_gated_delta_rule_triton`` differentiates through the torch reference.
+returned (``recurrent_gated_delta_rule_fwd``), or read from (and, but in verify, written back to) a slot-indexed
+state cache in place (``recurrent_gated_delta_rule_slots_fwd``). It does not decide which states to commit after
+a verify, nor does it have a backward: ``recurrent_gated_delta_rule_triton`` differentiates through the torch reference.
 
 Imported only when Triton is installed. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Launches
 read no device value on the host, so they can be captured in CUDA graphs. One program owns one request, one value
@@ -258,17 +258,15 @@ def recurrent_gated_delta_rule_slots_fwd(
     slots_B: torch.Tensor,
     scale: float | None = None,
     fresh_B: torch.Tensor | None = None,
-    state_steps: torch.Tensor | None = None,
+    commit: bool = True,
     gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The kernel behind :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule_slots`; same contract. With
-    ``gate_params`` the kernel computes the gates from the raw projections (one launch instead of ~9)."""
+    ``gate_params`` the kernel computes the gates from the raw projections (one launch instead of ~9). Without
+    ``commit`` (verify) it reads each state once and writes none."""
     num_reqs, num_tokens, num_v_heads, v_dim = v_BTHV.shape
     k_dim = q_BTHK.shape[-1]
     assert state_cache.is_contiguous() and state_cache.shape[1:] == (num_v_heads, k_dim, v_dim)
-    if state_steps is not None:
-        assert state_steps.shape[0] >= num_reqs and state_steps.shape[1] >= num_tokens
-        assert state_steps.shape[2:] == (num_v_heads, k_dim, v_dim) and state_steps[0, 0].is_contiguous()
     out = v_BTHV.new_empty(num_reqs, num_tokens, num_v_heads, v_dim)
     if num_tokens > 0:
         _launch(
@@ -280,13 +278,13 @@ def recurrent_gated_delta_rule_slots_fwd(
             out,
             state_cache,
             state_cache,
-            state_steps,
+            None,
             slots_B,
             fresh_B,
             scale,
             use_slots=True,
-            save_all=state_steps is not None,
-            store_final=state_steps is None,
+            save_all=False,
+            store_final=commit,
             gate_params=gate_params,
         )
     return out
