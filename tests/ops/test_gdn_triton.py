@@ -183,7 +183,11 @@ def test_recurrent_gradients_come_from_the_reference():
 
 @pytest.fixture
 def fla_interpreter(monkeypatch):
-    """Make fla 0.6.0's kernels runnable under Triton 3.6's interpreter (see the module docstring)."""
+    """Make fla 0.6.0's kernels runnable under Triton 3.6's interpreter (see the module docstring). On CUDA these
+    toy-shape cases are skipped: ``tests/gpu/test_fast_gdn.py`` tests fla's chunked rule at the model's sizes there,
+    while here fla's autotuning of its fp32 backward ran past two minutes on an H200."""
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA: tests/gpu/test_fast_gdn.py::test_fla_chunk_forward_and_backward_match_reference")
     if not INTERPRET:
         return
     import fla.ops.gated_delta_rule.chunk  # noqa: F401  (loads every kernel module the chunked rule uses)
@@ -253,9 +257,7 @@ def test_fla_chunk_forward_and_backward_match_reference(fla_interpreter, layout,
         ((o * weights).sum() + (final * final.detach().sin()).sum()).backward()
         results.append([o.detach(), final.detach(), *(x.grad for x in leaves)])
     names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
-    # on CUDA, fla's fp32 tl.dot calls run in TF32 (Triton's default precision; most set no allow_tf32): the
-    # interpreter's fp32 tolerance does not hold there (its first CUDA run failed it)
-    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else 5e-3
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
     for name, got, ref in zip(names, *results):
         assert got.shape == ref.shape and max_err(got, ref) < tol, (name, max_err(got, ref))
     assert [grad.dtype for grad in results[0][2:]] == [x.dtype for x in inputs]
