@@ -31,8 +31,9 @@ class SpeculativeStep:
        past the committed length, where the draft steps overwrite them before anything reads them);
     2. the draft chain: the MTP head's top-1 token from the last real row, then N - 1 more MTP steps, each
        fed the previous step's output and token;
-    3. one verify forward of the pending token and the N drafts (GDN states of every step recorded in the
-       cache's scratch rows, slots untouched), its output head into ``logits`` and its hidden states into
+    3. one verify forward of the pending token and the N drafts (slots' GDN states read, not written; each
+       step's conv window and the recurrence's inputs kept in the cache's scratch rows for
+       ``Transformer.commit_verified``), its output head into ``logits`` and its hidden states into
        ``hidden[slot]`` for the next step's MTP rows.
 
     The same functions run eagerly or captured per batch size (:meth:`capture`); a batch smaller than a

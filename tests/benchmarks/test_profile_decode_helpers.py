@@ -2,29 +2,15 @@
 trace, and the routing's spread over the experts."""
 
 import gzip
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-
-
-def load_profile_decode():
-    sys.path.insert(0, str(BENCHMARKS))  # its sibling module ``common``
-    try:
-        spec = importlib.util.spec_from_file_location("profile_decode", BENCHMARKS / "profile_decode.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+from tests.benchmarks import load_benchmark
 
 
 def test_timeline_gaps_splits_short_and_long_idle(tmp_path):
-    profile_decode = load_profile_decode()
+    profile_decode = load_benchmark("profile_decode")
     # kernels (ts, dur) in µs: [0, 10), [10.5, 15.5) -> 0.5 idle; [12, 14) inside the previous; [100, 101) -> 84.5
     kernels = [(0, 10), (10.5, 5), (12, 2), (100, 1)]
     events = [{"cat": "kernel", "ts": ts, "dur": dur} for ts, dur in kernels] + [{"cat": "cpu_op", "ts": 50, "dur": 9}]
@@ -38,7 +24,7 @@ def test_timeline_gaps_splits_short_and_long_idle(tmp_path):
 
 
 def test_routing_spread_counts_rows_per_expert():
-    profile_decode = load_profile_decode()
+    profile_decode = load_benchmark("profile_decode")
     # 4 tokens, top-2 over 4 experts: expert 0 chosen by every token; drawn in sets of all 4 tokens
     experts = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3]])
     spread = profile_decode.routing_spread([experts], num_experts=4, batch=4, draws=3)

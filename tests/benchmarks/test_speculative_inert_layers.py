@@ -1,10 +1,6 @@
 """``with_inert_layers`` of ``benchmarks/speculative_gpu.py``: a trained cut of the model served at full depth must
 decode exactly as the cut does, while its extra layers do a real layer's work."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,23 +8,11 @@ from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe.presets import TINY, with_num_layers
-
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-
-
-def load_speculative_gpu():
-    sys.path.insert(0, str(BENCHMARKS))  # its sibling module ``common``
-    try:
-        spec = importlib.util.spec_from_file_location("speculative_gpu", BENCHMARKS / "speculative_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+from tests.benchmarks import load_benchmark
 
 
 def test_inert_layers_keep_the_cut_models_tokens():
-    bench = load_speculative_gpu()
+    bench = load_benchmark("speculative_gpu")
     cut = bench.random_model(with_num_layers(TINY, 4), "cpu", torch.float32, seed=0).eval()
     with torch.no_grad():  # norms away from their zero init, so the layers do not all look alike
         for name, p in cut.named_parameters():
@@ -67,7 +51,7 @@ def test_inert_layers_keep_the_cut_models_tokens():
 
 
 def test_inert_layers_refuse_a_model_that_does_not_extend_the_cut():
-    bench = load_speculative_gpu()
+    bench = load_benchmark("speculative_gpu")
     cut = bench.random_model(with_num_layers(TINY, 4), "cpu", torch.float32, seed=0)
     with pytest.raises(ValueError, match="must begin with the same layers"):
         bench.with_inert_layers(cut, with_num_layers(TINY, 3), seed=1)
