@@ -61,7 +61,8 @@ class GDNCache:
     into ``conv_steps[i, t]`` ``[rows, steps, C, W-1]``, and the recurrence's inputs, conv outputs
     ``verify_mixed[i, t]`` ``[rows, steps, C]`` and gate projections ``verify_a[i, t]``, ``verify_b[i, t]``
     ``[rows, steps, Hv]``, from which the commit steps the accepted tokens again (a recurrent state is ~2,000x
-    the bytes of one token's inputs, so this moves a state twice a verify instead of once per token).
+    the bytes of one token's inputs: a verify and its commit read a state twice and write it once, instead of
+    writing it after every token and copying one of them).
     """
 
     conv: torch.Tensor
