@@ -186,6 +186,7 @@ def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_s
         speculative_algorithm="EAGLE" if spec_steps else None,
         speculative_num_steps=max(spec_steps, 1),
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
+        admission_batch=opts.admission_batch,
     )
     return LLMEngine(model, config)
 
@@ -218,7 +219,7 @@ def measure(
     prefill_passes = (engine.stats.forward_passes - passes) / opts.repeats
     before = SpecStats()
     before.add(engine.stats.spec)
-    passes = engine.stats.forward_passes
+    passes, prefills = engine.stats.forward_passes, engine.stats.prefill_passes
     total_s, outputs = float("inf"), []
     for _ in range(opts.repeats):
         seconds, outputs = timed(opts.new_tokens)
@@ -235,6 +236,7 @@ def measure(
         "decode_tokens_per_s": requests * (opts.new_tokens - 1) / (total_s - prefill_s),
         "tokens_per_s": requests * opts.new_tokens / total_s,
         "decode_steps": decode_steps,
+        "prefill_passes": (engine.stats.prefill_passes - prefills) / opts.repeats,
         # requests still running in the average decode step, over the batch (1: no step ran part-empty)
         "live_fraction": 1.0,
     }
@@ -330,6 +332,13 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="requests per engine slot: with more than 1, finished requests' slots take waiting ones (continuous "
         "batching), so the batch stays full until the last wave",
+    )
+    parser.add_argument(
+        "--admission-batch",
+        type=int,
+        default=1,
+        help="the engines' admission_batch: with --requests-per-slot > 1, waiting requests are admitted only once "
+        "this many fit, so they share a prefill",
     )
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--train-batch", type=int, default=16, help="sequences per training step")

@@ -212,6 +212,14 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0 picks a free one).")] = 30000,
     max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 256,
     max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step.")] = 4096,
+    admission_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="While requests decode, admit waiting ones only once this many fit (or all that wait): fewer, "
+            "larger prefills when requests finish one by one.",
+        ),
+    ] = 1,
     context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
     mem_fraction_static: Annotated[float, typer.Option(help="GPU memory fraction for weights and cache.")] = 0.7,
     speculative_algorithm: Annotated[
@@ -253,6 +261,7 @@ def serve(
         config = EngineConfig(
             max_running_requests=max_running_requests,
             max_num_batched_tokens=max_num_batched_tokens,
+            admission_batch=admission_batch,
             context_length=context_length,
             mem_fraction_static=mem_fraction_static,
             speculative_algorithm=speculative_algorithm,

@@ -34,6 +34,11 @@ class EngineConfig:
     """Requests decoded at once; more wait for a free slot."""
     max_num_batched_tokens: int = 4096
     """Prompt tokens prefilled per step; longer prompts are prefilled in chunks."""
+    admission_batch: int = 1
+    """While requests are decoding, admit waiting ones only once this many fit at once (or all that wait fit).
+    1 admits each as soon as a slot frees. A prefill is a forward of its own that the whole batch waits for, so when
+    requests finish one by one (sampling, stop tokens, speculation) larger values make fewer, larger prefills, at
+    the cost of a few steps' wait for the requests admitted together."""
     context_length: int = 4096
     """Prompt plus generated tokens a request may reach (capped by the model's max_position_embeddings)."""
     num_slots: int | None = None
@@ -76,7 +81,7 @@ class EngineConfig:
     once per verify, so speculative and plain greedy decoding may differ slightly."""
 
     def __post_init__(self) -> None:
-        for name in ("max_running_requests", "max_num_batched_tokens", "context_length"):
+        for name in ("max_running_requests", "max_num_batched_tokens", "context_length", "admission_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.mamba_ssm_dtype not in ("float32", "bfloat16"):
@@ -128,6 +133,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     forward_passes: int = 0
+    prefill_passes: int = 0
+    """Forward passes that prefilled prompt chunks (the rest decoded or verified)."""
     spec: SpecStats = field(default_factory=SpecStats)
 
 
@@ -176,6 +183,7 @@ class LLMEngine:
             num_slots=num_slots,
             max_running=self.config.max_running_requests,
             token_budget=self.config.max_num_batched_tokens,
+            admission_batch=self.config.admission_batch,
         )
         self.eos_ids = set(self.args.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -294,6 +302,7 @@ class LLMEngine:
         )
         hidden = self.model(tokens, batch, self.cache)
         self.stats.forward_passes += 1
+        self.stats.prefill_passes += 1
         if self.config.num_spec_steps:
             self._mtp_extend_prompt(chunks, hidden, batch)
         finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.prompt_ids)]

@@ -1,9 +1,10 @@
 """Continuous batching: which requests run, which wait, and which prompt chunks a step prefills.
 
 A request (with its n-sample group) is admitted when the group fits in free cache slots and under
-``max_running``; otherwise it waits in arrival order, and is never dropped. Each step prefills prompt
-chunks in admission order up to a token budget, so long prompts are prefilled over several steps while
-other requests keep decoding. Not responsible for running the model.
+``max_running``; otherwise it waits in arrival order, and is never dropped. While requests run, waiting ones are
+admitted only once ``admission_batch`` of them fit (or all that wait do), so that they share a prefill. Each step
+prefills prompt chunks in admission order up to a token budget, so long prompts are prefilled over several steps
+while other requests keep decoding. Not responsible for running the model.
 """
 
 from collections import deque
@@ -20,9 +21,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_running: int, token_budget: int):
+    def __init__(self, num_slots: int, max_running: int, token_budget: int, admission_batch: int = 1):
         self.pool = SlotPool(num_slots=num_slots)
-        self.max_running, self.token_budget = max_running, token_budget
+        self.max_running, self.token_budget, self.admission_batch = max_running, token_budget, admission_batch
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._aborted: list[Request] = []
@@ -63,6 +64,10 @@ class Scheduler:
         return plan
 
     def _admit(self) -> None:
+        if self.running and self.waiting:  # hold admissions until a batch of them fits
+            room = min(self.pool.num_free, self.max_running - len(self.running))
+            if room < min(self.admission_batch, sum(len(leader.group) for leader in self.waiting)):
+                return
         while self.waiting:
             group = self.waiting[0].group
             if len(self.running) + len(group) > self.max_running or self.pool.num_free < len(group):

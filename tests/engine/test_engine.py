@@ -108,6 +108,39 @@ def test_requests_wait_for_slots_and_all_finish(hf_and_league):
     assert eng.scheduler.pool.num_free == 2
 
 
+@pytest.mark.parametrize(
+    "spec", [{}, dict(speculative_algorithm="EAGLE", speculative_num_steps=2)], ids=["plain", "spec"]
+)
+def test_admission_batch_makes_fewer_prefills_and_the_same_tokens(hf_and_league, spec):
+    """9 requests through 3 slots, finishing at different steps: with ``admission_batch`` 3, waiting requests are
+    admitted three at a time (3 prefills: the first wave, then two more) instead of as each slot frees, and every
+    request's greedy tokens stay the same."""
+    _, model = hf_and_league
+    prompts = prompts_of([3, 5, 4, 6, 3, 5, 4, 6, 3], model.args.vocab_size, seed=7)
+    lengths = [4, 9, 14, 5, 11, 8, 6, 13, 10]
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]
+    outputs, prefills = [], []
+    for admission_batch in (1, 3):
+        eng = engine(model, num_slots=3, max_num_batched_tokens=64, admission_batch=admission_batch, **spec)
+        outputs.append([o.output_ids for o in eng.generate(prompts, params)])
+        prefills.append(eng.stats.prefill_passes)
+        assert eng.scheduler.pool.num_free == 3 and not eng.has_unfinished()
+    assert outputs[0] == outputs[1] and [len(ids) for ids in outputs[1]] == lengths
+    assert prefills[1] == 3 and prefills[0] > 3
+
+
+def test_admission_batch_admits_what_waits_when_fewer_wait():
+    """With fewer requests waiting than ``admission_batch``, they are admitted once they all fit (no deadlock)."""
+    model = Transformer(ModelArgs.from_hf_config(hf_text_config("gqa2_interval2").to_dict())).eval()
+    model.init_weights(seed=1)
+    prompts = prompts_of([3, 4, 5], model.args.vocab_size, seed=8)
+    eng = engine(model, num_slots=2, max_running_requests=2, admission_batch=8)
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 6, 4)])
+    assert [len(o.output_ids) for o in outs] == [3, 6, 4] and eng.stats.prefill_passes == 2
+    with pytest.raises(ValueError, match="admission_batch"):
+        EngineConfig(admission_batch=0)
+
+
 def test_overlap_schedule_gives_the_same_outputs(hf_and_league):
     """Reading a step's tokens back after launching the next one changes nothing: stop tokens (whose extra row in
     the next step is dropped), length limits, n samples, seeded sampling and greedy rows in one batch, requests
