@@ -214,9 +214,7 @@ def measure(
         return time.perf_counter() - start, [o.output_ids for o in outs]
 
     timed(8)  # warm-up: kernels compiled and autotuned, CUDA graphs captured
-    passes = engine.stats.forward_passes
     prefill_s = min(timed(1)[0] for _ in range(opts.repeats))
-    prefill_passes = (engine.stats.forward_passes - passes) / opts.repeats
     before = SpecStats()
     before.add(engine.stats.spec)
     passes, prefills = engine.stats.forward_passes, engine.stats.prefill_passes
@@ -224,6 +222,7 @@ def measure(
     for _ in range(opts.repeats):
         seconds, outputs = timed(opts.new_tokens)
         total_s = min(total_s, seconds)
+    prefill_passes = (engine.stats.prefill_passes - prefills) / opts.repeats
     decode_steps = (engine.stats.forward_passes - passes) / opts.repeats - prefill_passes
     record = {
         "batch": batch,
@@ -236,7 +235,7 @@ def measure(
         "decode_tokens_per_s": requests * (opts.new_tokens - 1) / (total_s - prefill_s),
         "tokens_per_s": requests * opts.new_tokens / total_s,
         "decode_steps": decode_steps,
-        "prefill_passes": (engine.stats.prefill_passes - prefills) / opts.repeats,
+        "prefill_passes": prefill_passes,  # prefill forwards a call (waiting requests admitted together share one)
         # requests still running in the average decode step, over the batch (1: no step ran part-empty)
         "live_fraction": 1.0,
     }
