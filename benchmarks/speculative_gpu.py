@@ -187,6 +187,7 @@ def make_engine(model: Transformer, opts: argparse.Namespace, batch: int, spec_s
         speculative_num_steps=max(spec_steps, 1),
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
         admission_batch=opts.admission_batch,
+        speculative_max_batch=opts.spec_max_batch,
     )
     return LLMEngine(model, config)
 
@@ -338,6 +339,12 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="the engines' admission_batch: with --requests-per-slot > 1, waiting requests are admitted only once "
         "this many fit, so they share a prefill",
+    )
+    parser.add_argument(
+        "--spec-max-batch",
+        type=int,
+        default=None,
+        help="the speculating engines' speculative_max_batch: steps over this many requests decode without drafts",
     )
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--train-batch", type=int, default=16, help="sequences per training step")

@@ -226,6 +226,14 @@ def serve(
         str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
     ] = None,
     speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
+    speculative_max_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Speculate only in steps of at most this many requests; larger steps decode without drafts. "
+            "Default: always.",
+        ),
+    ] = None,
     batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
     decode_parity: Annotated[
         bool,
@@ -266,6 +274,7 @@ def serve(
             mem_fraction_static=mem_fraction_static,
             speculative_algorithm=speculative_algorithm,
             speculative_num_steps=speculative_num_steps,
+            speculative_max_batch=speculative_max_batch,
             batch_invariant=batch_invariant,
             decode_parity=decode_parity,
             cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),

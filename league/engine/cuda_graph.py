@@ -99,6 +99,7 @@ class DecodeGraphs:
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.long, device=device)
         dtype = next(model.parameters()).dtype
         self.logits = torch.empty(largest, model.args.vocab_size, dtype=dtype, device=device)  # shared by all sizes
+        self.hidden = torch.empty(largest, model.args.dim, dtype=dtype, device=device)  # after the final norm
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
@@ -134,7 +135,8 @@ class DecodeGraphs:
             return piece
 
         def head() -> None:
-            torch.mm(model.norm(state["x"]), model.output_weight().t(), out=self.logits[:size])
+            self.hidden[:size] = model.norm(state["x"])
+            torch.mm(self.hidden[:size], model.output_weight().t(), out=self.logits[:size])
 
         return [first, *(layers(run) for run in layer_runs(len(model.layers))), head]
 
@@ -145,9 +147,10 @@ class DecodeGraphs:
         return batch <= self.sizes[-1]
 
     @torch.no_grad()
-    def run(self, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for each of B requests: ``tokens`` ``[B]`` on the device, ``positions`` = tokens
-        already cached; ``[B, V]`` logits, valid until the next replay. Nothing waits for the device."""
+        already cached; ``([B, V] logits, [B, D] hidden states after the final norm)``, valid until the next replay.
+        Nothing waits for the device."""
         batch = len(positions)
         size = next(s for s in self.sizes if s >= batch)
         pad = size - batch
@@ -159,4 +162,4 @@ class DecodeGraphs:
         self.slots[:size].copy_(staged[1])
         for graph in self.graphs[size]:
             graph.replay()
-        return self.logits[:batch]
+        return self.logits[:batch], self.hidden[:batch]

@@ -49,6 +49,12 @@ class EngineConfig:
     """``EAGLE`` or ``NEXTN`` (both: the model's own MTP head) or None."""
     speculative_num_steps: int = 2
     """Draft tokens the MTP head proposes per verify."""
+    speculative_max_batch: int | None = None
+    """Speculate only in steps that decode at most this many requests; a step over more decodes one token a request
+    without drafts (an RL rollout's large first steps run best without, its long tail with them). Those steps feed
+    the MTP layer each new token, so drafting resumes with its whole context, and run without the overlap schedule.
+    A seeded request's tokens then depend on which of its steps speculated, and so on the batch. Default: every
+    step speculates."""
     speculative_eagle_topk: int = 1
     """Branching of the draft tree; league drafts chains (1)."""
     speculative_num_draft_tokens: int | None = None
@@ -94,6 +100,8 @@ class EngineConfig:
             raise ValueError("`decode_parity` and `batch_invariant` are two exact modes; choose one")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
+        if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
+            raise ValueError(f"`speculative_max_batch` must be >= 1, got {self.speculative_max_batch}")
         if self.speculative_algorithm is not None:
             if self.speculative_algorithm.upper() not in ("EAGLE", "NEXTN", "MTP"):
                 raise ValueError(
@@ -135,6 +143,8 @@ class EngineStats:
     forward_passes: int = 0
     prefill_passes: int = 0
     """Forward passes that prefilled prompt chunks (the rest decoded or verified)."""
+    verify_passes: int = 0
+    """Forward passes that verified drafts (speculative steps)."""
     spec: SpecStats = field(default_factory=SpecStats)
 
 
@@ -284,11 +294,15 @@ class LLMEngine:
             if plan.prefill:
                 self._prefill(plan.prefill)
             decoding = [r for r in self.scheduler.running if r.finish_reason is None and r.pending_token is not None]
-            if decoding and self.config.num_spec_steps:
+            if decoding and self._speculates(len(decoding)):
                 self._decode_speculative(decoding)
             elif decoding or self.in_flight is not None:
                 self._decode(decoding)
         return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
+
+    def _speculates(self, batch: int) -> bool:
+        limit = self.config.speculative_max_batch
+        return bool(self.config.num_spec_steps) and (limit is None or batch <= limit)
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
         tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
@@ -341,22 +355,46 @@ class LLMEngine:
             starts.append(s)
             slots.append(r.slot)
         if rows:
-            mtp_batch = ForwardBatch.packed(
-                batch_invariant=self.config.batch_invariant,
-                decode_parity=self.config.decode_parity,
-                seq_lens=lens,
-                device=self.device,
-                cache_lens=starts,
-                slots=slots,
-            )
-            self.model.mtp_forward(torch.cat(rows), torch.tensor(tokens, device=self.device), mtp_batch, self.cache)
+            self._mtp_forward(torch.cat(rows), tokens, lens, starts, slots)
+
+    def _mtp_forward(self, hidden: torch.Tensor, tokens: list[int], lens: list[int], starts: list[int], slots) -> None:
+        """The MTP layer over rows of several requests (``lens[i]`` rows from position ``starts[i]`` in slot
+        ``slots[i]``, row j pairing the trunk's hidden state at j with the token after it), for the keys and values
+        it caches; its outputs are not needed."""
+        batch = ForwardBatch.packed(
+            batch_invariant=self.config.batch_invariant,
+            decode_parity=self.config.decode_parity,
+            seq_lens=lens,
+            device=self.device,
+            cache_lens=starts,
+            slots=slots,
+        )
+        self.model.mtp_forward(hidden, torch.tensor(tokens, device=self.device), batch, self.cache)
+
+    def _mtp_catch_up(self, reqs: list[Request]) -> None:
+        """Before a step without drafts in a speculating engine: the MTP rows each request still owes (those of the
+        last verify, prefill or step), from the trunk's hidden states kept in the speculative step's buffer."""
+        owing = [r for r in reqs if r.mtp_tokens]
+        if not owing:
+            return
+        hidden = torch.cat([self.spec_step.hidden[r.slot, : len(r.mtp_tokens)] for r in owing])
+        tokens = [t for r in owing for t in r.mtp_tokens]
+        self._mtp_forward(
+            hidden, tokens, [len(r.mtp_tokens) for r in owing], [r.mtp_start for r in owing], [r.slot for r in owing]
+        )
+        for r in owing:
+            r.mtp_tokens = []
 
     def _decode(self, reqs: list[Request]) -> None:
         """Decode one token for each of ``reqs``; with the overlap schedule, read back the previous step's tokens
-        after this step is launched, and this step's in the next call."""
+        after this step is launched, and this step's in the next call. In a speculating engine (a step over
+        ``speculative_max_batch``), the MTP layer first takes the rows the requests owe, each request's new row
+        waits in the speculative step's buffer (as after prefill), and the step is read back at once."""
         previous, self.in_flight = self.in_flight, None
+        if self.spec_step is not None:
+            self._mtp_catch_up(reqs)
         launched = self._launch_decode(reqs, previous)
-        if self.config.disable_overlap_schedule:
+        if self.config.disable_overlap_schedule or self.spec_step is not None:
             if launched is not None:
                 self._land(launched)
             return
@@ -387,7 +425,7 @@ class LLMEngine:
                 self.model, self.cache, sizes, scratch_slot=self.num_slots, decode_parity=self.config.decode_parity
             )
         if self.graphs is not None and self.graphs.fits(len(reqs)):
-            logits = self.graphs.run(tokens, positions, slots)
+            logits, hidden = self.graphs.run(tokens, positions, slots)
         else:
             batch = ForwardBatch.packed(
                 batch_invariant=self.config.batch_invariant,
@@ -397,8 +435,11 @@ class LLMEngine:
                 cache_lens=positions,
                 slots=slots,
             )
-            logits = self._logits(self.model(tokens, batch, self.cache))
+            hidden = self.model(tokens, batch, self.cache)
+            logits = self._logits(hidden)
         self.stats.forward_passes += 1
+        if self.spec_step is not None:  # each request's new MTP row: the trunk's hidden state at its new token
+            self.spec_step.hidden[torch.tensor(slots, device=self.device), 0] = hidden
         sampled = self._sample_batch(reqs, logits, [len(r.output_ids) + a for r, a in zip(reqs, lag)])
         logprobs = token_logprobs(logits, sampled)
         pinned = self.device.type == "cuda"
@@ -419,6 +460,8 @@ class LLMEngine:
             step.ready.synchronize()
         for r, token, logprob in zip(step.reqs, step.host_tokens.tolist(), step.host_logprobs.tolist()):
             if r.finish_reason is None:
+                if self.spec_step is not None:  # the row of the token just run, paired with the one it gave
+                    r.mtp_start, r.mtp_tokens = r.num_cached, [token]
                 self._append(r, [token], [logprob])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
@@ -434,6 +477,7 @@ class LLMEngine:
             scratch_slot=self.num_slots if self.use_graphs else None,
         )
         self.stats.forward_passes += 1
+        self.stats.verify_passes += 1
         # acceptance, the states' commit and the emitted tokens' log-probs all queued on the device, then one read
         accepted_B, bonus_B = accept_on_device(
             logits, drafts_BN, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]

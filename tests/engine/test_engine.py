@@ -141,6 +141,49 @@ def test_admission_batch_admits_what_waits_when_fewer_wait():
         EngineConfig(admission_batch=0)
 
 
+def test_speculative_max_batch_decodes_large_steps_without_drafts(hf_and_league):
+    """6 requests through 3 slots, speculating only in steps of at most 2 requests: steps switch between drafting
+    and plain decoding as requests join and leave, and the greedy tokens stay those of decoding without drafts."""
+    _, model = hf_and_league
+    prompts = prompts_of([5, 40, 17, 2, 33, 9], model.args.vocab_size)
+    lengths = [12, 20, 7, 16, 3, 20]
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]
+    expected = [o.output_ids for o in engine(model).generate(prompts, params)]
+    eng = engine(model, speculative_algorithm="EAGLE", speculative_num_steps=2, speculative_max_batch=2)
+    assert [o.output_ids for o in eng.generate(prompts, params)] == expected
+    plain = eng.stats.forward_passes - eng.stats.prefill_passes - eng.stats.verify_passes
+    assert eng.stats.verify_passes > 0 and plain > 0
+
+
+def test_steps_without_drafts_keep_the_mtp_cache_whole(hf_and_league):
+    """Two requests in two slots, speculating only alone: the longer one decodes without drafts while the other
+    runs, then drafts. Its MTP layer's cached keys and values then equal those of running the MTP layer over its
+    whole sequence at once (the plain steps fed it every token), and its greedy tokens equal those of an engine
+    that drafted throughout."""
+    from league.engine.cache import allocate_cache
+
+    _, model = hf_and_league
+    prompts = prompts_of([6, 9], model.args.vocab_size, seed=3)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (8, 30)]
+    spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=2, num_slots=2, max_running_requests=2)
+    eng = engine(model, **spec, speculative_max_batch=1)
+    long_out = eng.generate(prompts, params)[1]
+    assert eng.stats.verify_passes > 0
+    # the long request took slot 1; its MTP rows cover positions up to where its last verify started
+    seq = torch.tensor(prompts[1] + long_out.output_ids)
+    ref = allocate_cache(model.args, num_slots=1, max_len=64, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        hidden = model(seq, ForwardBatch.packed([len(seq)], cache_lens=[0], slots=[0]), ref)
+        batch = ForwardBatch.packed([len(seq) - 1], cache_lens=[0], slots=[0])
+        model.mtp_forward(hidden[:-1], seq[1:], batch, ref)
+    checked = len(prompts[1]) + 8 + 4  # past the plain steps (while the short request ran) and a few verifies
+    for got, want in zip(eng.cache.mtp_layers, ref.mtp_layers):
+        assert (got.k[1, :checked] - want.k[0, :checked]).abs().max().item() < 1e-4
+        assert (got.v[1, :checked] - want.v[0, :checked]).abs().max().item() < 1e-4
+    always = engine(model, **spec)
+    assert always.generate(prompts, params)[1].output_ids == long_out.output_ids
+
+
 def test_overlap_schedule_gives_the_same_outputs(hf_and_league):
     """Reading a step's tokens back after launching the next one changes nothing: stop tokens (whose extra row in
     the next step is dropped), length limits, n samples, seeded sampling and greedy rows in one batch, requests
