@@ -184,6 +184,46 @@ def test_steps_without_drafts_keep_the_mtp_cache_whole(hf_and_league):
     assert always.generate(prompts, params)[1].output_ids == long_out.output_ids
 
 
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the captured function."""
+
+    def __init__(self, piece):
+        self.replay = piece
+
+
+def capture_eagerly(pieces, pool=None):
+    return [EagerGraph(piece) for piece in pieces], pool
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{}, dict(speculative_num_steps=2), dict(speculative_num_steps=2, speculative_max_batch=2)],
+    ids=["plain", "spec", "spec_max_batch"],
+)
+def test_graph_paths_give_the_tokens_of_eager_steps(hf_and_league, monkeypatch, spec):
+    """The engine's CUDA-graph code (static buffers, batches padded to a captured size with scratch-slot rows,
+    decode graphs handing back logits and hidden states, speculative steps replayed from their pieces) run on the
+    CPU with each "graph" replaying its function: the greedy tokens equal those of the eager engine."""
+    from league.engine import cuda_graph, speculative
+    from league.engine import engine as engine_module
+
+    _, model = hf_and_league
+    prompts = prompts_of([5, 40, 17, 2, 33, 9], model.args.vocab_size)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in [12, 20, 7, 16, 3, 20]]
+    config = dict(speculative_algorithm="EAGLE", **spec) if spec else {}
+    expected = [o.output_ids for o in engine(model, **config).generate(prompts, params)]
+    monkeypatch.setattr(engine_module, "graphs_apply", lambda *args: True)
+    monkeypatch.setattr(cuda_graph, "capture_pieces", capture_eagerly)
+    monkeypatch.setattr(speculative, "capture_pieces", capture_eagerly)
+    eng = engine(model, cuda_graph_bs=[2, 4], **config)  # 3 running: padded to 4; 1 or 2: run in 2
+    assert eng.use_graphs
+    assert [o.output_ids for o in eng.generate(prompts, params)] == expected
+    if not spec or "speculative_max_batch" in spec:  # steps without drafts replayed the decode graphs
+        assert eng.graphs is not None and sorted(eng.graphs.graphs) == [2, 4]
+    if spec:
+        assert sorted(eng.spec_step.graphs) == [2]  # the step captures sizes up to its 3 rows
+
+
 def test_overlap_schedule_gives_the_same_outputs(hf_and_league):
     """Reading a step's tokens back after launching the next one changes nothing: stop tokens (whose extra row in
     the next step is dropped), length limits, n samples, seeded sampling and greedy rows in one batch, requests
