@@ -187,7 +187,10 @@ def fla_interpreter(monkeypatch):
     toy-shape cases are skipped: ``tests/gpu/test_fast_gdn.py`` tests fla's chunked rule at the model's sizes there,
     while here fla's autotuning of its fp32 backward ran past two minutes on an H200."""
     if DEVICE == "cuda":
-        pytest.skip("on CUDA: tests/gpu/test_fast_gdn.py::test_fla_chunk_forward_and_backward_match_reference")
+        pytest.skip(
+            "toy shapes for the CPU interpreter; on CUDA fla's chunked rule is tested at the model's sizes by "
+            "tests/gpu/test_fast_gdn.py::test_fla_chunk_forward_and_backward_match_reference"
+        )
     if not INTERPRET:
         return
     import fla.ops.gated_delta_rule.chunk  # noqa: F401  (loads every kernel module the chunked rule uses)
