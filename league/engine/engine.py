@@ -18,11 +18,21 @@ import torch
 
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
-from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, rows_by_settings
+from league.engine.request import (
+    MAX_SEED,
+    GenerateOutput,
+    Request,
+    SamplingParams,
+    SpecStats,
+    is_int,
+    is_int_list,
+    rows_by_settings,
+)
 from league.engine.scheduler import Scheduler
 from league.engine.speculative import SpeculativeStep, accept_on_device
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
+from league.ops.penalties import penalize, token_counts
 from league.ops.sampling import filtered_probs, sample_logits, sample_rows, unfiltered
 
 
@@ -239,15 +249,19 @@ class LLMEngine:
         """Queue a prompt; returns the ids of its ``n`` samples (``rid`` or a generated id, ``-i`` suffixed
         when n > 1). Sample i of a seeded request uses seed ``seed + i``."""
         params = params or SamplingParams()
-        if not prompt_ids:
-            raise ValueError("input_ids is empty: a prompt needs at least one token")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"input_ids contains token ids outside [0, {self.args.vocab_size}): {bad[:5]}")
+        if not isinstance(prompt_ids, list) or not prompt_ids:
+            raise ValueError(f"input_ids must be a non-empty list of token ids, got {prompt_ids!r:.100}")
+        if not is_int_list(prompt_ids, 0, self.args.vocab_size):
+            bad = [t for t in prompt_ids if not is_int_list([t], 0, self.args.vocab_size)]
+            raise ValueError(f"input_ids must hold integer token ids in [0, {self.args.vocab_size}), got {bad[:5]}")
         if len(prompt_ids) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        if not is_int(n) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if params.seed is not None and params.seed + n - 1 > MAX_SEED:
+            raise ValueError(
+                f"sampling_params.seed ({params.seed}) + n - 1 must be <= {MAX_SEED} (sample i uses seed + i)"
+            )
         if n > self.scheduler.max_running or n > self.scheduler.pool.num_slots:
             raise ValueError(f"n ({n}) exceeds max_running_requests / cache slots ({self.scheduler.max_running})")
         base = rid if rid is not None else f"req-{next(self._ids)}"
@@ -265,6 +279,16 @@ class LLMEngine:
         self.scheduler.add(members[0])
         self.stats.prompt_tokens += len(prompt_ids)
         return [m.rid for m in members]
+
+    def recover(self) -> set[str]:
+        """After a step raised: drop the requests it was running or had finished (their slots freed) and the step
+        in flight, keep the waiting ones. Returns the ids of the requests still queued. Raises if the device
+        itself has failed (a CUDA error outlives the step), in which case the engine cannot go on."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.in_flight = None
+        self.scheduler.drop_running()
+        return {m.rid for leader in self.scheduler.waiting for m in leader.group}
 
     def abort(self, rid: str) -> bool:
         """End a request now with finish reason ``abort``; its output so far is returned by the next step."""
@@ -440,7 +464,12 @@ class LLMEngine:
         self.stats.forward_passes += 1
         if self.spec_step is not None:  # each request's new MTP row: the trunk's hidden state at its new token
             self.spec_step.hidden[torch.tensor(slots, device=self.device), 0] = hidden
-        sampled = self._sample_batch(reqs, logits, [len(r.output_ids) + a for r, a in zip(reqs, lag)])
+        lagging = None
+        if any(lag) and any(r.params.penalized for r in reqs):  # the penalties count the tokens still on the device
+            lagging = torch.where(source >= 0, previous.tokens[source.clamp(min=0)], -1)[:, None]
+        sampled = self._sample_batch(
+            reqs, self._penalized(reqs, logits, lagging), [len(r.output_ids) + a for r, a in zip(reqs, lag)]
+        )
         logprobs = token_logprobs(logits, sampled)
         pinned = self.device.type == "cuda"
         host_tokens = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pinned)
@@ -480,7 +509,11 @@ class LLMEngine:
         self.stats.verify_passes += 1
         # acceptance, the states' commit and the emitted tokens' log-probs all queued on the device, then one read
         accepted_B, bonus_B = accept_on_device(
-            logits, drafts_BN, [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
+            self._penalized_verify(reqs, logits, drafts_BN),
+            drafts_BN,
+            [r.params for r in reqs],
+            [r.seed for r in reqs],
+            [len(r.output_ids) for r in reqs],
         )
         slots_B = torch.tensor(slots).to(self.device, non_blocking=True)
         self.model.commit_verified(self.cache, slots_B, accepted_B, self.config.batch_invariant)
@@ -512,7 +545,54 @@ class LLMEngine:
     # sampling and stopping ----------------------------------------------------------------------------------
 
     def _sample(self, r: Request, logits_V: torch.Tensor) -> int:
-        return int(self._sample_batch([r], logits_V[None], [len(r.output_ids)])[0])
+        return int(self._sample_batch([r], self._penalized([r], logits_V[None]), [len(r.output_ids)])[0])
+
+    def _penalized(self, reqs: list[Request], logits_RV: torch.Tensor, extra_RK: torch.Tensor | None = None):
+        """``logits_RV`` with the sampling penalties of the requests that ask for them applied to their rows (fp32;
+        unchanged when none does). Row i belongs to ``reqs[i]``, whose output so far is its ``output_ids`` followed
+        by the tokens of ``extra_RK[i]`` that are >= 0 (still on the device, or drafts before a verify position)."""
+        rows = [i for i, r in enumerate(reqs) if r.params.penalized]
+        if not rows:
+            return logits_RV
+        device, vocab = logits_RV.device, logits_RV.shape[-1]
+
+        def padded(lists: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(len(x) for x in lists))
+            return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long).to(device)
+
+        chosen = [reqs[i] for i in rows]
+        index = torch.tensor(rows, device=device)
+        outputs = padded([r.output_ids for r in chosen])
+        if extra_RK is not None:
+            outputs = torch.cat([outputs, extra_RK[index]], dim=1)
+        counts = token_counts(outputs, vocab)
+        seen = (counts > 0) | (token_counts(padded([r.prompt_ids for r in chosen]), vocab) > 0)
+        stops = padded(
+            [r.params.stop_token_ids + ([] if r.params.ignore_eos else sorted(self.eos_ids)) for r in chosen]
+        )
+        num_out = (outputs >= 0).sum(1)
+        early = num_out < torch.tensor([r.params.min_new_tokens for r in chosen], device=device)
+        banned = (token_counts(stops, vocab) > 0) & early[:, None]
+        values = torch.tensor(
+            [[r.params.frequency_penalty, r.params.presence_penalty, r.params.repetition_penalty] for r in chosen],
+            dtype=torch.float32,
+        ).to(device)
+        logits = logits_RV.float()  # a copy in fp32: the raw logits stay for the log-probs
+        logits[index] = penalize(logits[index], counts, seen, banned, *values.unbind(1))
+        return logits
+
+    def _penalized_verify(self, reqs: list[Request], logits_BNV: torch.Tensor, drafts_BN: torch.Tensor):
+        """:meth:`_penalized` for a verify: row t of a request counts its drafts before t as output."""
+        if not any(r.params.penalized for r in reqs):
+            return logits_BNV
+        batch, width = logits_BNV.shape[:2]
+        before_NN = (
+            torch.arange(width - 1, device=drafts_BN.device)[None, :]
+            < torch.arange(width, device=drafts_BN.device)[:, None]
+        )
+        extra = torch.where(before_NN[None], drafts_BN[:, None, :], -1).flatten(0, 1)
+        rows = [r for r in reqs for _ in range(width)]
+        return self._penalized(rows, logits_BNV.flatten(0, 1), extra).view(batch, width, -1)
 
     def _sample_batch(self, reqs: list[Request], logits_BV: torch.Tensor, out_positions: list[int]) -> torch.Tensor:
         """One token per row, ``[B]`` on the device: argmax for greedy requests; rows sharing sampling settings
@@ -555,6 +635,8 @@ class LLMEngine:
         p = r.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
+        if len(r.output_ids) < p.min_new_tokens:
+            return "length" if self._ends_by_length(r, len(r.output_ids)) else None
         if p.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(r.output_ids)
             if any(s in text for s in p.stop):

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from league.engine.request import GenerateOutput, SamplingParams
+from league.engine.request import GenerateOutput, SamplingParams, is_int_list
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # SGLang options besides SamplingParams': n and how output text is decoded (spaces_...: accepted, ignored)
 SAMPLING_EXTRA = frozenset({"n", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"})
-# options league does not implement, accepted at their neutral value only
-SAMPLING_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0}
 # the last two are accepted and ignored: league returns the log-probs of output tokens only
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
 GENERATE_FIELDS |= {"logprob_start_len", "return_text_in_logprobs"}
@@ -65,9 +63,6 @@ def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> 
     if not isinstance(raw, dict):
         raise ValueError(f"`{where}` must be a JSON object, got {raw!r}")
     raw = {("seed" if k == "sampling_seed" else k): v for k, v in raw.items() if v is not None}
-    for key, neutral in SAMPLING_NEUTRAL.items():
-        if key in raw and raw.pop(key) != neutral:
-            raise ValueError(f"{where}.{key} is not supported by league (only the neutral value {neutral})")
     check_fields(raw, set(SAMPLING_FIELDS | SAMPLING_EXTRA), f"`{where}`")
     n = raw.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -101,22 +96,30 @@ def params_for(options: SamplingOptions, prompt_len: int, context_length: int, f
 
 
 def parse_prompts(
-    value: Any, field: str, encode: Callable[[str], list[int]], text: bool, ids: bool
+    value: Any, field: str, encode: Callable[[str], list[int]], text: bool, ids: bool, vocab_size: int
 ) -> tuple[list[list[int]], bool]:
     """A prompt or a batch, as text and/or token ids -> (token id lists, whether it was a batch).
 
-    Token ids are checked by ``LLMEngine.add_request`` (empty, outside the vocabulary, too long).
+    Token ids must be integers (not booleans) in ``[0, vocab_size)``; ``LLMEngine.add_request`` checks the rest
+    (empty, too long).
     """
     if text and isinstance(value, str):
         return [encode(value)], False
     if text and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return [encode(v) for v in value], True
     if ids and isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-        return value, True
-    if ids and isinstance(value, list) and not any(isinstance(v, list) for v in value):
-        return [value], False
-    kinds = ["a string", "a list of strings"] * text + ["a list of token ids", "a list of such lists"] * ids
-    raise ValueError(f"`{field}` must be {' or '.join(kinds)}, got {value!r:.200}")
+        prompts, batched = value, True
+    elif ids and isinstance(value, list) and not any(isinstance(v, list) for v in value):
+        prompts, batched = [value], False
+    else:
+        kinds = ["a string", "a list of strings"] * text + ["a list of token ids", "a list of such lists"] * ids
+        raise ValueError(f"`{field}` must be {' or '.join(kinds)}, got {value!r:.200}")
+    for i, prompt in enumerate(prompts):
+        if not is_int_list(prompt, 0, vocab_size):
+            bad = [t for t in prompt if not is_int_list([t], 0, vocab_size)][:5]
+            where = f"`{field}[{i}]`" if batched else f"`{field}`"
+            raise ValueError(f"{where} must hold integer token ids in [0, {vocab_size}), got {bad}")
+    return prompts, batched
 
 
 def parse_rids(value: Any, count: int, batched: bool) -> list[str]:

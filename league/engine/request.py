@@ -5,6 +5,25 @@ Not responsible for scheduling or for the model.
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+MAX_SEED = 2**63 - 1
+SEED_RANGE = f"an integer in [0, {MAX_SEED}] (a 64-bit seed)"
+
+
+def is_int(value: Any) -> bool:
+    """An integer and not a bool (JSON's true and false are not numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int_list(value: Any, low: int, high: int | None = None) -> bool:
+    """A list of integers (not bools) in ``[low, high)`` (no upper bound with ``high`` None)."""
+    return isinstance(value, list) and all(is_int(v) and v >= low and (high is None or v < high) for v in value)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -29,35 +48,63 @@ class SamplingParams:
     """Strings that end the request when the decoded text contains them (needs a tokenizer)."""
     ignore_eos: bool = False
     """Keep generating past EOS."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once for each time the request has generated it, in [-2, 2]."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the request has generated, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Divides the positive logits (multiplies the negative ones) of tokens in the prompt or the output, in (0, 2];
+    1 is off."""
+    min_new_tokens: int = 0
+    """EOS and the stop tokens cannot be drawn, and stop strings do not end the request, before this many tokens."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0"),
+            (is_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0"),
+            (is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1"),
+            (is_number(self.min_p) and 0 <= self.min_p < 1, "min_p", "a number in [0, 1)"),
+            (self.seed is None or (is_int(self.seed) and 0 <= self.seed <= MAX_SEED), "seed", SEED_RANGE),
+            (is_int_list(self.stop_token_ids, 0), "stop_token_ids", "a list of token ids (integers >= 0)"),
             (
-                isinstance(self.max_new_tokens, int)
-                and not isinstance(self.max_new_tokens, bool)
-                and self.max_new_tokens >= 0,
-                "max_new_tokens",
-                "an integer >= 0",
+                isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+                "stop",
+                "a list of non-empty strings",
+            ),
+            (isinstance(self.ignore_eos, bool), "ignore_eos", "true or false"),
+            (
+                is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "frequency_penalty",
+                "a number in [-2, 2]",
             ),
             (
-                isinstance(self.temperature, (int, float))
-                and math.isfinite(self.temperature)
-                and self.temperature >= 0,
-                "temperature",
-                "a number >= 0",
+                is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "presence_penalty",
+                "a number in [-2, 2]",
             ),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1"),
-            (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1, "min_p", "in [0, 1)"),
-            (self.seed is None or isinstance(self.seed, int), "seed", "an integer"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of token ids"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings"),
+            (
+                is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+                "repetition_penalty",
+                "a number in (0, 2]",
+            ),
+            (is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens", "an integer >= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise ValueError(f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r:.200}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits need :func:`league.ops.penalties.penalize` before this request's draws."""
+        return (
+            self.frequency_penalty != 0
+            or self.presence_penalty != 0
+            or self.repetition_penalty != 1
+            or self.min_new_tokens > 0
+        )
 
     @property
     def greedy(self) -> bool:

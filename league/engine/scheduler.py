@@ -77,6 +77,15 @@ class Scheduler:
                 member.slot = self.pool.allocate()
                 self.running.append(member)
 
+    def drop_running(self) -> list[Request]:
+        """Remove every running (and aborted, not yet collected) request, freeing its slot; waiting ones stay."""
+        dropped = self.running + self._aborted
+        for r in self.running:
+            self.pool.release(r.slot)
+            r.slot = None
+        self.running, self._aborted = [], []
+        return dropped
+
     def collect_finished(self) -> list[Request]:
         """Remove finished requests (a group's members wait for their leader's prefill) and free their slots."""
         done = [r for r in self.running if r.finish_reason is not None]

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,8 +22,8 @@ from urllib.parse import urlsplit
 
 from league.engine import protocol
 from league.engine.engine import EngineConfig, LLMEngine
-from league.engine.request import GenerateOutput
-from league.engine.worker import EngineUnavailable, EngineWorker, Submission
+from league.engine.request import GenerateOutput, SamplingParams
+from league.engine.worker import EngineStepFailed, EngineUnavailable, EngineWorker, Submission
 from league.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, str(e))
         except EngineUnavailable as e:
             self._send_error(503, str(e))
+        except EngineStepFailed as e:
+            self._send_error(500, str(e))
         except (BrokenPipeError, ConnectionResetError):
             log.debug("client %s went away", self.address_string())
         except Exception as e:
@@ -178,7 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(status, {**extra, "error": {"message": text, "code": status}})
 
     def _prompts(self, value: Any, field: str, text: bool, ids: bool) -> tuple[list[list[int]], bool]:
-        return protocol.parse_prompts(value, field, lambda s: self.server.encode(s, field), text, ids)
+        vocab = self.server.engine.args.vocab_size
+        return protocol.parse_prompts(value, field, lambda s: self.server.encode(s, field), text, ids, vocab)
 
     def _submit(
         self, prompts: list[list[int]], options: protocol.SamplingOptions, field: str, rids=None, stream=False
@@ -227,8 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 for i, out, finished in sub.updates():
                     self._event({**render(i, out, finished), "index": i})
-            except EngineUnavailable as e:
-                self._event({"error": {"message": str(e), "code": 503}})
+            except (EngineUnavailable, EngineStepFailed) as e:
+                self._event({"error": {"message": str(e), "code": 503 if isinstance(e, EngineUnavailable) else 500}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -267,9 +271,32 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, protocol.openai_response(choices, prompts, outs, self.server.model_path, chat))
 
     def _health(self, body: dict) -> None:
+        """200 while the engine serves. After a failed step with no good step since, a probe generation decides:
+        200 if it runs (the engine recovered), else 503 with the failure."""
+        worker = self.server.worker
+        if worker.error:
+            raise EngineUnavailable(worker.error)
+        if worker.failure:
+            try:
+                self._probe()
+            except (EngineStepFailed, EngineUnavailable) as e:
+                raise EngineUnavailable(f"the engine is failing: {e}") from None
+        self._send_json(200, {"status": "ok", "failed_steps": worker.num_failed_steps})
+
+    def _health_generate(self, body: dict) -> None:
+        """SGLang's ``/health_generate``: 200 once a probe generation has run through the engine."""
         if self.server.worker.error:
             raise EngineUnavailable(self.server.worker.error)
+        try:
+            self._probe()
+        except EngineStepFailed as e:
+            raise EngineUnavailable(f"the engine is failing: {e}") from None
         self._send_json(200, {"status": "ok"})
+
+    def _probe(self) -> None:
+        """Two greedy tokens from a one-token prompt: a prefill and a decode (or verify) step."""
+        params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        self.server.worker.submit([[0]], [params], 1, [f"health-{uuid.uuid4().hex}"]).outputs()
 
     def _models(self, body: dict) -> None:
         model = {"id": self.server.model_path, "object": "model", "owned_by": "league"}
@@ -303,6 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
 _ROUTES: dict[tuple[str, str], Callable[[_Handler, dict], None]] = {
     ("POST", "/generate"): _Handler._generate,
     ("GET", "/health"): _Handler._health,
+    ("GET", "/health_generate"): _Handler._health_generate,
     ("GET", "/get_model_info"): lambda h, body: h._send_json(200, h.server.model_info()),
     ("POST", "/update_weights_from_disk"): _Handler._update_weights,
     ("GET", "/flush_cache"): _Handler._flush_cache,

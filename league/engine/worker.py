@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine thread has stopped (shutdown) or failed (the server answers HTTP 503)."""
+    """The engine thread has stopped (shutdown), or the engine cannot run at all (the server answers HTTP 503)."""
+
+
+class EngineStepFailed(RuntimeError):
+    """An engine step that ran this request raised; the engine dropped that step's requests and serves on (the
+    server answers HTTP 500 to those requests only)."""
 
 
 @dataclass(eq=False)
@@ -69,6 +74,10 @@ class EngineWorker:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: str | None = None
+        """Why the engine cannot run (recovery after a failed step failed too); every request then gets a 503."""
+        self.failure: str | None = None
+        """The error of the last engine step, while no step has succeeded since (cleared by the next good step)."""
+        self.num_failed_steps = 0
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], Future]] = []
         self._stopped = False
@@ -151,10 +160,9 @@ class EngineWorker:
         try:
             finished = self.engine.step()
         except Exception as e:
-            log.exception("engine step failed; the server stops generating")
-            self.error = f"the engine failed: {e!r}"
-            self._fail_all(EngineUnavailable(self.error))
+            self._recover(e)
             return
+        self.failure = None
         for out in finished:
             self._finish(out)
         if self._streaming:
@@ -209,6 +217,31 @@ class EngineWorker:
         for target in targets:
             self.engine.abort(target)
         return len(targets)
+
+    def _recover(self, error: Exception) -> None:
+        """After a failed step: the engine drops the requests it was running and keeps the waiting ones; every
+        submission with a dropped member fails (its other members are aborted), the rest go on."""
+        log.exception("an engine step failed; its requests fail, the engine serves on")
+        self.num_failed_steps += 1
+        self.failure = f"the engine step running this request failed: {error!r}"
+        try:
+            kept = self.engine.recover()
+        except Exception as e:
+            log.exception("the engine could not recover from a failed step")
+            self.error = f"the engine failed and could not recover ({e!r}); restart the server"
+            self._fail_all(EngineUnavailable(self.error))
+            return
+        failed = {sub for rid, (sub, _) in self._owner.items() if rid not in kept}
+        for sub in failed:
+            for rid in sub.members:
+                if self._owner.pop(rid, None) is not None and rid in kept:
+                    self.engine.abort(rid)
+                    self._discarded.add(rid)
+            for rid in sub.rids:
+                self._groups.pop(rid, None)
+            self._streaming.discard(sub)
+            sub.events.put((None, EngineStepFailed(self.failure), True))
+        self._discarded &= kept
 
     def _fail_all(self, error: Exception) -> None:
         for sub in {sub for sub, _ in self._owner.values()}:

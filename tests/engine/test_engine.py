@@ -304,6 +304,16 @@ def test_stop_token_and_eos(hf_and_league):
         (dict(top_p=0.0), "top_p"),
         (dict(top_k=0), "top_k"),
         (dict(min_p=1.5), "min_p"),
+        (dict(top_k=True), "top_k"),
+        (dict(max_new_tokens=False), "max_new_tokens"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(seed=2**63), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(stop_token_ids=[False]), "stop_token_ids"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(min_new_tokens=1.5), "min_new_tokens"),
     ],
 )
 def test_bad_sampling_params_name_the_field(bad, field):
@@ -314,12 +324,15 @@ def test_bad_sampling_params_name_the_field(bad, field):
 def test_bad_prompts_are_rejected(hf_and_league):
     _, model = hf_and_league
     eng = engine(model)
-    with pytest.raises(ValueError, match="outside"):
-        eng.add_request([1, 2, model.args.vocab_size])
+    for bad in ([1, 2, model.args.vocab_size], [1, True], [1, 2.0], [-1]):
+        with pytest.raises(ValueError, match="integer token ids in"):
+            eng.add_request(bad)
     with pytest.raises(ValueError, match="context length"):
         eng.add_request([1] * 128)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="non-empty"):
         eng.add_request([])
+    with pytest.raises(ValueError, match="seed"):
+        eng.add_request([1, 2], SamplingParams(seed=2**63 - 2), n=3)
 
 
 def test_batch_invariant_mode_is_bitwise():

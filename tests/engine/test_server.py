@@ -197,7 +197,7 @@ BAD_INPUTS = [
     ({**GOOD, "sampling_params": {"top_p": 0}}, "top_p"),
     ({**GOOD, "sampling_params": {"n": 0}}, "n"),
     ({**GOOD, "sampling_params": {"stop_token_ids": 3}}, "stop_token_ids"),
-    ({**GOOD, "sampling_params": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+    ({**GOOD, "sampling_params": {"repetition_penalty": 3}}, "repetition_penalty"),
     ({**GOOD, "return_logprob": "yes"}, "return_logprob"),
     ({**GOOD, "text": "w5"}, "text"),
     ({**GOOD, "rid": 7}, "rid"),
