@@ -10,6 +10,7 @@ Not responsible for the name map (``checkpoint.qwen3_5_moe``), the file format (
 or training state (``checkpoint.dcp``).
 """
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -157,24 +158,33 @@ def load_model(
     return model
 
 
-def load_hf_weights(model: Transformer, folder: str | Path) -> LoadReport:
+def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False) -> LoadReport:
     """Copy a checkpoint folder's tensors into ``model``'s parameters in place, one tensor at a time.
 
     Each tensor is converted to its parameter's dtype and device. ``model.visual.*`` is skipped (one log
     line); ``mtp.*`` is skipped when the model has no MTP head; other tensors that are not part of the
-    model are ignored with a warning.
+    model are ignored with a warning, unless ``strict``.
 
     Args:
         model (Transformer): the model to fill (its config decides what must be there).
         folder (str | Path): the checkpoint folder.
+        strict (bool): the checkpoint must be of the model's architecture (its config.json, where there is one,
+            gives the same :class:`ModelArgs` but for the dtype), hold floating-point tensors only, and no tensor
+            the model does not have (the vision tower aside): a weight update of a running engine. Default:
+            ``False``.
 
     Raises:
         ValueError: before any parameter is changed, when a tensor has the wrong shape (naming the tensor,
             its file, the expected and found shapes), or when parameters are missing (naming the first few,
-            with their league names), including single experts of a per-expert layout.
+            with their league names), including single experts of a per-expert layout; with ``strict``, when
+            the architecture, a dtype or the set of tensors differs (naming the first differences).
     """
     folder = Path(folder)
+    if strict and (folder / "config.json").is_file():
+        _check_same_architecture(ModelArgs.from_dir(folder), model.args, folder)
     listing = list_tensors(folder)
+    if strict:
+        _check_float_dtypes(listing, folder)
     params = dict(model.named_parameters())
     report = LoadReport(folder=folder, text_prefix=detect_text_prefix(listing))
     plan: list[tuple[TensorInfo, Target]] = []
@@ -203,6 +213,10 @@ def load_hf_weights(model: Transformer, folder: str | Path) -> LoadReport:
         logger.info("%s: skipped %d vision-tower tensors (model.visual.*)", folder, report.num_skipped_visual)
     if report.num_skipped_mtp:
         logger.info("%s: skipped %d mtp.* tensors (the model has no MTP head)", folder, report.num_skipped_mtp)
+    if report.unexpected and strict:
+        shown = ", ".join(report.unexpected[:_SHOWN])
+        more = f" and {len(report.unexpected) - _SHOWN} more" if len(report.unexpected) > _SHOWN else ""
+        raise ValueError(f"{folder}: {len(report.unexpected)} tensors are not part of the running model: {shown}{more}")
     if report.unexpected:
         shown = ", ".join(report.unexpected[:10]) + (", ..." if len(report.unexpected) > 10 else "")
         warnings.warn(
@@ -220,6 +234,29 @@ def load_hf_weights(model: Transformer, folder: str | Path) -> LoadReport:
                 param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
             report.num_loaded += 1
     return report
+
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+"""safetensors dtypes that convert to a parameter's dtype without scales."""
+
+
+def _check_same_architecture(found: ModelArgs, expected: ModelArgs, folder: Path) -> None:
+    """The checkpoint's config against the running model's, all fields but the dtype."""
+    ours, theirs = dataclasses.asdict(expected), dataclasses.asdict(found)
+    differ = [name for name in ours if name != "dtype" and ours[name] != theirs[name]]
+    if differ:
+        shown = ", ".join(f"{name} {theirs[name]!r:.60} (running: {ours[name]!r:.60})" for name in differ[:_SHOWN])
+        raise ValueError(f"{folder}/config.json is another architecture than the running model's: {shown}")
+
+
+def _check_float_dtypes(listing: dict[str, TensorInfo], folder: Path) -> None:
+    other = [info for info in listing.values() if info.dtype not in FLOAT_DTYPES and not is_skipped(info.name)]
+    if other:
+        shown = ", ".join(f"{info.name} ({info.dtype})" for info in other[:_SHOWN])
+        raise ValueError(
+            f"{folder}: {len(other)} tensors are not floating point ({', '.join(FLOAT_DTYPES)}): {shown}; "
+            "quantized checkpoints cannot update a running engine"
+        )
 
 
 def _expected_hf_shape(target: Target, param: torch.Tensor, args: ModelArgs) -> tuple[int, ...]:

@@ -651,20 +651,26 @@ class LLMEngine:
     # weights -------------------------------------------------------------------------------------------------
 
     def update_weights_from_disk(self, path: str) -> None:
-        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head)."""
+        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head). The whole checkpoint
+        is checked against the running model first (architecture, tensor names, shapes, dtypes): on a mismatch
+        nothing changes and the ValueError names the first differences."""
         from league.checkpoint.hf import load_hf_weights
 
-        load_hf_weights(self.model, path)
+        load_hf_weights(self.model, path, strict=True)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors given under league parameter names into the model in place."""
+        """Copy tensors given under league parameter names into the model in place. All are checked (names,
+        shapes, floating-point dtypes) before the first copy, so a bad update changes nothing."""
         params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: no parameter named {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(f"update_weights: {name} has dtype {tensor.dtype}; a floating-point tensor is needed")
         with torch.no_grad():
             for name, tensor in named_tensors:
-                if name not in params:
-                    raise ValueError(f"update_weights: no parameter named {name!r}")
-                if params[name].shape != tensor.shape:
-                    raise ValueError(
-                        f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
-                    )
                 params[name].copy_(tensor)

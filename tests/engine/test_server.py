@@ -306,6 +306,43 @@ def test_build_server_and_update_weights_from_disk(model, tmp_path):
         server.shutdown()
 
 
+def test_weight_updates_of_another_architecture_change_nothing(model, tmp_path):
+    """8 layers into a 4-layer server, an extra tensor, an integer tensor: 400 naming the difference, and the
+    server keeps generating with its own weights."""
+    from safetensors.torch import load_file, save_file
+
+    from league.checkpoint import hf
+    from league.models.qwen3_5_moe import ModelArgs, Transformer
+    from tests.conftest import hf_text_config
+
+    deeper_args = ModelArgs.from_hf_config(hf_text_config("gqa2_interval2", num_hidden_layers=8).to_dict())
+    assert model.args.num_layers == 4
+    deeper = Transformer(deeper_args)
+    deeper.init_weights(1)
+    hf.save_hf(deeper, str(tmp_path / "deeper"))
+    hf.save_hf(model, str(tmp_path / "extra"))
+    hf.save_hf(model, str(tmp_path / "ints"))
+    for folder, change in (("extra", "model.layers.9.mlp.gate.weight"), ("ints", None)):
+        (file,) = (tmp_path / folder).glob("*.safetensors")
+        tensors = load_file(file)
+        if change:
+            tensors[change] = torch.zeros(3)
+        else:
+            tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+        save_file(tensors, file, metadata={"format": "pt"})
+    server = start(model, None, CONFIG)
+    try:
+        prompts, params = [[5, 6, 7, 8]], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        expected = reference(model, None, prompts, params)[0].output_ids
+        client = EngineClient(server.url, timeout=TIMEOUT)
+        for folder, words in (("deeper", "num_layers 8"), ("extra", "model.layers.9"), ("ints", "I32")):
+            status, answer = post(server, "/update_weights_from_disk", {"model_path": str(tmp_path / folder)})
+            assert status == 400 and answer["success"] is False and words in answer["message"], answer
+            assert client.generate(prompts, params)[0].output_ids == expected
+    finally:
+        server.shutdown()
+
+
 def test_stop_strings_are_matched_and_trimmed(server, model, tokenizer):
     prompt = [5, 6, 7, 8, 9]
     free = reference(model, tokenizer, [prompt], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
