@@ -31,7 +31,7 @@ from league.engine.request import (
 from league.engine.scheduler import Scheduler
 from league.engine.speculative import SpeculativeStep, accept_on_device
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
-from league.ops.logprob import token_logprobs
+from league.ops.logprob import token_logprobs, top_logprobs
 from league.ops.penalties import penalize, token_counts
 from league.ops.sampling import filtered_probs, sample_logits, sample_rows, unfiltered
 
@@ -143,6 +143,8 @@ class InFlight:
     tokens: torch.Tensor
     host_tokens: torch.Tensor
     host_logprobs: torch.Tensor
+    host_tops: list[torch.Tensor]
+    """Host copies of the top log-probs and their token ids, when a request asked for them (else empty)."""
     ready: torch.cuda.Event | None
 
 
@@ -244,10 +246,18 @@ class LLMEngine:
     # requests ---------------------------------------------------------------------------------------
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1, rid: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        rid: str | None = None,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> list[str]:
         """Queue a prompt; returns the ids of its ``n`` samples (``rid`` or a generated id, ``-i`` suffixed
-        when n > 1). Sample i of a seeded request uses seed ``seed + i``."""
+        when n > 1). Sample i of a seeded request uses seed ``seed + i``. ``top_logprobs_num`` keeps that many most
+        likely tokens at each position whose log-prob is returned; ``logprob_start_len`` >= 0 also returns the
+        log-probs of the prompt's tokens from that position on."""
         params = params or SamplingParams()
         if not isinstance(prompt_ids, list) or not prompt_ids:
             raise ValueError(f"input_ids must be a non-empty list of token ids, got {prompt_ids!r:.100}")
@@ -258,6 +268,15 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}")
         if not is_int(n) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not is_int(top_logprobs_num) or not 0 <= top_logprobs_num <= self.args.vocab_size:
+            raise ValueError(
+                f"top_logprobs_num must be an integer in [0, {self.args.vocab_size}], got {top_logprobs_num!r}"
+            )
+        if not is_int(logprob_start_len) or not -1 <= logprob_start_len < len(prompt_ids):
+            raise ValueError(
+                f"logprob_start_len must be -1 or a prompt position in [0, {len(prompt_ids)}), "
+                f"got {logprob_start_len!r}"
+            )
         if params.seed is not None and params.seed + n - 1 > MAX_SEED:
             raise ValueError(
                 f"sampling_params.seed ({params.seed}) + n - 1 must be <= {MAX_SEED} (sample i uses seed + i)"
@@ -271,7 +290,14 @@ class LLMEngine:
                 params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
             )
             members.append(
-                Request(rid=base if n == 1 else f"{base}-{i}", prompt_ids=list(prompt_ids), params=params, seed=seed)
+                Request(
+                    rid=base if n == 1 else f"{base}-{i}",
+                    prompt_ids=list(prompt_ids),
+                    params=params,
+                    seed=seed,
+                    top_logprobs_num=top_logprobs_num,
+                    logprob_start_len=logprob_start_len,
+                )
             )
         for member in members[1:]:
             member.leader = members[0]
@@ -341,6 +367,8 @@ class LLMEngine:
         hidden = self.model(tokens, batch, self.cache)
         self.stats.forward_passes += 1
         self.stats.prefill_passes += 1
+        if any(r.logprob_start_len >= 0 for r, _, _ in chunks):
+            self._input_logprobs(chunks, hidden, batch)
         if self.config.num_spec_steps:
             self._mtp_extend_prompt(chunks, hidden, batch)
         finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.prompt_ids)]
@@ -364,7 +392,41 @@ class LLMEngine:
                     self.spec_step.hidden[member.slot, 0] = hidden[end - 1]
                     member.mtp_start, member.mtp_tokens = len(leader.prompt_ids) - 1, [token]
                 logprob = token_logprobs(row[None], torch.tensor([token], device=self.device))
-                self._append(member, [token], logprob.tolist())
+                self._append(member, [token], logprob.tolist(), self._tops([member], row[None]))
+
+    def _input_logprobs(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
+        """The log-probs of the prompt tokens that requests asked for (from ``logprob_start_len`` on): the token at
+        position q is scored by the row of position q - 1; the first prompt token has none (None)."""
+        rows, targets, owners = [], [], []
+        for (r, s, e), (_, start, _end) in zip(chunks, batch.sequences()):
+            if r.logprob_start_len < 0:
+                continue
+            if r.logprob_start_len == 0 and s == 0:
+                r.input_logprobs.append(None)
+                r.input_top_logprobs.append(None)
+            lo, hi = max(s, r.logprob_start_len - 1, 0), min(e, len(r.prompt_ids) - 1)
+            if hi > lo:
+                rows.extend(range(start + lo - s, start + hi - s))
+                targets.extend(r.prompt_ids[lo + 1 : hi + 1])
+                owners.append((r, hi - lo))
+        if not rows:
+            return
+        logits = self._logits(hidden[rows])
+        logprobs = token_logprobs(logits, torch.tensor(targets, device=self.device)).tolist()
+        tops = self._tops([r for r, count in owners for _ in range(count)], logits)
+        for r, count in owners:
+            r.input_logprobs.extend(logprobs[:count])
+            r.input_top_logprobs.extend(tops[:count])
+            logprobs, tops = logprobs[count:], tops[count:]
+
+    def _tops(self, reqs: list[Request], logits_RV: torch.Tensor) -> list[list[tuple[float, int]]]:
+        """Row i's ``reqs[i].top_logprobs_num`` most likely ``(log-prob, token)``, read back now (empty lists when
+        no request asks)."""
+        k = max((r.top_logprobs_num for r in reqs), default=0)
+        if k == 0:
+            return [[] for _ in reqs]
+        values, ids = top_logprobs(logits_RV, k)
+        return _pairs(values.tolist(), ids.tolist(), [r.top_logprobs_num for r in reqs])
 
     def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
         """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
@@ -471,27 +533,35 @@ class LLMEngine:
             reqs, self._penalized(reqs, logits, lagging), [len(r.output_ids) + a for r, a in zip(reqs, lag)]
         )
         logprobs = token_logprobs(logits, sampled)
+        k = max(r.top_logprobs_num for r in reqs)
+        tops = top_logprobs(logits, k) if k else ()
         pinned = self.device.type == "cuda"
-        host_tokens = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pinned)
-        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=pinned)
-        host_tokens.copy_(sampled, non_blocking=pinned)
-        host_logprobs.copy_(logprobs, non_blocking=pinned)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for t in (sampled, logprobs, *tops)]
+        for h, t in zip(host, (sampled, logprobs, *tops)):
+            h.copy_(t, non_blocking=pinned)
         ready = None
         if pinned:
             ready = torch.cuda.Event()
             ready.record()
-        return InFlight(reqs=reqs, tokens=sampled, host_tokens=host_tokens, host_logprobs=host_logprobs, ready=ready)
+        return InFlight(
+            reqs=reqs, tokens=sampled, host_tokens=host[0], host_logprobs=host[1], host_tops=host[2:], ready=ready
+        )
 
     def _land(self, step: InFlight) -> None:
         """Append a launched step's tokens once they are on the host; rows of requests that ended meanwhile (a
         stop token in the step before, an abort) are dropped."""
         if step.ready is not None:
             step.ready.synchronize()
-        for r, token, logprob in zip(step.reqs, step.host_tokens.tolist(), step.host_logprobs.tolist()):
+        tops = (
+            _pairs(*(t.tolist() for t in step.host_tops), [r.top_logprobs_num for r in step.reqs])
+            if step.host_tops
+            else [[] for _ in step.reqs]
+        )
+        for r, token, logprob, top in zip(step.reqs, step.host_tokens.tolist(), step.host_logprobs.tolist(), tops):
             if r.finish_reason is None:
                 if self.spec_step is not None:  # the row of the token just run, paired with the one it gave
                     r.mtp_start, r.mtp_tokens = r.num_cached, [token]
-                self._append(r, [token], [logprob])
+                self._append(r, [token], [logprob], [top])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
         num_steps, step = self.config.num_spec_steps, self.spec_step
@@ -525,6 +595,8 @@ class LLMEngine:
         logprobs_BN1 = token_logprobs(logits.reshape(-1, logits.shape[-1]), emitted_BN1.flatten())
         rows = torch.cat([accepted_B[:, None], emitted_BN1], dim=1).tolist()  # the step's one wait
         logprob_rows = logprobs_BN1.view(len(reqs), num_steps + 1).tolist()
+        verify_rows = [r for r in reqs for _ in range(num_steps + 1)]
+        tops = self._tops(verify_rows, logits.reshape(-1, logits.shape[-1]))
         for i, (r, (num_accepted, *tokens)) in enumerate(zip(reqs, rows)):
             emitted = tokens[: num_accepted + 1]
             stats = SpecStats(
@@ -537,7 +609,8 @@ class LLMEngine:
             self.stats.spec.add(stats)
             # the next step's MTP rows: this verify's hidden states (kept by the step) with the emitted tokens
             r.mtp_start, r.mtp_tokens = committed[i], emitted
-            self._append(r, emitted, logprob_rows[i][: num_accepted + 1])
+            row_tops = tops[i * (num_steps + 1) : i * (num_steps + 1) + num_accepted + 1]
+            self._append(r, emitted, logprob_rows[i][: num_accepted + 1], row_tops)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden, self.config.batch_invariant)
@@ -615,11 +688,13 @@ class LLMEngine:
                 tokens[index] = sample_rows(filtered_probs(logits_BV[index], *settings), seeds, positions)
         return tokens
 
-    def _append(self, r: Request, tokens: list[int], logprobs: list[float]) -> None:
+    def _append(self, r: Request, tokens: list[int], logprobs: list[float], tops: list[list]) -> None:
         """Add generated tokens until one ends the request; the last one stays pending for the next step."""
-        for token, logprob in zip(tokens, logprobs):
+        for token, logprob, top in zip(tokens, logprobs, tops):
             r.output_ids.append(token)
             r.output_logprobs.append(logprob)
+            if r.top_logprobs_num:
+                r.output_top_logprobs.append(top)
             r.pending_token = token
             self.stats.generated_tokens += 1
             reason = self._finish_reason(r, token)
@@ -674,3 +749,8 @@ class LLMEngine:
         with torch.no_grad():
             for name, tensor in named_tensors:
                 params[name].copy_(tensor)
+
+
+def _pairs(values: list[list[float]], ids: list[list[int]], counts: list[int]) -> list[list[tuple[float, int]]]:
+    """Row i's first ``counts[i]`` ``(log-prob, token id)`` pairs."""
+    return [list(zip(v[:k], t[:k])) for v, t, k in zip(values, ids, counts)]

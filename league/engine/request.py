@@ -168,6 +168,15 @@ class GenerateOutput:
     """``stop`` (EOS, stop token or stop string), ``length`` (max_new_tokens or context) or ``abort``."""
     text: str | None = None
     spec: SpecStats = field(default_factory=SpecStats)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    """For each generated token, the ``top_logprobs_num`` most likely ``(log-prob, token id)`` (empty if none)."""
+    input_logprobs: list[float | None] = field(default_factory=list)
+    """Log-probs of the prompt's tokens from ``logprob_start_len`` on (None for the first prompt token)."""
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    """The most likely tokens at each of those prompt positions (with ``top_logprobs_num``)."""
+
+
+TopLogprobs = list[tuple[float, int]]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -198,6 +207,13 @@ class Request:
     step's buffer at this request's slot."""
     mtp_tokens: list[int] = field(default_factory=list)
     """The token after each of those rows (the emitted ones; their count is the number of rows)."""
+    top_logprobs_num: int = 0
+    """Keep this many most likely tokens, with their log-probs, at each output (and returned input) position."""
+    logprob_start_len: int = -1
+    """Return the log-probs of the prompt's tokens from this position on; -1: none."""
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
 
     @property
     def num_cached(self) -> int:
@@ -209,6 +225,7 @@ class Request:
         return self.num_prefilled >= len(self.prompt_ids)
 
     def to_output(self, text: str | None = None) -> GenerateOutput:
+        prefilled = self.leader or self  # the group's prompt log-probs are its leader's
         return GenerateOutput(
             rid=self.rid,
             prompt_ids=self.prompt_ids,
@@ -217,4 +234,7 @@ class Request:
             finish_reason=self.finish_reason or "abort",
             text=text,
             spec=self.spec,
+            output_top_logprobs=list(self.output_top_logprobs),
+            input_logprobs=list(prefilled.input_logprobs),
+            input_top_logprobs=list(prefilled.input_top_logprobs),
         )

@@ -70,6 +70,28 @@ def token_logprobs_reference(logits_TV: torch.Tensor, tokens_T: torch.Tensor, ch
     return torch.cat(out) if out else logits_TV.new_zeros(0, dtype=torch.float32)
 
 
+def top_logprobs(logits_TV: torch.Tensor, k: int, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest fp32 log-probabilities of each row and their token ids, largest first.
+
+    Args:
+        logits_TV (torch.Tensor): ``[T, V]`` raw logits (any float dtype).
+        k (int): how many per row, ``1 <= k <= V``.
+        chunk_size (int): rows converted to fp32 at once. Default: ``4096``.
+
+    Returns:
+        ``([T, k] fp32 log-probs, [T, k] int64 token ids)``.
+    """
+    values, ids = [], []
+    for start in range(0, logits_TV.shape[0], chunk_size):
+        rows = logits_TV[start : start + chunk_size].float()
+        top = rows.topk(k, dim=-1)
+        values.append(top.values - rows.logsumexp(-1, keepdim=True))
+        ids.append(top.indices)
+    if not values:
+        return logits_TV.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(values), torch.cat(ids)
+
+
 def entropy(logits_TV: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """``logsumexp(z) - sum softmax(z) z`` per row, fp32, ``[T]``."""
     out = []
