@@ -256,12 +256,25 @@ def serve(
         ),
     ] = False,
     mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(help="The model's name in the OpenAI API (`model` must be it or --model). Default: --model."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LEAGUE_API_KEY",
+            help="Require `Authorization: Bearer KEY` on every route but /health and /health_generate (as SGLang's "
+            "--api-key). Default: no key.",
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
 ) -> None:
-    """Serve a checkpoint over HTTP with SGLang's /generate API (and OpenAI-style completions)."""
+    """Serve a checkpoint over HTTP with SGLang's /generate API and the OpenAI API (/v1/completions,
+    /v1/chat/completions, /v1/models)."""
     with user_errors():
         from league.engine.engine import EngineConfig
         from league.engine.server import serve as run
@@ -282,7 +295,16 @@ def serve(
             disable_overlap_schedule=disable_overlap_schedule,
             mamba_ssm_dtype=mamba_ssm_dtype,
         )
-        run(str(model), host, port, config, device=device, dtype=dtype)
+        run(
+            str(model),
+            host,
+            port,
+            config,
+            device=device,
+            dtype=dtype,
+            served_model_name=served_model_name,
+            api_key=api_key,
+        )
 
 
 def parse_int_list(flag: str, text: str) -> list[int]:

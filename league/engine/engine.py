@@ -277,6 +277,8 @@ class LLMEngine:
                 f"logprob_start_len must be -1 or a prompt position in [0, {len(prompt_ids)}), "
                 f"got {logprob_start_len!r}"
             )
+        if any(t >= self.args.vocab_size for t in params.logit_bias):
+            raise ValueError(f"sampling_params.logit_bias has token ids outside [0, {self.args.vocab_size})")
         if params.seed is not None and params.seed + n - 1 > MAX_SEED:
             raise ValueError(
                 f"sampling_params.seed ({params.seed}) + n - 1 must be <= {MAX_SEED} (sample i uses seed + i)"
@@ -650,8 +652,16 @@ class LLMEngine:
             [[r.params.frequency_penalty, r.params.presence_penalty, r.params.repetition_penalty] for r in chosen],
             dtype=torch.float32,
         ).to(device)
+        bias = None
+        if any(r.params.logit_bias for r in chosen):
+            bias = torch.zeros(len(chosen), vocab, dtype=torch.float32)
+            for i, r in enumerate(chosen):
+                bias[i, list(r.params.logit_bias)] = torch.tensor(
+                    list(r.params.logit_bias.values()), dtype=torch.float32
+                )
+            bias = bias.to(device)
         logits = logits_RV.float()  # a copy in fp32: the raw logits stay for the log-probs
-        logits[index] = penalize(logits[index], counts, seen, banned, *values.unbind(1))
+        logits[index] = penalize(logits[index], counts, seen, banned, *values.unbind(1), bias)
         return logits
 
     def _penalized_verify(self, reqs: list[Request], logits_BNV: torch.Tensor, drafts_BN: torch.Tensor):

@@ -1,4 +1,4 @@
-"""The wire format of the server's SGLang and OpenAI routes: request bodies in, answers out.
+"""The wire format of the server's SGLang routes: request bodies in, answers out (the OpenAI routes: ``openai.py``).
 
 Pure functions: they check the fields the engine does not know about (unknown keys, types, whether the
 prompt and ``max_new_tokens`` fit in the context) and leave the rest to ``SamplingParams`` and
@@ -7,24 +7,18 @@ tokenization (text arrives encoded and leaves decoded through the callables the 
 """
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from league.engine.request import GenerateOutput, SamplingParams, is_int_list
+from league.engine.request import GenerateOutput, SamplingParams, is_int, is_int_list
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # SGLang options besides SamplingParams': n and how output text is decoded (spaces_...: accepted, ignored)
 SAMPLING_EXTRA = frozenset({"n", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"})
-# the last two are accepted and ignored: league returns the log-probs of output tokens only
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
-GENERATE_FIELDS |= {"logprob_start_len", "return_text_in_logprobs"}
-OPENAI_SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
-OPENAI_SAMPLING |= {k: k for k in ("temperature", "top_p", "top_k", "min_p", "n", "stop", "seed")}
-OPENAI_SAMPLING |= {k: k for k in ("stop_token_ids", "ignore_eos", "skip_special_tokens")}
-OPENAI_FIELDS = set(OPENAI_SAMPLING) | {"model", "logprobs", "stream", "user"}
+GENERATE_FIELDS |= {"logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,8 +59,10 @@ def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> 
     raw = {("seed" if k == "sampling_seed" else k): v for k, v in raw.items() if v is not None}
     check_fields(raw, set(SAMPLING_FIELDS | SAMPLING_EXTRA), f"`{where}`")
     n = raw.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"{where}.n must be an integer >= 1, got {n!r}")
+    if "logit_bias" in raw:
+        raw["logit_bias"] = token_keys(raw["logit_bias"], f"{where}.logit_bias")
     for key, kind in (("stop", (list, str)), ("stop_token_ids", list)):
         if key in raw and not isinstance(raw[key], kind):
             raise ValueError(f"{where}.{key} must be a list, got {raw[key]!r}")
@@ -77,6 +73,17 @@ def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> 
         trim_stop=not flag(raw, "no_stop_trim"),
         default_max_new_tokens=default_max_new_tokens,
     )
+
+
+def token_keys(value: Any, where: str) -> dict[int, Any]:
+    """A JSON object keyed by token ids (JSON keys are strings: ``"42"``) -> a dict keyed by ints."""
+    if not isinstance(value, dict):
+        raise ValueError(f"`{where}` must be an object of token id -> bias, got {value!r:.100}")
+    keys = {k: k if is_int(k) else int(k) if isinstance(k, str) and k.isdecimal() else None for k in value}
+    bad = [k for k, v in keys.items() if v is None]
+    if bad:
+        raise ValueError(f"`{where}` keys must be token ids (decimal integers), got {bad[:5]}")
+    return {keys[k]: v for k, v in value.items()}
 
 
 def params_for(options: SamplingOptions, prompt_len: int, context_length: int, field: str) -> SamplingParams:
@@ -151,10 +158,48 @@ def trim(text: str, out: GenerateOutput, params: SamplingParams, options: Sampli
     return text
 
 
+@dataclass(kw_only=True, slots=True)
+class LogprobOptions:
+    """Which log-probs a ``/generate`` request returns (SGLang's ``return_logprob`` and companions)."""
+
+    return_logprob: bool = False
+    """Return the log-probs of the output tokens (and of the prompt's from ``logprob_start_len``)."""
+    logprob_start_len: int = -1
+    """First prompt position whose token's log-prob is returned; -1: output tokens only."""
+    top_logprobs_num: int = 0
+    """Also return this many most likely tokens at each of those positions."""
+    return_text_in_logprobs: bool = False
+    """Each entry's third element is the token's text (else None)."""
+
+
+def parse_logprob_options(body: dict) -> LogprobOptions:
+    start, top = body.get("logprob_start_len", -1), body.get("top_logprobs_num", 0)
+    start, top = -1 if start is None else start, 0 if top is None else top
+    if not is_int(start) or start < -1:
+        raise ValueError(f"`logprob_start_len` must be -1 or a prompt position >= 0, got {start!r}")
+    if not is_int(top) or top < 0:
+        raise ValueError(f"`top_logprobs_num` must be an integer >= 0, got {top!r}")
+    options = LogprobOptions(
+        return_logprob=flag(body, "return_logprob"),
+        logprob_start_len=start,
+        top_logprobs_num=top,
+        return_text_in_logprobs=flag(body, "return_text_in_logprobs"),
+    )
+    if not options.return_logprob:  # the other fields ask for nothing without it (as in SGLang)
+        return LogprobOptions()
+    return options
+
+
 def generate_result(
-    out: GenerateOutput, params: SamplingParams, text: str, return_logprob: bool, finished: bool
+    out: GenerateOutput,
+    params: SamplingParams,
+    text: str,
+    finished: bool,
+    logprobs: LogprobOptions,
+    token_text: Callable[[int], str],
 ) -> dict:
-    """One SGLang ``/generate`` answer (or, unfinished, one streamed snapshot)."""
+    """One SGLang ``/generate`` answer (or, unfinished, one streamed snapshot). Log-prob entries are
+    ``[log-prob, token id, text or None]`` (the first prompt token's log-prob is None)."""
     meta = {
         "id": out.rid,
         "finish_reason": finish_reason(out, params) if finished else None,
@@ -166,33 +211,18 @@ def generate_result(
         "spec_draft_token_num": out.spec.draft_tokens,
         "spec_accept_length": out.spec.accept_length,
     }
-    if return_logprob:
-        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(out.output_logprobs, out.output_ids)]
+    if logprobs.return_logprob:
+
+        def entry(logprob: float | None, token: int) -> list:
+            return [logprob, token, token_text(token) if logprobs.return_text_in_logprobs else None]
+
+        def tops(pairs: list[tuple[float, int]] | None) -> list | None:
+            return None if pairs is None else [entry(lp, t) for lp, t in pairs]
+
+        input_ids = out.prompt_ids[max(logprobs.logprob_start_len, 0) :] if out.input_logprobs else []
+        meta["input_token_logprobs"] = [entry(lp, t) for lp, t in zip(out.input_logprobs, input_ids)]
+        meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(out.output_logprobs, out.output_ids)]
+        if logprobs.top_logprobs_num:
+            meta["input_top_logprobs"] = [tops(pairs) for pairs in out.input_top_logprobs]
+            meta["output_top_logprobs"] = [tops(pairs) for pairs in out.output_top_logprobs]
     return {"text": text, "output_ids": out.output_ids, "meta_info": meta}
-
-
-def openai_choice(index: int, out: GenerateOutput, text: str, tokens: list[str], logprobs: bool, chat: bool) -> dict:
-    """One choice of an OpenAI completion (``chat``: a chat completion); ``tokens`` are the output tokens' text."""
-    if chat:
-        content = [{"token": t, "logprob": lp, "top_logprobs": []} for t, lp in zip(tokens, out.output_logprobs)]
-        choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": {"content": content}}
-    else:
-        choice = {"index": index, "text": text}
-        choice["logprobs"] = {"tokens": tokens, "token_logprobs": out.output_logprobs, "top_logprobs": None}
-    return choice | {"logprobs": choice["logprobs"] if logprobs else None, "finish_reason": out.finish_reason}
-
-
-def openai_response(choices: list[dict], prompts: list[list[int]], outs: list[GenerateOutput], model: str, chat: bool):
-    prompt_tokens, completion_tokens = sum(len(p) for p in prompts), sum(len(o.output_ids) for o in outs)
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }

@@ -57,6 +57,8 @@ class SamplingParams:
     1 is off."""
     min_new_tokens: int = 0
     """EOS and the stop tokens cannot be drawn, and stop strings do not end the request, before this many tokens."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before every draw, each in [-100, 100] (-100 in effect bans one)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +93,12 @@ class SamplingParams:
                 "a number in (0, 2]",
             ),
             (is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens", "an integer >= 0"),
+            (
+                isinstance(self.logit_bias, dict)
+                and all(is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                "logit_bias",
+                "an object of token id -> bias in [-100, 100]",
+            ),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -104,6 +112,7 @@ class SamplingParams:
             or self.presence_penalty != 0
             or self.repetition_penalty != 1
             or self.min_new_tokens > 0
+            or bool(self.logit_bias)
         )
 
     @property

@@ -1,34 +1,41 @@
-"""An HTTP server in front of one LLMEngine, speaking the subset of SGLang's API that RL loops use.
+"""An HTTP server in front of one LLMEngine, speaking SGLang's API as RL loops use it, and the OpenAI API.
 
-Handler threads (``ThreadingHTTPServer``) parse a request (``protocol.py``), hand its prompts to the
-``EngineWorker`` whose single thread drives the engine, and wait for the outputs. Routes: ``POST /generate``,
-``GET /health``, ``GET /get_model_info``, ``POST /update_weights_from_disk``, ``POST /flush_cache``,
-``POST /abort_request``, and OpenAI-style ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``. A ValueError becomes HTTP 400, a stopped or failed engine 503. Not responsible for
-scheduling or sampling (the engine), authentication, or TLS.
+Handler threads (``ThreadingHTTPServer``) parse a request (``protocol.py``, ``openai.py``), hand its prompts to
+the ``EngineWorker`` whose single thread drives the engine, and wait for the outputs. Routes: ``POST /generate``,
+``GET /health``, ``GET /health_generate``, ``GET /get_model_info``, ``POST /update_weights_from_disk``,
+``POST /flush_cache``, ``POST /abort_request``, and the OpenAI API's ``POST /v1/completions``,
+``POST /v1/chat/completions``, ``GET /v1/models``. Every answer is JSON (or server-sent events): a client error
+is a 4xx naming the field (400, or 401/404/405/408/411/413), a failed engine step a 500 for its requests only, a
+stopped engine 503. A request whose client leaves is aborted. Not responsible for scheduling or sampling (the
+engine), or TLS.
 """
 
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
+import select
 import signal
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from league.engine import protocol
+from league.engine import openai, protocol
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import GenerateOutput, SamplingParams
-from league.engine.worker import EngineStepFailed, EngineUnavailable, EngineWorker, Submission
+from league.engine.worker import ClientGone, EngineStepFailed, EngineUnavailable, EngineWorker, Submission
 from league.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 << 20
+READ_TIMEOUT_S = 30.0
 
 
 class EngineServer(ThreadingHTTPServer):
@@ -40,18 +47,44 @@ class EngineServer(ThreadingHTTPServer):
         port (int): port to bind; 0 lets the OS pick a free one (read it back from ``port``).
         model_path (str, Optional): reported by ``/get_model_info`` and OpenAI answers. Default: "".
         tokenizer (Optional): a transformers tokenizer for ``text`` prompts, output text and chat. Default: None.
+        served_model_name (str, Optional): the model's name in the OpenAI API (``model`` must be it or
+            ``model_path``). Default: ``model_path``.
+        api_key (str, Optional): when set, every route but /health and /health_generate needs the header
+            ``Authorization: Bearer <api_key>`` (as SGLang's ``--api-key``). Default: None (no key).
+        read_timeout (float, Optional): seconds a connection may take to send its request (and to take each
+            write of the answer). Default: 30.
+        max_body_bytes (int, Optional): the largest request body accepted (HTTP 413 above). Default: 256 MiB.
     """
 
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, engine: LLMEngine, host: str, port: int, model_path: str = "", tokenizer=None):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        host: str,
+        port: int,
+        model_path: str = "",
+        tokenizer=None,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        read_timeout: float = READ_TIMEOUT_S,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ):
         super().__init__((host, port), _Handler)
         self.engine, self.model_path, self.tokenizer = engine, model_path, tokenizer
+        self.model_name = served_model_name or model_path
+        self.api_key, self.read_timeout, self.max_body_bytes = api_key or None, read_timeout, max_body_bytes
         self.weight_version = "default"
+        self.started = time.time()
         self.worker = EngineWorker(engine)
         self._tokenizer_lock = threading.Lock()
         self._serving = False
+
+    @property
+    def model_names(self) -> set[str]:
+        """The names the OpenAI routes answer to."""
+        return {name for name in (self.model_name, self.model_path) if name}
 
     @property
     def port(self) -> int:
@@ -84,8 +117,11 @@ class EngineServer(ThreadingHTTPServer):
     def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise ValueError(f"`{field}` is text but the server has no tokenizer: send token ids instead")
-        with self._tokenizer_lock:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            with self._tokenizer_lock:
+                return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:
+            raise ValueError(f"`{field}`: the tokenizer could not encode it: {e}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None:
@@ -93,11 +129,9 @@ class EngineServer(ThreadingHTTPServer):
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: Any, template_kwargs: Any) -> list[int]:
+    def chat_prompt(self, messages: list[dict], template_kwargs: Any) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("`messages` needs a tokenizer with a chat template; this server has none")
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
-            raise ValueError(f"`messages` must be a non-empty list of {{role, content}} objects, got {messages!r}")
         if not isinstance(template_kwargs, dict):
             raise ValueError(f"`chat_template_kwargs` must be an object, got {template_kwargs!r}")
         try:
@@ -125,11 +159,28 @@ class EngineServer(ThreadingHTTPServer):
         }
 
 
+class HTTPError(Exception):
+    """A client error with its own status (401, 404, 405, 408, 411, 413); the message says what to change."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: EngineServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # every read and write of this connection
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, headers too long, ...) as JSON, not HTML."""
+        self.close_connection = True
+        self._send_error(code, message or self.responses.get(code, ("error",))[0])
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -137,68 +188,158 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._route("POST")
 
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._route("OPTIONS")
+
     def _route(self, method: str) -> None:
         path = urlsplit(self.path).path
         route = _ROUTES.get((method, path))
         try:
             if route is None:
-                self._send_error(404, f"no route {method} {path}; routes: {sorted(p for _, p in _ROUTES)}")
-                return
+                allowed = sorted(m for m, p in _ROUTES if p == path)
+                if allowed:
+                    raise HTTPError(405, f"{method} {path}: use {' or '.join(allowed)}", allow=", ".join(allowed))
+                raise HTTPError(404, f"no route {method} {path}; routes: {sorted({p for _, p in _ROUTES})}")
+            self._authorize(path)
             route(self, self._body() if method == "POST" else {})
+        except HTTPError as e:
+            self._send_error(e.status, str(e), **e.extra)
         except ValueError as e:
             self._send_error(400, str(e))
         except EngineUnavailable as e:
             self._send_error(503, str(e))
         except EngineStepFailed as e:
             self._send_error(500, str(e))
-        except (BrokenPipeError, ConnectionResetError):
+        except ClientGone:
+            log.debug("client %s went away; its requests were aborted", self.address_string())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
             log.debug("client %s went away", self.address_string())
         except Exception as e:
             log.exception("%s %s failed", method, path)
             self._send_error(500, f"internal error: {e!r}")
 
+    def _authorize(self, path: str) -> None:
+        """With ``--api-key``, every route but /health and /health_generate needs ``Authorization: Bearer KEY``."""
+        key = self.server.api_key
+        if key is None or path in ("/health", "/health_generate"):
+            return
+        given = self.headers.get("Authorization") or ""
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise HTTPError(401, "missing or wrong API key: send the header `Authorization: Bearer <api key>`")
+
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise ValueError(f"Content-Length {length}: the request body may have up to {MAX_BODY_BYTES} bytes")
+        """The JSON object of a POST body, read with the server's time limit and size limit."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise HTTPError(411, "chunked request bodies are not accepted: send a Content-Length header")
+        raw_length = self.headers.get("Content-Length") or "0"
+        if not raw_length.strip().isdecimal():
+            raise ValueError(f"Content-Length {raw_length!r:.40} is not a number of bytes")
+        length, limit = int(raw_length), self.server.max_body_bytes
+        if length > limit:
+            self.close_connection = True
+            raise HTTPError(413, f"the request body has {length} bytes; this server takes up to {limit}")
         try:
-            body = json.loads(self.rfile.read(length)) if length else {}
+            data = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self.close_connection = True
+            raise HTTPError(
+                408, f"the request body did not arrive within {self.server.read_timeout:g} s (Content-Length {length})"
+            ) from None
+        if len(data) < length:
+            self.close_connection = True
+            raise ValueError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
+        try:
+            body = json.loads(data) if length else {}
+            json.dumps(body, ensure_ascii=False).encode()  # lone surrogates ("\ud800") cannot be encoded
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON: {e}") from None
+        except UnicodeEncodeError:
+            raise ValueError("the request body holds a lone UTF-16 surrogate (e.g. \\ud800) in a string") from None
+        except RecursionError:
+            raise ValueError("the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ValueError(f"the request body must be a JSON object, got {type(body).__name__}")
         return body
 
-    def _send_json(self, status: int, obj: Any) -> None:
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _send_error(self, status: int, text: str, **extra: Any) -> None:
-        self._send_json(status, {**extra, "error": {"message": text, "code": status}})
+    def _send_error(self, status: int, text: str, allow: str | None = None, **extra: Any) -> None:
+        kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+        error = {"message": text, "type": kind, "code": status} | {k: extra.pop(k) for k in ("param",) if k in extra}
+        self._send_json(status, {**extra, "error": error}, {"Allow": allow} if allow else None)
+
+    def _gone(self) -> bool:
+        """Whether the client has closed its connection (checked while its request waits on the engine)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _wait(self, sub: Submission) -> list[GenerateOutput]:
+        """Every output of a submission; if the client leaves first, its requests are aborted (ClientGone)."""
+        try:
+            return sub.outputs(self._gone)
+        except ClientGone:
+            self._abort(sub)
+            raise
+
+    def _abort(self, sub: Submission) -> None:
+        with contextlib.suppress(EngineUnavailable):
+            for rid in sub.rids:
+                self.server.worker.abort(rid)
 
     def _prompts(self, value: Any, field: str, text: bool, ids: bool) -> tuple[list[list[int]], bool]:
         vocab = self.server.engine.args.vocab_size
         return protocol.parse_prompts(value, field, lambda s: self.server.encode(s, field), text, ids, vocab)
 
     def _submit(
-        self, prompts: list[list[int]], options: protocol.SamplingOptions, field: str, rids=None, stream=False
+        self,
+        prompts: list[list[int]],
+        options: protocol.SamplingOptions,
+        field: str,
+        rids=None,
+        stream=False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> Submission:
         if options.fields.get("stop") and self.server.tokenizer is None:
             raise ValueError("sampling_params.stop (strings) needs a tokenizer; this server has none")
         context_length = self.server.engine.context_length
         params = [protocol.params_for(options, len(p), context_length, field) for p in prompts]
         rids = rids or protocol.parse_rids(None, len(prompts), True)
-        return self.server.worker.submit(prompts, params, options.n, rids, stream)
+        return self.server.worker.submit(prompts, params, options.n, rids, stream, top_logprobs_num, logprob_start_len)
 
     def _text(
         self, sub: Submission, i: int, out: GenerateOutput, options: protocol.SamplingOptions, finished: bool = True
     ) -> str:
         text = self.server.decode(out.output_ids, options.skip_special_tokens)
         return protocol.trim(text, out, sub.params[i // sub.n], options) if finished else text
+
+    def _token_text(self, token: int) -> str:
+        return self.server.decode([token], False) or f"token_id:{token}"
 
     def _generate(self, body: dict) -> None:
         protocol.check_fields(body, protocol.GENERATE_FIELDS, "the /generate body")
@@ -207,68 +348,133 @@ class _Handler(BaseHTTPRequestHandler):
         field = "text" if "text" in body else "input_ids"
         prompts, batched = self._prompts(body[field], field, text=field == "text", ids=field == "input_ids")
         options = protocol.parse_sampling(body.get("sampling_params") or {}, "sampling_params", 128)
-        return_logprob, stream = protocol.flag(body, "return_logprob"), protocol.flag(body, "stream")
+        logprobs, stream = protocol.parse_logprob_options(body), protocol.flag(body, "stream")
         rids = protocol.parse_rids(body.get("rid"), len(prompts), batched)
-        sub = self._submit(prompts, options, field, rids, stream)
+        sub = self._submit(prompts, options, field, rids, stream, logprobs.top_logprobs_num, logprobs.logprob_start_len)
 
         def render(i: int, out: GenerateOutput, finished: bool) -> dict:
             text = self._text(sub, i, out, options, finished)
-            return protocol.generate_result(out, sub.params[i // sub.n], text, return_logprob, finished)
+            return protocol.generate_result(out, sub.params[i // sub.n], text, finished, logprobs, self._token_text)
 
         if stream:
-            self._stream(sub, render)
+            self._stream(
+                sub, lambda i, out, finished: [] if out is None else [{**render(i, out, finished), "index": i}]
+            )
             return
-        results = [render(i, out, True) for i, out in enumerate(sub.outputs())]
+        results = [render(i, out, True) for i, out in enumerate(self._wait(sub))]
         self._send_json(200, results if batched or options.n > 1 else results[0])
 
-    def _stream(self, sub: Submission, render: Callable[[int, GenerateOutput, bool], dict]) -> None:
-        """Server-sent events: a cumulative snapshot per update, ``index`` naming the sample; then [DONE]."""
+    def _stream(self, sub: Submission, events: Callable[[int, GenerateOutput | None, bool], list[dict]]) -> None:
+        """Server-sent events: ``events(i, output, finished)`` for each update of member i (and once with
+        ``(-1, None, True)`` after the last, for closing events), then ``[DONE]``. A client that leaves aborts
+        the submission."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         try:
             try:
-                for i, out, finished in sub.updates():
-                    self._event({**render(i, out, finished), "index": i})
+                for i, out, finished in sub.updates(self._gone):
+                    for event in events(i, out, finished):
+                        self._event(event)
+                for event in events(-1, None, True):
+                    self._event(event)
             except (EngineUnavailable, EngineStepFailed) as e:
-                self._event({"error": {"message": str(e), "code": 503 if isinstance(e, EngineUnavailable) else 500}})
+                code = 503 if isinstance(e, EngineUnavailable) else 500
+                self._event({"error": {"message": str(e), "type": "server_error", "code": code}})
+            except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
+                raise
+            except Exception as e:  # the status line is sent: the error goes out as an event
+                log.exception("streaming failed")
+                self._event({"error": {"message": f"internal error: {e!r}", "type": "server_error", "code": 500}})
+                self._abort(sub)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            with contextlib.suppress(EngineUnavailable):
-                for rid in sub.rids:
-                    self.server.worker.abort(rid)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
+            self.close_connection = True
+            self._abort(sub)
 
     def _event(self, obj: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         self.wfile.flush()
 
     def _openai(self, body: dict, chat: bool) -> None:
-        fields = protocol.OPENAI_FIELDS | ({"messages", "chat_template_kwargs"} if chat else {"prompt"})
-        protocol.check_fields(body, fields, "the body")
-        if protocol.flag(body, "stream"):
-            raise ValueError("`stream` is not supported on the OpenAI routes; stream from /generate")
+        request = openai.parse_request(body, chat, None if chat else 16)
+        if request.model is not None and request.model not in self.server.model_names:
+            raise HTTPError(
+                404,
+                f"The model `{request.model}` does not exist; this server serves {sorted(self.server.model_names)}",
+                param="model",
+            )
         if chat:
-            prompts = [self.server.chat_prompt(body.get("messages"), body.get("chat_template_kwargs") or {})]
+            messages = openai.message_text(body.get("messages"))
+            prompts = [self.server.chat_prompt(messages, body.get("chat_template_kwargs") or {})]
         else:
             prompts, _ = self._prompts(body.get("prompt"), "prompt", text=True, ids=True)
-        raw = {protocol.OPENAI_SAMPLING[k]: v for k, v in body.items() if k in protocol.OPENAI_SAMPLING}
-        options = protocol.parse_sampling(raw, "body", None if chat else 16)
-        sub = self._submit(prompts, options, "messages" if chat else "prompt")
-        outs, logprobs = sub.outputs(), body.get("logprobs") not in (None, False)
-        choices = [
-            protocol.openai_choice(
-                i,
-                out,
-                self._text(sub, i, out, options),
-                [self.server.decode([t], False) or f"token_id:{t}" for t in out.output_ids],
-                logprobs,
-                chat,
-            )
-            for i, out in enumerate(outs)
-        ]
-        self._send_json(200, protocol.openai_response(choices, prompts, outs, self.server.model_path, chat))
+        field, options = "messages" if chat else "prompt", request.options
+        top = request.top_logprobs if request.logprobs else 0
+        sub = self._submit(prompts, options, field, None, request.stream, top, 0 if request.echo else -1)
+        ident, model = openai.completion_id(chat), request.model or self.server.model_name
+        if request.stream:
+            self._stream(sub, self._openai_chunks(sub, request, chat, ident, model, prompts))
+            return
+        outs = self._wait(sub)
+        choices = []
+        for i, out in enumerate(outs):
+            text, prefix = self._text(sub, i, out, options), self._echo(sub, i, request)
+            facts = openai.token_logprobs_of(out, 0, request.echo)
+            logprobs = None
+            if request.logprobs:
+                logprobs = (
+                    openai.chat_logprobs(facts, self._token_text)
+                    if chat
+                    else openai.completion_logprobs(facts, self._token_text, 0)
+                )
+            choices.append(openai.choice(i, prefix + text, chat, logprobs, out.finish_reason))
+        answer = openai.envelope(ident, chat, model) | {"choices": choices, "usage": openai.usage(prompts, outs)}
+        self._send_json(200, answer)
+
+    def _echo(self, sub: Submission, i: int, request: "openai.OpenAIRequest") -> str:
+        """The prompt's text that an echoing completion begins with ("" without echo)."""
+        if not request.echo:
+            return ""
+        return self.server.decode(sub.prompts[i // sub.n], request.options.skip_special_tokens)
+
+    def _openai_chunks(self, sub, request, chat: bool, ident: str, model: str, prompts):
+        """The stream events of an OpenAI request: per update, the choice's new text and its tokens' log-probs;
+        a last chunk per choice with its finish reason; with ``include_usage``, a usage chunk."""
+        options = request.options
+        texts = [openai.TextStream(sub.params[i // sub.n].stop, options.trim_stop) for i in range(len(sub.members))]
+        tokens_sent, finals = [0] * len(sub.members), {}
+
+        def events(i: int, out: GenerateOutput | None, finished: bool) -> list[dict]:
+            if out is None:
+                if not request.include_usage:
+                    return []
+                outs = [finals[k] for k in range(len(sub.members))]
+                return [
+                    openai.envelope(ident, chat, model, True) | {"choices": [], "usage": openai.usage(prompts, outs)}
+                ]
+            first = tokens_sent[i] == 0 and texts[i].sent == 0
+            text = self._text(sub, i, out, options, finished)
+            delta = (self._echo(sub, i, request) if first else "") + texts[i].delta(text, finished)
+            new_tokens = openai.token_logprobs_of(out, tokens_sent[i], request.echo and first)
+            tokens_sent[i] = len(out.output_ids)
+            logprobs = None
+            if request.logprobs and new_tokens.ids:
+                logprobs = (
+                    openai.chat_logprobs(new_tokens, self._token_text)
+                    if chat
+                    else openai.completion_logprobs(new_tokens, self._token_text, 0)
+                )
+            if finished:
+                finals[i] = out
+            if not (delta or logprobs or finished or first):
+                return []
+            piece = openai.chunk_choice(i, delta, chat, logprobs, out.finish_reason if finished else None, first)
+            return [openai.envelope(ident, chat, model, True) | {"choices": [piece]}]
+
+        return events
 
     def _health(self, body: dict) -> None:
         """200 while the engine serves. After a failed step with no good step since, a probe generation decides:
@@ -296,11 +502,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _probe(self) -> None:
         """Two greedy tokens from a one-token prompt: a prefill and a decode (or verify) step."""
         params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-        self.server.worker.submit([[0]], [params], 1, [f"health-{uuid.uuid4().hex}"]).outputs()
+        self._wait(self.server.worker.submit([[0]], [params], 1, [f"health-{uuid.uuid4().hex}"]))
 
     def _models(self, body: dict) -> None:
-        model = {"id": self.server.model_path, "object": "model", "owned_by": "league"}
-        self._send_json(200, {"object": "list", "data": [model | {"max_model_len": self.server.engine.context_length}]})
+        created = int(self.server.started)
+        models = [
+            {"id": name, "object": "model", "created": created, "owned_by": "league", "root": self.server.model_path}
+            | {"max_model_len": self.server.engine.context_length}
+            for name in sorted(self.server.model_names)
+        ]
+        self._send_json(200, {"object": "list", "data": models})
 
     def _update_weights(self, body: dict) -> None:
         protocol.check_fields(body, {"model_path", "abort_all_requests", "weight_version"}, "the body")
@@ -350,6 +561,8 @@ def build_server(
     device: str | None = None,
     dtype: str | None = None,
     tokenizer_dir: str | None = None,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
 ) -> EngineServer:
     """Load a checkpoint folder into an engine behind a bound server (``start()`` or ``serve_forever()`` it).
 
@@ -361,6 +574,8 @@ def build_server(
         device (str, Optional): Default: ``cuda`` when available, else ``cpu``.
         dtype (str, Optional): parameter dtype, e.g. ``bfloat16``. Default: bfloat16 on GPU, float32 on CPU.
         tokenizer_dir (str, Optional): where the tokenizer is. Default: ``model_dir`` (none if it has none).
+        served_model_name (str, Optional): the model's name in the OpenAI API. Default: ``model_dir``.
+        api_key (str, Optional): the key every route but the health checks needs. Default: None (none).
     """
     from league.checkpoint.hf import load_model, resolve_device_dtype
 
@@ -368,7 +583,15 @@ def build_server(
     model = load_model(model_dir, torch_device, torch_dtype).eval()
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     engine = LLMEngine(model, engine_config, tokenizer)
-    return EngineServer(engine, host, port, model_path=model_dir, tokenizer=tokenizer)
+    return EngineServer(
+        engine,
+        host,
+        port,
+        model_path=model_dir,
+        tokenizer=tokenizer,
+        served_model_name=served_model_name,
+        api_key=api_key,
+    )
 
 
 def serve(
@@ -379,12 +602,16 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     tokenizer_dir: str | None = None,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
 ) -> None:
     """``build_server`` with the same arguments, then serve in this thread until Ctrl-C or SIGTERM."""
-    server = build_server(model_dir, host, port, engine_config, device, dtype, tokenizer_dir)
+    server = build_server(
+        model_dir, host, port, engine_config, device, dtype, tokenizer_dir, served_model_name, api_key
+    )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"league serve: {model_dir} on {server.url}", flush=True)
+    print(f"league serve: {model_dir} on {server.url}" + (" (API key required)" if api_key else ""), flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -21,9 +21,16 @@ from league.engine.request import GenerateOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
+GONE_POLL_S = 0.25
+"""How often a waiting submission asks whether its client is still there."""
+
 
 class EngineUnavailable(RuntimeError):
     """The engine thread has stopped (shutdown), or the engine cannot run at all (the server answers HTTP 503)."""
+
+
+class ClientGone(RuntimeError):
+    """The client of a submission closed its connection while waiting (the submission is to be aborted)."""
 
 
 class EngineStepFailed(RuntimeError):
@@ -40,6 +47,8 @@ class Submission:
     n: int
     rids: list[str]
     stream: bool
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
     members: list[str] = field(default_factory=list)
     """Engine request ids, prompt-major (n consecutive samples per prompt)."""
     sent: list[int] = field(default_factory=list)
@@ -47,20 +56,26 @@ class Submission:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     """(member index, output, finished); (None, exception, True) when the engine stops or fails."""
 
-    def updates(self) -> Iterator[tuple[int, GenerateOutput, bool]]:
+    def updates(self, gone: Callable[[], bool] | None = None) -> Iterator[tuple[int, GenerateOutput, bool]]:
         """Yield (member index, output, finished) until every member has finished; streaming submissions
-        also get unfinished snapshots. Raises EngineUnavailable if the engine stops first."""
+        also get unfinished snapshots. Raises EngineUnavailable if the engine stops first, EngineStepFailed if
+        a step running a member failed, and ClientGone once ``gone()`` (asked while nothing arrives) is true."""
         left = len(self.members)
         while left:
-            i, out, finished = self.events.get()
+            try:
+                i, out, finished = self.events.get(timeout=None if gone is None else GONE_POLL_S)
+            except queue.Empty:
+                if gone():
+                    raise ClientGone("the client closed its connection") from None
+                continue
             if i is None:
                 raise out
             left -= finished
             yield i, out, finished
 
-    def outputs(self) -> list[GenerateOutput]:
+    def outputs(self, gone: Callable[[], bool] | None = None) -> list[GenerateOutput]:
         """Wait for every member; outputs in member order (n consecutive samples per prompt)."""
-        done = {i: out for i, out, finished in self.updates() if finished}
+        done = {i: out for i, out, finished in self.updates(gone) if finished}
         return [done[i] for i in range(len(self.members))]
 
 
@@ -100,14 +115,30 @@ class EngineWorker:
         return future.result()
 
     def submit(
-        self, prompts: list[list[int]], params: list[SamplingParams], n: int, rids: list[str], stream: bool = False
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        n: int,
+        rids: list[str],
+        stream: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> Submission:
         """Queue prompts (n samples each, under the given distinct rids) after the engine's own checks.
 
         Raises the engine's ValueError for a bad prompt (nothing of the submission is left running), or
-        EngineUnavailable. With ``stream``, the submission also receives unfinished snapshots.
+        EngineUnavailable. With ``stream``, the submission also receives unfinished snapshots. The log-prob
+        options are ``LLMEngine.add_request``'s.
         """
-        sub = Submission(prompts=prompts, params=params, n=n, rids=rids, stream=stream)
+        sub = Submission(
+            prompts=prompts,
+            params=params,
+            n=n,
+            rids=rids,
+            stream=stream,
+            top_logprobs_num=top_logprobs_num,
+            logprob_start_len=logprob_start_len,
+        )
         self.call(lambda: self._add(sub))
         return sub
 
@@ -185,7 +216,9 @@ class EngineWorker:
         added: list[str] = []
         try:
             for prompt, params, rid in zip(sub.prompts, sub.params, sub.rids):
-                added.extend(self.engine.add_request(prompt, params, n=sub.n, rid=rid))
+                added.extend(
+                    self.engine.add_request(prompt, params, sub.n, rid, sub.top_logprobs_num, sub.logprob_start_len)
+                )
         except ValueError as e:
             for rid in added:
                 self.engine.abort(rid)

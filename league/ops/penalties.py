@@ -1,5 +1,5 @@
-"""Sampling penalties on logits: repetition, frequency and presence penalties, and the ban on stop tokens before
-``min_new_tokens`` (the four of SGLang's ``sampling_params`` and the OpenAI API).
+"""Sampling penalties on logits: a logit bias, repetition, frequency and presence penalties, and the ban on stop tokens
+before ``min_new_tokens`` (SGLang's ``sampling_params`` and the OpenAI API).
 
 Pure functions of tensors, applied to the rows of requests that ask for them, before their draws (plain sampling,
 greedy argmax, and the target distribution of speculative acceptance alike). Not responsible for the log-probs a
@@ -27,10 +27,11 @@ def penalize(
     frequency_R: torch.Tensor,
     presence_R: torch.Tensor,
     repetition_R: torch.Tensor,
+    bias_RV: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Penalized fp32 logits, in vLLM's order: the repetition penalty first (a seen token's logit ``l`` becomes
-    ``l / r`` if ``l > 0``, else ``l * r``), then ``- frequency * count - presence * (count > 0)`` over the output
-    tokens, then ``-inf`` for banned tokens.
+    """Penalized fp32 logits: the logit bias added, then, in vLLM's order, the repetition penalty (a seen token's
+    logit ``l`` becomes ``l / r`` if ``l > 0``, else ``l * r``) and ``- frequency * count - presence * (count > 0)``
+    over the output tokens; last, ``-inf`` for banned tokens.
 
     Args:
         logits_RV (torch.Tensor): ``[R, V]`` raw logits, any float dtype.
@@ -38,11 +39,12 @@ def penalize(
         seen_RV (torch.Tensor): ``[R, V]`` bool: tokens in the row's prompt or output (for the repetition penalty).
         banned_RV (torch.Tensor): ``[R, V]`` bool: tokens that may not be drawn (stop tokens before min_new_tokens).
         frequency_R, presence_R, repetition_R (torch.Tensor): ``[R]`` fp32 penalties (0, 0 and 1 are off).
+        bias_RV (torch.Tensor, Optional): ``[R, V]`` fp32 added to the logits. Default: ``None`` (none).
 
     Returns:
         ``[R, V]`` fp32 logits.
     """
-    logits = logits_RV.float()
+    logits = logits_RV.float() if bias_RV is None else logits_RV.float() + bias_RV
     repetition = repetition_R[:, None]
     logits = torch.where(seen_RV, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
     logits = logits - frequency_R[:, None] * output_counts_RV - presence_R[:, None] * (output_counts_RV > 0)

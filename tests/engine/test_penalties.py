@@ -36,6 +36,7 @@ def reference_greedy(model, prompt: list[int], p: SamplingParams, stop_ids: set[
         with torch.no_grad():
             logits = model.logits(model(tokens, ForwardBatch.packed([len(tokens)])))[-1].float().tolist()
         for t in range(len(logits)):
+            logits[t] += p.logit_bias.get(t, 0.0)
             if t in prompt or t in out:
                 logits[t] = logits[t] / p.repetition_penalty if logits[t] > 0 else logits[t] * p.repetition_penalty
             count = out.count(t)
@@ -54,6 +55,7 @@ PENALTIES = [
     dict(presence_penalty=1.5),
     dict(repetition_penalty=1.8),
     dict(frequency_penalty=-0.4, presence_penalty=0.9, repetition_penalty=0.6),
+    dict(logit_bias={4: 3.0, 7: -2.5}, presence_penalty=0.5),
 ]
 ENGINES = {
     "overlap": {},

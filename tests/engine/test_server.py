@@ -274,10 +274,12 @@ def test_v1_completions_and_chat(server, model, tokenizer):
         assert status == 200 and choice["text"] == texts[0] and choice["finish_reason"] == expected[0].finish_reason
         assert len(choice["logprobs"]["token_logprobs"]) == len(expected[0].output_ids)
         assert answer["usage"]["prompt_tokens"] == 3
-    chat = {"messages": [{"role": "user", "content": "w8 w9"}], "max_tokens": 6, "temperature": 0, "model": "x"}
-    status, answer = post(server, "/v1/chat/completions", chat)
+    chat = {"messages": [{"role": "user", "content": "w8 w9"}], "max_tokens": 6, "temperature": 0}
+    status, answer = post(server, "/v1/chat/completions", chat | {"model": "tiny-model"})
     assert status == 200 and answer["choices"][0]["message"]["content"] == texts[1]
     assert answer["usage"]["prompt_tokens"] == 4
+    status, answer = post(server, "/v1/chat/completions", chat | {"model": "gpt-4o"})
+    assert status == 404 and answer["error"]["param"] == "model" and "gpt-4o" in answer["error"]["message"]
     status, answer = post(server, "/v1/completions", {"prompt": [5], "max_tokens": 2, "best_of": 3})
     assert status == 400 and "best_of" in answer["error"]["message"]
 
