@@ -68,7 +68,10 @@ def parse_request(body: dict, chat: bool, default_max_tokens: int | None) -> Ope
         if name in body and not neutral(body[name]):
             raise ValueError(f"`{name}` {body[name]!r:.100} is not supported by league's server (leave it out)")
     raw = {SAMPLING[k]: v for k, v in body.items() if k in SAMPLING and v is not None}
-    options = protocol.parse_sampling(raw, "body", default_max_tokens)
+    try:
+        options = protocol.parse_sampling(raw, "body", default_max_tokens)
+    except ValueError as e:
+        raise openai_names(e) from None
     best_of = body.get("best_of")
     if best_of is not None and best_of != options.n:
         raise ValueError(f"`best_of` {best_of!r} is not supported by league's server (only best_of == n)")
@@ -105,6 +108,14 @@ def parse_request(body: dict, chat: bool, default_max_tokens: int | None) -> Ope
             raise ValueError(f"`logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r:.100}")
         request.logprobs, request.top_logprobs = True, logprobs
     return request
+
+
+def openai_names(error: ValueError) -> ValueError:
+    """A sampling error in the OpenAI API's names (``sampling_params.max_new_tokens`` -> ``max_tokens``)."""
+    text = str(error)
+    for league_name, openai_name in (("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")):
+        text = text.replace(f"sampling_params.{league_name}", openai_name).replace(f"body.{league_name}", openai_name)
+    return ValueError(text.replace("sampling_params.", "").replace("`body.", "`"))
 
 
 def message_text(messages: Any) -> list[dict]:

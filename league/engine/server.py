@@ -130,10 +130,10 @@ class EngineServer(ThreadingHTTPServer):
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def chat_prompt(self, messages: list[dict], template_kwargs: Any) -> list[int]:
+        if not isinstance(template_kwargs, dict):
+            raise ValueError(f"`chat_template_kwargs` must be an object, got {template_kwargs!r:.100}")
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("`messages` needs a tokenizer with a chat template; this server has none")
-        if not isinstance(template_kwargs, dict):
-            raise ValueError(f"`chat_template_kwargs` must be an object, got {template_kwargs!r}")
         try:
             with self._tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(
@@ -325,10 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
     ) -> Submission:
-        if options.fields.get("stop") and self.server.tokenizer is None:
-            raise ValueError("sampling_params.stop (strings) needs a tokenizer; this server has none")
         context_length = self.server.engine.context_length
         params = [protocol.params_for(options, len(p), context_length, field) for p in prompts]
+        if params[0].stop and self.server.tokenizer is None:
+            raise ValueError("sampling_params.stop (strings) needs a tokenizer; this server has none")
         rids = rids or protocol.parse_rids(None, len(prompts), True)
         return self.server.worker.submit(prompts, params, options.n, rids, stream, top_logprobs_num, logprob_start_len)
 
@@ -413,7 +413,10 @@ class _Handler(BaseHTTPRequestHandler):
             prompts, _ = self._prompts(body.get("prompt"), "prompt", text=True, ids=True)
         field, options = "messages" if chat else "prompt", request.options
         top = request.top_logprobs if request.logprobs else 0
-        sub = self._submit(prompts, options, field, None, request.stream, top, 0 if request.echo else -1)
+        try:
+            sub = self._submit(prompts, options, field, None, request.stream, top, 0 if request.echo else -1)
+        except ValueError as e:
+            raise openai.openai_names(e) from None
         ident, model = openai.completion_id(chat), request.model or self.server.model_name
         if request.stream:
             self._stream(sub, self._openai_chunks(sub, request, chat, ident, model, prompts))
