@@ -3,7 +3,6 @@
 Not responsible for the engine (``league.engine``) nor for loading weights (``league.checkpoint``).
 """
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import GenerateOutput, SamplingParams
+from league.records import read_records, token_ids
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,37 +26,19 @@ class GenerateReport:
 
 
 def read_prompt_file(path: Path, tokenizer, vocab_size: int) -> list[list[int]]:
-    """One prompt per line: ``{"input_ids": [...]}``, ``{"text": "..."}`` or ``{"prompt": "..."}``."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    """One prompt per row of a JSON Lines (or Parquet) file: ``{"input_ids": [...]}``, ``{"text": "..."}`` or
+    ``{"prompt": "..."}``."""
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object")
+    for where, row in read_records(path, "--input-file"):
         if "input_ids" in row:
-            prompts.append(check_ids(row["input_ids"], vocab_size, f"{path}:{number}"))
+            prompts.append(token_ids(row["input_ids"], vocab_size, where))
         elif isinstance(row.get("text", row.get("prompt")), str):
-            prompts.append(encode(tokenizer, row.get("text", row.get("prompt")), f"{path}:{number}"))
+            prompts.append(encode(tokenizer, row.get("text", row.get("prompt")), where))
         else:
-            raise ValueError(f'{path}:{number}: expected "input_ids" (a list of ints) or "text" (a string)')
+            raise ValueError(f'{where}: expected "input_ids" (a list of ints) or "text" (a string)')
     if not prompts:
         raise ValueError(f"{path}: the file has no prompts")
     return prompts
-
-
-def check_ids(ids: Any, vocab_size: int, where: str) -> list[int]:
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ValueError(f"{where}: input_ids must be a non-empty list of integers")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{where}: token ids outside [0, {vocab_size}): {bad[:5]}")
-    return ids
 
 
 def encode(tokenizer, text: str, where: str) -> list[int]:
@@ -106,7 +88,7 @@ def generate(
             )
         prompts = [encode(tokenizer, text, "--prompt")]
     elif input_ids is not None:
-        prompts = [check_ids(parse_ids(input_ids), vocab, "--input-ids")]
+        prompts = [token_ids(parse_ids(input_ids), vocab, "--input-ids")]
     else:
         prompts = read_prompt_file(Path(input_file), tokenizer, vocab)
     engine = LLMEngine(model, engine_config, tokenizer)

@@ -17,6 +17,7 @@ import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
+from league.records import read_records, token_ids
 
 LOGIT_ROWS = 1024
 """Rows of logits materialised at once (a row is a vocabulary of fp32 numbers)."""
@@ -56,36 +57,17 @@ def score_sequences(model: Transformer, sequences: list[list[int]], batch_invari
 
 
 def read_sequences(path: str | Path, vocab_size: int) -> list[list[int]]:
-    """The ``input_ids`` of each non-blank line of a JSON Lines file.
+    """The ``input_ids`` of each row of a JSON Lines (or Parquet) file.
 
     Raises:
-        ValueError: naming ``file:line`` for invalid JSON, a missing or malformed ``input_ids``, or ids
+        ValueError: naming the file and line for invalid JSON, a missing or malformed ``input_ids``, or ids
             outside ``[0, vocab_size)``; naming the file when it is missing or holds no sequence.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
     sequences = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "input_ids" not in record:
-                raise ValueError(f'{where}: expected an object with "input_ids" (a list of token ids)')
-            ids = record["input_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError(f"{where}: input_ids must be a list of integers")
-            if not ids:
-                raise ValueError(f"{where}: input_ids is empty")
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-            sequences.append(ids)
+    for where, record in read_records(path, "--input"):
+        if "input_ids" not in record:
+            raise ValueError(f'{where}: expected an object with "input_ids" (a list of token ids)')
+        sequences.append(token_ids(record["input_ids"], vocab_size, where))
     if not sequences:
         raise ValueError(f"{path}: no sequences (the file is empty)")
     return sequences

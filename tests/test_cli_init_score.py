@@ -84,12 +84,12 @@ def test_score_help_says_n_minus_one():
     [
         ("", "", "no sequences"),
         ("\n  \n", "", "no sequences"),
-        ('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n', ":2", "invalid JSON"),
-        ('{"input_ids": [1]}\n{"ids": [1]}\n', ":2", 'expected an object with "input_ids"'),
-        ('{"input_ids": [1, 2.5]}\n', ":1", "list of integers"),
-        ('{"input_ids": []}\n', ":1", "input_ids is empty"),
-        ('{"input_ids": [1]}\n\n{"input_ids": [3, 128]}\n', ":3", r"token id 128 is outside the vocabulary [0, 128)"),
-        ('{"input_ids": [-1]}\n', ":1", "token id -1 is outside"),
+        ('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n', " line 2", "invalid JSON"),
+        ('{"input_ids": [1]}\n{"ids": [1]}\n', " line 2", 'expected an object with "input_ids"'),
+        ('{"input_ids": [1, 2.5]}\n', " line 1", "list of integers"),
+        ('{"input_ids": []}\n', " line 1", "input_ids is empty"),
+        ('{"input_ids": [1]}\n\n{"input_ids": [3, 128]}\n', " line 3", "token id 128 is outside the vocabulary"),
+        ('{"input_ids": [-1]}\n', " line 1", "token id -1 is outside"),
     ],
     ids=["empty", "blank", "json", "missing", "float", "no-ids", "too-big", "negative"],
 )

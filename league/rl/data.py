@@ -23,13 +23,14 @@ Formats (spec rl-recipe.md section 1.7):
 """
 
 import dataclasses
-import json
 import random
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from league.records import read_records
 
 DAPO_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
@@ -117,57 +118,11 @@ def resolve_template(template: str) -> str:
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The rows of a JSONL or Parquet file, each with where it is (``"<file> line 3"``, ``"<file> row 3"``,
-    1-based), for error messages.
-
-    Args:
-        path: a ``.jsonl`` file (one JSON object per line; blank lines are skipped) or a ``.parquet`` file.
-    """
+    """The rows of a prompt file (``.jsonl`` or ``.parquet``), each with where it is (``records.read_records``)."""
     path = Path(path)
     if path.suffix not in EXTENSIONS:
         raise ValueError(f"prompt data {path}: unknown extension {path.suffix!r}; expected one of {EXTENSIONS}")
-    if not path.exists():
-        raise ValueError(f"prompt data {path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"prompt data {path}: not a file; expected a {path.suffix} file")
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    else:
-        yield from _read_parquet(path)
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path} line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches()
-        number = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                number += 1
-                yield f"{path} row {number}", row
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"prompt data {path}: not a readable Parquet file ({e})") from None
+    return read_records(path, "prompt data")
 
 
 def _lookup(row: dict[str, Any], key: str) -> Any:
