@@ -21,6 +21,9 @@ from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
 from league.rl.sample import Sample
 
+COUNTS = ("train/nonfinite_logprob_tokens", "train/nonfinite_kl_tokens")
+"""Metrics that are token counts: summed over a rollout's optimizer steps, where the others are averaged."""
+
 
 @dataclass(kw_only=True, slots=True)
 class AlgorithmConfig:
@@ -197,7 +200,7 @@ class Trainer:
         return out
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
-        """All optimizer steps of one rollout; returns the metrics averaged over them."""
+        """All optimizer steps of one rollout; returns the metrics averaged over them (the :data:`COUNTS` summed)."""
         gbs = self.config.global_batch_size
         if len(samples) % gbs:
             raise ValueError(f"a rollout of {len(samples)} samples does not split into global batches of {gbs}")
@@ -212,7 +215,7 @@ class Trainer:
             )
             for key, value in result.items():
                 metrics.setdefault(key, []).append(value)
-        return {k: sum(v) / len(v) for k, v in metrics.items()}
+        return {k: sum(v) if k in COUNTS else sum(v) / len(v) for k, v in metrics.items()}
 
     def _optimizer_step(
         self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None, ref_logprobs: list[torch.Tensor] | None
@@ -248,9 +251,13 @@ class Trainer:
             add("train/pg_loss", loss.detach())
             add("train/pg_clipfrac", reduce(clip_tok.float()))
             add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
-            add("train/train_rollout_logprob_abs_diff", reduce((old - rollout).abs()))
+            abs_diff = torch.nan_to_num((old - rollout).abs(), nan=0.0, posinf=0.0, neginf=0.0)
+            add("train/train_rollout_logprob_abs_diff", reduce(abs_diff))
+            add("train/nonfinite_logprob_tokens", algo.count_nonfinite(mask, logp, old, rollout))
             if ref_logprobs is not None:
                 ref = torch.cat([ref_logprobs[i] for i in mb.indices])
+                nonfinite = ~algo.kl_is_finite(logp, ref, cfg.kl_loss_type) & (mask != 0)
+                add("train/nonfinite_kl_tokens", nonfinite.sum())
                 kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
                 add("train/kl_loss", kl.detach())
                 if cfg.kl_loss_coef != 0:
