@@ -112,10 +112,15 @@ class CheckpointConfig:
     """Save every this many rollout steps (and after the last); needs --save."""
     load: str | None = None
     """Resume from this checkpoint folder (or the latest checkpoint inside it)."""
+    load_unsafe_pickle: bool = False
+    """Read --load's train_state.pt with full pickle, which runs any code the file holds: only for a file you trust.
+    By default only tensors and plain Python values load."""
 
     def __post_init__(self) -> None:
         if self.save_interval is not None and self.save is None:
             raise ValueError("`--save-interval` is set but `--save` is not")
+        if self.load_unsafe_pickle and self.load is None:
+            raise ValueError("`--load-unsafe-pickle` is set but `--load` is not")
 
 
 @dataclass(kw_only=True, slots=True)

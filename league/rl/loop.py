@@ -47,7 +47,9 @@ def train(job: JobConfig) -> Path:
         decode_parity=job.engine.decode_parity,
     )
     engine = setup.build_engine(job, model, tokenizer)
-    start = setup.resume(job.checkpoint.load, model, trainer, sampler) if job.checkpoint.load else 0
+    start = 0
+    if job.checkpoint.load:
+        start = setup.resume(job.checkpoint.load, model, trainer, sampler, job.checkpoint.load_unsafe_pickle)
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard)
     n = job.rollout.n_samples_per_prompt
     with Progress(

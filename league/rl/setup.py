@@ -4,6 +4,7 @@ bookkeeping (run folder, seeds, checkpoints, resume, evaluation, rollout metrics
 Not responsible for the order of the loop (``rl.loop``) nor for the math of any step.
 """
 
+import pickle
 import random
 import shutil
 import statistics
@@ -272,12 +273,28 @@ def find_checkpoint(path: Path) -> Path:
     raise ValueError(f"`--load` {path}: neither a checkpoint (train_state.pt) nor a folder with a `latest` file")
 
 
-def resume(load: str, model: Transformer, trainer, sampler) -> int:
+def read_train_state(path: Path, unsafe_pickle: bool = False) -> dict[str, Any]:
+    """The train state saved by :func:`save_checkpoint`. Only tensors and plain Python values load (torch's
+    ``weights_only``) unless ``unsafe_pickle``, which runs whatever code the file's pickle holds."""
+    try:
+        return torch.load(path, weights_only=not unsafe_pickle)
+    except pickle.UnpicklingError as e:
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reasons = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        raise ValueError(
+            f"`--load` {path}: refused to unpickle ({'; '.join(reasons) or e}): a league train state holds only "
+            "tensors and plain values; if you trust the file, pass --load-unsafe-pickle (this runs any code it holds)"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"`--load` {path}: not a readable train state ({e})") from None
+
+
+def resume(load: str, model: Transformer, trainer, sampler, unsafe_pickle: bool = False) -> int:
     """Restore a checkpoint in place; returns the first rollout step to run."""
     from league.checkpoint.hf import load_hf_weights
 
     folder = find_checkpoint(Path(load))
-    state = torch.load(folder / "train_state.pt", weights_only=False)
+    state = read_train_state(folder / "train_state.pt", unsafe_pickle)
     load_hf_weights(model, folder / "model")
     if trainer.ref_model is not None and (folder / "ref").is_dir():
         load_hf_weights(trainer.ref_model, folder / "ref")

@@ -1,13 +1,16 @@
 """The RL loop end to end on the tiny preset: exact resume, the reference recipe's settings, bad input."""
 
 import json
+import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from league.cli import app
 from league.config import apply_overrides
 from league.recipes import get_recipe
+from league.rl import setup
 from league.rl.loop import train
 from league.rl.metrics import read_metrics
 
@@ -139,3 +142,26 @@ def test_custom_reward_that_raises_scores_zero(tmp_path):
     run_dir = train(tiny_job(tmp_path, "custom", num_rollout=1, custom_rm_path=f"{module}:reward"))
     [record] = read_metrics(run_dir)
     assert record["rollout/reward_mean"] == 0.0 and record["rollout/reward_failures"] == 16
+
+
+class RunsCode:
+    """Unpickling it makes a folder: what a hostile train_state.pt could do with any function."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_load_refuses_a_pickle_that_runs_code(tmp_path):
+    path, marker = tmp_path / "train_state.pt", tmp_path / "ran"
+    torch.save({"step": 0, "python_rng": RunsCode(str(marker))}, path)
+    with pytest.raises(ValueError, match="posix.mkdir.*pass --load-unsafe-pickle"):
+        setup.read_train_state(path)
+    assert not marker.exists()
+    setup.read_train_state(path, unsafe_pickle=True)  # the explicit flag trusts the file, and runs its code
+    assert marker.is_dir()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="refused to unpickle"):
+        setup.read_train_state(path)
