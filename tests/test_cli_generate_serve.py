@@ -98,6 +98,8 @@ def test_generate_from_a_jsonl_file_with_n_samples(tiny_dir, tmp_path):
         (["--prompt", "a", "--input-ids", "1"], "exactly one"),
         (["--input-file", "/nonexistent.jsonl"], "no such file"),
         (["--input-ids", "1", "--temperature", "0", "--top-p", "0"], "top_p"),
+        (["--input-ids", "1", "--seed", str(2**63)], "`--seed` must be an integer in [0, 2**63 - 1]"),
+        (["--input-ids", "1", "--seed", str(2**63 - 1), "--n", "2"], "exceeds 2**63 - 1"),
     ],
 )
 def test_generate_bad_input(tiny_dir, args, message):

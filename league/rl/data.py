@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from league.checks import check_int, check_seed
+
 DAPO_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: \\boxed{{$Answer}} where $Answer is the answer to the problem.\n\n{prompt}\n\n"
@@ -77,8 +79,9 @@ class DataConfig:
                 raise ValueError(f"`--{name.replace('_', '-')}` is empty; pass a key or leave it unset (None)")
         if self.prompt_template is not None:
             resolve_template(self.prompt_template)
-        if self.max_prompt_len is not None and self.max_prompt_len < 1:
-            raise ValueError(f"`--max-prompt-len` must be >= 1 or unset, got {self.max_prompt_len}")
+        if self.max_prompt_len is not None:
+            check_int("--max-prompt-len", self.max_prompt_len, 1)
+        check_seed("--rollout-seed", self.rollout_seed)
 
 
 @dataclass(kw_only=True, slots=True)

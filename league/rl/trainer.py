@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from league.checks import check_int, check_number
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
 from league.rl import algorithms as algo
@@ -65,10 +66,16 @@ class AlgorithmConfig:
             raise ValueError(f"`--advantage-estimator` {self.advantage_estimator!r} is not supported (expected grpo)")
         if self.kl_loss_type not in ("k1", "k2", "k3", "low_var_kl"):
             raise ValueError(f"`--kl-loss-type` {self.kl_loss_type!r}: expected k1, k2, k3 or low_var_kl")
-        if self.eps_clip < 0 or (self.eps_clip_high is not None and self.eps_clip_high < 0):
-            raise ValueError("`--eps-clip` and `--eps-clip-high` must be >= 0")
-        if self.eps_clip_c is not None and self.eps_clip_c <= 1:
-            raise ValueError(f"`--eps-clip-c` must be > 1, got {self.eps_clip_c}")
+        check_number("--eps-clip", self.eps_clip, 0)
+        if self.eps_clip_high is not None:
+            check_number("--eps-clip-high", self.eps_clip_high, 0)
+        if self.eps_clip_c is not None:
+            check_number("--eps-clip-c", self.eps_clip_c, 1, low_open=True)
+        check_number("--kl-loss-coef", self.kl_loss_coef, 0)
+        check_number("--entropy-coef", self.entropy_coef)
+        check_number("--tis-clip", self.tis_clip, 0, low_open=True)
+        check_number("--tis-clip-low", self.tis_clip_low, 0, self.tis_clip)
+        check_number("--mtp-loss-scaling-factor", self.mtp_loss_scaling_factor, 0)
         if self.kl_loss_coef != 0 and not self.use_kl_loss:
             raise ValueError("`--kl-loss-coef` is non-zero but `--use-kl-loss` is off")
 
@@ -87,8 +94,9 @@ class TrainConfig:
     """Full activation recompute, one layer per checkpoint (``--no-recompute`` keeps activations)."""
 
     def __post_init__(self) -> None:
-        if self.global_batch_size < 1 or self.max_tokens_per_gpu < 1:
-            raise ValueError("`--global-batch-size` and `--max-tokens-per-gpu` must be >= 1")
+        for name in ("global_batch_size", "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
 
 
 @dataclass(kw_only=True, slots=True)
