@@ -1,11 +1,13 @@
-"""Checks of option values: ranges of numbers. Each failure is a ``ValueError`` naming the option, what it must
-be and the value.
+"""Checks of option values: ranges of numbers, and output folders that must be writable. Each failure is a
+``ValueError`` naming the option, what it must be and the value.
 
 Not responsible for which options a config has or what they mean: each config's ``__post_init__`` (or the
 start-up checks of a command) calls these with its own option names.
 """
 
 import math
+import tempfile
+from pathlib import Path
 
 SEED_MAX = 2**63 - 1
 """Largest seed: seeds travel in int64 tensors (the engine's sampling keys) and seed torch generators."""
@@ -66,3 +68,20 @@ def check_top_k(name: str, value: int) -> None:
     """``value`` must be -1 (top-k off) or an integer >= 1."""
     if not (isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1)):
         raise ValueError(f"`{name}` must be -1 (off) or an integer >= 1, got {value!r}")
+
+
+def check_writable(flag: str, path: Path) -> None:
+    """Raise a ``ValueError`` naming ``flag`` unless ``path`` is a folder this process can write in, or can be
+    created as one. Writes and removes a probe file (permission bits alone do not tell, e.g. for root or a
+    read-only mount)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is not a folder" if existing == path else f"is under {existing}, which is not a folder"
+        raise ValueError(f"`{flag}` {path} {what}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"`{flag}` {path}: cannot write in {existing} ({e.strerror or e})") from None

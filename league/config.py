@@ -322,7 +322,12 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
             "dry_run",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=bool,
-            default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+            default=typer.Option(
+                False,
+                "--dry-run",
+                help="Print the resolved config, then make every start-up check of the run (layout, batch sizes, "
+                "folders, inputs) and exit: code 1 with the error if the run would refuse to start.",
+            ),
         ),
     ]
     for flag in all_flags():

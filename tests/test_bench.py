@@ -109,6 +109,7 @@ def test_the_command_prints_a_table_and_writes_json(tmp_path):
         (["--batch", "a,b"], "comma-separated integers"),
         (["--speculative-num-steps", "2", "--mtp-num-layers", "0"], "MTP layer"),
         (["--memory-bandwidth", "0"], "positive"),
+        (["--out", "/dev/null/result.json"], "`--out` /dev/null is not a folder"),
     ],
 )
 def test_the_command_reports_bad_input_in_one_line(extra, message):

@@ -1,10 +1,10 @@
-"""Range checks of option values: bounds open and closed, non-finite numbers, bools, seeds."""
+"""Range checks of option values: bounds open and closed, non-finite numbers, bools, seeds, writable folders."""
 
 import math
 
 import pytest
 
-from league.checks import SEED_MAX, check_int, check_number, check_seed, check_top_k
+from league.checks import SEED_MAX, check_int, check_number, check_seed, check_top_k, check_writable
 
 
 def test_numbers_in_and_out_of_range():
@@ -38,3 +38,13 @@ def test_integers_seeds_and_top_k():
         with pytest.raises(ValueError) as info:
             call()
         assert str(info.value) == message
+
+
+def test_writable_folders(tmp_path):
+    check_writable("--out", tmp_path / "new" / "deeper")  # can be made: fine, and nothing is left behind
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"`--out` .*/file is not a folder"):
+        check_writable("--out", tmp_path / "file")
+    with pytest.raises(ValueError, match=r"`--out` .*/file/x is under .*/file, which is not a folder"):
+        check_writable("--out", tmp_path / "file" / "x")

@@ -119,13 +119,8 @@ def resolve_template(template: str) -> str:
     return template
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The rows of a JSONL or Parquet file, each with where it is (``"<file> line 3"``, ``"<file> row 3"``,
-    1-based), for error messages.
-
-    Args:
-        path: a ``.jsonl`` file (one JSON object per line; blank lines are skipped) or a ``.parquet`` file.
-    """
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path, once it is known to be an existing .jsonl or .parquet file."""
     path = Path(path)
     if path.suffix not in EXTENSIONS:
         raise ValueError(f"prompt data {path}: unknown extension {path.suffix!r}; expected one of {EXTENSIONS}")
@@ -133,6 +128,17 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f"prompt data {path}: no such file")
     if not path.is_file():
         raise ValueError(f"prompt data {path}: not a file; expected a {path.suffix} file")
+    return path
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a JSONL or Parquet file, each with where it is (``"<file> line 3"``, ``"<file> row 3"``,
+    1-based), for error messages.
+
+    Args:
+        path: a ``.jsonl`` file (one JSON object per line; blank lines are skipped) or a ``.parquet`` file.
+    """
+    path = check_data_file(path)
     if path.suffix == ".jsonl":
         yield from _read_jsonl(path)
     else:

@@ -1,5 +1,6 @@
 """The RL loop end to end on the tiny preset: exact resume, the reference recipe's settings, bad input."""
 
+import errno
 import json
 import os
 
@@ -79,7 +80,8 @@ def test_reference_recipe_settings_run_on_a_tiny_model(tmp_path):
 
 def test_dry_run_prints_the_reference_recipe():
     result = CliRunner().invoke(app, ["train", "--recipe", "qwen3_6_35b_a3b_mtp", "--dry-run"])
-    assert result.exit_code == 0
+    # the config, then the error the real run gives: EP8 needs several processes
+    assert result.exit_code == 1 and "parallel layout" in result.stderr
     config = json.loads(result.stdout)
     assert config["rollout"]["rollout_batch_size"] == 8 and config["rollout"]["n_samples_per_prompt"] == 2
     assert config["algo"]["eps_clip_high"] == 0.28 and config["optim"]["lr"] == 1e-6
@@ -165,3 +167,92 @@ def test_load_refuses_a_pickle_that_runs_code(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="refused to unpickle"):
         setup.read_train_state(path)
+
+
+def unwritable(tmp_path, kind):
+    """A folder path that cannot be written: below a regular file, or in a read-only folder (not as root, whom
+    permission bits do not stop)."""
+    if kind == "under_a_file":
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "out"
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a 0o555 folder; the under_a_file case checks the same path")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro" / "out"
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
+@pytest.mark.parametrize("flag", ["--save", "--run-dir"])
+def test_unwritable_output_folders_fail_at_start(tmp_path, monkeypatch, kind, flag):
+    monkeypatch.setattr(setup, "build_policy", lambda *a: pytest.fail("built the model before the check"))
+    folders = {
+        "--run-dir": str(tmp_path / "run"),
+        "--save": str(tmp_path / "ckpt"),
+        flag: str(unwritable(tmp_path, kind)),
+    }
+    for dry_run in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["train", *dry_run, *(x for kv in folders.items() for x in kv)])
+        assert result.exit_code == 1, result.output
+        assert f"`{flag}` {folders[flag]}" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tp", "3"], "parallel layout"),
+        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "3"], "multiple of `--global-batch-size` (128)"),
+        (["--n-samples-per-prompt", "200"], "`--n-samples-per-prompt` (200) exceeds"),
+        (["--hf-checkpoint", "/nonexistent/model"], "no such folder"),
+        (["--load", "/nonexistent/ckpt"], "`--load` /nonexistent/ckpt"),
+        (["--prompt-data", "builtin:nope"], "unknown built-in task"),
+        (["--eval-prompt-data", "x,/nonexistent/x.jsonl"], "/nonexistent/x.jsonl: no such file"),
+        (["--custom-rm-path", "/nonexistent/r.py:f"], "r.py"),
+        (["--mtp-num-layers", "3"], "does not match"),
+        (["--seed", str(2**63 - 2)], "too large"),
+        (["--seed", "100000000000000000000"], "`--seed` must be an integer in [0, 2**63 - 1]"),
+        (["--lr", "nan"], "`--lr` must be a finite number >= 0, got nan"),
+        (["--lr", "-0.1"], "`--lr` must be a finite number >= 0"),
+        (["--rollout-top-p", "1.5"], "`--rollout-top-p` must be a finite number in (0, 1]"),
+        (["--rollout-temperature", "0"], "`--rollout-temperature` must be a finite number > 0"),
+        (["--rollout-top-k", "0"], "`--rollout-top-k` must be -1 (off) or an integer >= 1"),
+        (["--eps-clip-c", "nan"], "`--eps-clip-c` must be a finite number > 1"),
+        (["--adam-beta2", "1"], "`--adam-beta2` must be a finite number in [0, 1)"),
+        (["--tis-clip-low", "3"], "`--tis-clip-low` must be a finite number in [0, 2.0]"),
+        (["--num-rollout", "-1"], "`--num-rollout` must be an integer >= 1"),
+        (["--eval-top-p", "0"], "`--eval-top-p`"),
+        (["--sft-warmup-label-smoothing", "1"], "`--sft-warmup-label-smoothing`"),
+        (["--random-seed", "-5"], "`random_seed` must be an integer in [0, 2**63 - 1]"),
+        (["--speculative-num-steps", "0"], "`speculative_num_steps` must be an integer >= 1"),
+        (["--rollout-seed", "-1"], "`--rollout-seed`"),
+        (["--load-unsafe-pickle"], "`--load-unsafe-pickle` is set but `--load` is not"),
+    ],
+)
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--run-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_a_good_run_writes_nothing(tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "--dry-run", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ckpt")]
+    )
+    assert result.exit_code == 0 and json.loads(result.stdout)["checkpoint"]["save"] == str(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_start_removes_only_the_folder_it_made(tmp_path, monkeypatch):
+    def no_permission(job, path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("league.rl.loop.write_config", no_permission)
+    made = tmp_path / "new" / "run"
+    args = ["train", "--num-rollout", "1", "--sft-warmup-steps", "0", "--no-tensorboard"]
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(made)])
+    assert result.exit_code == 1 and result.stderr == f"error: Permission denied: {made / 'config.json'}\n"
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(mine)])
+    assert result.exit_code == 1 and mine.is_dir()
