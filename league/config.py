@@ -121,9 +121,13 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: str | None = None
-    """Folder for checkpoints (model in Hugging Face format, optimizer, RNG and data position)."""
+    """Folder for checkpoints (model in Hugging Face format, optimizer, RNG and data position); alone, the run saves
+    after its last step."""
     save_interval: int | None = None
-    """Save every this many rollout steps (and after the last); needs --save."""
+    """Also save every this many rollout steps; needs --save. None or 0: only after the last."""
+    keep_last: int | None = None
+    """Keep only the newest this many checkpoints in --save, deleting older step_* folders after each save (never
+    the one `latest` names); None keeps all."""
     load: str | None = None
     """Resume from this checkpoint folder (or the latest checkpoint inside it)."""
     load_unsafe_pickle: bool = False
@@ -131,8 +135,11 @@ class CheckpointConfig:
     By default only tensors and plain Python values load."""
 
     def __post_init__(self) -> None:
-        if self.save_interval is not None and self.save is None:
-            raise ValueError("`--save-interval` is set but `--save` is not")
+        for name, least in (("save_interval", 0), ("keep_last", 1)):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), least)
+                if self.save is None and getattr(self, name):
+                    raise ValueError(f"`--{name.replace('_', '-')}` is set but `--save` is not")
         if self.load_unsafe_pickle and self.load is None:
             raise ValueError("`--load-unsafe-pickle` is set but `--load` is not")
 

@@ -117,12 +117,12 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
             if eval_sets and job.eval.eval_interval and ((step + 1) % job.eval.eval_interval == 0 or last):
                 eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step)
             t5 = time.perf_counter()
-            if (
-                job.checkpoint.save
-                and job.checkpoint.save_interval
-                and ((step + 1) % job.checkpoint.save_interval == 0 or last)
-            ):
-                setup.save_checkpoint(Path(job.checkpoint.save), step, model, trainer, sampler, tokenizer)
+            interval = job.checkpoint.save_interval
+            if job.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
+                root = Path(job.checkpoint.save)
+                setup.save_checkpoint(root, step, model, trainer, sampler, tokenizer)
+                if job.checkpoint.keep_last:
+                    setup.prune_checkpoints(root, job.checkpoint.keep_last)
             metrics = {
                 **setup.rollout_metrics(outputs, result, engine),
                 **train_metrics,

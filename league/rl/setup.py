@@ -361,7 +361,8 @@ LATEST = "latest"
 def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler, tokenizer) -> Path:
     """``root/step_000k``: the model in Hugging Face format, the reference model when there is one, and
     the train state (optimizer, step, data position, RNG). Written into a temporary folder and renamed,
-    so a crash never leaves a half checkpoint; ``root/latest`` names the newest."""
+    so a crash never leaves a half checkpoint (a failed write, such as a full disk, removes the temporary
+    folder before the error goes on); ``root/latest`` names the newest."""
     from league.checkpoint.hf import save_hf
 
     root.mkdir(parents=True, exist_ok=True)
@@ -369,19 +370,23 @@ def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler,
     tmp = root / f".tmp_step_{step + 1:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_hf(model, tmp / "model", tokenizer_from=tokenizer)
-    if trainer.ref_model is not None:
-        save_hf(trainer.ref_model, tmp / "ref")
-    torch.save(
-        {
-            "step": step,
-            "trainer": trainer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        tmp / "train_state.pt",
-    )
+    try:
+        save_hf(model, tmp / "model", tokenizer_from=tokenizer)
+        if trainer.ref_model is not None:
+            save_hf(trainer.ref_model, tmp / "ref")
+        torch.save(
+            {
+                "step": step,
+                "trainer": trainer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "train_state.pt",
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     latest_tmp = root / (LATEST + ".tmp")
@@ -390,11 +395,26 @@ def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler,
     return final
 
 
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` highest-numbered ``step_*`` folders of ``root``, never the one ``latest``
+    names; returns the deleted folders."""
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
+    deleted = [p for p in steps[:-keep_last] if p.name != latest]
+    for folder in deleted:
+        shutil.rmtree(folder)
+    return deleted
+
+
 def find_checkpoint(path: Path) -> Path:
     if (path / "train_state.pt").is_file():
         return path
     if (path / LATEST).is_file():
-        return path / (path / LATEST).read_text().strip()
+        folder = path / (path / LATEST).read_text().strip()
+        if not (folder / "train_state.pt").is_file():
+            raise ValueError(f"`--load` {path}: `latest` names {folder.name}, which holds no train_state.pt")
+        return folder
     raise ValueError(f"`--load` {path}: neither a checkpoint (train_state.pt) nor a folder with a `latest` file")
 
 

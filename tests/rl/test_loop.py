@@ -38,7 +38,8 @@ def comparable(record):
 
 def test_resume_gives_the_same_metrics(tmp_path):
     full = read_metrics(train(tiny_job(tmp_path, "full")))
-    train(tiny_job(tmp_path, "first", num_rollout=2, save=str(tmp_path / "ckpt"), save_interval=2))
+    train(tiny_job(tmp_path, "first", num_rollout=2, save=str(tmp_path / "ckpt")))  # --save alone: at the end
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000002"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000002"
     resumed = read_metrics(train(tiny_job(tmp_path, "resumed", load=str(tmp_path / "ckpt"))))
     assert [r["step"] for r in resumed] == [2, 3]
@@ -169,6 +170,22 @@ def test_load_refuses_a_pickle_that_runs_code(tmp_path):
         setup.read_train_state(path)
 
 
+def test_save_interval_saves_after_the_last_step_too_and_keep_last_prunes(tmp_path):
+    # every 2 steps and after the last: steps 2 and 3, of which the newest is kept
+    small = dict(rollout_batch_size=2, n_samples_per_prompt=2, global_batch_size=4)
+    train(tiny_job(tmp_path, "b", num_rollout=3, save=str(tmp_path / "kept"), save_interval=2, keep_last=1, **small))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["latest", "step_000003"]
+
+
+def test_prune_never_deletes_what_latest_names(tmp_path):
+    for step in (1, 2, 10, 11):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "latest").write_text("step_000002\n")  # e.g. a run resumed from step 2 into an older folder
+    deleted = setup.prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in deleted] == ["step_000001", "step_000010"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000011"]
+
+
 def unwritable(tmp_path, kind):
     """A folder path that cannot be written: below a regular file, or in a read-only folder (not as root, whom
     permission bits do not stop)."""
@@ -225,6 +242,8 @@ def test_unwritable_output_folders_fail_at_start(tmp_path, monkeypatch, kind, fl
         (["--random-seed", "-5"], "`random_seed` must be an integer in [0, 2**63 - 1]"),
         (["--speculative-num-steps", "0"], "`speculative_num_steps` must be an integer >= 1"),
         (["--rollout-seed", "-1"], "`--rollout-seed`"),
+        (["--keep-last", "0", "--save", "x"], "`--keep-last` must be an integer >= 1"),
+        (["--keep-last", "2"], "`--keep-last` is set but `--save` is not"),
         (["--load-unsafe-pickle"], "`--load-unsafe-pickle` is set but `--load` is not"),
     ],
 )
@@ -256,3 +275,17 @@ def test_failed_start_removes_only_the_folder_it_made(tmp_path, monkeypatch):
     mine.mkdir()
     result = CliRunner().invoke(app, [*args, "--run-dir", str(mine)])
     assert result.exit_code == 1 and mine.is_dir()
+
+
+def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch):
+    def full(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    flags = {**FAST, "num_rollout": 1, "eval_prompt_data": "", "save": tmp_path / "ckpt", "run_dir": tmp_path / "run"}
+    del flags["eval_interval"], flags["tensorboard"]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    result = CliRunner().invoke(app, ["train", *args, "--no-tensorboard"])
+    path = tmp_path / "ckpt" / ".tmp_step_000001" / "train_state.pt"
+    assert result.exit_code == 1 and result.stderr == f"error: No space left on device: {path}\n"
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the half-written checkpoint is gone
