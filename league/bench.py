@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from league.checks import check_number
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ModelArgs, Transformer
@@ -60,8 +61,7 @@ class BenchSettings:
             raise ValueError("spec_steps needs a model with an MTP layer (and must not be negative)")
         if self.mamba_ssm_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"mamba_ssm_dtype {self.mamba_ssm_dtype!r}: expected float32 or bfloat16")
-        if self.memory_bytes_per_s <= 0:
-            raise ValueError("memory_bytes_per_s must be positive")
+        check_number("memory_bytes_per_s", self.memory_bytes_per_s, 0, low_open=True)
 
 
 def random_model(args: ModelArgs, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):

@@ -1,7 +1,8 @@
 """The ``league`` command line: a thin Typer shell over library functions.
 
 One function per command: it parses its flags, calls one library function and prints the result. A user
-error (``ValueError``) is printed as one red ``error: ...`` line with exit code 1, no traceback. Imports
+error (``ValueError``) or an I/O failure (``OSError``) is printed as one red ``error: ...`` line with exit code 1,
+no traceback. Imports
 of torch and the library happen inside the commands so that ``league --help`` starts quickly. Not
 responsible for any logic: that lives in the function each command calls.
 """
@@ -29,13 +30,22 @@ stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 
 
+def os_error_message(error: OSError) -> str:
+    """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: '/path'``."""
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    text = error.strerror or str(error)
+    return f"{text}: {' -> '.join(paths)}" if paths else text
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ``ValueError`` into one red ``error: ...`` line on stderr and exit code 1."""
+    """Turn a ``ValueError`` or an ``OSError`` (a full disk, a permission, a missing file) into one red
+    ``error: ...`` line on stderr and exit code 1."""
     try:
         yield
-    except ValueError as e:
-        stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+    except (ValueError, OSError) as e:
+        message = os_error_message(e) if isinstance(e, OSError) else str(e)
+        stderr.print(Text(f"error: {message}", style="red"), soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -386,6 +396,10 @@ def bench(
 
         import league
         from league.bench import BenchSettings, bench_model, rollout_rates
+        from league.checks import check_writable
+
+        if out is not None:
+            check_writable("--out", out.parent)
 
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
@@ -422,7 +436,9 @@ def bench(
         row += [f"{r['roofline_fraction']:.1%}"]
         table.add_row(*row, *([f"{r['spec_accept_length']:.2f}"] if spec else []))
     stdout.print(table)
-    if out is not None:
+    if out is None:
+        return
+    with user_errors():
         device_name = next(net.parameters()).device
         record = {
             "benchmark": "league bench",
@@ -463,9 +479,11 @@ def plot(
 
 def _run_train(job, dry_run: bool) -> None:
     from league.rl.loop import train as run
+    from league.rl.setup import check_job
 
     if dry_run:
         typer.echo(job.to_json())
+        check_job(job)
         return
     run_dir = run(job)
     stdout.print(f"run folder: {run_dir}  (metrics.jsonl, config.json, tensorboard/)")
@@ -474,9 +492,11 @@ def _run_train(job, dry_run: bool) -> None:
 
 def _run_eval(job, dry_run: bool) -> None:
     from league.evaluate import evaluate_policy
+    from league.rl.setup import check_eval_job
 
     if dry_run:
         typer.echo(job.to_json())
+        check_eval_job(job)
         return
     metrics, run_dir = evaluate_policy(job)
     for name, value in metrics.items():

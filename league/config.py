@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from league.checks import check_int, check_number, check_seed, check_top_k
 from league.engine.engine import EngineConfig
 from league.parallel.dims import ParallelConfig
 from league.rl.optim import OptimConfig
@@ -49,8 +50,11 @@ class ModelConfig:
             raise ValueError(f"`--dtype` {self.dtype!r}: expected auto, float32 or bfloat16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"`--device` {self.device!r}: expected auto, cpu or cuda")
-        if self.sft_warmup_steps < 0:
-            raise ValueError(f"`--sft-warmup-steps` must be >= 0, got {self.sft_warmup_steps}")
+        if self.mtp_num_layers is not None:
+            check_int("--mtp-num-layers", self.mtp_num_layers, 0)
+        check_int("--sft-warmup-steps", self.sft_warmup_steps, 0)
+        check_number("--sft-warmup-lr", self.sft_warmup_lr, 0)
+        check_number("--sft-warmup-label-smoothing", self.sft_warmup_label_smoothing, 0, 1, high_open=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -66,7 +70,7 @@ class RolloutConfig:
     rollout_max_response_len: int = 1024
     """Most tokens generated per response."""
     rollout_temperature: float = 1.0
-    """Sampling temperature of rollouts (the trainer's log-probs use logits / temperature)."""
+    """Sampling temperature of rollouts, > 0 (the trainer's log-probs use logits / temperature)."""
     rollout_top_p: float = 1.0
     """Nucleus sampling mass of rollouts."""
     rollout_top_k: int = -1
@@ -76,8 +80,10 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_rollout", "rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)}")
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_number("--rollout-temperature", self.rollout_temperature, 0, low_open=True)
+        check_number("--rollout-top-p", self.rollout_top_p, 0, 1, low_open=True)
+        check_top_k("--rollout-top-k", self.rollout_top_k)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,7 +91,7 @@ class EvalConfig:
     """Periodic evaluation."""
 
     eval_interval: int | None = None
-    """Evaluate every this many rollout steps (and after the last); None disables."""
+    """Evaluate every this many rollout steps (and after the last); None or 0 disables."""
     eval_prompt_data: list[str] = field(default_factory=list)
     """Evaluation sets as NAME PATH pairs (built-in: NAME builtin:<task>)."""
     n_samples_per_eval_prompt: int = 1
@@ -100,6 +106,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if len(self.eval_prompt_data) % 2:
             raise ValueError(f"`--eval-prompt-data` takes NAME PATH pairs, got {self.eval_prompt_data}")
+        if self.eval_interval is not None:
+            check_int("--eval-interval", self.eval_interval, 0)
+        if self.eval_max_response_len is not None:
+            check_int("--eval-max-response-len", self.eval_max_response_len, 1)
+        check_int("--n-samples-per-eval-prompt", self.n_samples_per_eval_prompt, 1)
+        if self.eval_temperature is not None:
+            check_number("--eval-temperature", self.eval_temperature, 0)
+        check_number("--eval-top-p", self.eval_top_p, 0, 1, low_open=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -107,15 +121,27 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: str | None = None
-    """Folder for checkpoints (model in Hugging Face format, optimizer, RNG and data position)."""
+    """Folder for checkpoints (model in Hugging Face format, optimizer, RNG and data position); alone, the run saves
+    after its last step."""
     save_interval: int | None = None
-    """Save every this many rollout steps (and after the last); needs --save."""
+    """Also save every this many rollout steps; needs --save. None or 0: only after the last."""
+    keep_last: int | None = None
+    """Keep only the newest this many checkpoints in --save, deleting older step_* folders after each save (never
+    the one `latest` names); None keeps all."""
     load: str | None = None
     """Resume from this checkpoint folder (or the latest checkpoint inside it)."""
+    load_unsafe_pickle: bool = False
+    """Read --load's train_state.pt with full pickle, which runs any code the file holds: only for a file you trust.
+    By default only tensors and plain Python values load."""
 
     def __post_init__(self) -> None:
-        if self.save_interval is not None and self.save is None:
-            raise ValueError("`--save-interval` is set but `--save` is not")
+        for name, least in (("save_interval", 0), ("keep_last", 1)):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), least)
+                if self.save is None and getattr(self, name):
+                    raise ValueError(f"`--{name.replace('_', '-')}` is set but `--save` is not")
+        if self.load_unsafe_pickle and self.load is None:
+            raise ValueError("`--load-unsafe-pickle` is set but `--load` is not")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,9 +151,12 @@ class RunConfig:
     run_dir: str | None = None
     """Run folder for metrics, plots and the resolved config (default: runs/<recipe>-<time>)."""
     seed: int = 1234
-    """Seed of the run (initialisation, sampling, shuffling)."""
+    """Seed of the run (initialisation, sampling, shuffling), in [0, 2**63 - 1]."""
     tensorboard: bool = True
     """Write TensorBoard event files in the run folder."""
+
+    def __post_init__(self) -> None:
+        check_seed("--seed", self.seed)
 
 
 COMPONENTS = (
@@ -300,7 +329,12 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
             "dry_run",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=bool,
-            default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+            default=typer.Option(
+                False,
+                "--dry-run",
+                help="Print the resolved config, then make every start-up check of the run (layout, batch sizes, "
+                "folders, inputs) and exit: code 1 with the error if the run would refuse to start.",
+            ),
         ),
     ]
     for flag in all_flags():

@@ -15,15 +15,14 @@ from league.rl import setup
 def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     """Evaluate ``job``'s policy on ``job.eval.eval_prompt_data``; returns the metrics and the run folder, where
     ``eval.json`` (the metrics) and ``config.json`` are written."""
-    if not job.eval.eval_prompt_data:
-        raise ValueError("`league eval` needs evaluation sets: --eval-prompt-data NAME,PATH[,NAME,PATH...]")
+    setup.check_eval_job(job)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
-    run_dir = setup.make_run_dir(job)
-    write_config(job, run_dir / "config.json")
-    engine = setup.build_engine(job, model, tokenizer)
-    with setup.build_reward(job.reward) as reward:
-        metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step=0)
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with setup.run_folder(job) as run_dir:
+        write_config(job, run_dir / "config.json")
+        engine = setup.build_engine(job, model, tokenizer)
+        with setup.build_reward(job.reward) as reward:
+            metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step=0)
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics, run_dir

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from league.checks import SEED_MAX, check_seed
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import GenerateOutput, SamplingParams
 from league.records import read_records, token_ids
@@ -74,6 +75,10 @@ def generate(
     given = [x is not None for x in (prompt, input_ids, input_file)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --prompt, --input-ids, --input-file")
+    if params.seed is not None:
+        check_seed("--seed", params.seed)
+        if params.seed + n - 1 > SEED_MAX:
+            raise ValueError(f"`--seed` {params.seed} + `--n` {n} - 1 exceeds 2**63 - 1 (sample i uses seed + i)")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     model = load_model(model_dir, device=torch_device, dtype=torch_dtype).eval()
     tokenizer = load_tokenizer(model_dir)

@@ -64,6 +64,12 @@ GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 """``tokenizer_class`` values of a tokenizer saved as a plain ``tokenizers`` pipeline (as the tiny one is)."""
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds a tokenizer's files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any((Path(folder) / name).is_file() for name in names)
+
+
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved in a checkpoint folder, or None when the folder holds none.
 
@@ -73,8 +79,7 @@ def load_tokenizer(folder: str | Path):
     (the published checkpoints) load through ``AutoTokenizer``.
     """
     folder = Path(folder)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((folder / name).is_file() for name in names):
+    if not has_tokenizer(folder):
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

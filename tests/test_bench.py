@@ -85,7 +85,7 @@ def test_bad_settings_are_user_errors():
         (BenchSettings(new_tokens=1), "new_tokens at least 2"),
         (BenchSettings(spec_steps=2), "MTP layer"),
         (BenchSettings(mamba_ssm_dtype="float16"), "float32 or bfloat16"),
-        (BenchSettings(memory_bytes_per_s=0), "positive"),
+        (BenchSettings(memory_bytes_per_s=0), "memory_bytes_per_s"),
     ]:
         with pytest.raises(ValueError, match=message):
             settings.check(args)
@@ -108,7 +108,9 @@ def test_the_command_prints_a_table_and_writes_json(tmp_path):
     [
         (["--batch", "a,b"], "comma-separated integers"),
         (["--speculative-num-steps", "2", "--mtp-num-layers", "0"], "MTP layer"),
-        (["--memory-bandwidth", "0"], "positive"),
+        (["--memory-bandwidth", "0"], "`memory_bytes_per_s` must be a finite number > 0"),
+        (["--memory-bandwidth", "nan"], "`memory_bytes_per_s` must be a finite number > 0"),
+        (["--out", "/dev/null/result.json"], "`--out` /dev/null is not a folder"),
     ],
 )
 def test_the_command_reports_bad_input_in_one_line(extra, message):

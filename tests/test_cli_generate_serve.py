@@ -2,6 +2,7 @@
 log-probs equal to ``league score``, speculative flags, JSONL input, bad input, and the real server process."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from league.cli import app
 from league.engine.client import EngineClient
 from league.engine.engine import EngineConfig, LLMEngine
 from league.engine.request import SamplingParams
+from league.engine.server import EngineServer
 
 runner = CliRunner()
 
@@ -98,6 +100,8 @@ def test_generate_from_a_jsonl_file_with_n_samples(tiny_dir, tmp_path):
         (["--prompt", "a", "--input-ids", "1"], "exactly one"),
         (["--input-file", "/nonexistent.jsonl"], "no such file"),
         (["--input-ids", "1", "--temperature", "0", "--top-p", "0"], "top_p"),
+        (["--input-ids", "1", "--seed", str(2**63)], "`--seed` must be an integer in [0, 2**63 - 1]"),
+        (["--input-ids", "1", "--seed", str(2**63 - 1), "--n", "2"], "exceeds 2**63 - 1"),
     ],
 )
 def test_generate_bad_input(tiny_dir, args, message):
@@ -147,3 +151,20 @@ def test_league_serve_process_answers_like_the_engine(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_on_a_port_in_use_or_a_bad_host_is_one_error_line(tiny_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("serve", "--model", tiny_dir, "--port", port)
+        assert result.exit_code == 1
+        expected = f"cannot serve on 127.0.0.1:{port}: `--port` {port} is in use; pick another (0 picks a free one)"
+        assert result.stderr == f"error: {expected}\n"
+        with pytest.raises(ValueError, match="is in use"):  # the server's own bind says the same
+            EngineServer(None, "127.0.0.1", port)
+    for host in ("999.1.1.1", "8.8.8.8"):  # not an address at all; not one of this machine's
+        result = invoke("serve", "--model", tiny_dir, "--host", host, "--port", 0)
+        assert result.exit_code == 1 and f"`--host` '{host}' is not an address of this machine" in result.stderr
+        assert len(result.stderr.splitlines()) == 1

@@ -125,3 +125,12 @@ def test_init_options(tmp_path):
     assert (out / "tokenizer.json").is_file()
     result = invoke("init", "--preset", "tiny", "--out", out, "--force", "--dtype", "bfloat16")
     assert result.exit_code == 0 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_init_seed_range_and_an_unwritable_out(tmp_path):
+    result = invoke("init", "--preset", "tiny", "--out", tmp_path / "x", "--seed", "-1")
+    assert result.exit_code == 1 and "`--seed` must be an integer in [0, 2**63 - 1], got -1" in result.stderr
+    (tmp_path / "file").write_text("")
+    result = invoke("init", "--preset", "tiny", "--out", tmp_path / "file" / "x")
+    message = f"`--out` {tmp_path / 'file' / 'x'} is under {tmp_path / 'file'}, which is not a folder"
+    assert result.exit_code == 1 and result.stderr == f"error: {message}\n"

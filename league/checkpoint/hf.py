@@ -44,6 +44,7 @@ from league.checkpoint.safetensors import (
     staged_folder,
     write_tensors,
 )
+from league.checks import check_seed, check_writable
 from league.models.qwen3_5_moe.args import ModelArgs
 from league.models.qwen3_5_moe.model import Transformer, init_parameter
 from league.ops.rope import rope_inv_freq
@@ -475,6 +476,8 @@ def init_checkpoint(
         force (bool): replace a non-empty ``out``. Default: ``False``.
         max_shard_bytes (int): tensor bytes per shard at most. Default: 5 GB.
     """
+    check_seed("--seed", seed)
+    check_writable("--out", Path(out))
     args = preset_args(preset, num_layers, mtp_num_layers, dtype)
     model = meta_model(args, parse_dtype(args.dtype))
     specs = hf_tensor_specs(model)

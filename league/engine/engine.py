@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from league.checks import check_int, check_seed
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import (
@@ -112,13 +113,17 @@ class EngineConfig:
             raise ValueError(f"`mem_fraction_static` must be in (0, 1], got {self.mem_fraction_static}")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError(f"`speculative_max_batch` must be >= 1, got {self.speculative_max_batch}")
+        if self.num_slots is not None:
+            check_int("num_slots", self.num_slots, 1)
+        check_seed("random_seed", self.random_seed)
+        check_int("speculative_num_steps", self.speculative_num_steps, 1)
+        if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
+            raise ValueError(f"`cuda_graph_bs` must be batch sizes >= 1, got {self.cuda_graph_bs}")
         if self.speculative_algorithm is not None:
             if self.speculative_algorithm.upper() not in ("EAGLE", "NEXTN", "MTP"):
                 raise ValueError(
                     f"`speculative_algorithm` {self.speculative_algorithm!r}: expected EAGLE, NEXTN or None"
                 )
-            if self.speculative_num_steps < 1:
-                raise ValueError(f"`speculative_num_steps` must be >= 1, got {self.speculative_num_steps}")
             if self.speculative_eagle_topk != 1:
                 raise ValueError(f"`speculative_eagle_topk` {self.speculative_eagle_topk}: league drafts chains (1)")
             expected = self.speculative_num_steps + 1

@@ -12,6 +12,7 @@ engine), or TLS.
 
 import contextlib
 import dataclasses
+import errno
 import hmac
 import json
 import logging
@@ -71,7 +72,10 @@ class EngineServer(ThreadingHTTPServer):
         read_timeout: float = READ_TIMEOUT_S,
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
-        super().__init__((host, port), _Handler)
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as e:
+            raise bind_error(host, port, e) from None
         self.engine, self.model_path, self.tokenizer = engine, model_path, tokenizer
         self.model_name = served_model_name or model_path
         self.api_key, self.read_timeout, self.max_body_bytes = api_key or None, read_timeout, max_body_bytes
@@ -556,6 +560,29 @@ _ROUTES: dict[tuple[str, str], Callable[[_Handler, dict], None]] = {
 }
 
 
+def bind_error(host: str, port: int, error: OSError) -> ValueError:
+    """A user error naming ``--host`` or ``--port`` for a failed bind, and what to do."""
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        why = f"`--host` {host!r} is not an address of this machine ({error.strerror}); try 127.0.0.1 or 0.0.0.0"
+    elif error.errno == errno.EADDRINUSE:
+        why = f"`--port` {port} is in use; pick another (0 picks a free one)"
+    elif error.errno == errno.EACCES:
+        why = f"no permission to bind `--port` {port} (ports below 1024 need privileges); pick another"
+    else:
+        why = error.strerror or str(error)
+    return ValueError(f"cannot serve on {host}:{port}: {why}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise :func:`bind_error`'s error now if ``(host, port)`` cannot be bound, before a model is loaded."""
+    with socket.socket(EngineServer.address_family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise bind_error(host, port, e) from None
+
+
 def build_server(
     model_dir: str,
     host: str,
@@ -582,6 +609,7 @@ def build_server(
     """
     from league.checkpoint.hf import load_model, resolve_device_dtype
 
+    check_address(host, port)
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     model = load_model(model_dir, torch_device, torch_dtype).eval()
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)

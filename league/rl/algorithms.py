@@ -17,11 +17,13 @@ from league.ops.logprob import entropy
 
 __all__ = [
     "approx_kl",
+    "count_nonfinite",
     "dual_clip_mask",
     "entropy",
     "ess_ratio",
     "grpo_advantages",
     "grpo_advantages_by_group",
+    "kl_is_finite",
     "mtp_labels_and_mask",
     "mtp_loss",
     "policy_loss",
@@ -85,9 +87,31 @@ def grpo_advantages(
     return grpo_advantages_by_group(rewards_N, group_ids_N, std_normalization, eps)
 
 
+def _neutral(x_T: torch.Tensor) -> torch.Tensor:
+    """``x`` where finite, 0 where NaN or infinite, with no gradient through the non-finite entries."""
+    return torch.where(torch.isfinite(x_T), x_T, torch.zeros((), dtype=x_T.dtype, device=x_T.device))
+
+
 def _log_ratio(logp_T: torch.Tensor, old_logp_T: torch.Tensor) -> torch.Tensor:
-    """``clamp(nan_to_num(logp - old_logp), -20, 20)``: NaN -> 0, infinities and large values -> +/-20."""
-    return torch.nan_to_num(logp_T - old_logp_T).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    """``logp - old_logp``: 0 (ratio 1) where not finite, as the reference masks it; finite values clamped to
+    [-20, 20], which only keeps ``exp`` of a large finite difference in range."""
+    return _neutral(logp_T - old_logp_T).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def count_nonfinite(mask_T: torch.Tensor, *values_T: torch.Tensor) -> torch.Tensor:
+    """Masked-in tokens where any of ``values_T`` is NaN or infinite (the tokens the loss treats as neutral).
+
+    Args:
+        mask_T (torch.Tensor): ``[T]`` loss mask.
+        *values_T (torch.Tensor): ``[T]`` tensors each, e.g. log-probs.
+
+    Returns:
+        Scalar long tensor.
+    """
+    bad_T = torch.zeros_like(mask_T, dtype=torch.bool)
+    for x_T in values_T:
+        bad_T |= ~torch.isfinite(x_T.detach())
+    return (bad_T & (mask_T != 0)).sum()
 
 
 def _clip_losses(
@@ -114,9 +138,13 @@ def policy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO clipped loss, with the optional dual clip.
 
-    ``log_ratio = clamp(nan_to_num(logp - old_logp), -20, 20)``, ``ratio = exp(log_ratio)``,
+    ``log_ratio = logp - old_logp``, ``ratio = exp(log_ratio)``,
     ``loss = max(-A * ratio, -A * clip(ratio, 1 - eps_clip, 1 + eps_clip_high))``; with ``eps_clip_c`` the loss
     of tokens with ``A < 0`` is further bounded by ``-eps_clip_c * A``. Unmasked: the aggregation applies the mask.
+
+    Non-finite values are neutral, as in the reference: a NaN or infinite log-ratio becomes 0 (ratio 1) and a NaN
+    or infinite advantage 0, with no gradient through them (:func:`count_nonfinite` counts such tokens). Finite
+    log-ratios are clamped to [-20, 20] so that ``exp`` stays finite.
 
     Args:
         logp_T (torch.Tensor): ``[T]`` log-probs of the current policy (with grad).
@@ -128,11 +156,12 @@ def policy_loss(
 
     Returns:
         ``(loss_T, clipfrac_T, ppo_kl_T)``: the loss; 1.0 where the clipped term won (``pg2 > pg1``), else 0.0;
-        and ``ppo_kl = old_logp - logp`` after the same NaN/clamp treatment as the ratio (``-log_ratio``).
+        and ``ppo_kl = old_logp - logp`` after the same treatment as the ratio (``-log_ratio``).
         :func:`dual_clip_mask` gives the tokens that the dual clip bounded.
     """
     _check_dual_clip(eps_clip_c)
     log_ratio_T = _log_ratio(logp_T, old_logp_T)
+    advantages_T = _neutral(advantages_T)
     loss_T, pg1_T, pg2_T = _clip_losses(log_ratio_T, advantages_T, eps_clip, eps_clip_high)
     if eps_clip_c is not None:
         loss_T = torch.where(advantages_T < 0, torch.minimum(-eps_clip_c * advantages_T, loss_T), loss_T)
@@ -150,6 +179,7 @@ def dual_clip_mask(
     """``[T]`` bool: tokens whose loss :func:`policy_loss` replaced by ``-eps_clip_c * A`` (A < 0 and the
     clipped loss above that bound). Same arguments as :func:`policy_loss`."""
     _check_dual_clip(eps_clip_c)
+    advantages_T = _neutral(advantages_T)
     loss_T, _, _ = _clip_losses(_log_ratio(logp_T, old_logp_T), advantages_T, eps_clip, eps_clip_high)
     return (advantages_T < 0) & (loss_T > -eps_clip_c * advantages_T)
 
@@ -203,13 +233,38 @@ def token_mean(x_T: torch.Tensor, mask_T: torch.Tensor, num_tokens_global: int) 
     return _masked(x_T, mask_T.to(x_T.dtype)).sum() / max(num_tokens_global, 1)
 
 
+def _kl_estimate(log_ratio_T: torch.Tensor, kind: KLKind) -> torch.Tensor:
+    if kind == "k1":
+        return log_ratio_T
+    if kind == "k2":
+        return log_ratio_T.square() / 2
+    if kind == "k3":
+        u_T = -log_ratio_T
+        return u_T.exp() - 1 - u_T
+    if kind == "low_var_kl":
+        u_T = (-log_ratio_T).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return (u_T.exp() - 1 - u_T).clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
+    raise ValueError(f"KL estimator {kind!r} is not one of k1, k2, k3, low_var_kl")
+
+
+def kl_is_finite(logp_T: torch.Tensor, logp_ref_T: torch.Tensor, kind: KLKind) -> torch.Tensor:
+    """``[T]`` bool: tokens whose log-ratio and :func:`approx_kl` estimate are finite (elsewhere it is 0).
+    Same arguments as :func:`approx_kl`."""
+    with torch.no_grad():
+        log_ratio_T = logp_T - logp_ref_T
+        return torch.isfinite(log_ratio_T) & torch.isfinite(_kl_estimate(log_ratio_T, kind))
+
+
 def approx_kl(logp_T: torch.Tensor, logp_ref_T: torch.Tensor, kind: KLKind) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from the log-probs of the sampled tokens.
 
     With ``lr = logp - logp_ref``: ``k1 = lr``; ``k2 = lr^2 / 2``; ``k3 = exp(u) - 1 - u`` with ``u = -lr``, no
-    clamps (NaN and infinities propagate); ``low_var_kl`` is k3 with two clamps: on the input, ``u`` has NaN
-    replaced by 0 and +/-inf by +/-20 and is clamped to [-20, 20], so ``exp(u)`` stays finite; on the output,
-    the estimate is clamped to [-10, 10] (it is never negative, so in effect at most 10).
+    clamps; ``low_var_kl`` is k3 with two clamps: ``u`` is clamped to [-20, 20] so that ``exp(u)`` stays finite,
+    and the estimate to [-10, 10] (it is never negative, so in effect at most 10).
+
+    Where the log-ratio or the estimate is not finite (a NaN or infinite log-prob, or k3's ``exp`` overflowing)
+    the estimate is 0, as the reference's ``nan_to_num`` makes it, with no gradient through that token
+    (:func:`kl_is_finite` marks them).
 
     Args:
         logp_T (torch.Tensor): ``[T]`` log-probs of the policy.
@@ -219,19 +274,9 @@ def approx_kl(logp_T: torch.Tensor, logp_ref_T: torch.Tensor, kind: KLKind) -> t
     Returns:
         ``[T]`` estimate.
     """
+    finite_T = kl_is_finite(logp_T, logp_ref_T, kind)
     log_ratio_T = logp_T - logp_ref_T
-    if kind == "k1":
-        return log_ratio_T
-    if kind == "k2":
-        return log_ratio_T.square() / 2
-    if kind == "k3":
-        u_T = -log_ratio_T
-        return u_T.exp() - 1 - u_T
-    if kind == "low_var_kl":
-        u_T = torch.nan_to_num(-log_ratio_T, nan=0.0, posinf=LOG_RATIO_CLAMP, neginf=-LOG_RATIO_CLAMP)
-        u_T = u_T.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return (u_T.exp() - 1 - u_T).clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
-    raise ValueError(f"KL estimator {kind!r} is not one of k1, k2, k3, low_var_kl")
+    return _kl_estimate(torch.where(finite_T, log_ratio_T, torch.zeros_like(log_ratio_T)), kind)
 
 
 def tis_weights(
@@ -240,7 +285,7 @@ def tis_weights(
     """Truncated importance-sampling weights ``clamp(exp(old_logp - rollout_logp), clip_low, clip_high)``.
 
     They correct for the engine's sampling distribution differing from the trainer's: the token loss is
-    multiplied by them.
+    multiplied by them. A NaN or infinite log-ratio gives the neutral weight 1.
 
     Args:
         old_logp_T (torch.Tensor): ``[T]`` trainer log-probs of the data-generating policy.
@@ -251,14 +296,14 @@ def tis_weights(
     Returns:
         ``[T]`` weights (mean them with the loss's aggregation for the ``tis`` metric).
     """
-    return (old_logp_T - rollout_logp_T).exp().clamp(clip_low, clip_high)
+    return _neutral(old_logp_T - rollout_logp_T).exp().clamp(clip_low, clip_high)
 
 
 def tis_clip_mask(
     old_logp_T: torch.Tensor, rollout_logp_T: torch.Tensor, clip_low: float = 0.0, clip_high: float = 2.0
 ) -> torch.Tensor:
     """``[T]`` bool: tokens whose importance weight :func:`tis_weights` clamped (the ``tis_clipfrac`` metric)."""
-    w_T = (old_logp_T - rollout_logp_T).exp()
+    w_T = _neutral(old_logp_T - rollout_logp_T).exp()
     return (w_T < clip_low) | (w_T > clip_high)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from league.checks import check_int, check_seed
 from league.records import read_records
 
 DAPO_TEMPLATE = (
@@ -78,8 +79,9 @@ class DataConfig:
                 raise ValueError(f"`--{name.replace('_', '-')}` is empty; pass a key or leave it unset (None)")
         if self.prompt_template is not None:
             resolve_template(self.prompt_template)
-        if self.max_prompt_len is not None and self.max_prompt_len < 1:
-            raise ValueError(f"`--max-prompt-len` must be >= 1 or unset, got {self.max_prompt_len}")
+        if self.max_prompt_len is not None:
+            check_int("--max-prompt-len", self.max_prompt_len, 1)
+        check_seed("--rollout-seed", self.rollout_seed)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,12 +119,21 @@ def resolve_template(template: str) -> str:
     return template
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The rows of a prompt file (``.jsonl`` or ``.parquet``), each with where it is (``records.read_records``)."""
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path, once it is known to be an existing .jsonl or .parquet file."""
     path = Path(path)
     if path.suffix not in EXTENSIONS:
         raise ValueError(f"prompt data {path}: unknown extension {path.suffix!r}; expected one of {EXTENSIONS}")
-    return read_records(path, "prompt data")
+    if not path.exists():
+        raise ValueError(f"prompt data {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"prompt data {path}: not a file; expected a {path.suffix} file")
+    return path
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a prompt file (``.jsonl`` or ``.parquet``), each with where it is (``records.read_records``)."""
+    return read_records(check_data_file(path), "prompt data")
 
 
 def _lookup(row: dict[str, Any], key: str) -> Any:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from league.config import JobConfig, write_config
 from league.engine.request import SamplingParams
+from league.parallel.dims import ParallelDims
 from league.parallel.parallelize import parallelize_qwen3_5_moe
 from league.rl import algorithms as algo
 from league.rl import setup
@@ -22,10 +23,19 @@ from league.rl.trainer import Trainer
 
 
 def train(job: JobConfig) -> Path:
-    """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png, checkpoints)."""
-    dims = job.parallel.check_single_process()
-    run_dir = setup.make_run_dir(job)
-    write_config(job, run_dir / "config.json")
+    """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png).
+
+    Every start-up check (:func:`setup.check_job`) runs before anything is built or written. A run folder made by
+    this run is removed again when the run fails before its first step is logged."""
+    dims = setup.check_job(job)
+    with setup.run_folder(job) as run_dir:
+        write_config(job, run_dir / "config.json")
+        run_steps(job, dims, run_dir)
+    return run_dir
+
+
+def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
+    """The run itself, once checked, in its folder."""
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
@@ -47,7 +57,9 @@ def train(job: JobConfig) -> Path:
         decode_parity=job.engine.decode_parity,
     )
     engine = setup.build_engine(job, model, tokenizer)
-    start = setup.resume(job.checkpoint.load, model, trainer, sampler) if job.checkpoint.load else 0
+    start = 0
+    if job.checkpoint.load:
+        start = setup.resume(job.checkpoint.load, model, trainer, sampler, job.checkpoint.load_unsafe_pickle)
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard)
     n = job.rollout.n_samples_per_prompt
     with Progress(
@@ -105,12 +117,12 @@ def train(job: JobConfig) -> Path:
             if eval_sets and job.eval.eval_interval and ((step + 1) % job.eval.eval_interval == 0 or last):
                 eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step)
             t5 = time.perf_counter()
-            if (
-                job.checkpoint.save
-                and job.checkpoint.save_interval
-                and ((step + 1) % job.checkpoint.save_interval == 0 or last)
-            ):
-                setup.save_checkpoint(Path(job.checkpoint.save), step, model, trainer, sampler, tokenizer)
+            interval = job.checkpoint.save_interval
+            if job.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
+                root = Path(job.checkpoint.save)
+                setup.save_checkpoint(root, step, model, trainer, sampler, tokenizer)
+                if job.checkpoint.keep_last:
+                    setup.prune_checkpoints(root, job.checkpoint.keep_last)
             metrics = {
                 **setup.rollout_metrics(outputs, result, engine),
                 **train_metrics,
@@ -130,7 +142,6 @@ def train(job: JobConfig) -> Path:
     logger.close()
     reward.close()
     plot_run(run_dir)
-    return run_dir
 
 
 def rollout_params(job: JobConfig, step: int, prompt_index: int) -> SamplingParams:

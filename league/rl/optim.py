@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from league.checks import check_int, check_number
+
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
@@ -46,10 +48,14 @@ class OptimConfig:
             raise ValueError(f"`--optimizer` {self.optimizer!r} is not supported (expected 'adam')")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(f"`--lr-decay-style` {self.lr_decay_style!r}: expected constant, linear or cosine")
-        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise ValueError("`--lr`, `--min-lr`, `--weight-decay` and `--clip-grad` must be >= 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError(f"Adam betas must be in [0, 1), got ({self.adam_beta1}, {self.adam_beta2})")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, 1, high_open=True)
+        check_number("--adam-eps", self.adam_eps, 0, low_open=True)
+        check_int("--lr-warmup-iters", self.lr_warmup_iters, 0)
+        if self.lr_decay_iters is not None:
+            check_int("--lr-decay-iters", self.lr_decay_iters, 1)
 
 
 def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:

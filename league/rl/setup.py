@@ -4,20 +4,27 @@ bookkeeping (run folder, seeds, checkpoints, resume, evaluation, rollout metrics
 Not responsible for the order of the loop (``rl.loop``) nor for the math of any step.
 """
 
+import dataclasses
+import pickle
 import random
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from league.checks import SEED_MAX, check_writable
 from league.config import EvalConfig, JobConfig, ModelConfig
 from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
-from league.models.qwen3_5_moe import Transformer
+from league.models.qwen3_5_moe import ModelArgs, Transformer
+from league.parallel.dims import ParallelDims
+from league.rl.metrics import METRICS_FILE
 
 STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}
 BUILTIN = "builtin:"
@@ -32,10 +39,136 @@ class Prompt:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def make_run_dir(job: JobConfig) -> Path:
-    run_dir = Path(job.run.run_dir or f"runs/{job.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def run_dir_path(job: JobConfig) -> Path:
+    return Path(job.run.run_dir or f"runs/{job.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+@contextmanager
+def run_folder(job: JobConfig) -> Iterator[Path]:
+    """The run folder, created if absent. When the block fails before any step's metrics are written, a folder
+    made here (with the parents made for it) is removed again; a folder that was already there is kept."""
+    path = run_dir_path(job)
+    made = path
+    while not made.parent.exists():
+        made = made.parent
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created and not (path / METRICS_FILE).exists():
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def check_prompt_source(flag: str, spec: str) -> None:
+    """A prompt set exists: ``builtin:<task>`` names a task, anything else is a .jsonl or .parquet file."""
+    if spec.startswith(BUILTIN):
+        from league.rl.tasks import TASKS
+
+        if spec.removeprefix(BUILTIN) not in TASKS:
+            expected = [BUILTIN + task for task in TASKS]
+            raise ValueError(f"`{flag}` {spec!r}: unknown built-in task; expected one of {expected}")
+        return
+    from league.rl.data import check_data_file
+
+    check_data_file(spec)
+
+
+def check_policy(job: JobConfig) -> None:
+    """The policy can be built as configured: its checkpoint folder with config.json and a tokenizer (or its
+    preset) exists, and the MTP settings agree with it."""
+    from league.models.qwen3_5_moe.presets import PRESETS
+    from league.tokenizer import has_tokenizer
+
+    config = job.model
+    if config.hf_checkpoint:
+        path = Path(config.hf_checkpoint)
+        if not path.is_dir():
+            raise ValueError(f"`--hf-checkpoint` {path}: no such folder")
+        num_mtp = ModelArgs.from_dir(path).mtp_num_layers
+        if not has_tokenizer(path):
+            raise ValueError(f"`--hf-checkpoint` {path}: the folder holds no tokenizer")
+    elif config.model_preset in PRESETS:
+        num_mtp = PRESETS[config.model_preset].mtp_num_layers
+    else:
+        raise ValueError(f"unknown `--model-preset` {config.model_preset!r}; expected one of {sorted(PRESETS)}")
+    if config.mtp_num_layers not in (None, 0, num_mtp):
+        raise ValueError(
+            f"`--mtp-num-layers` {config.mtp_num_layers} does not match the checkpoint's mtp_num_hidden_layers "
+            f"({num_mtp})"
+        )
+    uses_mtp = num_mtp if config.mtp_num_layers is None else config.mtp_num_layers
+    if job.engine.speculative_algorithm and not job.rollout.rollout_engine and not uses_mtp:
+        raise ValueError("`--speculative-algorithm` needs the policy's MTP layer, which this run has none of")
+
+
+def check_eval_sets(job: JobConfig) -> None:
+    for name, path in zip(job.eval.eval_prompt_data[::2], job.eval.eval_prompt_data[1::2]):
+        check_prompt_source(f"--eval-prompt-data {name}", path)
+
+
+def check_samples_fit(flag: str, n: int, job: JobConfig) -> None:
+    """The in-process engine holds all ``n`` samples of a prompt at once."""
+    engine = job.engine
+    most = min(engine.max_running_requests, engine.num_slots or engine.max_running_requests)
+    if not job.rollout.rollout_engine and n > most:
+        raise ValueError(
+            f"`{flag}` ({n}) exceeds the requests the engine runs at once ({most}: `--max-running-requests`"
+            f"{' and `--num-slots`' if engine.num_slots else ''}); raise it or sample fewer"
+        )
+
+
+def check_job(job: JobConfig) -> ParallelDims:
+    """Every check ``league train`` makes before it builds anything, so that a bad run stops at once and
+    ``--dry-run`` refuses what the run would: the parallel layout, the batch sizes' consistency, that the output
+    folders can be written and the inputs (prompt sets, checkpoint folders, reward, ``--load``) exist. File
+    contents (prompt rows, weights, train state) are checked as they load.
+
+    Returns:
+        ``ParallelDims`` of the one-process run.
+    """
+    dims = job.parallel.check_single_process()
+    rollout, gbs = job.rollout, job.train.global_batch_size
+    num_samples = rollout.rollout_batch_size * rollout.n_samples_per_prompt
+    if num_samples % gbs:
+        raise ValueError(
+            f"`--rollout-batch-size` x `--n-samples-per-prompt` ({rollout.rollout_batch_size} x "
+            f"{rollout.n_samples_per_prompt} = {num_samples}) must be a multiple of `--global-batch-size` ({gbs}): "
+            "each rollout step trains on whole global batches"
+        )
+    check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
+    if job.eval.eval_interval and job.eval.eval_prompt_data:
+        check_samples_fit("--n-samples-per-eval-prompt", job.eval.n_samples_per_eval_prompt, job)
+        last_seed = job.run.seed + rollout.num_rollout - 1 + job.eval.n_samples_per_eval_prompt - 1
+        if last_seed > SEED_MAX:
+            raise ValueError(
+                f"`--seed` {job.run.seed} is too large: evaluations sample with seed + step + i, up to {last_seed}, "
+                "past 2**63 - 1"
+            )
+    check_writable("--run-dir", run_dir_path(job))
+    if job.checkpoint.save:
+        check_writable("--save", Path(job.checkpoint.save))
+    if job.checkpoint.load:
+        find_checkpoint(Path(job.checkpoint.load))
+    check_policy(job)
+    check_prompt_source("--prompt-data", job.data.prompt_data)
+    if job.model.sft_warmup_steps and not job.checkpoint.load and not job.data.prompt_data.startswith(BUILTIN):
+        raise ValueError("`--sft-warmup-steps` needs a built-in task as `--prompt-data` (builtin:<task>)")
+    check_eval_sets(job)
+    check_reward(job.reward)
+    return dims
+
+
+def check_eval_job(job: JobConfig) -> None:
+    """Every check ``league eval`` makes before it builds anything (see :func:`check_job`)."""
+    if not job.eval.eval_prompt_data:
+        raise ValueError("`league eval` needs evaluation sets: --eval-prompt-data NAME,PATH[,NAME,PATH...]")
+    check_samples_fit("--n-samples-per-eval-prompt", job.eval.n_samples_per_eval_prompt, job)
+    check_writable("--run-dir", run_dir_path(job))
+    check_policy(job)
+    check_eval_sets(job)
+    check_reward(job.reward)
 
 
 def seed_everything(seed: int) -> None:
@@ -44,7 +177,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
-    """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset."""
+    """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset (the
+    settings checked by :func:`check_policy`)."""
     from league.checkpoint.hf import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(config.device, config.dtype)
@@ -53,28 +187,17 @@ def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
         from league.tokenizer import load_tokenizer
 
         path = Path(config.hf_checkpoint)
-        if not path.is_dir():
-            raise ValueError(f"`--hf-checkpoint` {path}: no such folder")
         model = load_model(path, device=device, dtype=dtype)
         tokenizer = load_tokenizer(path)
-        if tokenizer is None:
-            raise ValueError(f"`--hf-checkpoint` {path}: the folder holds no tokenizer")
     else:
         from league.models.qwen3_5_moe.presets import PRESETS
         from league.tokenizer import build_tiny_tokenizer
 
-        if config.model_preset not in PRESETS:
-            raise ValueError(f"unknown `--model-preset` {config.model_preset!r}; expected one of {sorted(PRESETS)}")
         tokenizer = build_tiny_tokenizer()
         model = Transformer(PRESETS[config.model_preset])
         model.init_weights(seed)
         model = model.to(device=device, dtype=dtype)
-    if config.mtp_num_layers is not None and config.mtp_num_layers != model.args.mtp_num_layers:
-        if config.mtp_num_layers != 0:
-            raise ValueError(
-                f"`--mtp-num-layers` {config.mtp_num_layers} does not match the checkpoint's "
-                f"mtp_num_hidden_layers ({model.args.mtp_num_layers})"
-            )
+    if config.mtp_num_layers == 0:
         model.mtp = None
     return model.eval(), tokenizer
 
@@ -125,8 +248,6 @@ def load_eval_sets(config: EvalConfig, data, tokenizer, seed: int) -> dict[str, 
                 for p in problems
             ]
         else:
-            import dataclasses
-
             sets[name] = load_prompts(dataclasses.replace(data, prompt_data=path), tokenizer, seed)
     return sets
 
@@ -137,12 +258,17 @@ def build_reward(config):
     return RewardModel(config)
 
 
+def check_reward(config) -> None:
+    """The reward resolves: a known rule, or a custom function that imports."""
+    from league.rl.rewards.registry import resolve_reward
+
+    resolve_reward(config.rm_type, config.custom_rm_path)
+
+
 def warmup(model: Transformer, tokenizer, job: JobConfig) -> None:
     """The built-in task's short supervised warm-up on correct answers (format and a first skill)."""
     from league.rl.tasks import supervised_warmup
 
-    if not job.data.prompt_data.startswith(BUILTIN):
-        raise ValueError("`--sft-warmup-steps` needs a built-in task as `--prompt-data` (builtin:<task>)")
     problems = builtin_problems(job.data.prompt_data, job.run.seed)
     eos = tokenizer.eos_token
     examples = [
@@ -235,7 +361,8 @@ LATEST = "latest"
 def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler, tokenizer) -> Path:
     """``root/step_000k``: the model in Hugging Face format, the reference model when there is one, and
     the train state (optimizer, step, data position, RNG). Written into a temporary folder and renamed,
-    so a crash never leaves a half checkpoint; ``root/latest`` names the newest."""
+    so a crash never leaves a half checkpoint (a failed write, such as a full disk, removes the temporary
+    folder before the error goes on); ``root/latest`` names the newest."""
     from league.checkpoint.hf import save_hf
 
     root.mkdir(parents=True, exist_ok=True)
@@ -243,19 +370,23 @@ def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler,
     tmp = root / f".tmp_step_{step + 1:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_hf(model, tmp / "model", tokenizer_from=tokenizer)
-    if trainer.ref_model is not None:
-        save_hf(trainer.ref_model, tmp / "ref")
-    torch.save(
-        {
-            "step": step,
-            "trainer": trainer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        tmp / "train_state.pt",
-    )
+    try:
+        save_hf(model, tmp / "model", tokenizer_from=tokenizer)
+        if trainer.ref_model is not None:
+            save_hf(trainer.ref_model, tmp / "ref")
+        torch.save(
+            {
+                "step": step,
+                "trainer": trainer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "train_state.pt",
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     latest_tmp = root / (LATEST + ".tmp")
@@ -264,20 +395,51 @@ def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler,
     return final
 
 
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` highest-numbered ``step_*`` folders of ``root``, never the one ``latest``
+    names; returns the deleted folders."""
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
+    deleted = [p for p in steps[:-keep_last] if p.name != latest]
+    for folder in deleted:
+        shutil.rmtree(folder)
+    return deleted
+
+
 def find_checkpoint(path: Path) -> Path:
     if (path / "train_state.pt").is_file():
         return path
     if (path / LATEST).is_file():
-        return path / (path / LATEST).read_text().strip()
+        folder = path / (path / LATEST).read_text().strip()
+        if not (folder / "train_state.pt").is_file():
+            raise ValueError(f"`--load` {path}: `latest` names {folder.name}, which holds no train_state.pt")
+        return folder
     raise ValueError(f"`--load` {path}: neither a checkpoint (train_state.pt) nor a folder with a `latest` file")
 
 
-def resume(load: str, model: Transformer, trainer, sampler) -> int:
+def read_train_state(path: Path, unsafe_pickle: bool = False) -> dict[str, Any]:
+    """The train state saved by :func:`save_checkpoint`. Only tensors and plain Python values load (torch's
+    ``weights_only``) unless ``unsafe_pickle``, which runs whatever code the file's pickle holds."""
+    try:
+        return torch.load(path, weights_only=not unsafe_pickle)
+    except pickle.UnpicklingError as e:
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reasons = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        raise ValueError(
+            f"`--load` {path}: refused to unpickle ({'; '.join(reasons) or e}): a league train state holds only "
+            "tensors and plain values; if you trust the file, pass --load-unsafe-pickle (this runs any code it holds)"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"`--load` {path}: not a readable train state ({e})") from None
+
+
+def resume(load: str, model: Transformer, trainer, sampler, unsafe_pickle: bool = False) -> int:
     """Restore a checkpoint in place; returns the first rollout step to run."""
     from league.checkpoint.hf import load_hf_weights
 
     folder = find_checkpoint(Path(load))
-    state = torch.load(folder / "train_state.pt", weights_only=False)
+    state = read_train_state(folder / "train_state.pt", unsafe_pickle)
     load_hf_weights(model, folder / "model")
     if trainer.ref_model is not None and (folder / "ref").is_dir():
         load_hf_weights(trainer.ref_model, folder / "ref")

@@ -14,12 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
+from league.checks import check_int, check_number
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
 from league.rl import algorithms as algo
 from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
 from league.rl.sample import Sample
+
+COUNTS = ("train/nonfinite_logprob_tokens", "train/nonfinite_kl_tokens")
+"""Metrics that are token counts: summed over a rollout's optimizer steps, where the others are averaged."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,10 +66,16 @@ class AlgorithmConfig:
             raise ValueError(f"`--advantage-estimator` {self.advantage_estimator!r} is not supported (expected grpo)")
         if self.kl_loss_type not in ("k1", "k2", "k3", "low_var_kl"):
             raise ValueError(f"`--kl-loss-type` {self.kl_loss_type!r}: expected k1, k2, k3 or low_var_kl")
-        if self.eps_clip < 0 or (self.eps_clip_high is not None and self.eps_clip_high < 0):
-            raise ValueError("`--eps-clip` and `--eps-clip-high` must be >= 0")
-        if self.eps_clip_c is not None and self.eps_clip_c <= 1:
-            raise ValueError(f"`--eps-clip-c` must be > 1, got {self.eps_clip_c}")
+        check_number("--eps-clip", self.eps_clip, 0)
+        if self.eps_clip_high is not None:
+            check_number("--eps-clip-high", self.eps_clip_high, 0)
+        if self.eps_clip_c is not None:
+            check_number("--eps-clip-c", self.eps_clip_c, 1, low_open=True)
+        check_number("--kl-loss-coef", self.kl_loss_coef, 0)
+        check_number("--entropy-coef", self.entropy_coef)
+        check_number("--tis-clip", self.tis_clip, 0, low_open=True)
+        check_number("--tis-clip-low", self.tis_clip_low, 0, self.tis_clip)
+        check_number("--mtp-loss-scaling-factor", self.mtp_loss_scaling_factor, 0)
         if self.kl_loss_coef != 0 and not self.use_kl_loss:
             raise ValueError("`--kl-loss-coef` is non-zero but `--use-kl-loss` is off")
 
@@ -84,8 +94,9 @@ class TrainConfig:
     """Full activation recompute, one layer per checkpoint (``--no-recompute`` keeps activations)."""
 
     def __post_init__(self) -> None:
-        if self.global_batch_size < 1 or self.max_tokens_per_gpu < 1:
-            raise ValueError("`--global-batch-size` and `--max-tokens-per-gpu` must be >= 1")
+        for name in ("global_batch_size", "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,7 +208,7 @@ class Trainer:
         return out
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
-        """All optimizer steps of one rollout; returns the metrics averaged over them."""
+        """All optimizer steps of one rollout; returns the metrics averaged over them (the :data:`COUNTS` summed)."""
         gbs = self.config.global_batch_size
         if len(samples) % gbs:
             raise ValueError(f"a rollout of {len(samples)} samples does not split into global batches of {gbs}")
@@ -212,7 +223,7 @@ class Trainer:
             )
             for key, value in result.items():
                 metrics.setdefault(key, []).append(value)
-        return {k: sum(v) / len(v) for k, v in metrics.items()}
+        return {k: sum(v) if k in COUNTS else sum(v) / len(v) for k, v in metrics.items()}
 
     def _optimizer_step(
         self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None, ref_logprobs: list[torch.Tensor] | None
@@ -248,9 +259,13 @@ class Trainer:
             add("train/pg_loss", loss.detach())
             add("train/pg_clipfrac", reduce(clip_tok.float()))
             add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
-            add("train/train_rollout_logprob_abs_diff", reduce((old - rollout).abs()))
+            abs_diff = torch.nan_to_num((old - rollout).abs(), nan=0.0, posinf=0.0, neginf=0.0)
+            add("train/train_rollout_logprob_abs_diff", reduce(abs_diff))
+            add("train/nonfinite_logprob_tokens", algo.count_nonfinite(mask, logp, old, rollout))
             if ref_logprobs is not None:
                 ref = torch.cat([ref_logprobs[i] for i in mb.indices])
+                nonfinite = ~algo.kl_is_finite(logp, ref, cfg.kl_loss_type) & (mask != 0)
+                add("train/nonfinite_kl_tokens", nonfinite.sum())
                 kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
                 add("train/kl_loss", kl.detach())
                 if cfg.kl_loss_coef != 0:

@@ -84,14 +84,31 @@ def test_dual_clip_by_hand():
         algo.policy_loss(logp, old, adv, 0.2, 0.28, eps_clip_c=1.0)
 
 
-def test_policy_loss_nan_and_inf_log_ratio():
-    # NaN log-ratio -> 0 (ratio 1); +/-inf and 25 -> +/-20
-    logp, old = t(NAN, INF, 0.0, 25.0), t(0.0, 0.0, INF, 0.0)
-    loss, _, ppo_kl = algo.policy_loss(logp, old, t(1, -1, 1, -1), 0.2, 0.28)
-    close(ppo_kl, [0.0, -20.0, 20.0, -20.0])
-    # A=1, r=1 -> -1; A=-1, r=e^20 -> e^20; A=1, r=e^-20 -> -e^-20; A=-1, r=e^20 -> e^20
-    close(loss, [-1.0, math.exp(20), -math.exp(-20), math.exp(20)], atol=1e-6)
-    assert torch.isfinite(loss).all()
+def test_policy_loss_nan_and_inf_are_neutral():
+    # non-finite log-ratios -> 0 (ratio 1), as the reference masks them; a finite 25 -> clamp 20
+    logp, old = t(NAN, -INF, 0.0, 25.0, -1.0), t(0.0, 0.0, -INF, 0.0, -1.5)
+    adv = t(1, -1, 1, -1, NAN)
+    loss, clipfrac, ppo_kl = algo.policy_loss(logp, old, adv, 0.2, 0.28)
+    close(ppo_kl, [0.0, 0.0, 0.0, -20.0, -0.5])
+    # A=1, r=1 -> -1; A=-1, r=1 -> 1; A=1, r=1 -> -1; A=-1, r=e^20 -> e^20; A=NaN -> 0: loss 0
+    close(loss, [-1.0, 1.0, -1.0, math.exp(20), 0.0], atol=1e-6)
+    close(clipfrac, [0, 0, 0, 0, 0])
+    assert algo.dual_clip_mask(logp, old, adv, 0.2, 0.28, 3.0).tolist() == [False, False, False, True, False]
+    assert algo.count_nonfinite(t(1, 1, 0, 1, 1), logp, old).item() == 2  # the -inf old log-prob is masked out
+
+
+def test_nonfinite_tokens_get_no_gradient():
+    logp = t(-INF, NAN, -0.5, -1.0).requires_grad_()
+    old, ref = t(-1.0, -1.0, -0.5, NAN), t(-1.0, -1.0, -1.0, -1.0)
+    mask = t(1, 1, 1, 1)
+    loss, _, _ = algo.policy_loss(logp, old, t(1, 1, 1, 1), 0.2, 0.28)
+    for kind in ("k1", "k2", "k3", "low_var_kl"):
+        loss = loss + algo.approx_kl(logp, ref, kind)
+    algo.sample_mean_of_token_means(loss, mask, algo.sample_ids([4]), 1).backward()
+    # token 2: d(-r)/dlogp = -1 at r = 1, plus the KLs at lr = 0.5: 1 + 0.5 + (1 - e^-0.5) + (1 - e^-0.5); / 4
+    expected = (-1 + 1 + 0.5 + 2 * (1 - math.exp(-0.5))) / 4
+    # token 3: the ratio is neutral (NaN old): only k1 at lr = 0 has a gradient, 1 / 4
+    close(logp.grad, [0.0, 0.0, expected, 0.25], atol=1e-12)
 
 
 def test_policy_loss_gradient_is_zero_where_clipped():
@@ -144,20 +161,26 @@ def test_kl_estimators_by_hand():
         algo.approx_kl(logp, ref, "k4")
 
 
-def test_kl_clamps():
-    logp = t(0.0, -30.0, NAN, -INF, 0.0, -12.0)
-    ref = t(-30.0, 0.0, 0.0, 0.0, -INF, 0.0)
-    # u = ref - logp = [-30, 30, nan, inf, -inf, 12]
+def test_kl_clamps_and_nonfinite_values():
+    logp = t(0.0, -30.0, NAN, -INF, 0.0, -12.0, 0.0)
+    ref = t(-30.0, 0.0, 0.0, 0.0, -INF, 0.0, -800.0)
+    # u = ref - logp = [-30, 30, nan, inf, -inf, 12, -800]
     low = algo.approx_kl(logp, ref, "low_var_kl")
-    # input clamp: -30 -> -20: exp(-20) + 19 -> output clamp 10; 30 -> 20: exp(20) - 21 -> 10; nan -> 0: 0;
-    # inf -> 20 -> 10; -inf -> -20 -> 10; 12 is inside [-20, 20]: exp(12) - 13 -> 10
-    close(low, [10.0, 10.0, 0.0, 10.0, 10.0, 10.0])
+    # input clamp: -30 -> -20: exp(-20) + 19 -> output clamp 10; 30 -> 20: exp(20) - 21 -> 10; nan, +/-inf -> 0
+    # (neutral, as the reference); 12 is inside [-20, 20]: exp(12) - 13 -> 10; -800 -> -20 -> 10
+    close(low, [10.0, 10.0, 0.0, 0.0, 0.0, 10.0, 10.0])
     small = algo.approx_kl(t(-0.0), t(-2.0), "low_var_kl")  # u = -2: e^-2 + 1, below the output clamp
     close(small, [math.exp(-2) + 1])
-    k3 = algo.approx_kl(logp, ref, "k3")  # no clamps: large values stay, NaN and infinities propagate
+    k3 = algo.approx_kl(logp, ref, "k3")  # no clamps: large finite values stay; non-finite ones -> 0
     close(k3[:2], [math.exp(-30) + 29, math.exp(30) - 31], atol=1e-3)
-    # u = nan -> nan; u = inf -> inf - inf = nan; u = -inf -> 0 - 1 + inf = inf
-    assert math.isnan(k3[2]) and math.isnan(k3[3]) and k3[4] == INF
+    close(k3[2:], [0.0, 0.0, 0.0, math.exp(12) - 13, 799.0], atol=1e-6)
+    assert algo.kl_is_finite(logp, ref, "k3").tolist() == [True, True, False, False, False, True, True]
+    # float32, u = 100: exp(100) overflows, so k3 is 0 there while the clamped low_var_kl stays 10
+    logp32, ref32 = t(-100.0).float(), t(0.0).float()
+    assert algo.approx_kl(logp32, ref32, "k3").item() == 0.0 and not algo.kl_is_finite(logp32, ref32, "k3").item()
+    assert algo.approx_kl(logp32, ref32, "low_var_kl").item() == 10.0
+    close(algo.approx_kl(logp, ref, "k1"), [30.0, -30.0, 0.0, 0.0, 0.0, -12.0, 800.0])
+    close(algo.approx_kl(logp, ref, "k2"), [450.0, 450.0, 0.0, 0.0, 0.0, 72.0, 320000.0])
 
 
 def test_tis_weights_and_clip_mask():
@@ -167,6 +190,8 @@ def test_tis_weights_and_clip_mask():
     close(algo.tis_weights(old, rollout, clip_low=0.5, clip_high=1.5), [1.5, 0.5, 1.5, 1.0])
     assert algo.tis_clip_mask(old, rollout, 0.5, 1.5).tolist() == [True, True, True, False]
     assert algo.tis_clip_mask(old, rollout).tolist() == [False, False, True, False]
+    # non-finite log-ratios weigh 1
+    close(algo.tis_weights(t(NAN, -1.0, -INF), t(-1.0, -INF, -INF)), [1.0, 1.0, 1.0])
 
 
 def test_ess_ratio_by_hand():

@@ -53,3 +53,10 @@ def test_eval_without_sets_is_refused(tmp_path):
     job = apply_overrides(get_recipe("tiny"), {"eval_prompt_data": [], "run_dir": str(tmp_path / "r")})
     with pytest.raises(ValueError, match="--eval-prompt-data"):
         evaluate_policy(job)
+
+
+def test_eval_dry_run_makes_the_start_up_checks(tmp_path):
+    args = ["eval", "--dry-run", "--run-dir", str(tmp_path / "r"), "--eval-prompt-data", "x,/nonexistent/x.jsonl"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "/nonexistent/x.jsonl: no such file" in result.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,13 +1,17 @@
 """The RL loop end to end on the tiny preset: exact resume, the reference recipe's settings, bad input."""
 
+import errno
 import json
+import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from league.cli import app
 from league.config import apply_overrides
 from league.recipes import get_recipe
+from league.rl import setup
 from league.rl.loop import train
 from league.rl.metrics import read_metrics
 
@@ -34,7 +38,8 @@ def comparable(record):
 
 def test_resume_gives_the_same_metrics(tmp_path):
     full = read_metrics(train(tiny_job(tmp_path, "full")))
-    train(tiny_job(tmp_path, "first", num_rollout=2, save=str(tmp_path / "ckpt"), save_interval=2))
+    train(tiny_job(tmp_path, "first", num_rollout=2, save=str(tmp_path / "ckpt")))  # --save alone: at the end
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000002"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000002"
     resumed = read_metrics(train(tiny_job(tmp_path, "resumed", load=str(tmp_path / "ckpt"))))
     assert [r["step"] for r in resumed] == [2, 3]
@@ -76,7 +81,8 @@ def test_reference_recipe_settings_run_on_a_tiny_model(tmp_path):
 
 def test_dry_run_prints_the_reference_recipe():
     result = CliRunner().invoke(app, ["train", "--recipe", "qwen3_6_35b_a3b_mtp", "--dry-run"])
-    assert result.exit_code == 0
+    # the config, then the error the real run gives: EP8 needs several processes
+    assert result.exit_code == 1 and "parallel layout" in result.stderr
     config = json.loads(result.stdout)
     assert config["rollout"]["rollout_batch_size"] == 8 and config["rollout"]["n_samples_per_prompt"] == 2
     assert config["algo"]["eps_clip_high"] == 0.28 and config["optim"]["lr"] == 1e-6
@@ -139,3 +145,147 @@ def test_custom_reward_that_raises_scores_zero(tmp_path):
     run_dir = train(tiny_job(tmp_path, "custom", num_rollout=1, custom_rm_path=f"{module}:reward"))
     [record] = read_metrics(run_dir)
     assert record["rollout/reward_mean"] == 0.0 and record["rollout/reward_failures"] == 16
+
+
+class RunsCode:
+    """Unpickling it makes a folder: what a hostile train_state.pt could do with any function."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_load_refuses_a_pickle_that_runs_code(tmp_path):
+    path, marker = tmp_path / "train_state.pt", tmp_path / "ran"
+    torch.save({"step": 0, "python_rng": RunsCode(str(marker))}, path)
+    with pytest.raises(ValueError, match="posix.mkdir.*pass --load-unsafe-pickle"):
+        setup.read_train_state(path)
+    assert not marker.exists()
+    setup.read_train_state(path, unsafe_pickle=True)  # the explicit flag trusts the file, and runs its code
+    assert marker.is_dir()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="refused to unpickle"):
+        setup.read_train_state(path)
+
+
+def test_save_interval_saves_after_the_last_step_too_and_keep_last_prunes(tmp_path):
+    # every 2 steps and after the last: steps 2 and 3, of which the newest is kept
+    small = dict(rollout_batch_size=2, n_samples_per_prompt=2, global_batch_size=4)
+    train(tiny_job(tmp_path, "b", num_rollout=3, save=str(tmp_path / "kept"), save_interval=2, keep_last=1, **small))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["latest", "step_000003"]
+
+
+def test_prune_never_deletes_what_latest_names(tmp_path):
+    for step in (1, 2, 10, 11):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "latest").write_text("step_000002\n")  # e.g. a run resumed from step 2 into an older folder
+    deleted = setup.prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in deleted] == ["step_000001", "step_000010"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000011"]
+
+
+def unwritable(tmp_path, kind):
+    """A folder path that cannot be written: below a regular file, or in a read-only folder (not as root, whom
+    permission bits do not stop)."""
+    if kind == "under_a_file":
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "out"
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a 0o555 folder; the under_a_file case checks the same path")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro" / "out"
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
+@pytest.mark.parametrize("flag", ["--save", "--run-dir"])
+def test_unwritable_output_folders_fail_at_start(tmp_path, monkeypatch, kind, flag):
+    monkeypatch.setattr(setup, "build_policy", lambda *a: pytest.fail("built the model before the check"))
+    folders = {
+        "--run-dir": str(tmp_path / "run"),
+        "--save": str(tmp_path / "ckpt"),
+        flag: str(unwritable(tmp_path, kind)),
+    }
+    for dry_run in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["train", *dry_run, *(x for kv in folders.items() for x in kv)])
+        assert result.exit_code == 1, result.output
+        assert f"`{flag}` {folders[flag]}" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tp", "3"], "parallel layout"),
+        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "3"], "multiple of `--global-batch-size` (128)"),
+        (["--n-samples-per-prompt", "200"], "`--n-samples-per-prompt` (200) exceeds"),
+        (["--hf-checkpoint", "/nonexistent/model"], "no such folder"),
+        (["--load", "/nonexistent/ckpt"], "`--load` /nonexistent/ckpt"),
+        (["--prompt-data", "builtin:nope"], "unknown built-in task"),
+        (["--eval-prompt-data", "x,/nonexistent/x.jsonl"], "/nonexistent/x.jsonl: no such file"),
+        (["--custom-rm-path", "/nonexistent/r.py:f"], "r.py"),
+        (["--mtp-num-layers", "3"], "does not match"),
+        (["--seed", str(2**63 - 2)], "too large"),
+        (["--seed", "100000000000000000000"], "`--seed` must be an integer in [0, 2**63 - 1]"),
+        (["--lr", "nan"], "`--lr` must be a finite number >= 0, got nan"),
+        (["--lr", "-0.1"], "`--lr` must be a finite number >= 0"),
+        (["--rollout-top-p", "1.5"], "`--rollout-top-p` must be a finite number in (0, 1]"),
+        (["--rollout-temperature", "0"], "`--rollout-temperature` must be a finite number > 0"),
+        (["--rollout-top-k", "0"], "`--rollout-top-k` must be -1 (off) or an integer >= 1"),
+        (["--eps-clip-c", "nan"], "`--eps-clip-c` must be a finite number > 1"),
+        (["--adam-beta2", "1"], "`--adam-beta2` must be a finite number in [0, 1)"),
+        (["--tis-clip-low", "3"], "`--tis-clip-low` must be a finite number in [0, 2.0]"),
+        (["--num-rollout", "-1"], "`--num-rollout` must be an integer >= 1"),
+        (["--eval-top-p", "0"], "`--eval-top-p`"),
+        (["--sft-warmup-label-smoothing", "1"], "`--sft-warmup-label-smoothing`"),
+        (["--random-seed", "-5"], "`random_seed` must be an integer in [0, 2**63 - 1]"),
+        (["--speculative-num-steps", "0"], "`speculative_num_steps` must be an integer >= 1"),
+        (["--rollout-seed", "-1"], "`--rollout-seed`"),
+        (["--keep-last", "0", "--save", "x"], "`--keep-last` must be an integer >= 1"),
+        (["--keep-last", "2"], "`--keep-last` is set but `--save` is not"),
+        (["--load-unsafe-pickle"], "`--load-unsafe-pickle` is set but `--load` is not"),
+    ],
+)
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--run-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_a_good_run_writes_nothing(tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "--dry-run", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ckpt")]
+    )
+    assert result.exit_code == 0 and json.loads(result.stdout)["checkpoint"]["save"] == str(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_start_removes_only_the_folder_it_made(tmp_path, monkeypatch):
+    def no_permission(job, path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("league.rl.loop.write_config", no_permission)
+    made = tmp_path / "new" / "run"
+    args = ["train", "--num-rollout", "1", "--sft-warmup-steps", "0", "--no-tensorboard"]
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(made)])
+    assert result.exit_code == 1 and result.stderr == f"error: Permission denied: {made / 'config.json'}\n"
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(mine)])
+    assert result.exit_code == 1 and mine.is_dir()
+
+
+def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch):
+    def full(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    flags = {**FAST, "num_rollout": 1, "eval_prompt_data": "", "save": tmp_path / "ckpt", "run_dir": tmp_path / "run"}
+    del flags["eval_interval"], flags["tensorboard"]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    result = CliRunner().invoke(app, ["train", *args, "--no-tensorboard"])
+    path = tmp_path / "ckpt" / ".tmp_step_000001" / "train_state.pt"
+    assert result.exit_code == 1 and result.stderr == f"error: No space left on device: {path}\n"
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the half-written checkpoint is gone

@@ -166,3 +166,36 @@ def test_mtp_loss_is_the_same_fused_and_batch_invariant():
     assert grads_fused.keys() == grads_invariant.keys() and all(n.startswith("mtp.") for n in grads_fused)
     for name, grad in grads_fused.items():
         torch.testing.assert_close(grad, grads_invariant[name], rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_logprobs_are_neutral_and_counted(monkeypatch):
+    """NaN and -inf rollout and reference log-probs train as if they were the policy's own (TIS weight 1, no
+    train/rollout difference, KL 0 with k3's zero gradient there), and are counted in the metrics."""
+    base = tiny_model().float()
+    samples = make_samples(8, base.args.vocab_size, seed=6)
+    settings = dict(lr=1e-3, use_tis=True, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3")
+    own = trainer_for(copy.deepcopy(base), **settings).compute_logprobs(samples)
+    bad, neutral = copy.deepcopy(samples), copy.deepcopy(samples)
+    bad[0].rollout_logprobs[0], bad[1].rollout_logprobs[1] = float("-inf"), float("nan")
+    neutral[0].rollout_logprobs[0], neutral[1].rollout_logprobs[1] = float(own[0][0]), float(own[1][1])
+    results = []
+    for batch, ref_value in ((bad, float("nan")), (neutral, None)):
+        model = copy.deepcopy(base)
+        trainer = trainer_for(model, **settings)
+        compute = trainer.compute_logprobs
+
+        def with_ref(samples, model=None, trainer=trainer, compute=compute, ref_value=ref_value):
+            out = compute(samples, model)
+            if model is trainer.ref_model and ref_value is not None:
+                out[2] = out[2].clone()
+                out[2][0] = ref_value
+            return out
+
+        monkeypatch.setattr(trainer, "compute_logprobs", with_ref)
+        results.append((trainer.train(batch), snapshot(model)))
+    (m_bad, p_bad), (m_neutral, p_neutral) = results
+    assert m_bad.pop("train/nonfinite_logprob_tokens") == 2 and m_bad.pop("train/nonfinite_kl_tokens") == 1
+    assert m_neutral.pop("train/nonfinite_logprob_tokens") == 0 and m_neutral.pop("train/nonfinite_kl_tokens") == 0
+    assert m_bad == pytest.approx(m_neutral, rel=1e-6, abs=1e-9)
+    for name, p in p_bad.items():
+        assert torch.isfinite(p).all() and torch.allclose(p, p_neutral[name], rtol=1e-5, atol=1e-7), name
