@@ -169,10 +169,13 @@ def generate(
     """Generate from a checkpoint with league's engine (continuous batching, optional MTP speculation),
     then print throughput and speculative acceptance."""
     with user_errors():
+        from league.checks import check_seed
         from league.engine.engine import EngineConfig
         from league.engine.request import SamplingParams
         from league.generate import generate as run
 
+        if seed is not None:
+            check_seed("--seed", seed)
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_SEED = 2**63 - 1
+from league.checks import SEED_MAX as MAX_SEED
+
 SEED_RANGE = f"an integer in [0, {MAX_SEED}] (a 64-bit seed)"
 
 
