@@ -5,9 +5,9 @@ Computes what ``moe.grouped_swiglu_experts`` computes, for the case where each e
 experts' weights, and the grouped GEMM of ``torch._grouped_mm`` runs such skinny groups well below the memory
 bandwidth. Each program here owns one expert and one block of output columns: it streams that block of the
 expert's weights once per BM rows (once in all at decode) and exits at once when the expert has no rows. Routing
-is rarely even (in a decode batch of 256 on random weights, the busiest expert of a layer gets ~70 rows where the
-mean is 8: ``benchmarks/results/profile_decode.json``), so ``TileConfig.row_splits`` programs can share one
-expert's row tiles.
+is nearly even at decode (in a batch of 256 on random weights, the busiest expert of a layer gets ~18 rows where the
+mean is 8: ``benchmarks/results/profile_decode.json``); ``TileConfig.row_splits`` programs can share one expert's
+row tiles when it is not (no gain at decode: ``benchmarks/results/moe_skew_gpu.json``).
 
 Three launches, none reading a value back to the host, so a CUDA graph can capture them:
 
