@@ -399,6 +399,7 @@ def bench(
 
         import league
         from league.bench import BenchSettings, bench_model, rollout_rates
+        from league.checks import check_number
         from league.checks import check_writable
 
         if out is not None:
@@ -410,6 +411,7 @@ def bench(
             raise ValueError(f"--batch {batch!r}: expected comma-separated integers such as 1,16,64") from None
         if not batches:
             raise ValueError("--batch: give at least one batch size")
+        check_number("--memory-bandwidth", memory_bandwidth, 0, low_open=True)
         runs = [
             BenchSettings(
                 batch=b,

@@ -108,8 +108,8 @@ def test_the_command_prints_a_table_and_writes_json(tmp_path):
     [
         (["--batch", "a,b"], "comma-separated integers"),
         (["--speculative-num-steps", "2", "--mtp-num-layers", "0"], "MTP layer"),
-        (["--memory-bandwidth", "0"], "`memory_bytes_per_s` must be a finite number > 0"),
-        (["--memory-bandwidth", "nan"], "`memory_bytes_per_s` must be a finite number > 0"),
+        (["--memory-bandwidth", "0"], "`--memory-bandwidth` must be a finite number > 0"),
+        (["--memory-bandwidth", "nan"], "`--memory-bandwidth` must be a finite number > 0"),
         (["--out", "/dev/null/result.json"], "`--out` /dev/null is not a folder"),
     ],
 )
