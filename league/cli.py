@@ -399,8 +399,7 @@ def bench(
 
         import league
         from league.bench import BenchSettings, bench_model, rollout_rates
-        from league.checks import check_number
-        from league.checks import check_writable
+        from league.checks import check_number, check_writable
 
         if out is not None:
             check_writable("--out", out.parent)
