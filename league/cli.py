@@ -509,7 +509,7 @@ def _run_eval(job, dry_run: bool) -> None:
 
 
 def _command_entry(run, doc: str):
-    from league.config import train_command
+    from league.flags import train_command
 
     command = train_command(run)
 

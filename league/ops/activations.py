@@ -11,12 +11,10 @@ Two compositions of them, the MoE block's elementwise tail, run as one Triton la
 and :func:`add_gated`; their gradients come from the torch forms. Not responsible for anything else.
 """
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import KERNEL_DTYPES, installed
+from league.ops.backends import KERNEL_DTYPES, by_kernel, installed
 
 
 def sigmoid(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
@@ -39,7 +37,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, batch_invariant: bool = False
     if _kernel_applies(batch_invariant, gate, up):
         from league.ops.triton_activations import silu_mul_fwd
 
-        return _by_kernel(silu_mul_fwd, silu_mul_reference, gate, up)
+        return by_kernel(silu_mul_fwd, silu_mul_reference, gate, up)
     return silu_mul_reference(gate, up, batch_invariant)
 
 
@@ -53,7 +51,7 @@ def add_gated(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, batch_
     if _kernel_applies(batch_invariant, x, gate_logit, y):
         from league.ops.triton_activations import add_gated_fwd
 
-        return _by_kernel(add_gated_fwd, add_gated_reference, x, gate_logit, y)
+        return by_kernel(add_gated_fwd, add_gated_reference, x, gate_logit, y)
     return add_gated_reference(x, gate_logit, y, batch_invariant)
 
 
@@ -70,30 +68,3 @@ def _kernel_applies(batch_invariant: bool, *tensors: torch.Tensor) -> bool:
         and all(t.dtype == first.dtype for t in tensors)
         and installed("triton")
     )
-
-
-def _by_kernel(kernel: Callable, reference: Callable, *inputs: torch.Tensor) -> torch.Tensor:
-    """``kernel(*inputs)``; with gradients asked for, differentiated through ``reference``."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _KernelForward.apply(kernel, reference, *inputs)
-    return kernel(*inputs)
-
-
-class _KernelForward(torch.autograd.Function):
-    """Values from a kernel, gradients from recomputing its torch reference under autograd."""
-
-    @staticmethod
-    def forward(ctx, kernel: Callable, reference: Callable, *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.reference = reference
-        ctx.save_for_backward(*inputs)
-        return kernel(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        needs = ctx.needs_input_grad[2:]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            out = ctx.reference(*inputs)
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return None, None, *(next(grads) if need else None for need in needs)

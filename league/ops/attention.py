@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import installed
+from league.ops.backends import by_kernel, installed
 
 
 def causal_attention(
@@ -210,7 +210,7 @@ def varlen_causal_attention_as_decode(
     :func:`varlen_causal_attention_reference`. Arguments as :func:`varlen_causal_attention`.
     """
     if q_THK.is_cuda and q_THK.dtype != torch.float64 and installed("triton"):
-        return _AttentionAsDecode.apply(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
+        return attention_as_decode_kernel(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
     return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
 
 
@@ -224,27 +224,27 @@ def _as_slots(x_TGK: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     return x_TGK.as_strided((num_tokens - max_seqlen + 1, max_seqlen, num_groups, dim), (row, row, dim, 1))
 
 
-class _AttentionAsDecode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale):
-        from league.ops.triton_attention import cached_attention_fwd
+def attention_as_decode_kernel(
+    q_THK: torch.Tensor,
+    k_TGK: torch.Tensor,
+    v_TGK: torch.Tensor,
+    cu_seqlens_N1: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    """Whole sequences by the decode attention kernel (``triton_attention.cached_attention_fwd``), differentiable
+    through :func:`varlen_causal_attention` recomputed."""
+    from league.ops.triton_attention import cached_attention_fwd
 
-        ctx.save_for_backward(q_THK, k_TGK, v_TGK, cu_seqlens_N1)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    def kernel(q, k, v):
         starts_N, lens_N = cu_seqlens_N1[:-1], cu_seqlens_N1[1:] - cu_seqlens_N1[:-1]
-        k_cache, v_cache = _as_slots(k_TGK, max_seqlen), _as_slots(v_TGK, max_seqlen)
-        return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_N1, starts_N, lens_N, scale, max_seqlen)
+        k_cache, v_cache = _as_slots(k, max_seqlen), _as_slots(v, max_seqlen)
+        return cached_attention_fwd(q, k_cache, v_cache, cu_seqlens_N1, starts_N, lens_N, scale, max_seqlen)
 
-    @staticmethod
-    def backward(ctx, grad_THK):
-        q, k, v, cu = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
-        with torch.enable_grad():
-            out = varlen_causal_attention(*inputs, cu, ctx.max_seqlen, ctx.scale)
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_THK) if wanted else [])
-        return (*(next(grads) if need else None for need in needs), None, None, None)
+    def reference(q, k, v):
+        return varlen_causal_attention(q, k, v, cu_seqlens_N1, max_seqlen, scale)
+
+    return by_kernel(kernel, reference, q_THK, k_TGK, v_TGK)
 
 
 @functools.cache

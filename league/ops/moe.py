@@ -110,9 +110,10 @@ def swiglu_experts(
     """
     args = (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
     if x_TD.is_cuda and not batch_invariant and triton_experts_fit(*args):
-        from league.ops.triton_moe import grouped_swiglu_experts_triton
+        from league.ops.triton_moe import SORT_MAX_PAIRS, grouped_swiglu_experts_triton
 
-        return grouped_swiglu_experts_triton(*args)
+        large = experts_TA.numel() > SORT_MAX_PAIRS  # past the Triton sort's size: torch's
+        return grouped_swiglu_experts_triton(*args, sort_pairs(experts_TA, w_gate_up_E2ID.shape[0]) if large else None)
     if x_TD.is_cuda and not batch_invariant and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
         return grouped_swiglu_experts(*args)
     return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from league.ops.activations import silu
-from league.ops.backends import installed
+from league.ops.backends import by_kernel, installed
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,7 +54,7 @@ def gated_rms_norm(
     """The GDN output norm: ``w * (x / rms(x)) * silu(gate)``, with a plain (not 1+w) weight.
 
     On CUDA in fp32/bf16/fp16 with Triton installed (and not ``batch_invariant``):
-    ``triton_norm.triton_gated_rms_norm``; elsewhere :func:`gated_rms_norm_reference`.
+    :func:`gated_rms_norm_kernel`; elsewhere :func:`gated_rms_norm_reference`.
 
     Args:
         x (torch.Tensor): ``[..., D]`` the GDN read-out of one value head.
@@ -65,14 +65,22 @@ def gated_rms_norm(
     """
     if x.is_cuda and x.dtype in _TRITON_DTYPES and gate.dtype == x.dtype and not batch_invariant:
         if installed("triton"):
-            from league.ops.triton_norm import triton_gated_rms_norm
-
-            return triton_gated_rms_norm(x, gate, weight, eps)
+            return gated_rms_norm_kernel(x, gate, weight, eps)
         warnings.warn(
             "gated_rms_norm: triton is not installed; falling back to its reference PyTorch implementation",
             stacklevel=2,
         )
     return gated_rms_norm_reference(x, gate, weight, eps, batch_invariant)
+
+
+def gated_rms_norm_kernel(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`gated_rms_norm` by the Triton kernel (``triton_norm.gated_rms_norm_forward``), differentiable by the
+    reference's gradients."""
+    from league.ops.triton_norm import gated_rms_norm_forward
+
+    return by_kernel(
+        lambda *t: gated_rms_norm_forward(*t, eps), lambda *t: gated_rms_norm_reference(*t, eps), x, gate, weight
+    )
 
 
 def gated_rms_norm_reference(

@@ -117,7 +117,7 @@ def sample_logits(
     if logits_BV.is_cuda and installed("triton"):
         from league.ops.triton_sampling import sample_logits_fwd
 
-        return sample_logits_fwd(logits_BV, temperature, seeds_B, positions_B, exclude_B)
+        return sample_logits_fwd(logits_BV, temperature, seeds_B, positions_B, exclude_B, (SAMPLE, COIN))
     return sample_logits_reference(logits_BV, temperature, seeds_B, positions_B, exclude_B)
 
 

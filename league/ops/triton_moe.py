@@ -42,8 +42,6 @@ import torch
 import triton
 import triton.language as tl
 
-from league.ops.moe import sort_pairs
-
 
 @dataclass(frozen=True, slots=True)
 class TileConfig:
@@ -354,13 +352,15 @@ def grouped_swiglu_experts_triton(
     w_down_EDI: torch.Tensor,
     weights_TA: torch.Tensor,
     experts_TA: torch.Tensor,
+    sorted_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``moe.grouped_swiglu_experts`` by the Triton sort and expert kernels: forward only (decode and verify under
     no_grad).
 
     Arguments as ``moe.swiglu_experts``; x and both expert weights in one dtype (bf16 is what it is meant for).
-    The tile configs are picked on the host from the mean rows per expert, ``N / E`` (:func:`tile_configs`), and
-    the sort from N (torch's past :data:`SORT_MAX_PAIRS`).
+    The tile configs are picked on the host from the mean rows per expert, ``N / E`` (:func:`tile_configs`).
+    ``sorted_pairs``, ``moe.sort_pairs``' result, replaces the Triton sort (which takes at most
+    :data:`SORT_MAX_PAIRS` pairs).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA)):
         raise ValueError(
@@ -369,10 +369,10 @@ def grouped_swiglu_experts_triton(
         )
     num_tokens, num_topk = experts_TA.shape
     num_experts = w_gate_up_E2ID.shape[0]
-    if experts_TA.numel() <= SORT_MAX_PAIRS:
+    if sorted_pairs is None:
         order_N, offs_E, _ = sort_pairs_triton(experts_TA.contiguous(), num_experts)
     else:
-        order_N, offs_E = sort_pairs(experts_TA, num_experts)
+        order_N, offs_E = sorted_pairs
     gate_up_config, down_config = tile_configs(order_N.numel(), num_experts)
     if x_TD.stride(-1) != 1:
         x_TD = x_TD.contiguous()

@@ -304,36 +304,13 @@ def gated_rms_norm_fwd(x_MD: torch.Tensor, z_MD: torch.Tensor, weight_D: torch.T
     return y_MD
 
 
-class _GatedRMSNorm(torch.autograd.Function):
-    """Forward by the kernel; backward by recomputing the torch reference under autograd."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(x, gate, weight_D)
-        ctx.eps = eps
-        return gated_rms_norm_fwd(_rows(x), _rows(gate), weight_D.contiguous(), eps).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        from league.ops.norm import gated_rms_norm_reference
-
-        needs = ctx.needs_input_grad[:3]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            y = gated_rms_norm_reference(*inputs, ctx.eps)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy))
-        return (*(next(grads) if need else None for need in needs), None)
-
-
-def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``norm.gated_rms_norm_reference`` by the Triton kernel, differentiable (gradients by the reference).
+def gated_rms_norm_forward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``norm.gated_rms_norm_reference`` by the Triton kernel, forward only (``norm.gated_rms_norm_kernel`` adds the
+    reference's gradients).
 
     Args:
         x, gate (torch.Tensor): ``[..., D]`` in fp32, bf16 or fp16, the same shape and dtype.
         weight (torch.Tensor): ``[D]``.
         eps (float): added to the mean square.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)):
-        return _GatedRMSNorm.apply(x, gate, weight, eps)
     return gated_rms_norm_fwd(_inference_rows(x), _inference_rows(gate), weight.contiguous(), eps).view(x.shape)

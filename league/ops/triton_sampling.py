@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from league.ops.sampling import COIN, SAMPLE
-
 _SPLIT = 16384
 _BLOCK_V = 4096
 _NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel can read must be a constexpr
@@ -112,9 +110,11 @@ def sample_logits_fwd(
     temperature: float,
     seeds_B: torch.Tensor,
     positions_B: torch.Tensor,
-    exclude_B: torch.Tensor | None = None,
+    exclude_B: torch.Tensor | None,
+    streams: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sampling.sample_logits`` by the kernel: ``([B] int64 tokens, [B] fp32 log-sum-exp, [B] fp32 coins)``."""
+    """``sampling.sample_logits`` by the kernel: ``([B] int64 tokens, [B] fp32 log-sum-exp, [B] fp32 coins)``;
+    ``streams`` are the ids of the sampling and coin streams (``sampling.SAMPLE``, ``sampling.COIN``)."""
     num_rows, vocab = logits_BV.shape
     if logits_BV.stride(-1) != 1:
         logits_BV = logits_BV.contiguous()
@@ -139,8 +139,8 @@ def sample_logits_fwd(
             vocab,
             logits_BV.stride(0),
             float(temperature),
-            SAMPLE_STREAM=SAMPLE,
-            COIN_STREAM=COIN,
+            SAMPLE_STREAM=streams[0],
+            COIN_STREAM=streams[1],
             SPLIT=_SPLIT,
             BV=_BLOCK_V,
         )

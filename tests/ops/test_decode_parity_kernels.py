@@ -28,7 +28,7 @@ def randn(gen, *shape, scale=1.0):
 
 
 def test_gdn_as_decode_equals_decode_steps_and_has_the_references_gradients():
-    from league.ops.gdn.parity import _AsDecode
+    from league.ops.gdn.parity import as_decode_kernel
     from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_slots_fwd
 
     gen = torch.Generator().manual_seed(0)
@@ -39,7 +39,7 @@ def test_gdn_as_decode_equals_decode_steps_and_has_the_references_gradients():
     a_log, dt_bias = randn(gen, hv, scale=0.5), randn(gen, hv, scale=0.5)
     state = randn(gen, num_seqs, hv, dim, dim, scale=0.1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, a, b, a_log, dt_bias, state)]
-    out, final = _AsDecode.apply(*leaves, None)
+    out, final = as_decode_kernel(*leaves, None)
     # decode: one token a step, the state in a slot cache between steps
     cache, slots = state.clone(), torch.arange(num_seqs, device=DEVICE)
     steps = [
@@ -60,7 +60,7 @@ def test_gdn_as_decode_equals_decode_steps_and_has_the_references_gradients():
 
 
 def test_attention_as_decode_equals_decode_steps_and_has_the_references_gradients():
-    from league.ops.attention import _AttentionAsDecode
+    from league.ops.attention import attention_as_decode_kernel
     from league.ops.triton_attention import cached_attention_fwd
 
     gen = torch.Generator().manual_seed(1)
@@ -69,7 +69,7 @@ def test_attention_as_decode_equals_decode_steps_and_has_the_references_gradient
     q, k, v = randn(gen, total, heads, dim), randn(gen, total, groups, dim), randn(gen, total, groups, dim)
     cu = torch.tensor([0, 7, 77, 78], device=DEVICE)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = _AttentionAsDecode.apply(*leaves, cu, max(lens), dim**-0.5)
+    out = attention_as_decode_kernel(*leaves, cu, max(lens), dim**-0.5)
     # decode: each token's query over the keys so far, read from its sequence's cache slot
     k_cache = torch.zeros(len(lens), max(lens), groups, dim, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)

@@ -168,11 +168,11 @@ def test_slots_kernel_matches_reference_and_leaves_the_rest(verify):
 
 @needs_triton
 def test_recurrent_gradients_come_from_the_reference():
-    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_triton
+    from league.ops.gdn import recurrent_gated_delta_rule_kernel
 
     inputs = step_inputs(2, 3, 1, 2, 8, 8, seed=9)
     grads = []
-    for fn in (recurrent_gated_delta_rule_triton, recurrent_gated_delta_rule):
+    for fn in (recurrent_gated_delta_rule_kernel, recurrent_gated_delta_rule):
         leaves = [x.clone().requires_grad_() for x in inputs]
         o, states = fn(*leaves, return_all_states=True)
         weights = torch.linspace(-1, 1, o.numel(), device=DEVICE).view_as(o)

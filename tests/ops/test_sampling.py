@@ -98,7 +98,7 @@ def test_triton_kernel_equals_torch(vocab, dtype):
     seeds, positions = torch.randint(0, 2**62, (6,), generator=gen), torch.randint(0, 1000, (6,), generator=gen)
     exclude = torch.tensor([-1, 3, -1, 0, 5, -1])
     ref_tokens, ref_lse, ref_coins = sample_logits_reference(logits, 0.7, seeds, positions, exclude)
-    tokens, lse, coins = sample_logits_fwd(logits, 0.7, seeds, positions, exclude)
+    tokens, lse, coins = sample_logits_fwd(logits, 0.7, seeds, positions, exclude, (SAMPLE, COIN))
     assert tokens.tolist() == ref_tokens.tolist()
     assert torch.equal(coins, ref_coins)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-6 * vocab**0.5)

@@ -94,3 +94,33 @@ def test_logprobs_and_entropy_by_hand():
     p = logits[1].softmax(-1)
     assert torch.allclose(ent[1], -(p * p.log()).sum())
     assert token_logprobs(logits.bfloat16(), torch.tensor([2, 3])).dtype == torch.float32
+
+
+def test_by_kernel_takes_values_from_the_kernel_and_gradients_from_the_reference():
+    """The one "kernel forward, reference backward" helper: values are the kernel's (here the reference plus a
+    constant, so they differ), gradients the reference's exactly; several outputs, a non-float one among them."""
+    from league.ops.backends import by_kernel
+
+    def reference(x, w):
+        y = x * w.sigmoid()
+        return y, y.sum(-1), y.argmax(-1)
+
+    def kernel(x, w):
+        y, s, i = reference(x, w)
+        return y + 1.0, s + 1.0, i
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, c = torch.randn(4, 5, generator=gen), torch.randn(5, generator=gen), torch.randn(4, 5, generator=gen)
+    grads = []
+    for fn in (lambda *a: by_kernel(kernel, reference, *a), reference):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        y, s, i = fn(*leaves)
+        assert not i.requires_grad
+        ((y * c).sum() + 3 * s.sum()).backward()  # the same output gradients for both
+        grads.append([t.grad for t in leaves])
+        if fn is not reference:
+            assert torch.equal(y, reference(x, w)[0] + 1.0)
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+    y, _, _ = by_kernel(kernel, reference, x, w)
+    assert not y.requires_grad

@@ -163,16 +163,17 @@ def test_sort_pairs_matches_torch(case, monkeypatch):
 
 
 def test_torch_sort_past_the_sort_bound_gives_the_same_result(monkeypatch):
+    """The torch sort's pairs (what the dispatcher passes past ``SORT_MAX_PAIRS``) give the Triton sort's result."""
     import league.ops.triton_moe as triton_moe
+    from league.ops.moe import sort_pairs
 
     def not_this_sort(*args, **kwargs):
         raise AssertionError("the other sort should run")
 
     inputs = make_inputs(**CASES["crowded_and_empty"], dtype=DTYPES[0])
-    with torch.no_grad(), monkeypatch.context() as patch:
-        patch.setattr(triton_moe, "sort_pairs", not_this_sort)
+    with torch.no_grad():
         out = triton_moe.grouped_swiglu_experts_triton(*inputs)
     with torch.no_grad(), monkeypatch.context() as patch:
-        patch.setattr(triton_moe, "SORT_MAX_PAIRS", inputs[4].numel() - 1)
         patch.setattr(triton_moe, "sort_pairs_triton", not_this_sort)
-        assert torch.equal(triton_moe.grouped_swiglu_experts_triton(*inputs), out)
+        given = sort_pairs(inputs[4], inputs[1].shape[0])
+        assert torch.equal(triton_moe.grouped_swiglu_experts_triton(*inputs, given), out)

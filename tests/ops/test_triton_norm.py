@@ -86,9 +86,9 @@ def test_no_rows_and_dispatch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
+def test_gated_rms_norm_kernel_matches_reference(dtype, weight_dtype):
     """Values from the kernel (rounded where the reference rounds), gradients by the reference."""
-    from league.ops.triton_norm import triton_gated_rms_norm
+    from league.ops.norm import gated_rms_norm_kernel
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(7, 4, 32, generator=gen) * 3).to(dtype).to(DEVICE)
@@ -96,7 +96,7 @@ def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
     w = (1 + torch.randn(32, generator=gen) * 0.2).to(weight_dtype).to(DEVICE)
     grad_out = torch.randn(7, 4, 32, generator=gen).to(dtype).to(DEVICE)
     results = []
-    for fn in (triton_gated_rms_norm, gated_rms_norm_reference):
+    for fn in (gated_rms_norm_kernel, gated_rms_norm_reference):
         leaves = [t.clone().requires_grad_() for t in (x, z, w)]
         out = fn(*leaves, 1e-6)
         out.backward(grad_out)
@@ -107,8 +107,8 @@ def test_triton_gated_rms_norm_matches_reference(dtype, weight_dtype):
         assert got.dtype == ref.dtype and got.shape == ref.shape
         torch.testing.assert_close(got, ref, **tol)
     with torch.no_grad():  # no autograd: the kernel alone, rows on their own
-        full = triton_gated_rms_norm(x, z, w, 1e-6)
-        assert torch.equal(full[2:3], triton_gated_rms_norm(x[2:3], z[2:3], w, 1e-6))
+        full = gated_rms_norm_kernel(x, z, w, 1e-6)
+        assert torch.equal(full[2:3], gated_rms_norm_kernel(x[2:3], z[2:3], w, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,7 +116,8 @@ def test_head_slices_of_a_wider_matrix_are_read_in_place_with_the_same_bits(dtyp
     """Without gradients the forward kernels read ``[T, H, D]`` heads of a column slice of a wider matrix (a joined
     projection's output) where they lie, no copy: the same bits as from contiguous rows, for both norms."""
     from league.ops import triton_norm
-    from league.ops.triton_norm import triton_gated_rms_norm, triton_rms_norm
+    from league.ops.norm import gated_rms_norm_kernel
+    from league.ops.triton_norm import triton_rms_norm
 
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(7, 3 * 4 * 32 + 5, generator=gen).to(DEVICE, dtype)  # [T, q | k | z | 5 more]
@@ -126,8 +127,8 @@ def test_head_slices_of_a_wider_matrix_are_read_in_place_with_the_same_bits(dtyp
     with torch.no_grad():
         for x in heads:
             assert torch.equal(triton_rms_norm(x, w, 1e-6), triton_rms_norm(x.contiguous(), w, 1e-6))
-        got = triton_gated_rms_norm(heads[0], heads[2], w, 1e-6)
-        assert torch.equal(got, triton_gated_rms_norm(heads[0].contiguous(), heads[2].contiguous(), w, 1e-6))
+        got = gated_rms_norm_kernel(heads[0], heads[2], w, 1e-6)
+        assert torch.equal(got, gated_rms_norm_kernel(heads[0].contiguous(), heads[2].contiguous(), w, 1e-6))
         torch.testing.assert_close(got, gated_rms_norm_reference(heads[0], heads[2], w, 1e-6), **TOL[dtype])
         torch.testing.assert_close(
             triton_rms_norm(heads[1], w, 1e-6), rms_norm_reference(heads[1], w, 1e-6), **TOL[dtype]

@@ -5,15 +5,9 @@ Each entry is shared: derive variants with ``PRESETS[name].replace(...)`` rather
 """
 
 from league.models.qwen3_5_moe.args import ModelArgs
-from league.tokenizer import EOS_TOKEN_ID, VOCAB
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
 
 TINY = ModelArgs(
-    vocab_size=_round_up(len(VOCAB), 64),
+    vocab_size=128,  # the tiny character tokenizer's 85 tokens, rounded up to a multiple of 64
     dim=128,
     num_layers=4,
     layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
@@ -33,7 +27,7 @@ TINY = ModelArgs(
     shared_expert_intermediate_size=64,
     max_position_embeddings=4096,
     mtp_num_layers=1,
-    eos_token_id=[EOS_TOKEN_ID],
+    eos_token_id=[81],  # the tiny tokenizer's end-of-sequence token
     dtype="float32",
 )
 """A few hundred thousand parameters; its vocabulary is :mod:`league.tokenizer`'s, padded to 64."""

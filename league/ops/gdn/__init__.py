@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from league.ops.backends import installed
+from league.ops.backends import by_kernel, installed
 from league.ops.gdn import chunk as _chunk
 from league.ops.gdn import recurrent as _recurrent
 from league.ops.gdn.naive import naive_gated_delta_rule
@@ -135,17 +135,37 @@ def recurrent_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contract of :func:`league.ops.gdn.recurrent.recurrent_gated_delta_rule`; differentiable.
 
-    On CUDA with Triton: ``triton_recurrent.recurrent_gated_delta_rule_triton`` (values from the kernel,
-    gradients through the torch reference).
+    On CUDA with Triton: :func:`recurrent_gated_delta_rule_kernel`.
     """
+    args = (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, scale, return_all_states)
     if _use_fast(q_BTHK, "recurrent_gated_delta_rule", "triton"):
-        from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_triton
+        return recurrent_gated_delta_rule_kernel(*args)
+    return _recurrent.recurrent_gated_delta_rule(*args)
 
-        return recurrent_gated_delta_rule_triton(
-            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, scale, return_all_states
-        )
-    return _recurrent.recurrent_gated_delta_rule(
-        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, scale, return_all_states
+
+def recurrent_gated_delta_rule_kernel(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    scale: float | None = None,
+    return_all_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_recurrent.recurrent_gated_delta_rule_fwd``, differentiable: the values come from the kernel (so a
+    trainer and an engine that both run it agree bitwise), the gradients from the torch reference."""
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd
+
+    return by_kernel(
+        lambda *a: recurrent_gated_delta_rule_fwd(*a, scale, return_all_states),
+        lambda *a: _recurrent.recurrent_gated_delta_rule(*a, scale, return_all_states),
+        q_BTHK,
+        k_BTHK,
+        v_BTHV,
+        g_BTH,
+        beta_BTH,
+        state_BHKV,
     )
 
 

@@ -17,7 +17,7 @@ Legend: N sequences padded to T tokens, Hk key heads, Hv value heads, K key dim,
 
 import torch
 
-from league.ops.backends import installed
+from league.ops.backends import by_kernel, installed
 from league.ops.gdn import _FAST_DTYPES, chunk_gated_delta_rule_padded
 from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.recurrent import recurrent_gated_delta_rule
@@ -48,35 +48,21 @@ def gated_delta_rule_as_decode(
         ``(o_NTHV, final_NHKV)``: outputs in the dtype of v, final states in fp32.
     """
     if q_NTHK.is_cuda and q_NTHK.dtype in _FAST_DTYPES and installed("triton"):
-        return _AsDecode.apply(q_NTHK, k_NTHK, v_NTHV, a_NTH, b_NTH, A_log_H, dt_bias_H, state_NHKV, scale)
+        return as_decode_kernel(q_NTHK, k_NTHK, v_NTHV, a_NTH, b_NTH, A_log_H, dt_bias_H, state_NHKV, scale)
     g_NTH, beta_NTH = gdn_gates(a_NTH, b_NTH, A_log_H, dt_bias_H)
     return recurrent_gated_delta_rule(q_NTHK, k_NTHK, v_NTHV, g_NTH, beta_NTH, state_NHKV.float(), scale)
 
 
-class _AsDecode(torch.autograd.Function):
-    """Forward by the recurrent kernel (gates made in it); backward through the chunked form, recomputed."""
+def as_decode_kernel(q, k, v, a, b, A_log, dt_bias, state, scale: float | None = None):
+    """The rule by the recurrent kernel (gates made in it), differentiable through the chunked form recomputed
+    (:func:`gated_delta_rule_as_decode`'s arguments)."""
+    from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd
 
-    @staticmethod
-    def forward(ctx, q, k, v, a, b, A_log, dt_bias, state, scale):
-        from league.ops.gdn.triton_recurrent import recurrent_gated_delta_rule_fwd
+    def chunked(q, k, v, a, b, A_log, dt_bias, state):
+        g, beta = gdn_gates(a, b, A_log, dt_bias)
+        return chunk_gated_delta_rule_padded(q, k, v, g, beta, state.float(), scale)
 
-        ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, state)
-        ctx.scale = scale
+    def kernel(q, k, v, a, b, A_log, dt_bias, state):
         return recurrent_gated_delta_rule_fwd(q, k, v, a, b, state, scale, gate_params=(A_log, dt_bias))
 
-    @staticmethod
-    def backward(ctx, grad_o, grad_final):
-        needs = ctx.needs_input_grad[:8]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
-        q, k, v, a, b, A_log, dt_bias, state = inputs
-        with torch.enable_grad():
-            g, beta = gdn_gates(a, b, A_log, dt_bias)
-            outs = chunk_gated_delta_rule_padded(q, k, v, g, beta, state.float(), ctx.scale)
-        pairs = [(out, grad) for out, grad in zip(outs, (grad_o, grad_final)) if grad is not None]
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(
-            torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-            if wanted and pairs
-            else [None] * len(wanted)
-        )
-        return (*(next(grads) if need else None for need in needs), None)
+    return by_kernel(kernel, chunked, q, k, v, a, b, A_log, dt_bias, state)

@@ -3,7 +3,8 @@
 Computes exactly what ``recurrent.recurrent_gated_delta_rule`` defines, in two forms: states passed in and
 returned (``recurrent_gated_delta_rule_fwd``), or read from (and, but in verify, written back to) a slot-indexed
 state cache in place (``recurrent_gated_delta_rule_slots_fwd``). It does not decide which states to commit after
-a verify, nor does it have a backward: ``recurrent_gated_delta_rule_triton`` differentiates through the torch reference.
+a verify, nor does it have a backward: ``gdn.recurrent_gated_delta_rule_kernel`` differentiates through the torch
+reference.
 
 Imported only when Triton is installed. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Launches
 read no device value on the host, so they can be captured in CUDA graphs. One program owns one request, one value
@@ -19,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from league.ops.gdn.recurrent import recurrent_gated_delta_rule
 from league.ops.triton_rounding import round_to
 
 _NORM_EPS = 1e-6  # the L2-norm eps of naive.l2norm
@@ -288,41 +288,3 @@ def recurrent_gated_delta_rule_slots_fwd(
             gate_params=gate_params,
         )
     return out
-
-
-class _RecurrentGatedDeltaRule(torch.autograd.Function):
-    """Forward by the kernel; backward by recomputing the torch reference under autograd."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, state, scale, return_all_states):
-        ctx.save_for_backward(q, k, v, g, beta, state)
-        ctx.scale, ctx.return_all_states = scale, return_all_states
-        return recurrent_gated_delta_rule_fwd(q, k, v, g, beta, state, scale, return_all_states)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_states):
-        needs = ctx.needs_input_grad[:6]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            out, states = recurrent_gated_delta_rule(*inputs, ctx.scale, ctx.return_all_states)
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad((out, states), wanted, (grad_out, grad_states), allow_unused=True))
-        return (*(next(grads) if need else None for need in needs), None, None)
-
-
-def recurrent_gated_delta_rule_triton(
-    q_BTHK: torch.Tensor,
-    k_BTHK: torch.Tensor,
-    v_BTHV: torch.Tensor,
-    g_BTH: torch.Tensor,
-    beta_BTH: torch.Tensor,
-    state_BHKV: torch.Tensor,
-    scale: float | None = None,
-    return_all_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`recurrent_gated_delta_rule_fwd`, differentiable: the values come from the kernel (so a trainer and
-    an engine that both run it agree bitwise), the gradients from the torch reference. Same arguments."""
-    args = (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in args):
-        return _RecurrentGatedDeltaRule.apply(*args, scale, return_all_states)
-    return recurrent_gated_delta_rule_fwd(*args, scale, return_all_states)
