@@ -10,6 +10,7 @@ import torch
 import league
 from league.bench import random_model  # noqa: F401  (the benchmarks' random weights)
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.ops.numerics import FAST, Numerics
 
 
 def versions() -> dict[str, str | None]:
@@ -53,16 +54,15 @@ def widen(model: Transformer, init_std: float) -> None:
 
 
 def teacher_forced_batches(
-    num_seqs: int, prompt_len: int, end: int, device, batch_invariant: bool = False, decode_parity: bool = False
+    num_seqs: int, prompt_len: int, end: int, device, numerics: Numerics = FAST
 ) -> tuple[ForwardBatch, object]:
     """The forward batches of a teacher-forced decode in cache slots ``0..num_seqs-1``, as ``LLMEngine._decode``
     builds them (without CUDA graphs): the prompts' prefill (``prompt_len`` tokens each, fresh slots), then a
     generator of ``(position, batch)``, one token per sequence a step at positions ``prompt_len .. end - 1``; all
-    with ``decode_parity`` if asked, as the engine runs them then."""
+    with ``numerics``, as the engine runs them."""
     slots = list(range(num_seqs))
     prefill = ForwardBatch.packed(
-        batch_invariant=batch_invariant,
-        decode_parity=decode_parity,
+        numerics=numerics,
         seq_lens=[prompt_len] * num_seqs,
         device=device,
         cache_lens=[0] * num_seqs,
@@ -72,8 +72,7 @@ def teacher_forced_batches(
         (
             p,
             ForwardBatch.packed(
-                batch_invariant=batch_invariant,
-                decode_parity=decode_parity,
+                numerics=numerics,
                 seq_lens=[1] * num_seqs,
                 device=device,
                 cache_lens=[p] * num_seqs,

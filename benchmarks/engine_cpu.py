@@ -20,7 +20,8 @@ import transformers
 
 import league
 from league.checkpoint.hf import save_hf
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 

@@ -40,7 +40,7 @@ run-to-run nondeterminism). Writes ``benchmarks/results/logprob_agreement_gpu.js
 ``--init-std`` value.
 
 With ``--decode-parity``, the engine's prompt prefill, the prefill pass and the trainer run with
-``decode_parity`` (their token mixers computed as decode computes them; see ``ForwardBatch``).
+decode parity (their token mixers computed as decode computes them; see ``ops.numerics``).
 
 With ``--attribute``, each results block also has ``attribution``: the decode gap split by layer and sublayer, on
 the first ``--attribute-batch`` samples (default 8). The engine decodes their sampled tokens teacher-forced, one
@@ -72,11 +72,13 @@ import torch.nn.functional as F
 from common import random_model, rel_err, teacher_forced_batches, widen
 
 import league
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import DECODE_PARITY, FAST
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer, response_logprobs
@@ -89,7 +91,7 @@ def rollout(model: Transformer, prompts: list[list[int]], opts) -> tuple[LLMEngi
         num_slots=len(prompts),
         context_length=len(prompts[0]) + opts.new_tokens + 8,
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
-        decode_parity=opts.decode_parity,
+        numerics="decode_parity" if opts.decode_parity else "fast",
     )
     engine = LLMEngine(model, config)
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
@@ -145,10 +147,8 @@ def prefill_pass(engine: LLMEngine, samples: list[Sample]) -> tuple[list[torch.T
     logprobs, hidden = [], []
     for s in samples:
         tokens = torch.tensor(s.prompt_ids + s.response_ids, device=device)
-        batch = ForwardBatch.packed(
-            [len(tokens)], device=device, cache_lens=[0], slots=[0], decode_parity=engine.config.decode_parity
-        )
-        hidden_RD = model(tokens, batch, engine.cache)[len(s.prompt_ids) - 1 : -1]
+        batch = ForwardBatch.packed([len(tokens)], device=device, cache_lens=[0], slots=[0], numerics=engine.numerics)
+        hidden_RD = model(tokens, batch, engine.runner.cache)[len(s.prompt_ids) - 1 : -1]
         logprobs.append(engine_head(model, hidden_RD, tokens[len(s.prompt_ids) :], LOGIT_ROWS))
         hidden.append(hidden_RD)
     return logprobs, hidden
@@ -186,19 +186,17 @@ def teacher_forced_decode(
     step, as ``LLMEngine._decode`` runs it without CUDA graphs. During decode, hooks append each sublayer's output
     ``[B, D]`` to ``outputs``; with ``inputs_SBD``, each sublayer's input at step ``j`` is replaced by
     ``inputs_SBD[key][j]``. Returns the final hidden states ``[B, S, D]`` (``S`` decode steps)."""
-    model, device, inv = engine.model, engine.device, engine.config.batch_invariant
+    model, device = engine.model, engine.device
     prompts = torch.tensor([t for s in seqs for t in s[:prompt_len]], device=device)
-    prefill, steps = teacher_forced_batches(
-        len(seqs), prompt_len, len(seqs[0]) - 1, device, inv, engine.config.decode_parity
-    )
-    model(prompts, prefill, engine.cache)
+    prefill, steps = teacher_forced_batches(len(seqs), prompt_len, len(seqs[0]) - 1, device, engine.numerics)
+    model(prompts, prefill, engine.runner.cache)
     given = None if inputs_SBD is None else {}
     handles = hook(sublayers(model), outputs, given=given)
     hidden = []
     for step, (p, batch) in enumerate(steps):
         if given is not None:
             given.update({key: x_SBD[step] for key, x_SBD in inputs_SBD.items()})
-        hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, engine.cache))
+        hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, engine.runner.cache))
     for h in handles:
         h.remove()
     return torch.stack(hidden, dim=1)
@@ -217,9 +215,9 @@ def attribute(engine: LLMEngine, samples: list[Sample]) -> dict:
     keys = list(sublayers(model))
     whole_in, whole_out = {k: [] for k in keys}, {k: [] for k in keys}
     handles = hook(sublayers(model), whole_out, whole_in, rows)
-    parity = engine.config.decode_parity  # the reference computes as the trainer does
+    numerics = engine.numerics  # the reference computes as the trainer does
     whole = [
-        model(torch.tensor(s, device=device), ForwardBatch.packed([len(s)], device=device, decode_parity=parity))[rows]
+        model(torch.tensor(s, device=device), ForwardBatch.packed([len(s)], device=device, numerics=numerics))[rows]
         for s in seqs
     ]
     for h in handles:
@@ -271,7 +269,7 @@ def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
         AlgorithmConfig(),
         OptimConfig(lr=0.0),
         total_steps=1,
-        decode_parity=opts.decode_parity,
+        numerics=DECODE_PARITY if opts.decode_parity else FAST,
     )
     train = trainer.compute_logprobs(samples)
     train_again, train_hidden = trainer_pass(trainer, samples)
@@ -312,7 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-parity",
         action="store_true",
-        help="engine prefill and trainer compute the token mixers as decode does (ForwardBatch.decode_parity)",
+        help="engine prefill and trainer compute the token mixers as decode does (--numerics decode_parity)",
     )
     parser.add_argument("--attribute", action="store_true", help="add the per-layer, per-sublayer attribution")
     parser.add_argument("--attribute-batch", type=int, default=8, help="sequences (the first ones) it runs on")

@@ -82,6 +82,7 @@ from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.naive import l2norm, naive_gated_delta_rule
 from league.ops.linear import fixed_tiles_fit, linear
 from league.ops.norm import gated_rms_norm, rms_norm_reference
+from league.ops.numerics import BATCH_INVARIANT, DECODE_PARITY, FAST
 from league.ops.rope import apply_rope
 
 START = time.perf_counter()
@@ -187,7 +188,8 @@ def prefill_calls(model: Transformer, layer: int, x_NTD: torch.Tensor, decode_pa
     """The op calls of the mixer over the whole sequences, packed, without a cache (with ``decode_parity``, as
     the trainer runs it then)."""
     num_seqs, seq_len, dim = x_NTD.shape
-    batch = ForwardBatch.packed([seq_len] * num_seqs, device=x_NTD.device, decode_parity=decode_parity)
+    numerics = DECODE_PARITY if decode_parity else FAST
+    batch = ForwardBatch.packed([seq_len] * num_seqs, device=x_NTD.device, numerics=numerics)
     with recording(defaultdict(list)) as calls:
         run_mixer(model, layer, x_NTD.reshape(-1, dim), batch, None)
     return calls
@@ -201,7 +203,8 @@ def decode_calls(
     fresh cache slots (the engine's cache, fp32 GDN states); with ``decode_parity`` as the engine runs then."""
     num_seqs, seq_len, dim = x_NTD.shape
     cache = allocate_cache(model.args, num_seqs, seq_len, x_NTD.dtype, x_NTD.device).layers[layer]
-    prefill, steps = teacher_forced_batches(num_seqs, prompt_len, seq_len, x_NTD.device, decode_parity=decode_parity)
+    numerics = DECODE_PARITY if decode_parity else FAST
+    prefill, steps = teacher_forced_batches(num_seqs, prompt_len, seq_len, x_NTD.device, numerics)
     run_mixer(model, layer, x_NTD[:, :prompt_len].reshape(-1, dim), prefill, cache)
     with recording(defaultdict(list)) as calls:
         for p, batch in steps:
@@ -296,7 +299,7 @@ def gdn_reference(gdn: torch.nn.Module, x_NTD: torch.Tensor) -> dict[str, torch.
     x = x_NTD.to(f64)
     proj = {stage: linear(x, getattr(gdn, name).weight.to(f64)) for name, stage in GDN_PROJECTIONS.items()}
     window = x.new_zeros(x.shape[0], gdn.conv_weight.shape[0], gdn.conv_weight.shape[1] - 1)
-    conv, _ = causal_conv1d_batched(proj["qkv_proj"], gdn.conv_weight.to(f64), window, batch_invariant=True)
+    conv, _ = causal_conv1d_batched(proj["qkv_proj"], gdn.conv_weight.to(f64), window, BATCH_INVARIANT)
     q, k, v = gdn._split(conv)
     beta = torch.sigmoid(proj["b_proj"])
     g = -gdn.A_log.to(f64).exp() * F.softplus(proj["a_proj"] + gdn.dt_bias.to(f64))
@@ -453,7 +456,7 @@ def gemm_experiments(calls: dict[str, list], mixer: torch.nn.Module, num_seqs: i
         path, ref = tokens(out, num_seqs), linear(x.double(), weight.double())
         stage = LINEAR_STAGES[names[id(weight)]]
         lines.append(against(f"{stage}_all_rows_as_prefill", path, ref, path, start, rows=x_TK.shape[0]))
-        forms = {"": {}} | ({"fixed_tiles_": {"fixed_tiles": True}} if fixed_tiles_fit(x_TK, weight) else {})
+        forms = {"": {}} | ({"fixed_tiles_": {"numerics": DECODE_PARITY}} if fixed_tiles_fit(x_TK, weight) else {})
         for form, kw in forms.items():
             if form:
                 whole = linear(x_TK, weight, **kw)

@@ -40,7 +40,8 @@ from common import kernel_summary, override_moe_tiles, random_model
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import league
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import model as model_py
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
@@ -135,7 +136,7 @@ def graph_replay_ms(engine: LLMEngine, batch: int, steps: int) -> float:
     """The captured decode forward of ``batch`` rows replayed back to back with no host work between (inputs as the
     last step left them; the replays rewrite the same cache positions): the device's time for a step's forward
     and output head alone, without sampling."""
-    graphs = engine.graphs.graphs[min(s for s in engine.graphs.sizes if s >= batch)]
+    graphs = engine.runner.graphs.graphs[min(s for s in engine.runner.graphs.sizes if s >= batch)]
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
@@ -170,15 +171,15 @@ def decode_routing(engine: LLMEngine, steps: int = 2) -> list[torch.Tensor]:
     """The expert ids ``[B, A]`` of every MoE layer in ``steps`` decode steps run eagerly (not through the captured
     graphs, which record nothing on the host)."""
     calls: list[torch.Tensor] = []
-    graphs = engine.graphs
-    engine.graphs = None if graphs is None else _Uncaptured()
+    graphs = engine.runner.graphs
+    engine.runner.graphs = None if graphs is None else _Uncaptured()
     unwrap = record_routing(calls)
     try:
         for _ in range(steps):
             engine.step()
     finally:
         unwrap()
-        engine.graphs = graphs
+        engine.runner.graphs = graphs
     return calls
 
 
@@ -186,8 +187,8 @@ def op_times(engine: LLMEngine, steps: int, top: int = 40) -> list[dict]:
     """Device time a step of the ``top`` torch ops (with their input shapes) that launch the most kernel time, in
     ``steps`` decode steps run eagerly (a graph replay hides which op launched a kernel; the eager steps launch the
     same kernels, so this names the kernels of the captured step)."""
-    graphs = engine.graphs
-    engine.graphs = None if graphs is None else _Uncaptured()
+    graphs = engine.runner.graphs
+    engine.runner.graphs = None if graphs is None else _Uncaptured()
     try:
         engine.step()
         torch.cuda.synchronize()
@@ -196,7 +197,7 @@ def op_times(engine: LLMEngine, steps: int, top: int = 40) -> list[dict]:
                 engine.step()
             torch.cuda.synchronize()
     finally:
-        engine.graphs = graphs
+        engine.runner.graphs = graphs
     rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return [
@@ -328,7 +329,7 @@ def main() -> None:
         synchronized = (time.perf_counter() - start) / opts.steps
     clocks["synchronized"] = sampler.summary if sampler is not None else {}
     host = host_split(engine, opts.steps) if cuda else {}
-    replay = graph_replay_ms(engine, opts.batch, opts.steps) if cuda and engine.graphs is not None else None
+    replay = graph_replay_ms(engine, opts.batch, opts.steps) if cuda and engine.runner.graphs is not None else None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     trace = opts.out.with_suffix(".trace.json.gz")
     opts.out.parent.mkdir(parents=True, exist_ok=True)

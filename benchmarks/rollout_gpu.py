@@ -145,7 +145,7 @@ def main() -> None:
                 temperature=opts.temperature,
                 spec_steps=opts.spec_steps,
                 mamba_ssm_dtype=opts.mamba_ssm_dtype,
-                decode_parity=parity,
+                numerics="decode_parity" if parity else "fast",
                 overlap=overlap,
                 memory_bytes_per_s=HBM_BYTES_PER_S,
             )

@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from common import random_model, versions
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams, SpecStats
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
@@ -230,7 +231,7 @@ def measure(
         "requests": requests,
         "temperature": temperature,
         "spec_steps": spec_steps,
-        "cuda_graphs": engine.use_graphs,
+        "cuda_graphs": engine.runner.use_graphs,
         "seconds": total_s,
         "prefill_seconds": prefill_s,
         "decode_tokens_per_s": requests * (opts.new_tokens - 1) / (total_s - prefill_s),

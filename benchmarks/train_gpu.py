@@ -29,6 +29,7 @@ import league
 from league.models.qwen3_5_moe import ModelArgs
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.ops.gdn import fast
+from league.ops.numerics import DECODE_PARITY, FAST
 from league.parallel.parallelize import apply_ac
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
@@ -89,7 +90,7 @@ def measure(opts, args: ModelArgs, recompute: bool) -> dict:
         AlgorithmConfig(enable_mtp_training=True, mtp_loss_scaling_factor=0.2),
         OptimConfig(lr=1e-6, optimizer_cpu_offload=opts.optimizer_cpu_offload),
         total_steps=opts.steps + 1,
-        decode_parity=opts.decode_parity,
+        numerics=DECODE_PARITY if opts.decode_parity else FAST,
     )
     samples = make_samples(opts.global_batch_size, opts.prompt_len, opts.response_len, args.vocab_size, seed=1)
     trainer.train(samples)  # warm-up: kernels compiled and autotuned, allocator settled

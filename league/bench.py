@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from league.checks import check_number
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.ops.rope import rope_inv_freq
@@ -45,8 +46,9 @@ class BenchSettings:
     """MTP draft steps per verify (0: no speculation; the model needs an MTP layer)."""
     mamba_ssm_dtype: str = "float32"
     """Cached GDN state dtype: float32 or bfloat16."""
-    decode_parity: bool = False
-    """Run the engine with decode parity (the trainer's log-probs then equal the engine's)."""
+    numerics: str = "fast"
+    """The engine's numerics (``fast``, ``batch_invariant`` or ``decode_parity``: the trainer's log-probs then equal
+    the engine's)."""
     overlap: bool = True
     """The engine's overlap schedule (a step's tokens read back after the next step is launched)."""
     memory_bytes_per_s: float = H200_BYTES_PER_S
@@ -195,7 +197,7 @@ def rollout_rates(model: Transformer, settings: BenchSettings) -> dict[str, floa
         speculative_num_steps=max(settings.spec_steps, 1),
         mamba_ssm_dtype=settings.mamba_ssm_dtype,
         disable_overlap_schedule=not settings.overlap,
-        decode_parity=settings.decode_parity,
+        numerics=settings.numerics,
     )
     engine = LLMEngine(model, config)
     temperature = settings.temperature

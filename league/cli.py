@@ -49,6 +49,32 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+NUMERICS_HELP = (
+    "How forwards compute: fast; batch_invariant (every token independent of the batch: bitwise equal to `league "
+    "score` and the trainer, slower); decode_parity (prefill and training compute as decode does: the trainer's "
+    "log-probs equal the sampled ones). Default: fast."
+)
+NumericsOption = Annotated[str | None, typer.Option(help=NUMERICS_HELP)]
+BatchInvariantAlias = Annotated[
+    bool, typer.Option("--batch-invariant", help="Alias of --numerics batch_invariant.", show_default=False)
+]
+DecodeParityAlias = Annotated[
+    bool, typer.Option("--decode-parity", help="Alias of --numerics decode_parity.", show_default=False)
+]
+
+
+def numerics_of(numerics: str | None, batch_invariant: bool, decode_parity: bool) -> str:
+    """The numerics mode from ``--numerics`` and its aliases ``--batch-invariant`` / ``--decode-parity``."""
+    from league.ops.numerics import Numerics
+
+    given = [m for m, on in (("batch_invariant", batch_invariant), ("decode_parity", decode_parity)) if on]
+    if numerics is not None:
+        given.append(Numerics(numerics).mode)
+    if len(set(given)) > 1:
+        raise ValueError(f"`--numerics` is given twice ({' and '.join(given)}); choose one")
+    return given[0] if given else "fast"
+
+
 @app.command()
 def init(
     preset: Annotated[
@@ -102,13 +128,9 @@ def score(
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
-    batch_invariant: Annotated[
-        bool,
-        typer.Option(
-            "--batch-invariant",
-            help="Row-independent numerics (slower): bitwise equal to an engine run with batch_invariant.",
-        ),
-    ] = False,
+    numerics: NumericsOption = None,
+    batch_invariant: BatchInvariantAlias = False,
+    decode_parity: DecodeParityAlias = False,
 ) -> None:
     """Teacher-forced per-token log-probabilities of given token sequences.
 
@@ -119,7 +141,8 @@ def score(
     with user_errors():
         from league.score import score_file
 
-        results = score_file(model, input, output, device=device, dtype=dtype, batch_invariant=batch_invariant)
+        mode = numerics_of(numerics, batch_invariant, decode_parity)
+        results = score_file(model, input, output, device=device, dtype=dtype, numerics=mode)
     if json_lines:
         for record in results:
             typer.echo(json.dumps(record))
@@ -157,9 +180,9 @@ def generate(
     speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
     max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 64,
     context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
-    batch_invariant: Annotated[
-        bool, typer.Option("--batch-invariant", help="Row-independent numerics: log-probs equal `league score`'s.")
-    ] = False,
+    numerics: NumericsOption = None,
+    batch_invariant: BatchInvariantAlias = False,
+    decode_parity: DecodeParityAlias = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
@@ -170,7 +193,7 @@ def generate(
     then print throughput and speculative acceptance."""
     with user_errors():
         from league.checks import check_seed
-        from league.engine.engine import EngineConfig
+        from league.engine.config import EngineConfig
         from league.engine.request import SamplingParams
         from league.generate import generate as run
 
@@ -190,7 +213,7 @@ def generate(
             context_length=context_length,
             speculative_algorithm=speculative_algorithm,
             speculative_num_steps=speculative_num_steps,
-            batch_invariant=batch_invariant,
+            numerics=numerics_of(numerics, batch_invariant, decode_parity),
         )
         report, tokenizer = run(model, prompt, input_ids, input_file, params, n, config, device, dtype, chat)
     for out in report.outputs:
@@ -247,13 +270,9 @@ def serve(
             "Default: always.",
         ),
     ] = None,
-    batch_invariant: Annotated[bool, typer.Option("--batch-invariant", help="Row-independent numerics.")] = False,
-    decode_parity: Annotated[
-        bool,
-        typer.Option(
-            "--decode-parity", help="Prefill computes as decode does (for trainers that recompute log-probs so)."
-        ),
-    ] = False,
+    numerics: NumericsOption = None,
+    batch_invariant: BatchInvariantAlias = False,
+    decode_parity: DecodeParityAlias = False,
     cuda_graph_bs: Annotated[
         str | None, typer.Option(help="Comma-separated batch sizes of captured decode steps (GPU).")
     ] = None,
@@ -289,7 +308,7 @@ def serve(
     """Serve a checkpoint over HTTP with SGLang's /generate API and the OpenAI API (/v1/completions,
     /v1/chat/completions, /v1/models)."""
     with user_errors():
-        from league.engine.engine import EngineConfig
+        from league.engine.config import EngineConfig
         from league.engine.server import serve as run
 
         config = EngineConfig(
@@ -301,8 +320,7 @@ def serve(
             speculative_algorithm=speculative_algorithm,
             speculative_num_steps=speculative_num_steps,
             speculative_max_batch=speculative_max_batch,
-            batch_invariant=batch_invariant,
-            decode_parity=decode_parity,
+            numerics=numerics_of(numerics, batch_invariant, decode_parity),
             cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),
             disable_cuda_graph=disable_cuda_graph,
             disable_overlap_schedule=disable_overlap_schedule,
@@ -379,9 +397,8 @@ def bench(
         int, typer.Option(min=0, help="MTP draft steps per verify; 0 decodes without speculation.")
     ] = 0,
     mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
-    decode_parity: Annotated[
-        bool, typer.Option("--decode-parity", help="Run the engine with decode parity (trainer-equal log-probs).")
-    ] = False,
+    numerics: NumericsOption = None,
+    decode_parity: DecodeParityAlias = False,
     memory_bandwidth: Annotated[
         float, typer.Option(help="The device's memory bandwidth in TB/s, for the roofline. Default: an H200's.")
     ] = 4.8,
@@ -411,6 +428,7 @@ def bench(
         if not batches:
             raise ValueError("--batch: give at least one batch size")
         check_number("--memory-bandwidth", memory_bandwidth, 0, low_open=True)
+        mode = numerics_of(numerics, False, decode_parity)
         runs = [
             BenchSettings(
                 batch=b,
@@ -419,7 +437,7 @@ def bench(
                 temperature=temperature,
                 spec_steps=speculative_num_steps,
                 mamba_ssm_dtype=mamba_ssm_dtype,
-                decode_parity=decode_parity,
+                numerics=mode,
                 memory_bytes_per_s=memory_bandwidth * 1e12,
             )
             for b in batches
@@ -458,7 +476,7 @@ def bench(
                 "temperature": temperature,
                 "speculative_num_steps": speculative_num_steps,
                 "mamba_ssm_dtype": mamba_ssm_dtype,
-                "decode_parity": decode_parity,
+                "numerics": mode,
                 "memory_bandwidth_tb_per_s": memory_bandwidth,
             },
             "results": {f"b{b}": r for b, r in results.items()},

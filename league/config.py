@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from league.checks import check_int, check_number, check_seed, check_top_k
-from league.engine.engine import EngineConfig
+from league.engine.config import EngineConfig
 from league.parallel.dims import ParallelConfig
 from league.rl.data import DataConfig
 from league.rl.optim import OptimConfig

@@ -77,6 +77,10 @@ def base_type(annotation: Any) -> Any:
     return annotation
 
 
+ALIASES = {"batch_invariant": "batch_invariant", "decode_parity": "decode_parity"}
+"""Flags kept from before ``--numerics``: each sets it to one mode."""
+
+
 def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Callable[..., None]:
     """A Typer command whose options are every :func:`all_flags` field, plus ``--recipe``, ``--mode`` and
     ``--dry-run``. An option left out keeps the recipe's value; ``run(job, dry_run)`` gets the result."""
@@ -110,6 +114,9 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
             ),
         ),
     ]
+    for name, mode in ALIASES.items():
+        option = typer.Option(False, f"--{name.replace('_', '-')}", help=f"Alias of --numerics {mode}.")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool))
     for flag in all_flags():
         shown = getattr(getattr(tiny, flag.component), flag.name)
         help_text = f"{flag.help} [{flag.component}; tiny recipe: {shown!r}]"
@@ -136,6 +143,12 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
 
     def command(recipe: str, mode: str | None, dry_run: bool, **flags: Any) -> None:
         overrides = {}
+        aliased = [ALIASES[name] for name in ALIASES if flags.pop(name)]
+        numerics = aliased + ([flags["numerics"]] if flags.get("numerics") is not None else [])
+        if len(set(numerics)) > 1:
+            raise ValueError(f"`--numerics` is given twice ({' and '.join(numerics)}); choose one")
+        if numerics:
+            flags["numerics"] = numerics[0]
         for name, value in flags.items():
             if value is None:
                 continue

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from league.checks import SEED_MAX, check_seed
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import GenerateOutput, SamplingParams
 from league.records import read_records, token_ids
 

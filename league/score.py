@@ -17,6 +17,7 @@ import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import FAST, Numerics
 from league.records import read_records, token_ids
 
 LOGIT_ROWS = 1024
@@ -24,14 +25,14 @@ LOGIT_ROWS = 1024
 
 
 @torch.inference_mode()
-def score_sequences(model: Transformer, sequences: list[list[int]], batch_invariant: bool = False) -> list[list[float]]:
+def score_sequences(model: Transformer, sequences: list[list[int]], numerics: Numerics = FAST) -> list[list[float]]:
     """``log p(x_t | x_<t)`` for t = 1 .. n-1 of each sequence (n - 1 numbers; none for n <= 1).
 
     Args:
         model (Transformer): the model (its device and dtype are used as they are).
         sequences (list[list[int]]): token ids, each in ``[0, vocab_size)``.
-        batch_invariant (bool): row-independent numerics (see ``ForwardBatch``), bitwise equal to an engine
-            run in that mode. Default: ``False``.
+        numerics (Numerics): how the forward computes (``ops.numerics``); batch invariant: bitwise equal to an
+            engine run in that mode. Default: ``FAST``.
     """
     device, vocab = model.output_weight().device, model.args.vocab_size
     out = []
@@ -43,12 +44,12 @@ def score_sequences(model: Transformer, sequences: list[list[int]], batch_invari
             out.append([])
             continue
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
-        batch = ForwardBatch.packed([len(ids)], device=device, batch_invariant=batch_invariant)
+        batch = ForwardBatch.packed([len(ids)], device=device, numerics=numerics)
         hidden = model(tokens, batch)[:-1]
         targets = tokens[1:]
         scores = [
             token_logprobs(
-                model.logits(hidden[start : start + LOGIT_ROWS], batch_invariant), targets[start : start + LOGIT_ROWS]
+                model.logits(hidden[start : start + LOGIT_ROWS], numerics), targets[start : start + LOGIT_ROWS]
             )
             for start in range(0, len(targets), LOGIT_ROWS)
         ]
@@ -79,7 +80,7 @@ def score_file(
     output_path: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    batch_invariant: bool = False,
+    numerics: str = "fast",
 ) -> list[dict]:
     """Score every line of ``input_path`` with the checkpoint in ``model_dir``.
 
@@ -92,7 +93,7 @@ def score_file(
         output_path (str | Path, Optional): where to write the JSON Lines results. Default: nowhere.
         device (str, Optional): Default: ``cuda`` when available, else ``cpu``.
         dtype (str, Optional): parameter dtype. Default: bfloat16 on GPU, float32 on CPU.
-        batch_invariant (bool): row-independent numerics, as the engine's mode of that name. Default: ``False``.
+        numerics (str): ``fast``, ``batch_invariant`` or ``decode_parity``, as the engine's setting. Default: ``fast``.
 
     Returns:
         one ``{"input_ids", "token_logprobs"}`` dict per sequence.
@@ -106,7 +107,7 @@ def score_file(
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     results = [
         {"input_ids": ids, "token_logprobs": lps}
-        for ids, lps in zip(sequences, score_sequences(model, sequences, batch_invariant))
+        for ids, lps in zip(sequences, score_sequences(model, sequences, Numerics(numerics)))
     ]
     if output_path is not None:
         write_jsonl(output_path, results)

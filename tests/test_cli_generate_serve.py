@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from league.checkpoint.hf import load_model
 from league.cli import app
 from league.engine.client import EngineClient
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.engine.server import EngineServer
 

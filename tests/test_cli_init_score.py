@@ -11,6 +11,7 @@ from league.checkpoint.hf import load_model
 from league.cli import app
 from league.models.qwen3_5_moe import ForwardBatch
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import BATCH_INVARIANT
 from league.score import score_sequences
 
 runner = CliRunner()
@@ -67,8 +68,8 @@ def test_init_then_score(tiny_dir, tmp_path):
     for line, ids in zip(invariant.stdout.splitlines(), seqs):
         tokens = torch.tensor(ids)
         with torch.no_grad():
-            hidden = model(tokens, ForwardBatch.packed([len(ids)], batch_invariant=True))
-            logits = model.logits(hidden, batch_invariant=True)[:-1]
+            hidden = model(tokens, ForwardBatch.packed([len(ids)], numerics=BATCH_INVARIANT))
+            logits = model.logits(hidden, BATCH_INVARIANT)[:-1]
         assert json.loads(line)["token_logprobs"] == token_logprobs(logits, tokens[1:]).tolist()
     table = invoke("score", "--model", tiny_dir, "--input", src)
     assert table.exit_code == 0 and "mean log-prob" in table.stdout

@@ -6,7 +6,7 @@ A decode step is the same sequence of kernels every time for a given batch size,
 static input buffers (tokens, positions, slots, cached lengths) that are refilled before a replay; a batch
 smaller than a captured size is padded with rows that decode into a scratch slot no request owns. Needs a
 forward without host synchronisation (the grouped-GEMM MoE, the batched attention kernels); not used with
-``batch_invariant``. Not responsible for sampling, which runs after the replay.
+row-by-row numerics. Not responsible for sampling, which runs after the replay.
 
 Legend: B batch rows, V vocabulary.
 """
@@ -15,15 +15,16 @@ import torch
 
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
 from league.ops.moe import grouped_mm_is_native
+from league.ops.numerics import FAST, Numerics
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
-def graphs_apply(config, device: torch.device, dtype: torch.dtype) -> bool:
+def graphs_apply(config, numerics: Numerics, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an engine with ``config`` (an ``EngineConfig``) decodes (or drafts and verifies) through captured
-    graphs: not disabled, not ``batch_invariant``, and a forward with no host synchronisation, which needs the
+    graphs: not disabled, numerics not row by row, and a forward with no host synchronisation, which needs the
     grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
-    return not config.disable_cuda_graph and not config.batch_invariant and grouped_mm_is_native(dtype, device)
+    return not config.disable_cuda_graph and not numerics.row_by_row and grouped_mm_is_native(dtype, device)
 
 
 def default_batch_sizes(max_running_requests: int) -> list[int]:
@@ -42,6 +43,20 @@ def layer_runs(num_layers: int) -> list[range]:
         runs.append(range(start, min(start + length, num_layers)))
         start, length = start + length, 2 * length
     return runs
+
+
+def layer_pieces(model: Transformer, cache: ModelCache, state: dict) -> list:
+    """The decoder layers of a captured step as pieces (one graph each, in :func:`layer_runs`), each reading and
+    writing ``state["x"]`` with ``state["batch"]`` and ``state["rope"]``: the middle of every captured step, between
+    the piece that embeds its tokens and the one that runs its output head."""
+
+    def run_layers(run: range):
+        def piece() -> None:
+            state["x"] = model.forward_layers(state["x"], state["batch"], state["rope"], cache, run)
+
+        return piece
+
+    return [run_layers(run) for run in layer_runs(len(model.layers))]
 
 
 def capture_pieces(pieces: list, pool=None) -> tuple[list, object]:
@@ -76,7 +91,7 @@ class DecodeGraphs:
         batch_sizes (list[int]): sizes to capture; a batch runs in the smallest size that holds it.
         scratch_slot (int): where padding rows write their keys and states (all of them the same slot: they start
             fresh, and nothing reads what they leave there).
-        decode_parity (bool): capture the forwards with ``ForwardBatch.decode_parity``. Default: ``False``.
+        numerics (Numerics): the forwards' numerics. Default: ``FAST``.
     """
 
     def __init__(
@@ -85,9 +100,9 @@ class DecodeGraphs:
         cache: ModelCache,
         batch_sizes: list[int],
         scratch_slot: int,
-        decode_parity: bool = False,
+        numerics: Numerics = FAST,
     ):
-        self.model, self.cache, self.decode_parity = model, cache, decode_parity
+        self.model, self.cache, self.numerics = model, cache, numerics
         self.sizes = sorted(set(batch_sizes))
         self.scratch_slot = scratch_slot
         device = next(model.parameters()).device
@@ -116,29 +131,23 @@ class DecodeGraphs:
             slots_t=self.slots[:size],
             cache_lens_t=self.positions[:size],  # one new token each: its position is its cached length
             token_slots=self.slots[:size],
-            decode_parity=self.decode_parity,
+            numerics=self.numerics,
         )
 
     def _pieces(self, size: int) -> list:
         """The decode forward as functions run in order, each one graph: embedding and the first layers, more
         layers, ..., the final norm and the output head. Each piece hands its output to the next through
         ``state``, which keeps the captured tensors alive between replays."""
-        model, batch, state = self.model, self._batch(size), {}
+        model, state = self.model, {"batch": self._batch(size)}
 
         def first() -> None:
-            state["x"], state["rope"] = model.embed(self.tokens[:size], batch)
-
-        def layers(run: range):
-            def piece() -> None:
-                state["x"] = model.forward_layers(state["x"], batch, state["rope"], self.cache, run)
-
-            return piece
+            state["x"], state["rope"] = model.embed(self.tokens[:size], state["batch"])
 
         def head() -> None:
             self.hidden[:size] = model.norm(state["x"])
             torch.mm(self.hidden[:size], model.output_weight().t(), out=self.logits[:size])
 
-        return [first, *(layers(run) for run in layer_runs(len(model.layers))), head]
+        return [first, *layer_pieces(model, self.cache, state), head]
 
     def _capture(self, size: int) -> None:
         self.graphs[size], self.pool = capture_pieces(self._pieces(size), self.pool)

@@ -248,3 +248,32 @@ class Request:
             input_logprobs=list(prefilled.input_logprobs),
             input_top_logprobs=list(prefilled.input_top_logprobs),
         )
+
+
+def check_request(
+    prompt_ids: list[int],
+    params: SamplingParams,
+    n: int,
+    top_logprobs_num: int,
+    logprob_start_len: int,
+    vocab_size: int,
+) -> None:
+    """What a request must be before an engine takes it (``LLMEngine.add_request``'s arguments): a ValueError naming
+    the field otherwise. The engine checks what depends on its sizes (context length, slots)."""
+    if not isinstance(prompt_ids, list) or not prompt_ids:
+        raise ValueError(f"input_ids must be a non-empty list of token ids, got {prompt_ids!r:.100}")
+    if not is_int_list(prompt_ids, 0, vocab_size):
+        bad = [t for t in prompt_ids if not is_int_list([t], 0, vocab_size)]
+        raise ValueError(f"input_ids must hold integer token ids in [0, {vocab_size}), got {bad[:5]}")
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not is_int(top_logprobs_num) or not 0 <= top_logprobs_num <= vocab_size:
+        raise ValueError(f"top_logprobs_num must be an integer in [0, {vocab_size}], got {top_logprobs_num!r}")
+    if not is_int(logprob_start_len) or not -1 <= logprob_start_len < len(prompt_ids):
+        raise ValueError(
+            f"logprob_start_len must be -1 or a prompt position in [0, {len(prompt_ids)}), got {logprob_start_len!r}"
+        )
+    if any(t >= vocab_size for t in params.logit_bias):
+        raise ValueError(f"sampling_params.logit_bias has token ids outside [0, {vocab_size})")
+    if params.seed is not None and params.seed + n - 1 > MAX_SEED:
+        raise ValueError(f"sampling_params.seed ({params.seed}) + n - 1 must be <= {MAX_SEED} (sample i uses seed + i)")

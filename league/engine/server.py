@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from league.engine import openai, protocol
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import GenerateOutput, SamplingParams
 from league.engine.worker import ClientGone, EngineStepFailed, EngineUnavailable, EngineWorker, Submission
 from league.tokenizer import load_tokenizer

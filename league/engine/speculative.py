@@ -11,9 +11,10 @@ Legend: B requests, N draft steps, D model dim, V vocabulary.
 
 import torch
 
-from league.engine.cuda_graph import capture_pieces, layer_runs
+from league.engine.cuda_graph import capture_pieces, layer_pieces
 from league.engine.request import SamplingParams, rows_by_settings
 from league.models.qwen3_5_moe import ForwardBatch, ModelCache, Transformer
+from league.ops.numerics import FAST, Numerics
 from league.ops.sampling import coins, filtered_probs, sample_logits, sample_rows, unfiltered
 
 
@@ -46,8 +47,7 @@ class SpeculativeStep:
         num_steps (int): N, draft tokens per verify.
         num_slots (int): cache slots (the scratch slot included, when capturing).
         max_rows (int): most requests in one step.
-        batch_invariant (bool): row-independent numerics (see ``ForwardBatch``).
-        decode_parity (bool): the forwards with ``ForwardBatch.decode_parity``. Default: ``False``.
+        numerics (Numerics): the forwards' numerics (``ops.numerics``). Default: ``FAST``.
     """
 
     def __init__(
@@ -57,11 +57,9 @@ class SpeculativeStep:
         num_steps: int,
         num_slots: int,
         max_rows: int,
-        batch_invariant: bool,
-        decode_parity: bool = False,
+        numerics: Numerics = FAST,
     ):
-        self.model, self.cache, self.num_steps, self.batch_invariant = model, cache, num_steps, batch_invariant
-        self.decode_parity = decode_parity
+        self.model, self.cache, self.num_steps, self.numerics = model, cache, num_steps, numerics
         param = next(model.parameters())
         device, width = param.device, num_steps + 1
         self.width, self.max_rows = width, max_rows
@@ -124,15 +122,14 @@ class SpeculativeStep:
             slots_t=slots,
             cache_lens_t=cache_lens,
             token_slots=slots[:, None].expand(size, width).reshape(-1),
-            batch_invariant=self.batch_invariant,
-            decode_parity=self.decode_parity,
+            numerics=self.numerics,
             **kw,
         )
 
     def pieces(self, size: int) -> list:
         """The step for ``size`` requests as functions run in order (each one graph when captured): the MTP rows
         and the draft chain, the verify's embedding, its decoder layers in runs, its output head."""
-        model, cache, inv, width, state = self.model, self.cache, self.batch_invariant, self.width, {}
+        model, cache, numerics, width, state = self.model, self.cache, self.numerics, self.width, {}
         slots, starts, last, rows = self.slots[:size], self.starts[:size], self.last[:size], self.rows[:size]
 
         def draft() -> None:
@@ -142,13 +139,13 @@ class SpeculativeStep:
                 self.hidden[slots].reshape(size * width, -1), self.tokens[:size].reshape(-1), batch, cache
             )
             hidden = hidden_NTD.view(size, width, -1)[rows, last]
-            token = model.mtp_logits(hidden, batch_invariant=inv).argmax(-1)
+            token = model.mtp_logits(hidden, numerics=numerics).argmax(-1)
             committed = starts + last + 1
             chain = [token]
             for step in range(1, self.num_steps):
                 at = committed - 1 + step
                 hidden = model.mtp_forward(hidden, token, self._batch(size, 1, at, at), cache)
-                token = model.mtp_logits(hidden, batch_invariant=inv).argmax(-1)
+                token = model.mtp_logits(hidden, numerics=numerics).argmax(-1)
                 chain.append(token)
             self.drafts[:size] = torch.stack(chain, dim=1)
             pending = self.tokens[:size].gather(1, last[:, None])
@@ -157,22 +154,16 @@ class SpeculativeStep:
             state["batch"] = self._batch(size, width, positions, committed, record_states=True)
             state["x"], state["rope"] = model.embed(verify_tokens, state["batch"])
 
-        def layers(run: range):
-            def piece() -> None:
-                state["x"] = model.forward_layers(state["x"], state["batch"], state["rope"], cache, run)
-
-            return piece
-
         def head() -> None:
             hidden = model.norm(state["x"])
             out = self.logits[: size * width]
-            if inv:
-                out.copy_(model.logits(hidden, batch_invariant=True))
+            if numerics.row_by_row:
+                out.copy_(model.logits(hidden, numerics))
             else:
                 torch.mm(hidden, model.output_weight().t(), out=out)
             self.hidden[slots] = hidden.view(size, width, -1)
 
-        return [draft, *(layers(run) for run in layer_runs(len(model.layers))), head]
+        return [draft, *layer_pieces(model, cache, state), head]
 
     def capture(self, sizes: list[int], scratch_slot: int) -> None:
         """Capture the step for each of ``sizes`` (at most ``max_rows``); larger batches run eagerly. The capture's

@@ -14,57 +14,47 @@ and :func:`add_gated`; their gradients come from the torch forms. Not responsibl
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import KERNEL_DTYPES, by_kernel, installed
+from league.ops.backends import by_kernel, use_kernel
+from league.ops.numerics import FAST, Numerics
 
 
-def sigmoid(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
-    return 1.0 / (1.0 + torch.exp(-x)) if batch_invariant else torch.sigmoid(x)
+def sigmoid(x: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
+    return 1.0 / (1.0 + torch.exp(-x)) if numerics.row_by_row else torch.sigmoid(x)
 
 
-def silu(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
-    return x * (1.0 / (1.0 + torch.exp(-x))) if batch_invariant else F.silu(x)
+def silu(x: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
+    return x * (1.0 / (1.0 + torch.exp(-x))) if numerics.row_by_row else F.silu(x)
 
 
-def softplus(x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+def softplus(x: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
     """``log(1 + exp(x))`` (x above 20 passes through, as torch's threshold)."""
-    if not batch_invariant:
+    if not numerics.row_by_row:
         return F.softplus(x)
     return torch.where(x > 20.0, x, torch.log(1.0 + torch.exp(x.clamp(max=20.0))))
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
     """``silu(gate) * up`` (a SwiGLU's hidden), differentiable."""
-    if _kernel_applies(batch_invariant, gate, up):
+    if use_kernel(gate, numerics, op="silu_mul") and up.dtype == gate.dtype:
         from league.ops.triton_activations import silu_mul_fwd
 
         return by_kernel(silu_mul_fwd, silu_mul_reference, gate, up)
-    return silu_mul_reference(gate, up, batch_invariant)
+    return silu_mul_reference(gate, up, numerics)
 
 
-def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
-    return silu(gate, batch_invariant) * up
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
+    return silu(gate, numerics) * up
 
 
-def add_gated(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, batch_invariant: bool = False):
+def add_gated(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, numerics: Numerics = FAST):
     """``x + sigmoid(gate_logit) * y`` (the MoE block's output: routed experts plus the gated shared expert),
     ``gate_logit`` ``[..., 1]``; differentiable."""
-    if _kernel_applies(batch_invariant, x, gate_logit, y):
+    if use_kernel(x, numerics, op="add_gated") and gate_logit.dtype == y.dtype == x.dtype:
         from league.ops.triton_activations import add_gated_fwd
 
         return by_kernel(add_gated_fwd, add_gated_reference, x, gate_logit, y)
-    return add_gated_reference(x, gate_logit, y, batch_invariant)
+    return add_gated_reference(x, gate_logit, y, numerics)
 
 
-def add_gated_reference(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, batch_invariant: bool = False):
-    return x + sigmoid(gate_logit, batch_invariant) * y
-
-
-def _kernel_applies(batch_invariant: bool, *tensors: torch.Tensor) -> bool:
-    first = tensors[0]
-    return (
-        not batch_invariant
-        and first.is_cuda
-        and first.dtype in KERNEL_DTYPES
-        and all(t.dtype == first.dtype for t in tensors)
-        and installed("triton")
-    )
+def add_gated_reference(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, numerics: Numerics = FAST):
+    return x + sigmoid(gate_logit, numerics) * y

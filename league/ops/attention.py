@@ -2,7 +2,7 @@
 
 ``causal_attention`` is the definition: one sequence whose queries are the last T of S key positions (S == T in
 training; S > T when earlier keys come from a cache). The batched forms take many sequences at once and pick a
-backend by device: on CPU (or with ``batch_invariant``) they loop over ``causal_attention``, which makes them the
+backend by device: on CPU (or with row-by-row numerics) they loop over ``causal_attention``, which makes them the
 reference; on CUDA ``varlen_causal_attention`` runs torch's flash varlen kernel and ``cached_attention`` the Triton
 kernel of ``triton_attention.py``. This module does not write caches; callers store new keys first.
 
@@ -11,16 +11,16 @@ Legend: T query tokens, S key tokens, N sequences, H query heads, G KV heads, K 
 
 import functools
 import inspect
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import by_kernel, installed
+from league.ops.backends import by_kernel, use_kernel
+from league.ops.numerics import FAST, Numerics
 
 
 def causal_attention(
-    q_THK: torch.Tensor, k_SGK: torch.Tensor, v_SGK: torch.Tensor, scale: float, batch_invariant: bool = False
+    q_THK: torch.Tensor, k_SGK: torch.Tensor, v_SGK: torch.Tensor, scale: float, numerics: Numerics = FAST
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + causal) v``; query i sits at key position ``S - T + i``.
 
@@ -30,8 +30,8 @@ def causal_attention(
         q_THK (torch.Tensor): ``[T, H, K]``.
         k_SGK, v_SGK (torch.Tensor): ``[S, G, K]``, S >= T.
         scale (float): score scale, usually ``K ** -0.5``.
-        batch_invariant (bool): compute each query row over exactly its own keys, with elementwise sums, so
-            its result is the same whatever T is (prefill, decode, verify). Default: ``False``.
+        numerics (Numerics): row by row: compute each query row over exactly its own keys, with elementwise sums,
+            so its result is the same whatever T is (prefill, decode, verify). Default: ``FAST``.
 
     Returns:
         ``[T, H, K]`` in the dtype of q.
@@ -39,7 +39,7 @@ def causal_attention(
     num_q, num_heads, _ = q_THK.shape
     num_k, num_kv_heads, _ = k_SGK.shape
     groups = num_heads // num_kv_heads
-    if batch_invariant:
+    if numerics.row_by_row:
         return _row_by_row(q_THK, k_SGK, v_SGK, scale, groups)
     acc = torch.promote_types(q_THK.dtype, torch.float32)
     k_HSK = k_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).to(acc)
@@ -73,12 +73,12 @@ def varlen_causal_attention(
     cu_seqlens_N1: torch.Tensor,
     max_seqlen: int,
     scale: float,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """Causal attention of N packed sequences, each attending only to its own tokens (no cache). Differentiable.
 
     On CUDA in bf16/fp16: torch's flash varlen kernel. On CUDA in fp32: SDPA per sequence (fp32 math). Elsewhere,
-    or with ``batch_invariant``: ``varlen_causal_attention_reference``.
+    or with row-by-row numerics: ``varlen_causal_attention_reference``.
 
     Args:
         q_THK (torch.Tensor): ``[T, H, K]`` queries of all sequences laid end to end.
@@ -86,14 +86,14 @@ def varlen_causal_attention(
         cu_seqlens_N1 (torch.Tensor): ``[N + 1]`` integer offsets of the sequences, on q's device.
         max_seqlen (int): the longest sequence (host int, so that no device value is read).
         scale (float): score scale, usually ``K ** -0.5``.
-        batch_invariant (bool): row-by-row reference (see ``causal_attention``). Default: ``False``.
+        numerics (Numerics): row by row: the reference, row by row (see ``causal_attention``). Default: ``FAST``.
 
     Returns:
         ``[T, H, K]`` in the dtype of q.
     """
-    if q_THK.is_cuda and not batch_invariant:
+    if use_kernel(q_THK, numerics, dtypes=None, package=None):
         return _varlen_cuda(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
-    return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale, batch_invariant)
+    return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale, numerics)
 
 
 def varlen_causal_attention_reference(
@@ -103,13 +103,13 @@ def varlen_causal_attention_reference(
     cu_seqlens_N1: torch.Tensor,
     max_seqlen: int,
     scale: float,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """``varlen_causal_attention`` as a loop of ``causal_attention``, one call per sequence (reads
     ``cu_seqlens_N1`` on the host). Same arguments."""
     bounds = cu_seqlens_N1.tolist()
     outs = [
-        causal_attention(q_THK[start:end], k_TGK[start:end], v_TGK[start:end], scale, batch_invariant)
+        causal_attention(q_THK[start:end], k_TGK[start:end], v_TGK[start:end], scale, numerics)
         for start, end in zip(bounds[:-1], bounds[1:])
         if end > start
     ]
@@ -126,7 +126,7 @@ def cached_attention(
     scale: float,
     max_q: int,
     max_kv: int,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """Causal attention of the new tokens of N sequences over the keys in their cache slots. Inference only.
 
@@ -137,7 +137,7 @@ def cached_attention(
 
     On CUDA in bf16/fp16/fp32 with Triton installed: ``triton_attention.cached_attention_fwd``, which reads no
     device value on the host (CUDA-graph safe) and computes each sequence in its own programs, so a row's result
-    does not depend on the rest of the batch. Elsewhere, or with ``batch_invariant``:
+    does not depend on the rest of the batch. Elsewhere, or with row-by-row numerics:
     ``cached_attention_reference``.
 
     Args:
@@ -151,22 +151,17 @@ def cached_attention(
             computed).
         max_kv (int): upper bound of the kv_lens_N (host int). The kernels here loop to each sequence's own
             length and do not need it; it is part of the signature for backends that size work from it.
-        batch_invariant (bool): row-by-row reference (see ``causal_attention``). Default: ``False``.
+        numerics (Numerics): row by row: the reference, row by row (see ``causal_attention``). Default: ``FAST``.
 
     Returns:
         ``[T, H, K]`` in the dtype of q.
     """
-    if q_THK.is_cuda and not batch_invariant and q_THK.dtype != torch.float64:
-        if installed("triton"):
-            from league.ops.triton_attention import cached_attention_fwd
+    if use_kernel(q_THK, numerics, op="cached_attention"):
+        from league.ops.triton_attention import cached_attention_fwd
 
-            return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
-        warnings.warn(
-            "cached_attention: triton is not installed; falling back to its reference PyTorch implementation",
-            stacklevel=2,
-        )
+        return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
     return cached_attention_reference(
-        q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, batch_invariant
+        q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, numerics
     )
 
 
@@ -180,7 +175,7 @@ def cached_attention_reference(
     scale: float,
     max_q: int,
     max_kv: int,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """``cached_attention`` as a loop of ``causal_attention`` over each sequence's slot (reads the index tensors
     on the host). Same arguments."""
@@ -189,7 +184,7 @@ def cached_attention_reference(
     for start, end, slot, kv_len in zip(bounds[:-1], bounds[1:], slots, kv_lens):
         if end > start:
             keys, values = k_cache[slot, :kv_len], v_cache[slot, :kv_len]
-            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, batch_invariant)
+            out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, numerics)
     return out_THK
 
 
@@ -209,7 +204,7 @@ def varlen_causal_attention_as_decode(
     gradients are those of :func:`varlen_causal_attention` (flash), recomputed in the backward. Elsewhere:
     :func:`varlen_causal_attention_reference`. Arguments as :func:`varlen_causal_attention`.
     """
-    if q_THK.is_cuda and q_THK.dtype != torch.float64 and installed("triton"):
+    if use_kernel(q_THK, op="varlen_causal_attention_as_decode"):
         return attention_as_decode_kernel(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
     return varlen_causal_attention_reference(q_THK, k_TGK, v_TGK, cu_seqlens_N1, max_seqlen, scale)
 

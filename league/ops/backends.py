@@ -5,9 +5,12 @@ Not responsible for the kernels themselves (each op's ``triton_*`` module) nor f
 
 import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
 
 import torch
+
+from league.ops.numerics import Numerics
 
 
 @functools.cache
@@ -18,6 +21,36 @@ def installed(package: str) -> bool:
 
 # the float dtypes the Triton kernels that compute in fp32 accept (loads converted, results rounded back)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_kernel(
+    x: torch.Tensor,
+    numerics: Numerics | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = KERNEL_DTYPES,
+    package: str | None = "triton",
+    op: str = "",
+) -> bool:
+    """Whether an op's fast form (a Triton or fla kernel, a fused torch kernel) runs for ``x``: the one predicate every
+    op dispatcher asks (beside the conditions of its own kernel: shapes, the other operands' dtypes).
+
+    Args:
+        x (torch.Tensor): the op's main input.
+        numerics (Numerics, Optional): the forward's numerics; row-by-row numerics run the references. None: the fast
+            form is row-independent itself and runs whatever the numerics. Default: ``None``.
+        dtypes (tuple[torch.dtype, ...], Optional): the dtypes the fast form takes; None: any. Default:
+            :data:`KERNEL_DTYPES`.
+        package (str, Optional): what it needs installed (``triton``, or ``fla`` with triton); None: nothing. Without it
+            a warning naming ``op`` says that the reference runs instead. Default: ``triton``.
+        op (str): the op's name, for that warning. Default: "".
+    """
+    if not x.is_cuda or (dtypes is not None and x.dtype not in dtypes):
+        return False
+    if numerics is not None and numerics.row_by_row:
+        return False
+    if package is None or (installed("triton") and installed(package)):
+        return True
+    warnings.warn(f"{op or 'an op'}: {package} is not installed; running its reference PyTorch form", stacklevel=3)
+    return False
 
 
 def by_kernel(kernel: Callable, reference: Callable, *inputs: torch.Tensor):

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from league.ops.activations import silu
-from league.ops.backends import installed
+from league.ops.backends import use_kernel
+from league.ops.numerics import FAST, Numerics
 
 
 def causal_conv1d_batched(
-    x_NTC: torch.Tensor, weight_CW: torch.Tensor, window_NCW1: torch.Tensor, batch_invariant: bool = False
+    x_NTC: torch.Tensor, weight_CW: torch.Tensor, window_NCW1: torch.Tensor, numerics: Numerics = FAST
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y_t[c] = silu(sum_j w[c, j] * x_{t - W + 1 + j}[c])``, the window supplying the left context.
 
@@ -23,8 +24,8 @@ def causal_conv1d_batched(
         x_NTC (torch.Tensor): ``[N, T, C]`` pre-conv inputs (sequences padded on the right).
         weight_CW (torch.Tensor): ``[C, W]`` depthwise kernel.
         window_NCW1 (torch.Tensor): ``[N, C, W - 1]`` previous inputs (zeros for a fresh sequence).
-        batch_invariant (bool): sum the W taps in a fixed order with elementwise ops, so a token's value does
-            not depend on T or N. Default: ``False``.
+        numerics (Numerics): row by row: sum the W taps in a fixed order with elementwise ops, so a token's value
+            does not depend on T or N. Default: ``FAST``.
 
     Returns:
         ``(y_NTC, full_NCL)``: activated outputs, and the window followed by the inputs (``L = W - 1 + T``),
@@ -33,26 +34,26 @@ def causal_conv1d_batched(
     num_tokens, width = x_NTC.shape[1], weight_CW.shape[1]
     full_NCL = torch.cat([window_NCW1.to(x_NTC.dtype), x_NTC.transpose(1, 2)], dim=-1)
     weight_CW = weight_CW.to(x_NTC.dtype)
-    if batch_invariant:
+    if numerics.row_by_row:
         y_NCT = full_NCL[..., 0:num_tokens] * weight_CW[:, 0:1]
         for j in range(1, width):
             y_NCT = y_NCT + full_NCL[..., j : j + num_tokens] * weight_CW[:, j : j + 1]
     else:
         y_NCT = F.conv1d(full_NCL, weight_CW[:, None, :], groups=weight_CW.shape[0])
-    return silu(y_NCT, batch_invariant).transpose(1, 2), full_NCL
+    return silu(y_NCT, numerics).transpose(1, 2), full_NCL
 
 
 def causal_conv1d(
     x_TC: torch.Tensor,
     weight_CW: torch.Tensor,
     window_CW1: torch.Tensor | None = None,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: ``(y_TC, new_window_CW1)`` (zeros as the window when omitted)."""
     width = weight_CW.shape[1]
     if window_CW1 is None:
         window_CW1 = x_TC.new_zeros(weight_CW.shape[0], width - 1)
-    y, full = causal_conv1d_batched(x_TC[None], weight_CW, window_CW1[None], batch_invariant)
+    y, full = causal_conv1d_batched(x_TC[None], weight_CW, window_CW1[None], numerics)
     return y[0], full[0, :, full.shape[-1] - (width - 1) :]
 
 
@@ -99,7 +100,7 @@ def causal_conv1d_slots(
     Returns:
         ``y_NTC``: activated outputs in the dtype of x (also for padding tokens, as :func:`causal_conv1d_batched`).
     """
-    if x_NTC.is_cuda and installed("triton"):
+    if use_kernel(x_NTC, None, None, op="causal_conv1d_slots"):
         from league.ops.triton_conv import causal_conv1d_slots_triton
 
         return causal_conv1d_slots_triton(x_NTC, weight_CW, window_cache, slots_N, fresh_N, seq_lens_N, window_steps)

@@ -6,7 +6,7 @@ output row as an elementwise product summed over the input dim, 16 rows at a tim
 never depends on which rows share its batch: a token's logits are then bitwise the same in prefill,
 decode, verify and training, on any device. Slower; meant for exact checks and small models.
 
-The fixed-tiles form (decode parity's, ``ForwardBatch.decode_parity``) gets the same property on the GPU at
+The fixed-tiles form (decode parity's: ``Numerics.as_decode``) gets the same property on the GPU at
 GEMM speed: a Triton GEMM with one tile configuration and no split of K (``triton_linear``), bf16/fp16 on
 CUDA; gradients by ``torch.matmul``. Elsewhere it is ``F.linear``.
 
@@ -24,27 +24,26 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import installed
+from league.ops.backends import use_kernel
+from league.ops.numerics import FAST, Numerics
 
 ROWS = 16
 ROW_ALIGN = 8  # joined buffers are padded to a multiple of this many rows (see with_spare_rows)
 _FIXED_TILES_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(
-    x_MK: torch.Tensor, weight_NK: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False
-) -> torch.Tensor:
+def linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
     """``x @ weight^T`` over the last dim of ``x`` (any leading shape).
 
     Args:
         x_MK (torch.Tensor): ``[..., K]``.
         weight_NK (torch.Tensor): ``[N, K]``.
-        batch_invariant (bool): use the row-independent reference form. Default: ``False``.
-        fixed_tiles (bool): on CUDA in bf16/fp16, the fixed-tiles GEMM (see the module doc). Default: ``False``.
+        numerics (Numerics): row by row: the row-independent reference form; as decode: on CUDA in bf16/fp16, the
+            fixed-tiles GEMM (see the module doc). Default: ``FAST``.
     """
-    if fixed_tiles and not batch_invariant and fixed_tiles_fit(x_MK, weight_NK):
+    if numerics.as_decode and fixed_tiles_fit(x_MK, weight_NK):
         return _FixedTilesLinear.apply(x_MK, weight_NK)
-    if not batch_invariant:
+    if not numerics.row_by_row:
         return F.linear(x_MK, weight_NK)
     lead = x_MK.shape[:-1]
     rows = x_MK.reshape(-1, x_MK.shape[-1])
@@ -53,19 +52,17 @@ def linear(
     return out.reshape(*lead, weight_NK.shape[0])
 
 
-def linear_joined(
-    x_MK: torch.Tensor, weights: Sequence[torch.Tensor], batch_invariant: bool = False, fixed_tiles: bool = False
-) -> list[torch.Tensor]:
-    """``[linear(x_MK, w, batch_invariant, fixed_tiles) for w in weights]``, as one GEMM over their joined matrix
-    (the outputs are column slices of its result) when the weights lie end to end in one buffer (:func:`joined`)
-    and no gradient is needed; one GEMM each otherwise."""
+def linear_joined(x_MK: torch.Tensor, weights: Sequence[torch.Tensor], numerics: Numerics = FAST) -> list[torch.Tensor]:
+    """``[linear(x_MK, w, numerics) for w in weights]``, as one GEMM over their joined matrix (the outputs are column
+    slices of its result) when the weights lie end to end in one buffer (:func:`joined`) and no gradient is needed;
+    one GEMM each otherwise."""
     needs_grad = torch.is_grad_enabled() and (x_MK.requires_grad or any(w.requires_grad for w in weights))
-    whole = None if batch_invariant or needs_grad else joined(weights)
+    whole = None if numerics.row_by_row or needs_grad else joined(weights)
     if whole is None:
-        return [linear(x_MK, w, batch_invariant, fixed_tiles) for w in weights]
+        return [linear(x_MK, w, numerics) for w in weights]
     whole = with_spare_rows(whole)  # the rows join_rows added past the last weight, if any
     sizes = [w.shape[0] for w in weights]
-    outs = linear(x_MK, whole, fixed_tiles=fixed_tiles).split([*sizes, whole.shape[0] - sum(sizes)], dim=-1)
+    outs = linear(x_MK, whole, numerics).split([*sizes, whole.shape[0] - sum(sizes)], dim=-1)
     return list(outs[: len(weights)])
 
 
@@ -125,7 +122,7 @@ def join_rows(weights: Sequence[torch.Tensor]) -> None:
 
 def fixed_tiles_fit(x_MK: torch.Tensor, weight_NK: torch.Tensor) -> bool:
     """Whether :func:`linear` runs the fixed-tiles GEMM for these operands when asked to."""
-    return x_MK.is_cuda and x_MK.dtype in _FIXED_TILES_DTYPES and weight_NK.dtype == x_MK.dtype and installed("triton")
+    return use_kernel(x_MK, None, _FIXED_TILES_DTYPES, op="linear (fixed tiles)") and weight_NK.dtype == x_MK.dtype
 
 
 class _FixedTilesLinear(torch.autograd.Function):

@@ -13,7 +13,7 @@ Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk, B vocabulary colu
 import torch
 import torch.nn.functional as F
 
-from league.ops.backends import installed
+from league.ops.backends import use_kernel
 
 
 def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
@@ -31,7 +31,7 @@ def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: 
     Returns:
         ``[T]`` fp32.
     """
-    if logits_TV.is_cuda and installed("triton"):
+    if use_kernel(logits_TV, None, None, op="token_logprobs"):
         return _TokenLogprobs.apply(logits_TV, tokens_T)
     return token_logprobs_reference(logits_TV, tokens_T, chunk_size)
 
@@ -144,7 +144,7 @@ def linear_token_logprobs_entropy(
 def _fused_kernels_apply(weight_VD: torch.Tensor) -> bool:
     """Whether the per-chunk log-softmax runs in Triton kernels: CUDA, Triton installed, bf16/fp16 weights (fp32
     weights keep the torch path, whose logits are fp32 throughout)."""
-    return weight_VD.is_cuda and weight_VD.dtype in (torch.bfloat16, torch.float16) and installed("triton")
+    return use_kernel(weight_VD, None, (torch.bfloat16, torch.float16), op="linear_token_logprobs")
 
 
 def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, temperature: float) -> torch.Tensor:

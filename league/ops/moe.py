@@ -1,6 +1,6 @@
 """Mixture-of-experts routing and expert compute. Not responsible for placing experts on devices.
 
-:func:`swiglu_experts` picks the form: the reference loop over experts (CPU, batch-invariant runs, and the ground
+:func:`swiglu_experts` picks the form: the reference loop over experts (CPU, row-by-row numerics, and the ground
 truth of the tests) or, on CUDA, one of two forms over the token-expert pairs sorted by expert:
 
 - :func:`grouped_swiglu_experts`, two grouped GEMMs (``torch._grouped_mm``), differentiable: training and prefill.
@@ -21,8 +21,9 @@ N = T * A token-expert pairs.
 import torch
 
 from league.ops.activations import silu
-from league.ops.backends import KERNEL_DTYPES, installed
+from league.ops.backends import installed, use_kernel
 from league.ops.linear import linear
+from league.ops.numerics import FAST, Numerics
 
 # mean token-expert pairs per expert (N / E) up to which the Triton kernels run rather than the grouped GEMMs (256
 # experts, top-8: 32 is a batch of 1024 tokens); a first guess, to be set from benchmarks/kernels_gpu.py --only moe
@@ -40,7 +41,7 @@ def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor
         ``(weights_TA, experts_TA)``: weights in the dtype of the logits, expert indices (int64), in descending
         order of probability.
     """
-    if router_logits_TE.is_cuda and router_logits_TE.dtype in KERNEL_DTYPES and installed("triton"):
+    if use_kernel(router_logits_TE, op="route_topk"):
         if torch.is_grad_enabled() and router_logits_TE.requires_grad:
             return _RouteTopk.apply(router_logits_TE, top_k)
         from league.ops.triton_router import route_topk_fwd
@@ -93,11 +94,11 @@ def swiglu_experts(
     w_down_EDI: torch.Tensor,
     weights_TA: torch.Tensor,
     experts_TA: torch.Tensor,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
-    On CUDA (unless ``batch_invariant``) runs ``triton_moe.grouped_swiglu_experts_triton`` where
+    On CUDA (numerics not row by row) runs ``triton_moe.grouped_swiglu_experts_triton`` where
     :func:`triton_experts_fit`, else :func:`grouped_swiglu_experts` where :func:`grouped_mm_fits`; elsewhere
     :func:`swiglu_experts_reference`.
 
@@ -106,17 +107,18 @@ def swiglu_experts(
         w_gate_up_E2ID (torch.Tensor): ``[E, 2I, D]``; rows ``[:I]`` are the gate, ``[I:]`` the up projection.
         w_down_EDI (torch.Tensor): ``[E, D, I]``.
         weights_TA, experts_TA (torch.Tensor): from :func:`route_topk`.
-        batch_invariant (bool): row-independent matmuls (see ``ops.linear``). Default: ``False``.
+        numerics (Numerics): row by row: row-independent matmuls (see ``ops.linear``). Default: ``FAST``.
     """
     args = (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
-    if x_TD.is_cuda and not batch_invariant and triton_experts_fit(*args):
+    fast = use_kernel(x_TD, numerics, dtypes=None, package=None)
+    if fast and triton_experts_fit(*args):
         from league.ops.triton_moe import SORT_MAX_PAIRS, grouped_swiglu_experts_triton
 
         large = experts_TA.numel() > SORT_MAX_PAIRS  # past the Triton sort's size: torch's
         return grouped_swiglu_experts_triton(*args, sort_pairs(experts_TA, w_gate_up_E2ID.shape[0]) if large else None)
-    if x_TD.is_cuda and not batch_invariant and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
+    if fast and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
         return grouped_swiglu_experts(*args)
-    return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, batch_invariant)
+    return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, numerics)
 
 
 def swiglu_experts_reference(
@@ -125,9 +127,10 @@ def swiglu_experts_reference(
     w_down_EDI: torch.Tensor,
     weights_TA: torch.Tensor,
     experts_TA: torch.Tensor,
-    batch_invariant: bool = False,
+    numerics: Numerics = FAST,
 ) -> torch.Tensor:
     """The reference: a loop over the experts that received tokens (arguments as :func:`swiglu_experts`)."""
+    numerics = numerics.plain_gemm()
     out_TD = torch.zeros_like(x_TD)
     flat_experts = experts_TA.reshape(-1)
     order = flat_experts.argsort(stable=True)
@@ -139,9 +142,9 @@ def swiglu_experts_reference(
         if count == 0:
             continue
         rows = token_of[start : start + count]
-        gate, up = linear(x_TD[rows], w_gate_up_E2ID[expert], batch_invariant).chunk(2, dim=-1)
-        hidden = silu(gate, batch_invariant) * up
-        y = linear(hidden, w_down_EDI[expert], batch_invariant) * weight_of[start : start + count, None]
+        gate, up = linear(x_TD[rows], w_gate_up_E2ID[expert], numerics).chunk(2, dim=-1)
+        hidden = silu(gate, numerics) * up
+        y = linear(hidden, w_down_EDI[expert], numerics) * weight_of[start : start + count, None]
         out_TD.index_add_(0, rows, y.to(out_TD.dtype))
         start += count
     return out_TD

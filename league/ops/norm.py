@@ -1,21 +1,18 @@
 """RMS norms of the Qwen3.5 family.
 
 ``rms_norm_reference`` defines the (1 + w) norm and ``gated_rms_norm_reference`` the GDN's gated norm; they run on
-CPU (and with ``batch_invariant``). On CUDA ``rms_norm`` and ``gated_rms_norm`` run the Triton kernels of
+CPU (and with row-by-row numerics). On CUDA ``rms_norm`` and ``gated_rms_norm`` run the Triton kernels of
 ``ops.triton_norm`` (same formulas, fp32 inside, each row reduced on its own), imported only when Triton is
 installed. Not responsible for where the weights live.
 
 Legend: T tokens, D feature dim.
 """
 
-import warnings
-
 import torch
 
 from league.ops.activations import silu
-from league.ops.backends import by_kernel, installed
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from league.ops.backends import by_kernel, use_kernel
+from league.ops.numerics import FAST, Numerics
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,14 +26,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         weight (torch.Tensor): ``[D]``, initialised to zeros.
         eps (float): added to the mean square.
     """
-    if x.is_cuda and x.dtype in _TRITON_DTYPES:
-        if installed("triton"):
-            from league.ops.triton_norm import triton_rms_norm
+    if use_kernel(x, op="rms_norm"):
+        from league.ops.triton_norm import triton_rms_norm
 
-            return triton_rms_norm(x, weight, eps)
-        warnings.warn(
-            "rms_norm: triton is not installed; falling back to its reference PyTorch implementation", stacklevel=2
-        )
+        return triton_rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -49,11 +42,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def gated_rms_norm(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool = False
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, numerics: Numerics = FAST
 ) -> torch.Tensor:
     """The GDN output norm: ``w * (x / rms(x)) * silu(gate)``, with a plain (not 1+w) weight.
 
-    On CUDA in fp32/bf16/fp16 with Triton installed (and not ``batch_invariant``):
+    On CUDA in fp32/bf16/fp16 with Triton installed (numerics not row by row):
     :func:`gated_rms_norm_kernel`; elsewhere :func:`gated_rms_norm_reference`.
 
     Args:
@@ -61,16 +54,12 @@ def gated_rms_norm(
         gate (torch.Tensor): ``[..., D]`` the ``z`` projection for the same head.
         weight (torch.Tensor): ``[D]``, initialised to ones.
         eps (float): added to the mean square.
-        batch_invariant (bool): the reference with the fixed-order SiLU (see ``ops.activations``).
+        numerics (Numerics): row by row: the reference with the fixed-order SiLU (see ``ops.activations``).
+            Default: ``FAST``.
     """
-    if x.is_cuda and x.dtype in _TRITON_DTYPES and gate.dtype == x.dtype and not batch_invariant:
-        if installed("triton"):
-            return gated_rms_norm_kernel(x, gate, weight, eps)
-        warnings.warn(
-            "gated_rms_norm: triton is not installed; falling back to its reference PyTorch implementation",
-            stacklevel=2,
-        )
-    return gated_rms_norm_reference(x, gate, weight, eps, batch_invariant)
+    if use_kernel(x, numerics, op="gated_rms_norm") and gate.dtype == x.dtype:
+        return gated_rms_norm_kernel(x, gate, weight, eps)
+    return gated_rms_norm_reference(x, gate, weight, eps, numerics)
 
 
 def gated_rms_norm_kernel(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,7 +73,7 @@ def gated_rms_norm_kernel(x: torch.Tensor, gate: torch.Tensor, weight: torch.Ten
 
 
 def gated_rms_norm_reference(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool = False
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, numerics: Numerics = FAST
 ) -> torch.Tensor:
     """:func:`gated_rms_norm` in plain torch (the definition). The normalised value is cast back to the input
     dtype before the weight multiplies it, and the SiLU gate is applied in fp32, as the published model does.
@@ -93,4 +82,4 @@ def gated_rms_norm_reference(
     x32 = x.to(acc)
     y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = weight * y
-    return (y * silu(gate.to(acc), batch_invariant)).to(x.dtype)
+    return (y * silu(gate.to(acc), numerics)).to(x.dtype)

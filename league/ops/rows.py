@@ -11,7 +11,7 @@ Legend: R rows moved, E elements per row.
 
 import torch
 
-from league.ops.backends import installed
+from league.ops.backends import use_kernel
 
 
 def copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor) -> None:
@@ -27,7 +27,7 @@ def copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src
         raise ValueError(
             f"copy_rows: rows of {tuple(src.shape[1:])} {src.dtype} into rows of {tuple(dst.shape[1:])} {dst.dtype}"
         )
-    if dst.is_cuda and installed("triton") and dst.is_contiguous() and src.is_contiguous():
+    if use_kernel(dst, None, None, op="copy_rows") and dst.is_contiguous() and src.is_contiguous():
         from league.ops.triton_rows import copy_rows_triton
 
         copy_rows_triton(dst, dst_index, src, src_index)

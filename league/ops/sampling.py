@@ -9,7 +9,7 @@ Legend: V vocabulary.
 
 import torch
 
-from league.ops.backends import installed
+from league.ops.backends import use_kernel
 
 
 def unfiltered(temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> bool:
@@ -114,7 +114,7 @@ def sample_logits(
     Returns:
         ``([B] int64 tokens, [B] fp32 log-sum-exp, [B] fp32 coins)``.
     """
-    if logits_BV.is_cuda and installed("triton"):
+    if use_kernel(logits_BV, None, None, op="sample_logits"):
         from league.ops.triton_sampling import sample_logits_fwd
 
         return sample_logits_fwd(logits_BV, temperature, seeds_B, positions_B, exclude_B, (SAMPLE, COIN))

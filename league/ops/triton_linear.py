@@ -5,9 +5,9 @@ GDN and attention out-projections (K = 4,096) round 0.2% of their outputs differ
 than at 4,096 (the whole sequence), ``benchmarks/results/mixer_precision_gpu_parity.json``. Here every call runs
 one tile configuration, with no split: each output is one fp32 sum over K in BK steps of ``tl.dot``, in the same
 order whatever M is, then rounded once to the output dtype. So a token's projections in a decode step equal
-its projections in a training forward bitwise, which decode parity (``ForwardBatch.decode_parity``) needs.
+its projections in a training forward bitwise, which decode parity (``Numerics.as_decode``) needs.
 
-Forward only: ``linear.linear(..., fixed_tiles=True)`` takes the gradients from ``torch.matmul``. Imported only when
+Forward only: ``linear.linear`` under decode parity takes the gradients from ``torch.matmul``. Imported only when
 Triton is installed; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``. Reads no device value on the
 host, so CUDA graphs can capture it.
 

@@ -5,7 +5,7 @@ rl-recipe.md section 1.4); ``--mode`` applies the sizes of its production launch
 import os
 
 from league.config import CheckpointConfig, EvalConfig, JobConfig, ModelConfig, RolloutConfig, RunConfig
-from league.engine.engine import EngineConfig
+from league.engine.config import EngineConfig
 from league.parallel.dims import ParallelConfig
 from league.rl.data import DataConfig
 from league.rl.optim import OptimConfig

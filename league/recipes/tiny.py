@@ -3,7 +3,7 @@ two-number addition on CPU, from random initialisation plus a short supervised w
 MTP training and speculative rollouts. The reward rises within minutes on 2 cores."""
 
 from league.config import CheckpointConfig, EvalConfig, JobConfig, ModelConfig, RolloutConfig, RunConfig
-from league.engine.engine import EngineConfig
+from league.engine.config import EngineConfig
 from league.rl.data import DataConfig
 from league.rl.optim import OptimConfig
 from league.rl.rewards import RewardConfig

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from league.config import JobConfig, write_config
 from league.engine.request import SamplingParams
+from league.ops.numerics import Numerics
 from league.parallel.dims import ParallelDims
 from league.parallel.parallelize import parallelize_qwen3_5_moe
 from league.rl import algorithms as algo
@@ -53,8 +54,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
         job.optim,
         total_steps=job.rollout.num_rollout * steps_per_rollout,
         temperature=job.rollout.rollout_temperature,
-        batch_invariant=job.engine.batch_invariant,  # the trainer computes as the engine does
-        decode_parity=job.engine.decode_parity,
+        numerics=Numerics(job.engine.numerics),  # the trainer computes as the engine does
     )
     engine = setup.build_engine(job, model, tokenizer)
     start = 0

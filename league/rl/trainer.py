@@ -17,6 +17,7 @@ import torch
 from league.checks import check_int, check_number
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
+from league.ops.numerics import FAST, Numerics
 from league.rl import algorithms as algo
 from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
@@ -113,16 +114,16 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens ``[R]`` (fp32) and the trunk hidden states ``[T, D]``.
 
-    The output head is fused into the log-prob (no ``[R, V]`` logits held) unless the batch is batch-invariant,
+    The output head is fused into the log-prob (no ``[R, V]`` logits held) unless the batch's numerics are row by row,
     where the log-probs must equal the engine's bitwise and so take the engine's own path.
     """
     if hidden_TD is None:
         hidden_TD = model(mb.packed.tokens_T, mb.batch)
-    if not mb.batch.batch_invariant:
+    if not mb.batch.numerics.row_by_row:
         hidden_RD = hidden_TD[mb.packed.logit_index_R]
         logp_R = linear_token_logprobs(hidden_RD, model.output_weight(), mb.packed.response_tokens_R, temperature)
         return logp_R, hidden_TD
-    logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R], mb.batch.batch_invariant)
+    logits_RV = model.logits(hidden_TD[mb.packed.logit_index_R], mb.batch.numerics)
     if temperature != 1.0:
         logits_RV = logits_RV / temperature
     return token_logprobs(logits_RV, mb.packed.response_tokens_R), hidden_TD
@@ -130,12 +131,12 @@ def response_logprobs(
 
 def response_entropy(model: Transformer, mb: MicroBatch, hidden_TD: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy ``[R]`` (fp32) of the tempered distribution at each response position; the output head is fused in
-    (no ``[R, V]`` logits held) unless the batch is batch-invariant."""
+    (no ``[R, V]`` logits held) unless the batch's numerics are row by row."""
     hidden_RD = hidden_TD[mb.packed.logit_index_R]
-    if not mb.batch.batch_invariant:
+    if not mb.batch.numerics.row_by_row:
         weight = model.output_weight()
         return linear_token_logprobs_entropy(hidden_RD, weight, mb.packed.response_tokens_R, temperature)[1]
-    return entropy(model.logits(hidden_RD, batch_invariant=True) / temperature)
+    return entropy(model.logits(hidden_RD, mb.batch.numerics) / temperature)
 
 
 class Trainer:
@@ -146,10 +147,8 @@ class Trainer:
         train (TrainConfig), algo_config (AlgorithmConfig), optim (OptimConfig): settings.
         total_steps (int): optimizer steps of the run (for LR decay).
         temperature (float): rollout temperature; log-probs use logits / temperature. Default: ``1.0``.
-        batch_invariant (bool): row-independent numerics, matching an engine run the same way bitwise.
-            Default: ``False``.
-        decode_parity (bool): forwards compute the token mixers as the engine's decode does (see
-            ``ForwardBatch.decode_parity``), for an engine run with ``decode_parity``. Default: ``False``.
+        numerics (Numerics): how forwards compute (``ops.numerics``), as the engine that samples computes.
+            Default: ``FAST``.
     """
 
     def __init__(
@@ -160,12 +159,10 @@ class Trainer:
         optim: OptimConfig,
         total_steps: int,
         temperature: float = 1.0,
-        batch_invariant: bool = False,
-        decode_parity: bool = False,
+        numerics: Numerics = FAST,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
-        self.total_steps, self.temperature, self.batch_invariant = total_steps, temperature, batch_invariant
-        self.decode_parity = decode_parity
+        self.total_steps, self.temperature, self.numerics = total_steps, temperature, numerics
         self.device = next(model.parameters()).device
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not algo_config.enable_mtp_training:
@@ -187,8 +184,7 @@ class Trainer:
                     batch=ForwardBatch.packed(
                         packed.seq_lens,
                         device=self.device,
-                        batch_invariant=self.batch_invariant,
-                        decode_parity=self.decode_parity,
+                        numerics=self.numerics,
                     ),
                     indices=list(group),
                 )
@@ -291,8 +287,8 @@ class Trainer:
         mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
         rows = mask.nonzero()[:, 0]
         hidden_RD, labels_R = mtp_hidden[rows], labels[rows]
-        if self.batch_invariant:  # the engine's own head, as the policy's log-probs take it
-            logits = self.model.mtp_logits(hidden_RD, detach_head=True, batch_invariant=True)
+        if self.numerics.row_by_row:  # the engine's own head, as the policy's log-probs take it
+            logits = self.model.mtp_logits(hidden_RD, detach_head=True, numerics=self.numerics)
             return algo.mtp_loss(token_logprobs(logits, labels_R), mask[rows])
         # the output head fused into the log-prob (no [R, V] logits held), detached: the loss reaches MTP only
         logp_R = linear_token_logprobs(hidden_RD, self.model.output_weight().detach(), labels_R)

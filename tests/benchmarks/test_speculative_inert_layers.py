@@ -4,7 +4,8 @@ decode exactly as the cut does, while its extra layers do a real layer's work.""
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe.presets import TINY, with_num_layers

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.server import EngineServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "robustness.md"

@@ -6,10 +6,12 @@ import torch
 from transformers import Qwen3_5MoeForCausalLM
 
 from league.checkpoint.qwen3_5_moe import from_hf
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import BATCH_INVARIANT
 from tests.conftest import hf_text_config, randomize_vectors
 
 
@@ -177,7 +179,7 @@ def test_steps_without_drafts_keep_the_mtp_cache_whole(hf_and_league):
         batch = ForwardBatch.packed([len(seq) - 1], cache_lens=[0], slots=[0])
         model.mtp_forward(hidden[:-1], seq[1:], batch, ref)
     checked = len(prompts[1]) + 8 + 4  # past the plain steps (while the short request ran) and a few verifies
-    for got, want in zip(eng.cache.mtp_layers, ref.mtp_layers):
+    for got, want in zip(eng.runner.cache.mtp_layers, ref.mtp_layers):
         assert (got.k[1, :checked] - want.k[0, :checked]).abs().max().item() < 1e-4
         assert (got.v[1, :checked] - want.v[0, :checked]).abs().max().item() < 1e-4
     always = engine(model, **spec)
@@ -205,23 +207,23 @@ def test_graph_paths_give_the_tokens_of_eager_steps(hf_and_league, monkeypatch, 
     decode graphs handing back logits and hidden states, speculative steps replayed from their pieces) run on the
     CPU with each "graph" replaying its function: the greedy tokens equal those of the eager engine."""
     from league.engine import cuda_graph, speculative
-    from league.engine import engine as engine_module
+    from league.engine import model_runner as runner_module
 
     _, model = hf_and_league
     prompts = prompts_of([5, 40, 17, 2, 33, 9], model.args.vocab_size)
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in [12, 20, 7, 16, 3, 20]]
     config = dict(speculative_algorithm="EAGLE", **spec) if spec else {}
     expected = [o.output_ids for o in engine(model, **config).generate(prompts, params)]
-    monkeypatch.setattr(engine_module, "graphs_apply", lambda *args: True)
+    monkeypatch.setattr(runner_module, "graphs_apply", lambda *args: True)
     monkeypatch.setattr(cuda_graph, "capture_pieces", capture_eagerly)
     monkeypatch.setattr(speculative, "capture_pieces", capture_eagerly)
     eng = engine(model, cuda_graph_bs=[2, 4], **config)  # 3 running: padded to 4; 1 or 2: run in 2
-    assert eng.use_graphs
+    assert eng.runner.use_graphs
     assert [o.output_ids for o in eng.generate(prompts, params)] == expected
     if not spec or "speculative_max_batch" in spec:  # steps without drafts replayed the decode graphs
-        assert eng.graphs is not None and sorted(eng.graphs.graphs) == [2, 4]
+        assert eng.runner.graphs is not None and sorted(eng.runner.graphs.graphs) == [2, 4]
     if spec:
-        assert sorted(eng.spec_step.graphs) == [2]  # the step captures sizes up to its 3 rows
+        assert sorted(eng.runner.spec_step.graphs) == [2]  # the step captures sizes up to its 3 rows
 
 
 def test_overlap_schedule_gives_the_same_outputs(hf_and_league):
@@ -343,15 +345,15 @@ def test_batch_invariant_mode_is_bitwise():
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=7)
     results = []
     for spec in ({}, dict(speculative_algorithm="EAGLE", speculative_num_steps=2)):
-        alone = engine(model, batch_invariant=True, **spec).generate([prompts[1]], params)[0]
-        mixed = engine(model, batch_invariant=True, max_running_requests=5, **spec).generate(prompts, params)[1]
+        alone = engine(model, numerics="batch_invariant", **spec).generate([prompts[1]], params)[0]
+        mixed = engine(model, numerics="batch_invariant", max_running_requests=5, **spec).generate(prompts, params)[1]
         assert alone.output_ids == mixed.output_ids and alone.output_logprobs == mixed.output_logprobs
         results.append(alone)
     full = torch.tensor(prompts[1] + results[0].output_ids)
     with torch.no_grad():
-        hidden = model(full, ForwardBatch.packed([len(full)], batch_invariant=True))
+        hidden = model(full, ForwardBatch.packed([len(full)], numerics=BATCH_INVARIANT))
         scored = token_logprobs(
-            model.logits(hidden, batch_invariant=True)[len(prompts[1]) - 1 : -1], torch.tensor(results[0].output_ids)
+            model.logits(hidden, BATCH_INVARIANT)[len(prompts[1]) - 1 : -1], torch.tensor(results[0].output_ids)
         )
     assert scored.tolist() == results[0].output_logprobs
 
@@ -369,7 +371,7 @@ def test_bf16_recurrent_states_stay_close_to_fp32(spec):
     prompts = prompts_of([5, 17, 33], model.args.vocab_size)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     half = engine(model, mamba_ssm_dtype="bfloat16", **spec)
-    assert all(layer.ssm.dtype == torch.bfloat16 for layer in half.cache.layers if hasattr(layer, "ssm"))
+    assert all(layer.ssm.dtype == torch.bfloat16 for layer in half.runner.cache.layers if hasattr(layer, "ssm"))
     low, full = half.generate(prompts, params), engine(model, **spec).generate(prompts, params)
     diffs = [abs(a - b) for lo, fu in zip(low, full) for a, b in zip(lo.output_logprobs, fu.output_logprobs)]
     assert [o.output_ids for o in low] == [o.output_ids for o in full]
@@ -380,7 +382,7 @@ def test_unknown_state_dtype_is_refused():
     with pytest.raises(ValueError, match="mamba_ssm_dtype"):
         EngineConfig(mamba_ssm_dtype="float16")
     with pytest.raises(ValueError, match="batch_invariant"):  # the trainer keeps fp32 states
-        EngineConfig(mamba_ssm_dtype="bfloat16", batch_invariant=True)
+        EngineConfig(mamba_ssm_dtype="bfloat16", numerics="batch_invariant")
 
 
 def test_cuda_graph_sizes_without_graphs_warn():

@@ -5,7 +5,8 @@ speculative engines."""
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from tests.engine.test_speculative import small_vocab_model

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.engine.server import EngineServer
 from tests.engine.test_server import CONFIG, TIMEOUT, model, post, reference, tokenizer  # noqa: F401

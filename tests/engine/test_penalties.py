@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.ops.penalties import penalize, token_counts

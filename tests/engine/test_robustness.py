@@ -4,7 +4,8 @@ failure until the engine runs again; an engine that cannot recover answers 503."
 
 import pytest
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.engine.server import EngineServer
 from tests.engine.test_server import post

@@ -6,7 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.engine.speculative import accept
 from league.models.qwen3_5_moe import ForwardBatch, ModelArgs, Transformer

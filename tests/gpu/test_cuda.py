@@ -6,7 +6,8 @@ Run on the GPU machine with ``python -m pytest tests/gpu -q``.
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from tests.models.test_forms import tiny_model

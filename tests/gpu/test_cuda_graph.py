@@ -6,7 +6,8 @@ Run on the GPU machine with ``python -m pytest tests/gpu -q``.
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import Transformer
 from league.models.qwen3_5_moe.presets import PRESETS
@@ -36,7 +37,7 @@ def test_graph_decode_matches_eager_at_a_captured_size():
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     graphed_engine, graphed = run(model, prompts, params, cuda_graph_bs=[8])
     _, eager = run(model, prompts, params, disable_cuda_graph=True)
-    assert graphed_engine.graphs is not None and graphed_engine.graphs.sizes == [8]
+    assert graphed_engine.runner.graphs is not None and graphed_engine.runner.graphs.sizes == [8]
     for g, e in zip(graphed, eager):  # cuBLAS may pick other kernels inside a capture: close, not bitwise
         assert g.output_ids == e.output_ids
         assert max(abs(a - b) for a, b in zip(g.output_logprobs, e.output_logprobs)) < 2e-2
@@ -81,7 +82,7 @@ def test_graph_speculation_matches_eager(num_steps):
     spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=num_steps)
     graphed_engine, graphed = run(model, prompts, params, cuda_graph_bs=[2, 8], **spec)
     eager_engine, eager = run(model, prompts, params, disable_cuda_graph=True, **spec)
-    assert sorted(graphed_engine.spec_step.graphs) == [2, 8] and not eager_engine.spec_step.graphs
+    assert sorted(graphed_engine.runner.spec_step.graphs) == [2, 8] and not eager_engine.runner.spec_step.graphs
     for g, e in zip(graphed, eager):
         assert g.output_ids == e.output_ids
         assert max(abs(a - b) for a, b in zip(g.output_logprobs, e.output_logprobs)) < 2e-2

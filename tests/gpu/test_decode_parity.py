@@ -1,5 +1,5 @@
 """Decode parity on the GPU in bf16: an engine whose prefill computes as decode does, decoding through CUDA graphs,
-against a trainer-style whole-sequence forward with ``decode_parity`` (skipped without CUDA), on the tiny preset
+against a trainer-style whole-sequence forward with decode parity (skipped without CUDA), on the tiny preset
 and on two full-width layers of Qwen3.6-35B-A3B (where cuBLAS splits the out-projections' K at few rows). Without
 parity the same comparison shows the ordinary gap (flash attention, fla's chunked GDN and cuBLAS against the decode
 kernels). Also the fixed-tiles GEMM at the full-width projection shapes: each row bitwise the same at any row count;
@@ -11,12 +11,14 @@ Run on the GPU machine with ``python -m pytest tests/gpu/test_decode_parity.py -
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS
 from league.ops.linear import linear
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import DECODE_PARITY, FAST
 from league.ops.rope import rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,12 +48,14 @@ def gap(model: Transformer, parity: bool) -> tuple[float, float]:
     """(mean |trainer - rollout| over sampled tokens, fraction of tokens whose log-probs are bitwise equal)."""
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in (40, 7, 90, 23)]
-    engine = LLMEngine(model, EngineConfig(max_running_requests=4, context_length=160, decode_parity=parity))
+    engine = LLMEngine(
+        model, EngineConfig(max_running_requests=4, context_length=160, numerics="decode_parity" if parity else "fast")
+    )
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True, seed=2))
-    assert engine.graphs is not None  # decode ran captured
+    assert engine.runner.graphs is not None  # decode ran captured
     seqs = [p + o.output_ids for p, o in zip(prompts, outs)]
     with torch.no_grad():
-        batch = ForwardBatch.packed([len(s) for s in seqs], device="cuda", decode_parity=parity)
+        batch = ForwardBatch.packed([len(s) for s in seqs], device="cuda", numerics=DECODE_PARITY if parity else FAST)
         hidden = model(torch.tensor([t for s in seqs for t in s], device="cuda"), batch)
     diffs, start = [], 0
     for prompt, seq, out in zip(prompts, seqs, outs):
@@ -86,11 +90,11 @@ def test_fixed_tiles_rows_are_bitwise_the_same_at_any_row_count(shape):
     cols, dim = shape
     w = torch.randn(cols, dim, generator=gen, device="cuda").mul_(0.02).to(torch.bfloat16)
     x = torch.randn(4096, dim, generator=gen, device="cuda").to(torch.bfloat16)
-    whole = linear(x, w, fixed_tiles=True)
+    whole = linear(x, w, DECODE_PARITY)
     torch.testing.assert_close(whole.float(), x.float() @ w.float().t(), rtol=1.6e-2, atol=2e-3)
     for rows in (1, 8, 64, 256, 711):
-        assert torch.equal(linear(x[:rows], w, fixed_tiles=True), whole[:rows]), rows
-    assert torch.equal(linear(x[3000:3001], w, fixed_tiles=True), whole[3000:3001])
+        assert torch.equal(linear(x[:rows], w, DECODE_PARITY), whole[:rows]), rows
+    assert torch.equal(linear(x[3000:3001], w, DECODE_PARITY), whole[3000:3001])
 
 
 def test_joined_projections_give_the_same_bits_under_parity():
@@ -106,7 +110,7 @@ def test_joined_projections_give_the_same_bits_under_parity():
         if joined:
             model.join_projections()
         for parity in (False, True):
-            batch = ForwardBatch.packed(lens, device="cuda", decode_parity=parity)
+            batch = ForwardBatch.packed(lens, device="cuda", numerics=DECODE_PARITY if parity else FAST)
             with torch.no_grad():
                 outs[joined, parity] = model(tokens, batch)
     assert torch.equal(outs[True, True], outs[False, True])

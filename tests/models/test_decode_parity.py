@@ -1,4 +1,4 @@
-"""Decode parity (``ForwardBatch.decode_parity``): whole-sequence forwards that compute the token mixers as decode
+"""Decode parity (``--numerics decode_parity``): whole-sequence forwards that compute the token mixers as decode
 does. On CPU the mixers are the references (the recurrent GDN rule, per-sequence attention), so these tests check
 the plumbing and the math: the forward equals the ordinary one, gradients flow, an engine with parity prefill
 decodes the same tokens, and a trainer's parity forward scores them as the engine did. The kernels' bitwise claims
@@ -7,12 +7,14 @@ are tested on CUDA (``tests/ops/test_decode_parity_kernels.py``, ``tests/gpu``).
 import pytest
 import torch
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe import model as model_py
 from league.ops import linear as linear_module
 from league.ops.logprob import token_logprobs
+from league.ops.numerics import DECODE_PARITY, FAST
 from tests.models.test_forms import tiny_model
 
 LENS = [9, 23, 4]
@@ -29,7 +31,7 @@ def test_parity_forward_equals_the_ordinary_forward_with_gradients():
     outs = []
     for parity in (False, True):
         model.zero_grad()
-        hidden = model(tokens, ForwardBatch.packed(LENS, decode_parity=parity))
+        hidden = model(tokens, ForwardBatch.packed(LENS, numerics=DECODE_PARITY if parity else FAST))
         logits = model.logits(hidden)
         logits.float().pow(2).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -50,7 +52,7 @@ def test_engine_with_parity_prefill_decodes_as_the_trainer_scores():
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5)
     outs = {}
     for parity in (False, True):
-        config = EngineConfig(max_running_requests=3, context_length=64, decode_parity=parity)
+        config = EngineConfig(max_running_requests=3, context_length=64, numerics="decode_parity" if parity else "fast")
         engine = LLMEngine(model, config)
         engine.eos_ids = set()
         outs[parity] = engine.generate(prompts, params)
@@ -58,7 +60,8 @@ def test_engine_with_parity_prefill_decodes_as_the_trainer_scores():
     seqs = [p + o.output_ids for p, o in zip(prompts, outs[True])]
     with torch.no_grad():
         hidden = model(
-            torch.tensor([t for s in seqs for t in s]), ForwardBatch.packed([len(s) for s in seqs], decode_parity=True)
+            torch.tensor([t for s in seqs for t in s]),
+            ForwardBatch.packed([len(s) for s in seqs], numerics=DECODE_PARITY),
         )
     start = 0
     for prompt, seq, out in zip(prompts, seqs, outs[True]):
@@ -70,11 +73,11 @@ def test_engine_with_parity_prefill_decodes_as_the_trainer_scores():
 
 @pytest.mark.parametrize(
     "bad, message",
-    [(dict(mamba_ssm_dtype="bfloat16"), "float32"), (dict(batch_invariant=True), "choose one")],
+    [(dict(mamba_ssm_dtype="bfloat16"), "float32"), (dict(numerics="exact"), "numerics")],
 )
 def test_parity_config_is_checked(bad, message):
     with pytest.raises(ValueError, match=message):
-        EngineConfig(decode_parity=True, **bad)
+        EngineConfig(**{"numerics": "decode_parity", **bad})
 
 
 @pytest.mark.parametrize("spec_steps", [0, 2])
@@ -85,9 +88,9 @@ def test_every_projection_of_every_parity_forward_asks_for_fixed_tiles(monkeypat
     calls = []
     original = model_py.linear
 
-    def recorded(x, weight, batch_invariant=False, fixed_tiles=False):
-        calls.append((tuple(weight.shape), fixed_tiles))
-        return original(x, weight, batch_invariant, fixed_tiles)
+    def recorded(x, weight, numerics=FAST):
+        calls.append((tuple(weight.shape), numerics.as_decode))
+        return original(x, weight, numerics)
 
     monkeypatch.setattr(model_py, "linear", recorded)
     monkeypatch.setattr(linear_module, "linear", recorded)  # the joined projections' (``linear_joined``)
@@ -98,11 +101,17 @@ def test_every_projection_of_every_parity_forward_asks_for_fixed_tiles(monkeypat
         calls.clear()
         config = dict(speculative_algorithm="EAGLE", speculative_num_steps=spec_steps) if spec_steps else {}
         engine = LLMEngine(
-            model, EngineConfig(max_running_requests=2, context_length=32, decode_parity=parity, **config)
+            model,
+            EngineConfig(
+                max_running_requests=2, context_length=32, numerics="decode_parity" if parity else "fast", **config
+            ),
         )
         engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
         with torch.no_grad():
-            model(torch.tensor(prompts[1]), ForwardBatch.packed([len(prompts[1])], decode_parity=parity))
+            model(
+                torch.tensor(prompts[1]),
+                ForwardBatch.packed([len(prompts[1])], numerics=DECODE_PARITY if parity else FAST),
+            )
         projections = [tiles for shape, tiles in calls if shape != head]  # the output head is the log-prob kernels'
         assert len(projections) > 20
         assert all(tiles == parity for tiles in projections)

@@ -14,6 +14,7 @@ from league.ops.attention import (
     varlen_causal_attention,
     varlen_causal_attention_reference,
 )
+from league.ops.numerics import BATCH_INVARIANT, FAST
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CAN_RUN_TRITON = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -40,41 +41,41 @@ def cache_batch(q_lens, kv_lens, slots, num_heads, num_kv_heads, head_dim, num_s
     return q, k_cache, v_cache, cu, torch.tensor(slots), torch.tensor(kv_lens)
 
 
-@pytest.mark.parametrize("batch_invariant", [False, True])
-def test_varlen_reference_equals_per_sequence_calls(batch_invariant):
+@pytest.mark.parametrize("numerics", [FAST, BATCH_INVARIANT], ids=["fast", "batch_invariant"])
+def test_varlen_reference_equals_per_sequence_calls(numerics):
     seq_lens = [5, 1, 17, 9]
     q, k, v, cu = packed(seq_lens, 4, 2, 16)
     for x in (q, k, v):
         x.requires_grad_(True)
-    out = varlen_causal_attention(q, k, v, cu, max(seq_lens), 0.25, batch_invariant)
-    assert torch.equal(out, varlen_causal_attention_reference(q, k, v, cu, max(seq_lens), 0.25, batch_invariant))
+    out = varlen_causal_attention(q, k, v, cu, max(seq_lens), 0.25, numerics)
+    assert torch.equal(out, varlen_causal_attention_reference(q, k, v, cu, max(seq_lens), 0.25, numerics))
     bounds = cu.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        ref = causal_attention(q[start:end], k[start:end], v[start:end], 0.25, batch_invariant)
+        ref = causal_attention(q[start:end], k[start:end], v[start:end], 0.25, numerics)
         assert torch.equal(out[start:end], ref)
     # gradients flow to each sequence's own tokens only, as with separate calls
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     for start, end in zip(bounds[:-1], bounds[1:]):
-        ref = causal_attention(q[start:end], k[start:end], v[start:end], 0.25, batch_invariant)
+        ref = causal_attention(q[start:end], k[start:end], v[start:end], 0.25, numerics)
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad[start:end])
         for g, g_ref in zip((dq, dk, dv), ref_grads):
             assert torch.allclose(g[start:end], g_ref[start:end], atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_invariant", [False, True])
-def test_cached_reference_equals_per_sequence_calls(batch_invariant):
+@pytest.mark.parametrize("numerics", [FAST, BATCH_INVARIANT], ids=["fast", "batch_invariant"])
+def test_cached_reference_equals_per_sequence_calls(numerics):
     q_lens, kv_lens, slots = [1, 4, 37, 0], [70, 33, 87, 0], [5, 0, 3, 7]
     q, k_cache, v_cache, cu, slots_N, kv_lens_N = cache_batch(q_lens, kv_lens, slots, 4, 2, 32)
-    out = cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, batch_invariant)
+    out = cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics)
     assert torch.equal(
         out,
-        cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, batch_invariant),
+        cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics),
     )
     bounds = cu.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         keys, values = k_cache[slots[i], : kv_lens[i]], v_cache[slots[i], : kv_lens[i]]
-        assert torch.equal(out[start:end], causal_attention(q[start:end], keys, values, 32**-0.5, batch_invariant))
+        assert torch.equal(out[start:end], causal_attention(q[start:end], keys, values, 32**-0.5, numerics))
 
 
 def test_fresh_cache_equals_varlen():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from league.ops import logprob as logprob_module
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
+from league.ops.numerics import BATCH_INVARIANT, FAST
 
 
 def make_inputs(num_rows, dim, vocab, dtype=torch.float32, seed=0):
@@ -124,10 +125,10 @@ def test_trainer_response_logprobs(batch_invariant):
 
     model = tiny_model().float()
     trainer = trainer_for(model)
-    trainer.batch_invariant = batch_invariant
+    trainer.numerics = BATCH_INVARIANT if batch_invariant else FAST
     mb = trainer._micro_batches(make_samples(4, model.args.vocab_size), 4096)[0]
     logp, hidden = response_logprobs(model, mb, temperature=0.8)
-    logits = model.logits(hidden[mb.packed.logit_index_R], batch_invariant)
+    logits = model.logits(hidden[mb.packed.logit_index_R], trainer.numerics)
     if batch_invariant:
         assert torch.equal(logp, token_logprobs(logits / 0.8, mb.packed.response_tokens_R))
         return

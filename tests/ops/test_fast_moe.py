@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from league.ops.moe import grouped_mm_fits, grouped_swiglu_experts, route_topk, swiglu_experts, swiglu_experts_reference
+from league.ops.numerics import BATCH_INVARIANT
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
 
@@ -72,8 +73,8 @@ def test_dispatch_keeps_reference_on_cpu_and_in_batch_invariant_mode():
     ref = swiglu_experts_reference(x, w_gate_up, w_down, weights, experts)
     assert torch.equal(swiglu_experts(x, w_gate_up, w_down, weights, experts), ref)
     assert torch.equal(
-        swiglu_experts_reference(x, w_gate_up, w_down, weights, experts, True),
-        swiglu_experts(x, w_gate_up, w_down, weights, experts, True),
+        swiglu_experts_reference(x, w_gate_up, w_down, weights, experts, BATCH_INVARIANT),
+        swiglu_experts(x, w_gate_up, w_down, weights, experts, BATCH_INVARIANT),
     )
 
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from league.engine.engine import EngineConfig, LLMEngine
+from league.engine.config import EngineConfig
+from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
 from league.ops import linear as linear_module
 from league.ops.linear import join_rows, joined, linear_joined, with_spare_rows
+from league.ops.numerics import BATCH_INVARIANT
 from tests.models.test_forms import tiny_model
 
 
@@ -80,7 +82,7 @@ def test_linear_joined_equals_one_gemm_each_and_keeps_gradients():
         outs = linear_joined(x, ws)  # gradients asked for: one GEMM each, so each weight gets its own
         assert calls == [(6, 8), (4, 8), (2, 8)]
         calls.clear()
-        outs_inv = linear_joined(x, ws, batch_invariant=True)
+        outs_inv = linear_joined(x, ws, BATCH_INVARIANT)
         assert len(calls) == 3
     finally:
         linear_module.linear = original

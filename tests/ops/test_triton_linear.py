@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from league.ops.linear import _FixedTilesLinear, fixed_tiles_fit, linear
+from league.ops.numerics import DECODE_PARITY
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -75,7 +76,7 @@ def test_linear_takes_fixed_tiles_only_where_it_runs():
     assert not fixed_tiles_fit(x.float(), w.float())
     # elsewhere (CPU, fp32) the flag falls back to F.linear, bitwise
     assert torch.equal(
-        linear(x.float().cpu(), w.float().cpu(), fixed_tiles=True), F.linear(x.float().cpu(), w.float().cpu())
+        linear(x.float().cpu(), w.float().cpu(), DECODE_PARITY), F.linear(x.float().cpu(), w.float().cpu())
     )
     if CUDA:
-        assert torch.equal(linear(x, w, fixed_tiles=True), _FixedTilesLinear.apply(x, w))
+        assert torch.equal(linear(x, w, DECODE_PARITY), _FixedTilesLinear.apply(x, w))

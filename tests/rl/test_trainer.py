@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from league.ops.numerics import BATCH_INVARIANT, FAST
 from league.rl.algorithms import mtp_labels_and_mask
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
@@ -131,7 +132,7 @@ def test_entropy_bonus_is_the_same_fused_and_batch_invariant():
     for invariant in (False, True):
         model = tiny_model().float()
         trainer = trainer_for(model, entropy_coef=0.01)
-        trainer.batch_invariant = invariant
+        trainer.numerics = BATCH_INVARIANT if invariant else FAST
         metrics = trainer.train(make_samples(8, model.args.vocab_size, seed=5))
         results.append((metrics["train/entropy_loss"], metrics["train/grad_norm"]))
     (entropy_fused, norm_fused), (entropy_invariant, norm_invariant) = results
@@ -147,7 +148,7 @@ def test_mtp_loss_is_the_same_fused_and_batch_invariant():
     mb = trainer._micro_batches(make_samples(8, model.args.vocab_size, seed=3), 4096)[0]
     results = []
     for invariant in (False, True):
-        trainer.batch_invariant = invariant
+        trainer.numerics = BATCH_INVARIANT if invariant else FAST
         model.zero_grad()
         hidden = model(mb.packed.tokens_T, mb.batch)
         loss = trainer._mtp_loss(mb, hidden)

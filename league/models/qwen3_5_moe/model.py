@@ -30,6 +30,7 @@ from league.ops.gdn.parity import gated_delta_rule_as_decode
 from league.ops.linear import join_rows, linear, linear_joined
 from league.ops.moe import route_topk, swiglu_experts
 from league.ops.norm import gated_rms_norm, rms_norm
+from league.ops.numerics import FAST, Numerics
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from league.ops.rows import copy_rows
 
@@ -94,15 +95,10 @@ class ForwardBatch:
         record_states (bool): verify mode: leave the slots' GDN states untouched, and keep each step's conv
             window and the recurrence's inputs in the scratch rows for :meth:`Transformer.commit_verified`.
             Default: ``False``.
-        batch_invariant (bool): every op computes a token's numbers independently of the other tokens and
-            sequences in the forward (row-wise matmuls, step-by-step GDN, per-row attention), so prefill,
-            decode, verify and training agree bitwise. Slower. Default: ``False``.
-        decode_parity (bool): a whole-sequence forward (training, prefill) runs the token mixers as decode runs
-            them: the recurrent GDN kernel over each sequence (``ops.gdn.parity``) and the decode attention
-            kernel (``attention.varlen_causal_attention_as_decode``), gradients from the chunked GDN and flash
-            attention; and every forward with it (decode steps too) runs the dense projections by a GEMM whose
-            rounding does not change with the row count (``ops.linear``'s fixed tiles, bf16/fp16 on CUDA); so a
-            trainer's log-probs equal the ones the engine sampled with. Slower. Default: ``False``.
+        numerics (Numerics): how every op of the forward computes (``ops.numerics``: fast, batch invariant, or
+            decode parity, under which a whole-sequence forward runs the token mixers as decode runs them: the
+            recurrent GDN kernel over each sequence, ``ops.gdn.parity``, and the decode attention kernel,
+            ``attention.varlen_causal_attention_as_decode``). Default: ``FAST``.
 
     The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
     forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
@@ -117,8 +113,7 @@ class ForwardBatch:
     slots: list[int] | None = None
     cache_lens: list[int] | None = None
     record_states: bool = False
-    batch_invariant: bool = False
-    decode_parity: bool = False
+    numerics: Numerics = FAST
     seq_lens_t: torch.Tensor | None = None
     slots_t: torch.Tensor | None = None
     cache_lens_t: torch.Tensor | None = None
@@ -126,14 +121,13 @@ class ForwardBatch:
     pad_rows: torch.Tensor | None = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A dense projection as this forward's numerics run it: ``ops.linear.linear`` with ``batch_invariant``,
-        and with its fixed-tiles GEMM under ``decode_parity``."""
-        return linear(x, weight, self.batch_invariant, fixed_tiles=self.decode_parity)
+        """A dense projection as this forward's numerics run it (``ops.linear.linear``)."""
+        return linear(x, weight, self.numerics)
 
     def linears(self, x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
         """Projections of one input as :meth:`linear` runs each; one GEMM when the weights are joined
         (``Transformer.join_projections``) and no gradient is needed."""
-        return linear_joined(x, weights, self.batch_invariant, fixed_tiles=self.decode_parity)
+        return linear_joined(x, weights, self.numerics)
 
     @classmethod
     def packed(
@@ -143,8 +137,7 @@ class ForwardBatch:
         cache_lens: list[int] | None = None,
         slots: list[int] | None = None,
         record_states: bool = False,
-        batch_invariant: bool = False,
-        decode_parity: bool = False,
+        numerics: Numerics = FAST,
     ) -> "ForwardBatch":
         """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
         num_seqs = len(seq_lens)
@@ -168,8 +161,7 @@ class ForwardBatch:
             slots=slots,
             cache_lens=cache_lens,
             record_states=record_states,
-            batch_invariant=batch_invariant,
-            decode_parity=decode_parity,
+            numerics=numerics,
             **fields,
         )
 
@@ -218,7 +210,7 @@ class GatedAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
+        num_tokens, numerics, proj = x_TD.shape[0], batch.numerics, batch.linear
         q_and_gate, k_TG, v_TG = batch.linears(x_TD, self.wq.weight, self.wk.weight, self.wv.weight)
         q_THK, gate_THK = q_and_gate.view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k_TGK = k_TG.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -231,8 +223,8 @@ class GatedAttention(nn.Module):
             cache.k[batch.token_slots, batch.positions] = k_TGK.to(cache.k.dtype)
             cache.v[batch.token_slots, batch.positions] = v_TGK.to(cache.v.dtype)
         fresh = cache is None or not any(batch.cache_lens)
-        if fresh and not batch.decode_parity:  # fresh sequences: their own keys are all the keys
-            out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, inv)
+        if fresh and not numerics.as_decode:  # fresh sequences: their own keys are all the keys
+            out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, numerics)
         elif cache is None:  # decode parity in training: the decode kernel over the packed keys
             out_THK = varlen_causal_attention_as_decode(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale)
         else:
@@ -248,9 +240,9 @@ class GatedAttention(nn.Module):
                 scale,
                 batch.max_seqlen,
                 max_kv,
-                batch_invariant=inv,
+                numerics=numerics,
             )
-        out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), inv)
+        out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), numerics)
         return proj(out_TD, self.wo.weight)
 
 
@@ -275,7 +267,7 @@ class GatedDeltaNet(nn.Module):
         self.wo = nn.Linear(self.value_dim, args.dim, bias=False)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
-        num_tokens, inv, proj = x_TD.shape[0], batch.batch_invariant, batch.linear
+        num_tokens, proj = x_TD.shape[0], batch.linear
         # a_TH, b_TH: the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on
         # the GPU)
         mixed_TC, z_TV, a_TH, b_TH = batch.linears(
@@ -283,7 +275,7 @@ class GatedDeltaNet(nn.Module):
         )
         o_THV = self._mix(mixed_TC, a_TH, b_TH, batch, cache)
         z_THV = z_TV.view(num_tokens, self.num_v_heads, self.v_dim)
-        y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, inv)
+        y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, batch.numerics)
         return proj(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight)
 
     def _split(self, conv_out_TC: torch.Tensor):
@@ -314,16 +306,14 @@ class GatedDeltaNet(nn.Module):
             return out.view(num_seqs, longest, *x_T.shape[1:])
 
         conv_dim, width1 = mixed_TC.shape[1], self.conv_weight.shape[1] - 1
+        numerics = batch.numerics
         step_by_step = (
-            batch.batch_invariant
-            or batch.record_states
-            or batch.decode_parity
-            or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
+            numerics.step_by_step or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
         )
         # on the GPU, decode and verify read and write the recurrent states in their slots (no gathered copies)
         in_place = cache is not None and step_by_step and mixed_TC.is_cuda
         # the conv kernel sums in fp32, not in the batch-invariant reference's fixed order in the input dtype
-        conv_in_place = in_place and not batch.batch_invariant
+        conv_in_place = in_place and not numerics.row_by_row
         windows = None if conv_in_place else mixed_TC.new_zeros(num_seqs, conv_dim, width1)
         states = None if in_place else mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
         if cache is not None:
@@ -339,16 +329,16 @@ class GatedDeltaNet(nn.Module):
                 mixed_NTC, self.conv_weight, cache.conv, slots, ~resume, batch.seq_lens_t, window_steps
             )
         else:
-            conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.batch_invariant)
+            conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, numerics)
         q, k, v = self._split(conv_NTC)
         new_states, o_packed = None, None
         # the decode kernels make the gates of the projections themselves (one launch for ~9 small ones), and so
         # does the whole-sequence forward that computes as decode does
-        as_decode = batch.decode_parity and not (batch.batch_invariant or batch.record_states or in_place)
+        as_decode = numerics.as_decode and not (batch.record_states or in_place)
         if conv_in_place or as_decode:  # -inf projections make g = 0 and beta = 0 on padding steps
             g, beta = pad(a_TH, float("-inf")), pad(b_TH, float("-inf"))
         else:
-            g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.batch_invariant)
+            g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, numerics)
             g, beta = pad(g_TH), pad(beta_TH)
         commit = not batch.record_states
         if in_place:
@@ -386,29 +376,29 @@ class GatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def commit_verified(
-        self, cache: GDNCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, batch_invariant: bool = False
+        self, cache: GDNCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, numerics: Numerics = FAST
     ) -> None:
         """After a verify of B rows (batch row b in slot ``slots_B[b]``, in the verify's row order), commit each row's
         first ``accepted_B[b] + 1`` tokens: the conv window after them copied from ``conv_steps``, the recurrent
         state stepped over them again from the slot's state, from the inputs the verify kept, by the recurrence the
         verify ran (the steps past them padded with -inf gate projections, which leave a state as it is), so it
-        equals the verify's state after that token. ``batch_invariant`` must be the verify's."""
+        equals the verify's state after that token. ``numerics`` must be the verify's."""
         num_rows, steps = slots_B.shape[0], cache.verify_a.shape[1]
         rows = torch.arange(num_rows, device=slots_B.device)
         copy_rows(cache.conv, slots_B, cache.conv_steps.flatten(0, 1), rows * steps + accepted_B)
         dropped = (torch.arange(steps, device=slots_B.device) > accepted_B[:, None])[..., None]  # [B, steps, 1]
         a, b = (x[:num_rows].masked_fill(dropped, float("-inf")) for x in (cache.verify_a, cache.verify_b))
         q, k, v = self._split(cache.verify_mixed[:num_rows])
-        if q.is_cuda:  # as the verify ran: in the kernel, on the slots' states, the gates made there but when inv
-            if batch_invariant:
-                g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, batch_invariant)
+        if q.is_cuda:  # as the verify ran: in the kernel, on the slots' states, the gates made there unless row by row
+            if numerics.row_by_row:
+                g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, numerics)
                 recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots_B)
             else:
                 recurrent_gated_delta_rule_slots(
                     q, k, v, a, b, cache.ssm, slots_B, gate_params=(self.A_log, self.dt_bias)
                 )
             return
-        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, batch_invariant)
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, numerics)
         states = cache.ssm[slots_B].to(torch.promote_types(q.dtype, torch.float32))
         _, final = recurrent_gated_delta_rule(q, k, v, g, beta, states)
         cache.ssm[slots_B] = final.to(cache.ssm.dtype)
@@ -451,17 +441,16 @@ class MoE(nn.Module):
         self.shared = SwiGLU(args.dim, args.shared_expert_intermediate_size)
         self.shared_gate = nn.Linear(args.dim, 1, bias=False)
 
-    def forward(self, x_TD: torch.Tensor, batch_invariant: bool = False, fixed_tiles: bool = False) -> torch.Tensor:
-        """``fixed_tiles``: the dense projections (router, shared expert and its gate) by ``linear``'s fixed-tiles
-        GEMM, as decode parity runs them."""
-        inv, tiles, shared = batch_invariant, fixed_tiles, self.shared
+    def forward(self, x_TD: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
+        """The dense projections (router, shared expert and its gate) run as the numerics run dense projections."""
+        shared = self.shared
         router_TE, shared_gate_TI, shared_up_TI, gate_T1 = linear_joined(
-            x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight, self.shared_gate.weight), inv, tiles
+            x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight, self.shared_gate.weight), numerics
         )
         weights, experts = route_topk(router_TE, self.top_k)
-        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, inv)
-        shared_TD = linear(silu_mul(shared_gate_TI, shared_up_TI, inv), shared.w_down.weight, inv, tiles)
-        return add_gated(routed, gate_T1, shared_TD, inv)
+        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, numerics)
+        shared_TD = linear(silu_mul(shared_gate_TI, shared_up_TI, numerics), shared.w_down.weight, numerics)
+        return add_gated(routed, gate_T1, shared_TD, numerics)
 
 
 class DecoderLayer(nn.Module):
@@ -490,7 +479,7 @@ class DecoderLayer(nn.Module):
             x_TD = x_TD + self.attn(h, batch, rope, cache)
         else:
             x_TD = x_TD + self.gdn(h, batch, cache)
-        return x_TD + self.moe(self.ffn_norm(x_TD), batch.batch_invariant, batch.decode_parity)
+        return x_TD + self.moe(self.ffn_norm(x_TD), batch.numerics)
 
 
 class MTP(nn.Module):
@@ -574,7 +563,7 @@ class Transformer(nn.Module):
         return x_TD
 
     def commit_verified(
-        self, cache: ModelCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, batch_invariant: bool = False
+        self, cache: ModelCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, numerics: Numerics = FAST
     ) -> None:
         """After a verify forward (``ForwardBatch.record_states``) of B rows, commit each row's GDN conv windows and
         states at its last accepted token ``accepted_B[b]`` (0 keeps the first token) into slot ``slots_B[b]``
@@ -582,14 +571,14 @@ class Transformer(nn.Module):
         past a sequence's length are never read and are overwritten."""
         for layer, layer_cache in zip(self.layers, cache.layers):
             if layer.layer_type != "full_attention":
-                layer.gdn.commit_verified(layer_cache, slots_B, accepted_B, batch_invariant)
+                layer.gdn.commit_verified(layer_cache, slots_B, accepted_B, numerics)
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def logits(self, hidden_TD: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+    def logits(self, hidden_TD: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
         """``[T, V]`` logits in the parameters' dtype."""
-        return linear(hidden_TD, self.output_weight(), batch_invariant)
+        return linear(hidden_TD, self.output_weight(), numerics.plain_gemm())
 
     def mtp_forward(
         self,
@@ -620,11 +609,11 @@ class Transformer(nn.Module):
         )
 
     def mtp_logits(
-        self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False, batch_invariant: bool = False
+        self, mtp_hidden_TD: torch.Tensor, detach_head: bool = False, numerics: Numerics = FAST
     ) -> torch.Tensor:
         """Logits of the MTP head through the shared output head (detached from it if asked)."""
         weight = self.output_weight()
-        return linear(mtp_hidden_TD, weight.detach() if detach_head else weight, batch_invariant)
+        return linear(mtp_hidden_TD, weight.detach() if detach_head else weight, numerics.plain_gemm())
 
     def join_projections(self) -> None:
         """Put the weights of each group of projections of one input (a GDN mixer's qkv, z, a, b; attention's q,

@@ -11,11 +11,9 @@ Elsewhere they run the torch references of the same names in ``chunk.py`` and ``
 the results. This package does not decide between the chunked and the recurrent form; the model does.
 """
 
-import warnings
-
 import torch
 
-from league.ops.backends import by_kernel, installed
+from league.ops.backends import by_kernel, use_kernel
 from league.ops.gdn import chunk as _chunk
 from league.ops.gdn import recurrent as _recurrent
 from league.ops.gdn.naive import naive_gated_delta_rule
@@ -28,8 +26,6 @@ __all__ = [
     "recurrent_gated_delta_rule",
     "recurrent_gated_delta_rule_slots",
 ]
-
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def chunk_gated_delta_rule(
@@ -200,13 +196,8 @@ def recurrent_gated_delta_rule_slots(
 
 
 def _use_fast(x: torch.Tensor, op: str, package: str) -> bool:
-    if not x.is_cuda or x.dtype not in _FAST_DTYPES:
+    """``backends.use_kernel`` for the GDN kernels; fla's chunk kernels compute fp32 input in tf32, so fp32 runs the
+    exact reference there."""
+    if package == "fla" and x.dtype == torch.float32:
         return False
-    if package == "fla" and x.dtype == torch.float32:  # fla's chunk kernels compute fp32 input in tf32
-        return False
-    if installed("triton") and (package == "triton" or installed(package)):
-        return True
-    warnings.warn(
-        f"{op}: {package} is not installed; falling back to its reference PyTorch implementation", stacklevel=3
-    )
-    return False
+    return use_kernel(x, None, op=op, package=package)

@@ -10,13 +10,14 @@ Legend: H value heads; leading dims of ``a`` and ``b`` are free.
 import torch
 
 from league.ops.activations import sigmoid, softplus
+from league.ops.numerics import FAST, Numerics
 
 
 def gdn_gates(
-    a: torch.Tensor, b: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor, batch_invariant: bool = False
+    a: torch.Tensor, b: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor, numerics: Numerics = FAST
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, beta)`` from the raw projections ``a`` and ``b`` (``[..., H]``); g in fp32 (or fp64 for fp64 input),
-    beta in b's dtype. ``batch_invariant`` picks the activations' fixed-order forms (see ``ops.activations``)."""
+    beta in b's dtype. Row-by-row ``numerics`` pick the activations' fixed-order forms (see ``ops.activations``)."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    g = -A_log_H.to(acc).exp() * softplus(a.to(acc) + dt_bias_H.to(acc), batch_invariant)
-    return g, sigmoid(b, batch_invariant)
+    g = -A_log_H.to(acc).exp() * softplus(a.to(acc) + dt_bias_H.to(acc), numerics)
+    return g, sigmoid(b, numerics)

@@ -17,8 +17,8 @@ Legend: N sequences padded to T tokens, Hk key heads, Hv value heads, K key dim,
 
 import torch
 
-from league.ops.backends import by_kernel, installed
-from league.ops.gdn import _FAST_DTYPES, chunk_gated_delta_rule_padded
+from league.ops.backends import by_kernel, use_kernel
+from league.ops.gdn import chunk_gated_delta_rule_padded
 from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.recurrent import recurrent_gated_delta_rule
 
@@ -47,7 +47,7 @@ def gated_delta_rule_as_decode(
     Returns:
         ``(o_NTHV, final_NHKV)``: outputs in the dtype of v, final states in fp32.
     """
-    if q_NTHK.is_cuda and q_NTHK.dtype in _FAST_DTYPES and installed("triton"):
+    if use_kernel(q_NTHK, op="gated_delta_rule_as_decode"):
         return as_decode_kernel(q_NTHK, k_NTHK, v_NTHV, a_NTH, b_NTH, A_log_H, dt_bias_H, state_NHKV, scale)
     g_NTH, beta_NTH = gdn_gates(a_NTH, b_NTH, A_log_H, dt_bias_H)
     return recurrent_gated_delta_rule(q_NTHK, k_NTHK, v_NTHV, g_NTH, beta_NTH, state_NHKV.float(), scale)

@@ -1,0 +1,182 @@
+"""ModelRunner: runs the model for the engine. It owns the cache slots, builds the forward batches of prefill, decode
+and verify (with the engine's numerics), and owns the captured CUDA graphs and the speculative step, so that the
+engine decides only what runs.
+
+Not responsible for which requests run (``scheduler``), for sampling (``sampler``) or for requests' bookkeeping
+(``engine``).
+
+Legend: T tokens, B requests, N draft steps, D model dim, V vocabulary.
+"""
+
+import warnings
+
+import torch
+
+from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
+from league.engine.config import EngineConfig
+from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
+from league.engine.request import Request
+from league.engine.speculative import SpeculativeStep
+from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.ops.numerics import Numerics
+
+
+class ModelRunner:
+    """The model, its cache slots and its captured steps, for one engine.
+
+    Args:
+        model (Transformer): the model, read in place (colocated with a trainer, nothing is copied).
+        config (EngineConfig): sizes and speculative decoding.
+        numerics (Numerics): how every forward computes.
+    """
+
+    def __init__(self, model: Transformer, config: EngineConfig, numerics: Numerics):
+        self.model, self.config, self.numerics = model, config, numerics
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.context_length = min(config.context_length, model.args.max_position_embeddings)
+        self.state_dtype = getattr(torch, config.mamba_ssm_dtype)
+        self.use_graphs = graphs_apply(config, numerics, self.device, self.dtype)
+        if self.device.type == "cuda":  # each group of projections of one input as one GEMM
+            model.join_projections()
+        if config.cuda_graph_bs and not self.use_graphs:
+            warnings.warn(
+                "cuda_graph_bs is ignored: CUDA graphs serve a bf16 model on a Hopper or Blackwell GPU, "
+                "with numerics other than batch_invariant",
+                stacklevel=3,
+            )
+        self.num_spec_steps = config.num_spec_steps
+        self.slot_len = self.context_length + self.num_spec_steps + 1
+        self.num_slots = config.num_slots or self._slots_that_fit()
+        self.scratch_slot = self.num_slots  # the padding rows of captured batches (with graphs)
+        steps = self.num_spec_steps + 1 if self.num_spec_steps else 0
+        self.cache = allocate_cache(
+            model.args,
+            self.num_slots + self.use_graphs,
+            self.slot_len,
+            self.dtype,
+            self.device,
+            max_rows=config.max_running_requests if steps else 0,
+            max_steps=steps,
+            state_dtype=self.state_dtype,
+        )
+        self.graphs: DecodeGraphs | None = None  # captured at the first decode
+        self.spec_step = None
+        if self.num_spec_steps:
+            self.spec_step = SpeculativeStep(
+                model,
+                self.cache,
+                self.num_spec_steps,
+                self.num_slots + self.use_graphs,
+                config.max_running_requests,
+                numerics,
+            )
+
+    def _slots_that_fit(self) -> int:
+        if self.device.type != "cuda":
+            return self.config.max_running_requests
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.mem_fraction_static - (total - free)
+        per_slot = cache_bytes_per_slot(self.model.args, self.slot_len, self.dtype, self.state_dtype)
+        fit = int(budget // per_slot) - self.use_graphs  # the scratch slot of captured batches
+        if fit < 1:
+            raise ValueError(
+                f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
+                f"slot of {per_slot / 2**20:.0f} MiB (context_length {self.context_length})"
+            )
+        return min(fit, self.config.max_running_requests)
+
+    def _batch(self, seq_lens: list[int], cache_lens: list[int], slots: list[int]) -> ForwardBatch:
+        return ForwardBatch.packed(seq_lens, self.device, cache_lens=cache_lens, slots=slots, numerics=self.numerics)
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden_TD, self.numerics)
+
+    def prefill(self, chunks: list[tuple[Request, int, int]]) -> tuple[torch.Tensor, ForwardBatch]:
+        """The forward of prompt chunks ``(request, start, end)`` into their slots (and, speculating, the MTP rows of
+        the prompt positions whose next token is known); returns the hidden states and the batch."""
+        tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
+        batch = self._batch([e - s for _, s, e in chunks], [s for _, s, _ in chunks], [r.slot for r, _, _ in chunks])
+        hidden = self.model(tokens, batch, self.cache)
+        if self.spec_step is not None:
+            self._mtp_extend_prompt(chunks, hidden, batch)
+        return hidden, batch
+
+    def start_sample(self, leader: Request, member: Request, hidden_D: torch.Tensor, token: int) -> None:
+        """A prompt's last position sampled ``token`` for ``member`` (a copy of ``leader``'s slot first, for the
+        other samples of a group); speculating, the MTP row of that position waits for the next step."""
+        if member is not leader:
+            copy_slot(self.cache, leader.slot, [member.slot], len(leader.prompt_ids))
+        if self.spec_step is not None:
+            self.spec_step.hidden[member.slot, 0] = hidden_D
+            member.mtp_start, member.mtp_tokens = len(leader.prompt_ids) - 1, [token]
+
+    def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
+        """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
+        rows, tokens, lens, starts, slots = [], [], [], [], []
+        for (r, s, e), (_, start, _end) in zip(chunks, batch.sequences()):
+            known_end = min(e, len(r.prompt_ids) - 1)
+            if known_end <= s:
+                continue
+            rows.append(hidden[start : start + known_end - s])
+            tokens.extend(r.prompt_ids[s + 1 : known_end + 1])
+            lens.append(known_end - s)
+            starts.append(s)
+            slots.append(r.slot)
+        if rows:
+            self._mtp_forward(torch.cat(rows), tokens, lens, starts, slots)
+
+    def _mtp_forward(self, hidden: torch.Tensor, tokens: list[int], lens: list[int], starts: list[int], slots) -> None:
+        """The MTP layer over rows of several requests (``lens[i]`` rows from position ``starts[i]`` in slot
+        ``slots[i]``, row j pairing the trunk's hidden state at j with the token after it), for the keys and values
+        it caches; its outputs are not needed."""
+        batch = self._batch(lens, starts, slots)
+        self.model.mtp_forward(hidden, torch.tensor(tokens, device=self.device), batch, self.cache)
+
+    def mtp_catch_up(self, reqs: list[Request]) -> None:
+        """Before a step without drafts in a speculating engine: the MTP rows each request still owes (those of the
+        last verify, prefill or step), from the trunk's hidden states kept in the speculative step's buffer."""
+        owing = [r for r in reqs if r.mtp_tokens]
+        if not owing:
+            return
+        hidden = torch.cat([self.spec_step.hidden[r.slot, : len(r.mtp_tokens)] for r in owing])
+        tokens = [t for r in owing for t in r.mtp_tokens]
+        lens = [len(r.mtp_tokens) for r in owing]
+        self._mtp_forward(hidden, tokens, lens, [r.mtp_start for r in owing], [r.slot for r in owing])
+        for r in owing:
+            r.mtp_tokens = []
+
+    def decode(self, tokens_B: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One token for each of B requests (``tokens_B`` on the device, ``positions`` = tokens already cached), by a
+        captured graph where one fits; returns the ``[B, V]`` logits without waiting for the device. Speculating, each
+        request's new MTP row (the trunk's hidden state at its new token) waits in the speculative step's buffer."""
+        if self.use_graphs and self.graphs is None:
+            sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
+            self.graphs = DecodeGraphs(self.model, self.cache, sizes, self.scratch_slot, self.numerics)
+        if self.graphs is not None and self.graphs.fits(len(slots)):
+            logits, hidden = self.graphs.run(tokens_B, positions, slots)
+        else:
+            batch = self._batch([1] * len(slots), positions, slots)
+            hidden = self.model(tokens_B, batch, self.cache)
+            logits = self.logits(hidden)
+        if self.spec_step is not None:
+            self.spec_step.hidden[torch.tensor(slots, device=self.device), 0] = hidden
+        return logits
+
+    def speculate(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft chain and one verify for ``reqs`` (their MTP rows first): ``([B, N] drafts, [B, N + 1, V] verify
+        logits)`` on the device, nothing read back."""
+        step = self.spec_step
+        if self.use_graphs and not step.graphs:
+            sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
+            step.capture([s for s in sizes if s <= step.max_rows], scratch_slot=self.scratch_slot)
+        return step.run(
+            [r.slot for r in reqs],
+            [r.mtp_start for r in reqs],
+            [r.mtp_tokens for r in reqs],
+            scratch_slot=self.scratch_slot if self.use_graphs else None,
+        )
+
+    def commit_verified(self, slots_B: torch.Tensor, accepted_B: torch.Tensor) -> None:
+        """Commit each verified request's accepted prefix into its slot (``Transformer.commit_verified``)."""
+        self.model.commit_verified(self.cache, slots_B, accepted_B, self.numerics)
