@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from league.engine.config import EngineConfig
+
 app = typer.Typer(
     name="league",
     help="GRPO post-training for Qwen3.5 / Qwen3.6 MoE models (Gated DeltaNet + MoE + MTP), with its own engine.",
@@ -157,7 +159,6 @@ def score(
         stdout.print(f"wrote {output}")
 
 
-@app.command()
 def generate(
     model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
     prompt: Annotated[str | None, typer.Option(help="A text prompt (needs the checkpoint's tokenizer).")] = None,
@@ -174,26 +175,17 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed (sample i of a prompt uses seed + i).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt (the prompt is prefilled once).")] = 1,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS.")] = False,
-    speculative_algorithm: Annotated[
-        str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
-    ] = None,
-    speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
-    max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 64,
-    context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
-    numerics: NumericsOption = None,
-    batch_invariant: BatchInvariantAlias = False,
-    decode_parity: DecodeParityAlias = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
+    config: EngineConfig = None,
 ) -> None:
     """Generate from a checkpoint with league's engine (continuous batching, optional MTP speculation),
-    then print throughput and speculative acceptance."""
+    then print throughput and speculative acceptance. Takes every engine option of `league serve`."""
     with user_errors():
         from league.checks import check_seed
-        from league.engine.config import EngineConfig
         from league.engine.request import SamplingParams
         from league.generate import generate as run
 
@@ -207,13 +199,6 @@ def generate(
             min_p=min_p,
             seed=seed,
             ignore_eos=ignore_eos,
-        )
-        config = EngineConfig(
-            max_running_requests=max_running_requests,
-            context_length=context_length,
-            speculative_algorithm=speculative_algorithm,
-            speculative_num_steps=speculative_num_steps,
-            numerics=numerics_of(numerics, batch_invariant, decode_parity),
         )
         report, tokenizer = run(model, prompt, input_ids, input_file, params, n, config, device, dtype, chat)
     for out in report.outputs:
@@ -241,53 +226,10 @@ def generate(
     stderr.print(summary)
 
 
-@app.command()
 def serve(
     model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0 picks a free one).")] = 30000,
-    max_running_requests: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 256,
-    max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step.")] = 4096,
-    admission_batch: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="While requests decode, admit waiting ones only once this many fit (or all that wait): fewer, "
-            "larger prefills when requests finish one by one.",
-        ),
-    ] = 1,
-    context_length: Annotated[int, typer.Option(min=2, help="Longest prompt plus generation.")] = 4096,
-    mem_fraction_static: Annotated[float, typer.Option(help="GPU memory fraction for weights and cache.")] = 0.7,
-    speculative_algorithm: Annotated[
-        str | None, typer.Option(help="EAGLE or NEXTN: speculative decoding with the model's MTP head.")
-    ] = None,
-    speculative_num_steps: Annotated[int, typer.Option(min=1, help="Draft tokens per verify.")] = 2,
-    speculative_max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Speculate only in steps of at most this many requests; larger steps decode without drafts. "
-            "Default: always.",
-        ),
-    ] = None,
-    numerics: NumericsOption = None,
-    batch_invariant: BatchInvariantAlias = False,
-    decode_parity: DecodeParityAlias = False,
-    cuda_graph_bs: Annotated[
-        str | None, typer.Option(help="Comma-separated batch sizes of captured decode steps (GPU).")
-    ] = None,
-    disable_cuda_graph: Annotated[
-        bool, typer.Option("--disable-cuda-graph", help="Decode without captured CUDA graphs.")
-    ] = False,
-    disable_overlap_schedule: Annotated[
-        bool,
-        typer.Option(
-            "--disable-overlap-schedule",
-            help="Read each decode step's tokens back before launching the next (default: after, so host work "
-            "overlaps the GPU's).",
-        ),
-    ] = False,
-    mamba_ssm_dtype: Annotated[str, typer.Option(help="Cached GDN state dtype: float32 or bfloat16.")] = "float32",
     served_model_name: Annotated[
         str | None,
         typer.Option(help="The model's name in the OpenAI API (`model` must be it or --model). Default: --model."),
@@ -304,28 +246,13 @@ def serve(
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
+    config: EngineConfig = None,
 ) -> None:
     """Serve a checkpoint over HTTP with SGLang's /generate API and the OpenAI API (/v1/completions,
-    /v1/chat/completions, /v1/models)."""
+    /v1/chat/completions, /v1/models). Every engine option has SGLang's server-argument name."""
     with user_errors():
-        from league.engine.config import EngineConfig
         from league.engine.server import serve as run
 
-        config = EngineConfig(
-            max_running_requests=max_running_requests,
-            max_num_batched_tokens=max_num_batched_tokens,
-            admission_batch=admission_batch,
-            context_length=context_length,
-            mem_fraction_static=mem_fraction_static,
-            speculative_algorithm=speculative_algorithm,
-            speculative_num_steps=speculative_num_steps,
-            speculative_max_batch=speculative_max_batch,
-            numerics=numerics_of(numerics, batch_invariant, decode_parity),
-            cuda_graph_bs=None if cuda_graph_bs is None else parse_int_list("--cuda-graph-bs", cuda_graph_bs),
-            disable_cuda_graph=disable_cuda_graph,
-            disable_overlap_schedule=disable_overlap_schedule,
-            mamba_ssm_dtype=mamba_ssm_dtype,
-        )
         run(
             str(model),
             host,
@@ -336,17 +263,6 @@ def serve(
             served_model_name=served_model_name,
             api_key=api_key,
         )
-
-
-def parse_int_list(flag: str, text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``, each >= 1."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: expected integers >= 1")
-    return values
 
 
 @app.command()
@@ -540,6 +456,23 @@ def _command_entry(run, doc: str):
     return wrapped
 
 
+def _with_engine_config(run, defaults: dict | None = None):
+    """``run``'s options and one per EngineConfig field (``flags.with_config``), errors as one line."""
+    from league.flags import with_config
+
+    command = with_config(run, EngineConfig, defaults)
+
+    def wrapped(**kwargs):
+        with user_errors():
+            command(**kwargs)
+
+    wrapped.__signature__ = command.__signature__
+    wrapped.__doc__ = command.__doc__
+    return wrapped
+
+
+app.command("generate")(_with_engine_config(generate))
+app.command("serve")(_with_engine_config(serve, {"max_running_requests": 256}))
 app.command("train")(_command_entry(_run_train, None))
 app.command("eval")(
     _command_entry(

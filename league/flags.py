@@ -77,6 +77,100 @@ def base_type(annotation: Any) -> Any:
     return annotation
 
 
+def config_flags(cls: type, component: str = "") -> list[Flag]:
+    """One flag per field of the config dataclass ``cls`` (its field docstring as help)."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    flags = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        flags.append(Flag(component, f.name, hints[f.name], default, docs.get(f.name, "")))
+    return flags
+
+
+def option_parameter(flag: Flag, help_text: str, default_shown: bool = False) -> inspect.Parameter:
+    """The Typer keyword parameter of a flag: ``--x/--no-x`` for booleans, comma-separated text for lists, else
+    the field's type; its default is None (the option left out)."""
+    import typer
+
+    base = base_type(flag.annotation)
+    if base is bool:
+        names = (f"{flag.option}/--no-{flag.name.replace('_', '-')}",)
+        annotation = typing.Optional[bool]  # noqa: UP045
+    elif typing.get_origin(base) is list:
+        names, help_text, annotation = (flag.option,), help_text + " Comma-separated.", typing.Optional[str]  # noqa: UP045
+    else:
+        names, annotation = (flag.option,), typing.Optional[base]  # noqa: UP045
+    if default_shown and flag.default is not None:
+        help_text += f" [default: {flag.default}]"
+    option = typer.Option(None, *names, help=help_text, show_default=False)
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def parse_list(flag: Flag, value: str) -> list:
+    """A list option's text (``1,2,4`` or ``1 2 4``) as the field's list."""
+    item_type = typing.get_args(base_type(flag.annotation))[0]
+    items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
+    try:
+        return [item_type(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{flag.option}: cannot read {value!r} as a list of {item_type.__name__}") from None
+
+
+def resolve_numerics(flags: dict[str, Any]) -> None:
+    """Fold the aliases ``--batch-invariant`` / ``--decode-parity`` (popped from ``flags``) into ``numerics``."""
+    aliased = [ALIASES[name] for name in ALIASES if flags.pop(name, False)]
+    numerics = aliased + ([flags["numerics"]] if flags.get("numerics") is not None else [])
+    if len(set(numerics)) > 1:
+        raise ValueError(f"`--numerics` is given twice ({' and '.join(numerics)}); choose one")
+    if numerics:
+        flags["numerics"] = numerics[0]
+
+
+def alias_parameters() -> list[inspect.Parameter]:
+    import typer
+
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, f"--{name.replace('_', '-')}", help=f"Alias of --numerics {mode}."),
+            annotation=bool,
+        )
+        for name, mode in ALIASES.items()
+    ]
+
+
+def with_config(run: typing.Callable[..., None], cls: type, defaults: dict[str, Any] | None = None):
+    """A command taking ``run``'s own options followed by one option per field of the config dataclass ``cls`` (and
+    the numerics aliases when it has ``numerics``); it calls ``run(**own, config=cls(**fields))``, a field left out
+    taking ``defaults``' value, else the dataclass default. ``run``'s own parameters must not include ``config``."""
+    defaults = defaults or {}
+    flags = [dataclasses.replace(f, default=defaults.get(f.name, f.default)) for f in config_flags(cls)]
+    own = [p for p in inspect.signature(run).parameters.values() if p.name != "config"]
+    fields = {f.name for f in flags}
+    extra = alias_parameters() if "numerics" in fields else []
+    params = own + [option_parameter(f, f.help, default_shown=True) for f in flags] + extra
+
+    def command(**kwargs: Any) -> None:
+        resolve_numerics(kwargs)
+        given = {}
+        for flag in flags:
+            value = kwargs.pop(flag.name)
+            if value is None:
+                value = defaults.get(flag.name)
+            elif typing.get_origin(base_type(flag.annotation)) is list:
+                value = parse_list(flag, value)
+            if value is not None:
+                given[flag.name] = value
+        run(**kwargs, config=cls(**given))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = run.__doc__
+    return command
+
+
 ALIASES = {"batch_invariant": "batch_invariant", "decode_parity": "decode_parity"}
 """Flags kept from before ``--numerics``: each sets it to one mode."""
 
@@ -114,50 +208,21 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
             ),
         ),
     ]
-    for name, mode in ALIASES.items():
-        option = typer.Option(False, f"--{name.replace('_', '-')}", help=f"Alias of --numerics {mode}.")
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool))
-    for flag in all_flags():
+    params += alias_parameters()
+    flags = all_flags()
+    for flag in flags:
         shown = getattr(getattr(tiny, flag.component), flag.name)
-        help_text = f"{flag.help} [{flag.component}; tiny recipe: {shown!r}]"
-        base = base_type(flag.annotation)
-        if base is bool:
-            option = typer.Option(
-                None, f"{flag.option}/--no-{flag.name.replace('_', '-')}", help=help_text, show_default=False
-            )
-            annotation = typing.Optional[bool]  # noqa: UP045
-        elif typing.get_origin(base) is list:
-            option = typer.Option(None, flag.option, help=help_text + " Comma-separated.", show_default=False)
-            annotation = typing.Optional[str]  # noqa: UP045
-        else:
-            option = typer.Option(None, flag.option, help=help_text, show_default=False)
-            annotation = typing.Optional[base]  # noqa: UP045
-        params.append(
-            inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
-        )
-    list_fields = {
-        f.name: typing.get_args(base_type(f.annotation))[0]
-        for f in all_flags()
-        if typing.get_origin(base_type(f.annotation)) is list
-    }
+        params.append(option_parameter(flag, f"{flag.help} [{flag.component}; tiny recipe: {shown!r}]"))
+    by_name = {flag.name: flag for flag in flags}
 
-    def command(recipe: str, mode: str | None, dry_run: bool, **flags: Any) -> None:
+    def command(recipe: str, mode: str | None, dry_run: bool, **given: Any) -> None:
+        resolve_numerics(given)
         overrides = {}
-        aliased = [ALIASES[name] for name in ALIASES if flags.pop(name)]
-        numerics = aliased + ([flags["numerics"]] if flags.get("numerics") is not None else [])
-        if len(set(numerics)) > 1:
-            raise ValueError(f"`--numerics` is given twice ({' and '.join(numerics)}); choose one")
-        if numerics:
-            flags["numerics"] = numerics[0]
-        for name, value in flags.items():
+        for name, value in given.items():
             if value is None:
                 continue
-            if name in list_fields:
-                items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
-                try:
-                    value = [list_fields[name](v) for v in items]
-                except ValueError:
-                    raise ValueError(f"--{name.replace('_', '-')}: cannot read {value!r} as a list") from None
+            if typing.get_origin(base_type(by_name[name].annotation)) is list:
+                value = parse_list(by_name[name], value)
             overrides[name] = value
         run(apply_overrides(get_recipe(recipe, mode), overrides), dry_run)
 
