@@ -65,6 +65,7 @@ from speculative_gpu import device_name
 
 from league.engine.cache import allocate_cache
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.models.qwen3_5_moe import batch as batch_py
 from league.models.qwen3_5_moe import model as model_py
 from league.models.qwen3_5_moe.presets import PRESETS
 from league.ops import gdn as gdn_ops
@@ -151,8 +152,8 @@ ATTENTION_STAGES = (
 
 @contextlib.contextmanager
 def recording(calls: dict[str, list]):
-    """While open, each op of ``RECORDED`` that ``model.py`` calls appends ``(args, output)`` to ``calls[op]`` (a
-    group of joined projections one ``((x, weight), output)`` per weight to ``calls["linear"]``)."""
+    """While open, each op of ``RECORDED`` that ``model.py`` or ``batch.py`` calls appends ``(args, output)`` to
+    ``calls[op]`` (a group of joined projections one ``((x, weight), output)`` per weight to ``calls["linear"]``)."""
 
     def wrap(name, fn):
         def recorded(*args, **kwargs):
@@ -165,14 +166,16 @@ def recording(calls: dict[str, list]):
 
         return recorded
 
-    originals = {name: getattr(model_py, name) for name in RECORDED}
+    # the model's ops, and the projections that its ForwardBatch runs
+    modules = [(module, name) for module in (model_py, batch_py) for name in RECORDED if hasattr(module, name)]
+    originals = {(module, name): getattr(module, name) for module, name in modules}
     try:
-        for name, fn in originals.items():
-            setattr(model_py, name, wrap(name, fn))
+        for (module, name), fn in originals.items():
+            setattr(module, name, wrap(name, fn))
         yield calls
     finally:
-        for name, fn in originals.items():
-            setattr(model_py, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
 
 def run_mixer(model: Transformer, layer: int, x_TD: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:

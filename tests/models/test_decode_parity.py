@@ -11,6 +11,7 @@ from league.engine.config import EngineConfig
 from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ForwardBatch
+from league.models.qwen3_5_moe import batch as batch_py
 from league.models.qwen3_5_moe import model as model_py
 from league.ops import linear as linear_module
 from league.ops.logprob import token_logprobs
@@ -93,6 +94,7 @@ def test_every_projection_of_every_parity_forward_asks_for_fixed_tiles(monkeypat
         return original(x, weight, numerics)
 
     monkeypatch.setattr(model_py, "linear", recorded)
+    monkeypatch.setattr(batch_py, "linear", recorded)  # ForwardBatch.linear's
     monkeypatch.setattr(linear_module, "linear", recorded)  # the joined projections' (``linear_joined``)
     model = tiny_model("gqa2_interval2").float()
     head = tuple(model.output_weight().shape)

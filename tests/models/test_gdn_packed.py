@@ -8,6 +8,17 @@ from league.models.qwen3_5_moe import model as model_module
 from tests.models.test_forms import tiny_model
 
 
+def chunk_layout(packed: bool):
+    """``gdn_path`` with the chunked form in the packed layout (the GPU's) or the padded one (the CPU's)."""
+    from league.ops.gdn import gdn_path
+
+    def path(*args):
+        form = gdn_path(*args)
+        return ("chunk_packed" if packed else "chunk_padded") if form.startswith("chunk") else form
+
+    return path
+
+
 def forward(model, seqs, cache_lens=None, cache=None, slots=None):
     tokens = torch.tensor([t for s in seqs for t in s])
     batch = ForwardBatch.packed([len(s) for s in seqs], cache_lens=cache_lens, slots=slots)
@@ -20,7 +31,7 @@ def test_packed_chunks_equal_folded(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in (70, 17, 129, 40)]
     folded = forward(model, seqs)
-    monkeypatch.setattr(model_module, "packed_chunks", lambda x: True)
+    monkeypatch.setattr(model_module, "gdn_path", chunk_layout(True))
     packed = forward(model, seqs)
     assert (packed - folded).abs().max().item() < 1e-5
 
@@ -35,7 +46,7 @@ def test_packed_chunks_continue_and_commit_cache_states(monkeypatch):
     second = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in (40, 21)]
     results = []
     for packed in (False, True):
-        monkeypatch.setattr(model_module, "packed_chunks", lambda x, packed=packed: packed)
+        monkeypatch.setattr(model_module, "gdn_path", chunk_layout(packed))
         cache = allocate_cache(model.args, 4, 128, torch.float32, "cpu")
         forward(model, first, cache_lens=[0, 0], cache=cache, slots=[3, 1])
         out = forward(model, second, cache_lens=[30, 50], cache=cache, slots=[3, 1])

@@ -8,22 +8,24 @@ Knows nothing of parallelism, of how cache slots are allocated, or of sampling.
 Legend: T packed tokens, N sequences, D model dim, V vocabulary, H query heads, G KV heads, K head dim.
 """
 
-import itertools
+import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from league.models.qwen3_5_moe.args import ModelArgs
+from league.models.qwen3_5_moe.batch import AttentionCache, ForwardBatch, GDNCache, ModelCache
 from league.ops.activations import add_gated, sigmoid, silu_mul
 from league.ops.attention import cached_attention, varlen_causal_attention, varlen_causal_attention_as_decode
 from league.ops.conv import causal_conv1d_batched, causal_conv1d_slots
 from league.ops.gdn import (
     chunk_gated_delta_rule_padded,
     chunk_gated_delta_rule_varlen,
+    gdn_path,
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_slots,
+    states_in_slots,
 )
 from league.ops.gdn.gates import gdn_gates
 from league.ops.gdn.parity import gated_delta_rule_as_decode
@@ -34,147 +36,14 @@ from league.ops.numerics import FAST, Numerics
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from league.ops.rows import copy_rows
 
-# with a cache, runs of at most this many new tokens step the GDN recurrence; longer ones use the chunked form
-RECURRENT_MAX_TOKENS = 16
 
-
-def packed_chunks(x: torch.Tensor) -> bool:
-    """Whether the chunked GDN form runs on packed sequences (``cu_seqlens``: on the GPU, where a fixed head count
-    keeps the kernels' autotuning to one shape) or on sequences padded and folded into heads (the CPU reference,
-    exact in any dtype)."""
-    return x.is_cuda
-
-
-@dataclass(kw_only=True, slots=True)
-class AttentionCache:
-    """Keys (after k_norm and RoPE) and values of one full-attention layer, ``[slots, max_len, G, K]``."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-@dataclass(kw_only=True, slots=True)
-class GDNCache:
-    """State of one Gated DeltaNet layer per slot, and scratch rows for verify.
-
-    ``conv`` ``[slots, C, W-1]`` holds the last pre-conv inputs; ``ssm`` ``[slots, Hv, K, V]`` (fp32) the
-    recurrent state. A verify leaves both untouched; batch row i writes the conv window after each of its tokens
-    into ``conv_steps[i, t]`` ``[rows, steps, C, W-1]``, and the recurrence's inputs, conv outputs
-    ``verify_mixed[i, t]`` ``[rows, steps, C]`` and gate projections ``verify_a[i, t]``, ``verify_b[i, t]``
-    ``[rows, steps, Hv]``, from which the commit steps the accepted tokens again (a recurrent state is ~2,000x
-    the bytes of one token's inputs: a verify and its commit read a state twice and write it once, instead of
-    writing it after every token and copying one of them).
-    """
-
-    conv: torch.Tensor
-    ssm: torch.Tensor
-    conv_steps: torch.Tensor | None = None
-    verify_mixed: torch.Tensor | None = None
-    verify_a: torch.Tensor | None = None
-    verify_b: torch.Tensor | None = None
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelCache:
-    """Per-layer caches of the trunk and of the MTP head."""
-
-    layers: list[AttentionCache | GDNCache]
-    mtp_layers: list[AttentionCache]
-
-
-@dataclass(kw_only=True, slots=True)
-class ForwardBatch:
-    """Metadata of one forward over N packed sequences.
-
-    Args:
-        cu_seqlens (torch.Tensor): ``[N + 1]`` offsets of each sequence's new tokens in the packed input.
-        seq_lens (list[int]): new tokens per sequence (host copy of the differences of ``cu_seqlens``).
-        positions (torch.Tensor): ``[T]`` absolute position of each token (for RoPE).
-        slots (list[int], Optional): cache slot of each sequence. Default: no cache.
-        cache_lens (list[int], Optional): tokens already in the cache for each sequence; 0 starts fresh.
-        record_states (bool): verify mode: leave the slots' GDN states untouched, and keep each step's conv
-            window and the recurrence's inputs in the scratch rows for :meth:`Transformer.commit_verified`.
-            Default: ``False``.
-        numerics (Numerics): how every op of the forward computes (``ops.numerics``: fast, batch invariant, or
-            decode parity, under which a whole-sequence forward runs the token mixers as decode runs them: the
-            recurrent GDN kernel over each sequence, ``ops.gdn.parity``, and the decode attention kernel,
-            ``attention.varlen_causal_attention_as_decode``). Default: ``FAST``.
-
-    The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
-    forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
-    ``slots_t`` and ``cache_lens_t`` ``[N]`` (with a cache), ``token_slots`` ``[T]`` (each token's slot), and
-    ``pad_rows`` ``[T]``, each token's row in the ``[N * longest]`` padded layout (``None`` when every sequence
-    has the same length, which needs no padding).
-    """
-
-    cu_seqlens: torch.Tensor
-    seq_lens: list[int]
-    positions: torch.Tensor
-    slots: list[int] | None = None
-    cache_lens: list[int] | None = None
-    record_states: bool = False
-    numerics: Numerics = FAST
-    seq_lens_t: torch.Tensor | None = None
-    slots_t: torch.Tensor | None = None
-    cache_lens_t: torch.Tensor | None = None
-    token_slots: torch.Tensor | None = None
-    pad_rows: torch.Tensor | None = None
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A dense projection as this forward's numerics run it (``ops.linear.linear``)."""
-        return linear(x, weight, self.numerics)
-
-    def linears(self, x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
-        """Projections of one input as :meth:`linear` runs each; one GEMM when the weights are joined
-        (``Transformer.join_projections``) and no gradient is needed."""
-        return linear_joined(x, weights, self.numerics)
-
-    @classmethod
-    def packed(
-        cls,
-        seq_lens: list[int],
-        device: torch.device | str = "cpu",
-        cache_lens: list[int] | None = None,
-        slots: list[int] | None = None,
-        record_states: bool = False,
-        numerics: Numerics = FAST,
-    ) -> "ForwardBatch":
-        """Sequences laid end to end; positions continue from ``cache_lens`` (or start at 0)."""
-        num_seqs = len(seq_lens)
-        starts = cache_lens or [0] * num_seqs
-        longest = max(seq_lens, default=0)
-        parts = {
-            "positions": [p for s, n in zip(starts, seq_lens) for p in range(s, s + n)],
-            "cu_seqlens": list(itertools.accumulate(seq_lens, initial=0)),
-            "seq_lens_t": list(seq_lens),
-        }
-        if slots is not None:
-            parts["slots_t"] = list(slots)
-            parts["cache_lens_t"] = list(starts)
-            parts["token_slots"] = [slot for slot, n in zip(slots, seq_lens) for _ in range(n)]
-        if any(n != longest for n in seq_lens):
-            parts["pad_rows"] = [i * longest + j for i, n in enumerate(seq_lens) for j in range(n)]
-        flat = torch.tensor([v for values in parts.values() for v in values], dtype=torch.long).to(device)
-        fields = dict(zip(parts, flat.split([len(v) for v in parts.values()])))
-        return cls(
-            seq_lens=list(seq_lens),
-            slots=slots,
-            cache_lens=cache_lens,
-            record_states=record_states,
-            numerics=numerics,
-            **fields,
-        )
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.seq_lens, default=0)
-
-    def sequences(self):
-        """Yield ``(i, start, end)`` of each sequence in the packed input."""
-        start = 0
-        for i, n in enumerate(self.seq_lens):
-            yield i, start, start + n
-            start += n
+def _pad(x_T: torch.Tensor, fill: float = 0.0, *, num_seqs: int, longest: int, rows: torch.Tensor | None):
+    """Packed ``[T, ...]`` -> ``[N, longest, ...]``, ``fill`` in the padding (``rows``: ``ForwardBatch.pad_rows``)."""
+    if rows is None:  # all sequences have the same length
+        return x_T.view(num_seqs, longest, *x_T.shape[1:])
+    out = x_T.new_full((num_seqs * longest, *x_T.shape[1:]), fill)
+    out[rows] = x_T
+    return out.view(num_seqs, longest, *x_T.shape[1:])
 
 
 class RMSNorm(nn.Module):
@@ -294,85 +163,87 @@ class GatedDeltaNet(nn.Module):
 
         Padding steps have k = v = beta = g = 0 (raw gate projections -inf, which make those gates), so they leave
         a state exactly as it was."""
-        num_seqs, longest, rows = len(batch.seq_lens), batch.max_seqlen, batch.pad_rows
-        device = mixed_TC.device
-        acc = torch.promote_types(mixed_TC.dtype, torch.float32)
-
-        def pad(x_T: torch.Tensor, fill: float = 0.0) -> torch.Tensor:  # packed [T, ...] -> [N, longest, ...]
-            if rows is None:  # all sequences have the same length
-                return x_T.view(num_seqs, longest, *x_T.shape[1:])
-            out = x_T.new_full((num_seqs * longest, *x_T.shape[1:]), fill)
-            out[rows] = x_T
-            return out.view(num_seqs, longest, *x_T.shape[1:])
-
-        conv_dim, width1 = mixed_TC.shape[1], self.conv_weight.shape[1] - 1
-        numerics = batch.numerics
-        step_by_step = (
-            numerics.step_by_step or batch.record_states or (cache is not None and longest <= RECURRENT_MAX_TOKENS)
-        )
-        # on the GPU, decode and verify read and write the recurrent states in their slots (no gathered copies)
-        in_place = cache is not None and step_by_step and mixed_TC.is_cuda
-        # the conv kernel sums in fp32, not in the batch-invariant reference's fixed order in the input dtype
-        conv_in_place = in_place and not numerics.row_by_row
-        windows = None if conv_in_place else mixed_TC.new_zeros(num_seqs, conv_dim, width1)
-        states = None if in_place else mixed_TC.new_zeros(num_seqs, self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
-        if cache is not None:
-            slots, resume = batch.slots_t, batch.cache_lens_t > 0
-            if not conv_in_place:
-                windows = torch.where(resume[:, None, None], cache.conv[slots].to(windows.dtype), windows)
-            if not in_place:
-                states = torch.where(resume[:, None, None, None], cache.ssm[slots].to(acc), states)
-        mixed_NTC = pad(mixed_TC)
-        if conv_in_place:  # reads and writes the windows in their slots
-            window_steps = cache.conv_steps if batch.record_states else None
-            conv_NTC = causal_conv1d_slots(
-                mixed_NTC, self.conv_weight, cache.conv, slots, ~resume, batch.seq_lens_t, window_steps
-            )
-        else:
-            conv_NTC, full_NCL = causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, numerics)
+        path = gdn_path(batch.numerics, batch.record_states, cache is not None, batch.max_seqlen, mixed_TC)
+        # in the slots, the decode kernels read and write the conv windows and the states where they are and make
+        # the gates of the projections themselves (one launch for ~9 small ones), as the whole-sequence forward
+        # that computes as decode does; row-by-row numerics keep the torch conv (its fixed-order sum) and gates
+        conv_in_slots = path == "slots" and not batch.numerics.row_by_row
+        gates_in_kernel = conv_in_slots or path == "as_decode"
+        pad = functools.partial(_pad, num_seqs=len(batch.seq_lens), longest=batch.max_seqlen, rows=batch.pad_rows)
+        conv_NTC, full_NCL = self._conv(pad(mixed_TC), batch, cache, conv_in_slots)
         q, k, v = self._split(conv_NTC)
-        new_states, o_packed = None, None
-        # the decode kernels make the gates of the projections themselves (one launch for ~9 small ones), and so
-        # does the whole-sequence forward that computes as decode does
-        as_decode = numerics.as_decode and not (batch.record_states or in_place)
-        if conv_in_place or as_decode:  # -inf projections make g = 0 and beta = 0 on padding steps
+        if gates_in_kernel:  # -inf projections make g = 0 and beta = 0 on padding steps
             g, beta = pad(a_TH, float("-inf")), pad(b_TH, float("-inf"))
         else:
-            g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, numerics)
+            g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias, batch.numerics)
             g, beta = pad(g_TH), pad(beta_TH)
-        commit = not batch.record_states
-        if in_place:
-            gate_params = (self.A_log, self.dt_bias) if conv_in_place else None
-            o = recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots, None, ~resume, commit, gate_params)
-        elif as_decode:
-            o, new_states = gated_delta_rule_as_decode(q, k, v, g, beta, self.A_log, self.dt_bias, states)
-        elif step_by_step:
-            o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states)
-        elif packed_chunks(mixed_TC):
-            o_packed, new_states = chunk_gated_delta_rule_varlen(
-                *(self._unpad(x, rows) for x in (q, k, v)), g_TH, beta_TH, batch.cu_seqlens, states
+        if path == "slots":
+            gate_params = (self.A_log, self.dt_bias) if gates_in_kernel else None
+            fresh, commit = batch.cache_lens_t == 0, not batch.record_states
+            o = recurrent_gated_delta_rule_slots(
+                q, k, v, g, beta, cache.ssm, batch.slots_t, None, fresh, commit, gate_params
             )
+            new_states = None
         else:
-            o, new_states = chunk_gated_delta_rule_padded(q, k, v, g, beta, states)
+            states = self._initial_states(mixed_TC, batch, cache)
+            if path == "as_decode":
+                o, new_states = gated_delta_rule_as_decode(q, k, v, g, beta, self.A_log, self.dt_bias, states)
+            elif path == "recurrent":
+                o, new_states = recurrent_gated_delta_rule(q, k, v, g, beta, states)
+            elif path == "chunk_packed":
+                qkv = [self._unpad(x, batch.pad_rows) for x in (q, k, v)]
+                o_TV, new_states = chunk_gated_delta_rule_varlen(*qkv, g_TH, beta_TH, batch.cu_seqlens, states)
+                o = None
+            else:
+                o, new_states = chunk_gated_delta_rule_padded(q, k, v, g, beta, states)
         if cache is not None:
-            if batch.record_states:
-                cache.verify_mixed[:num_seqs, :longest] = conv_NTC
-                cache.verify_a[:num_seqs, :longest] = pad(a_TH, float("-inf"))
-                cache.verify_b[:num_seqs, :longest] = pad(b_TH, float("-inf"))
-                if not conv_in_place:
-                    cache.conv_steps[:num_seqs, :longest] = (
-                        full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2).to(cache.conv_steps.dtype)
-                    )
-            elif not conv_in_place:
-                # the last W-1 inputs of each sequence
-                index = batch.seq_lens_t[:, None] + torch.arange(width1, device=device)[None]
-                new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, conv_dim, -1))
-                if new_states is not None:
-                    cache.ssm[slots] = new_states.to(cache.ssm.dtype)
-                cache.conv[slots] = new_windows.to(cache.conv.dtype)
-        if o_packed is not None:
-            return o_packed
-        return self._unpad(o, rows).contiguous()
+            self._write_back(cache, batch, conv_NTC, full_NCL, a_TH, b_TH, new_states, conv_in_slots, pad)
+        return o_TV if o is None else self._unpad(o, batch.pad_rows).contiguous()
+
+    def _conv(self, mixed_NTC, batch: ForwardBatch, cache: GDNCache | None, in_slots: bool):
+        """The causal conv of the padded inputs, from each slot's window (or zeros): in the slots' windows (which it
+        then holds) with ``in_slots``, else from gathered windows; ``(conv_NTC, full_NCL)`` (None without a copy)."""
+        if in_slots:
+            window_steps = cache.conv_steps if batch.record_states else None
+            fresh = batch.cache_lens_t == 0
+            conv_NTC = causal_conv1d_slots(
+                mixed_NTC, self.conv_weight, cache.conv, batch.slots_t, fresh, batch.seq_lens_t, window_steps
+            )
+            return conv_NTC, None
+        windows = mixed_NTC.new_zeros(mixed_NTC.shape[0], mixed_NTC.shape[2], self.conv_weight.shape[1] - 1)
+        if cache is not None:
+            resume = batch.cache_lens_t > 0
+            windows = torch.where(resume[:, None, None], cache.conv[batch.slots_t].to(windows.dtype), windows)
+        return causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.numerics)
+
+    def _initial_states(self, mixed_TC, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
+        """``[N, Hv, K, V]`` states to start from: the slots' (resumed sequences) or zeros, in fp32 (fp64 for fp64)."""
+        acc = torch.promote_types(mixed_TC.dtype, torch.float32)
+        states = mixed_TC.new_zeros(len(batch.seq_lens), self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
+        if cache is None:
+            return states
+        resume = batch.cache_lens_t > 0
+        return torch.where(resume[:, None, None, None], cache.ssm[batch.slots_t].to(acc), states)
+
+    def _write_back(self, cache, batch, conv_NTC, full_NCL, a_TH, b_TH, new_states, conv_in_slots, pad) -> None:
+        """After the rule: a verify keeps its inputs in the scratch rows (for :meth:`commit_verified`); otherwise the
+        new windows and states go to the slots (what the kernels did not already write there)."""
+        num_seqs, longest, slots = len(batch.seq_lens), batch.max_seqlen, batch.slots_t
+        width1 = self.conv_weight.shape[1] - 1
+        if batch.record_states:
+            cache.verify_mixed[:num_seqs, :longest] = conv_NTC
+            cache.verify_a[:num_seqs, :longest] = pad(a_TH, float("-inf"))
+            cache.verify_b[:num_seqs, :longest] = pad(b_TH, float("-inf"))
+            if not conv_in_slots:
+                steps = full_NCL.unfold(2, width1, 1)[:, :, 1:].transpose(1, 2)
+                cache.conv_steps[:num_seqs, :longest] = steps.to(cache.conv_steps.dtype)
+        elif not conv_in_slots:
+            # the last W-1 inputs of each sequence
+            index = batch.seq_lens_t[:, None] + torch.arange(width1, device=full_NCL.device)[None]
+            new_windows = full_NCL.gather(2, index[:, None, :].expand(-1, full_NCL.shape[1], -1))
+            if new_states is not None:
+                cache.ssm[slots] = new_states.to(cache.ssm.dtype)
+            cache.conv[slots] = new_windows.to(cache.conv.dtype)
 
     @torch.no_grad()
     def commit_verified(
@@ -389,7 +260,7 @@ class GatedDeltaNet(nn.Module):
         dropped = (torch.arange(steps, device=slots_B.device) > accepted_B[:, None])[..., None]  # [B, steps, 1]
         a, b = (x[:num_rows].masked_fill(dropped, float("-inf")) for x in (cache.verify_a, cache.verify_b))
         q, k, v = self._split(cache.verify_mixed[:num_rows])
-        if q.is_cuda:  # as the verify ran: in the kernel, on the slots' states, the gates made there unless row by row
+        if states_in_slots(q):  # as the verify ran: in the kernel, on the slots' states, its gates but row by row
             if numerics.row_by_row:
                 g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, numerics)
                 recurrent_gated_delta_rule_slots(q, k, v, g, beta, cache.ssm, slots_B)

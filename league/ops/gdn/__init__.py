@@ -17,14 +17,18 @@ from league.ops.backends import by_kernel, use_kernel
 from league.ops.gdn import chunk as _chunk
 from league.ops.gdn import recurrent as _recurrent
 from league.ops.gdn.naive import naive_gated_delta_rule
+from league.ops.numerics import Numerics
 
 __all__ = [
+    "RECURRENT_MAX_TOKENS",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_padded",
     "chunk_gated_delta_rule_varlen",
+    "gdn_path",
     "naive_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "recurrent_gated_delta_rule_slots",
+    "states_in_slots",
 ]
 
 
@@ -193,6 +197,44 @@ def recurrent_gated_delta_rule_slots(
     return _recurrent.recurrent_gated_delta_rule_slots(
         q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_cache, slots_B, scale, fresh_B, commit, gate_params
     )
+
+
+RECURRENT_MAX_TOKENS = 16
+"""With a cache, runs of at most this many new tokens step the recurrence; longer ones use the chunked form."""
+
+
+def gdn_path(numerics: Numerics, verify: bool, cached: bool, longest: int, x: torch.Tensor) -> str:
+    """Which form of the rule a Gated DeltaNet forward runs, in one place:
+
+    - ``slots``: step by step in the slots' states, read and written in place (decode, verify and short
+      continuations, on the GPU: :func:`states_in_slots`);
+    - ``as_decode``: whole sequences computed as decode computes them (decode parity's training and prefill);
+    - ``recurrent``: step by step over states gathered from the slots (or zeros): row-by-row numerics, verify and
+      short continuations elsewhere;
+    - ``chunk_packed`` / ``chunk_padded``: the chunked form (training and long prefill) on packed sequences (the GPU:
+      fla's kernels, one head count for autotuning) or on sequences padded and folded into heads (the exact CPU
+      reference).
+
+    Args:
+        numerics (Numerics): the forward's numerics.
+        verify (bool): the forward verifies drafts (``ForwardBatch.record_states``).
+        cached (bool): the sequences continue in cache slots.
+        longest (int): the longest sequence's new tokens.
+        x (torch.Tensor): an input of the rule (its device decides).
+    """
+    step_by_step = numerics.step_by_step or verify or (cached and longest <= RECURRENT_MAX_TOKENS)
+    if cached and step_by_step and states_in_slots(x):
+        return "slots"
+    if numerics.as_decode and not verify:
+        return "as_decode"
+    if step_by_step:
+        return "recurrent"
+    return "chunk_packed" if x.is_cuda else "chunk_padded"
+
+
+def states_in_slots(x: torch.Tensor) -> bool:
+    """Whether the recurrence reads and writes the states in their cache slots (the GPU: no gathered copies)."""
+    return x.is_cuda
 
 
 def _use_fast(x: torch.Tensor, op: str, package: str) -> bool:
