@@ -41,6 +41,8 @@ class ModelConfig:
     """Supervised steps on the built-in task's answers before RL (built-in task only)."""
     sft_warmup_lr: float = 3e-3
     """Learning rate of the supervised warm-up."""
+    sft_warmup_batch_size: int = 64
+    """Examples per step of the supervised warm-up (drawn with replacement from the task's problems)."""
     sft_warmup_label_smoothing: float = 0.0
     """Label smoothing of the warm-up: the policy learns the answers but stays unsure of them."""
 
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"`--device` {self.device!r}: expected auto, cpu or cuda")
         if self.sft_warmup_steps < 0:
             raise ValueError(f"`--sft-warmup-steps` must be >= 0, got {self.sft_warmup_steps}")
+        if self.sft_warmup_batch_size < 1:
+            raise ValueError(f"`--sft-warmup-batch-size` must be >= 1, got {self.sft_warmup_batch_size}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -128,6 +132,12 @@ class RunConfig:
     """Seed of the run (initialisation, sampling, shuffling)."""
     tensorboard: bool = True
     """Write TensorBoard event files in the run folder."""
+    num_threads: int | None = None
+    """CPU threads of torch's operators (torch.set_num_threads); None keeps torch's default, one per core."""
+
+    def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"`--num-threads` must be >= 1, got {self.num_threads}")
 
 
 COMPONENTS = (

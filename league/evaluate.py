@@ -17,6 +17,7 @@ def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     ``eval.json`` (the metrics) and ``config.json`` are written."""
     if not job.eval.eval_prompt_data:
         raise ValueError("`league eval` needs evaluation sets: --eval-prompt-data NAME,PATH[,NAME,PATH...]")
+    setup.set_num_threads(job.run.num_threads)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)

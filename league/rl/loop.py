@@ -26,6 +26,7 @@ def train(job: JobConfig) -> Path:
     dims = job.parallel.check_single_process()
     run_dir = setup.make_run_dir(job)
     write_config(job, run_dir / "config.json")
+    setup.set_num_threads(job.run.num_threads)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)

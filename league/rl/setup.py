@@ -43,6 +43,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_num_threads(num_threads: int | None) -> None:
+    """Run torch's CPU operators on ``num_threads`` threads (None: leave torch's setting as it is)."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
 def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
     """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset."""
     from league.checkpoint.hf import resolve_device_dtype
@@ -157,7 +163,7 @@ def warmup(model: Transformer, tokenizer, job: JobConfig) -> None:
         examples,
         steps=job.model.sft_warmup_steps,
         lr=job.model.sft_warmup_lr,
-        batch_size=64,
+        batch_size=job.model.sft_warmup_batch_size,
         seed=job.run.seed,
         label_smoothing=job.model.sft_warmup_label_smoothing,
     )
