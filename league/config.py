@@ -38,6 +38,8 @@ class ModelConfig:
     """Supervised steps on the built-in task's answers before RL (built-in task only)."""
     sft_warmup_lr: float = 3e-3
     """Learning rate of the supervised warm-up."""
+    sft_warmup_batch_size: int = 64
+    """Examples per step of the supervised warm-up (drawn with replacement from the task's problems)."""
     sft_warmup_label_smoothing: float = 0.0
     """Label smoothing of the warm-up: the policy learns the answers but stays unsure of them."""
 
@@ -49,6 +51,7 @@ class ModelConfig:
         if self.mtp_num_layers is not None:
             check_int("--mtp-num-layers", self.mtp_num_layers, 0)
         check_int("--sft-warmup-steps", self.sft_warmup_steps, 0)
+        check_int("--sft-warmup-batch-size", self.sft_warmup_batch_size, 1)
         check_number("--sft-warmup-lr", self.sft_warmup_lr, 0)
         check_number("--sft-warmup-label-smoothing", self.sft_warmup_label_smoothing, 0, 1, high_open=True)
 
@@ -150,9 +153,13 @@ class RunConfig:
     """Seed of the run (initialisation, sampling, shuffling), in [0, 2**63 - 1]."""
     tensorboard: bool = True
     """Write TensorBoard event files in the run folder."""
+    num_threads: int | None = None
+    """CPU threads of torch's operators (torch.set_num_threads); None keeps torch's default, one per core."""
 
     def __post_init__(self) -> None:
         check_seed("--seed", self.seed)
+        if self.num_threads is not None:
+            check_int("--num-threads", self.num_threads, 1)
 
 
 COMPONENTS = (

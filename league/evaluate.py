@@ -16,6 +16,7 @@ def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     """Evaluate ``job``'s policy on ``job.eval.eval_prompt_data``; returns the metrics and the run folder, where
     ``eval.json`` (the metrics) and ``config.json`` are written."""
     setup.check_eval_job(job)
+    setup.set_num_threads(job.run.num_threads)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)

@@ -1,6 +1,6 @@
 """The embedded default: a tiny model of the Qwen3.5-MoE architecture (MTP head included) learns
 two-number addition on CPU, from random initialisation plus a short supervised warm-up, with GRPO,
-MTP training and speculative rollouts. The reward rises within minutes on 2 cores."""
+MTP training and speculative rollouts. The reward rises within minutes on one core."""
 
 from league.config import CheckpointConfig, EvalConfig, JobConfig, ModelConfig, RolloutConfig, RunConfig
 from league.engine.config import EngineConfig
@@ -21,6 +21,8 @@ def recipe(mode: str | None = None) -> JobConfig:
             device="cpu",
             sft_warmup_steps=500,
             sft_warmup_lr=3e-3,
+            # as effective as 64 a step (policy accuracy over 4 seeds; the MTP head's a little lower), at half the cost
+            sft_warmup_batch_size=32,
             sft_warmup_label_smoothing=0.5,
         ),
         data=DataConfig(prompt_data="builtin:add", apply_chat_template=True, rollout_shuffle=True),
@@ -49,5 +51,6 @@ def recipe(mode: str | None = None) -> JobConfig:
             eval_interval=10, eval_prompt_data=["add", "builtin:add"], eval_temperature=0.0, eval_max_response_len=6
         ),
         checkpoint=CheckpointConfig(),
-        run=RunConfig(seed=1234),
+        # a second thread makes this model's steps 1.2x faster on idle cores and 7x slower on shared ones
+        run=RunConfig(seed=1234, num_threads=1),
     )

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
 
 from league.config import JobConfig, write_config
 from league.engine.request import SamplingParams
@@ -18,13 +18,13 @@ from league.parallel.dims import ParallelDims
 from league.parallel.parallelize import parallelize_qwen3_5_moe
 from league.rl import algorithms as algo
 from league.rl import setup
-from league.rl.metrics import MetricsLogger, plot_run
+from league.rl.metrics import MetricsLogger, plot_run, progress_bar
 from league.rl.sample import Sample
 from league.rl.trainer import Trainer
 
 
 def train(job: JobConfig) -> Path:
-    """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png).
+    """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png, checkpoints).
 
     Every start-up check (:func:`setup.check_job`) runs before anything is built or written. A run folder made by
     this run is removed again when the run fails before its first step is logged."""
@@ -37,14 +37,18 @@ def train(job: JobConfig) -> Path:
 
 def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
     """The run itself, once checked, in its folder."""
+    setup.set_num_threads(job.run.num_threads)
+    console = Console()
+    console.print(setup.describe_start(job, run_dir))
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
+    console.print(setup.describe_plan(job, model))
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
     sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
     reward = setup.build_reward(job.reward)
     if job.model.sft_warmup_steps and not job.checkpoint.load:
-        setup.warmup(model, tokenizer, job)
+        setup.warmup(model, tokenizer, job, console)
     parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
     steps_per_rollout = job.rollout.rollout_batch_size * job.rollout.n_samples_per_prompt // job.train.global_batch_size
     trainer = Trainer(
@@ -60,16 +64,9 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
     start = 0
     if job.checkpoint.load:
         start = setup.resume(job.checkpoint.load, model, trainer, sampler, job.checkpoint.load_unsafe_pickle)
-    logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard)
+    logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console)
     n = job.rollout.n_samples_per_prompt
-    with Progress(
-        TextColumn("[bold]league train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=logger.console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console, "league train") as progress:
         bar = progress.add_task("rollout", total=job.rollout.num_rollout, completed=start)
         for step in range(start, job.rollout.num_rollout):
             t0 = time.perf_counter()

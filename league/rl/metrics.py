@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 METRICS_FILE = "metrics.jsonl"
 CONSOLE_KEYS = [
@@ -65,6 +66,26 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def progress_bar(console: Console, label: str, *fields: str) -> Progress:
+    """A transient progress bar on ``console``: ``label``, the bar, steps done of total, each task field named in
+    ``fields`` (set by ``progress.update(task, name=text)``), and the time left.
+
+    Args:
+        console (Console): where the bar is drawn (and where lines printed meanwhile go, above it).
+        label (str): the bar's title.
+        fields (str): names of task fields shown after the count, each as ``name value``.
+    """
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _plain(value: Any) -> Any:

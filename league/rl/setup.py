@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from league.checks import SEED_MAX, check_writable
 from league.config import EvalConfig, JobConfig, ModelConfig
@@ -176,6 +177,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_num_threads(num_threads: int | None) -> None:
+    """Run torch's CPU operators on ``num_threads`` threads (None: leave torch's setting as it is)."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
 def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
     """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset (the
     settings checked by :func:`check_policy`)."""
@@ -265,8 +272,37 @@ def check_reward(config) -> None:
     resolve_reward(config.rm_type, config.custom_rm_path)
 
 
-def warmup(model: Transformer, tokenizer, job: JobConfig) -> None:
-    """The built-in task's short supervised warm-up on correct answers (format and a first skill)."""
+def describe_start(job: JobConfig, run_dir: Path) -> str:
+    """The first console line of a run: what it is, where it writes, and that the policy is being built."""
+    config = job.model
+    source = config.hf_checkpoint or f"preset {config.model_preset}, random init"
+    return (
+        f"league train: recipe {job.recipe}, seed {job.run.seed}, {torch.get_num_threads()} CPU threads, "
+        f"run folder {run_dir}; building the policy ({source}) ..."
+    )
+
+
+def describe_plan(job: JobConfig, model: Transformer) -> str:
+    """What the run will do with the built policy: the warm-up (when there is one) and the rollout steps."""
+    num_params = sum(p.numel() for p in model.parameters())
+    steps = [
+        f"{job.rollout.num_rollout} GRPO steps of {job.rollout.rollout_batch_size} prompts x "
+        f"{job.rollout.n_samples_per_prompt} samples"
+    ]
+    if job.model.sft_warmup_steps and not job.checkpoint.load:
+        steps.insert(
+            0,
+            f"a supervised warm-up of {job.model.sft_warmup_steps} steps of {job.model.sft_warmup_batch_size} "
+            f"examples on {job.data.prompt_data}",
+        )
+    return f"policy: {num_params / 1e6:.2f}M parameters; then " + ", then ".join(steps)
+
+
+def warmup(model: Transformer, tokenizer, job: JobConfig, console: Console) -> list[float]:
+    """The built-in task's short supervised warm-up on correct answers (format and a first skill); returns the
+    loss of each step. On ``console``: a progress bar with the loss, then one summary line (and where the console is
+    not a terminal, such as a pipe or a log file, which shows no bar, a line every tenth of the steps)."""
+    from league.rl.metrics import progress_bar
     from league.rl.tasks import supervised_warmup
 
     problems = builtin_problems(job.data.prompt_data, job.run.seed)
@@ -278,15 +314,30 @@ def warmup(model: Transformer, tokenizer, job: JobConfig) -> None:
         )
         for p in problems
     ]
-    supervised_warmup(
-        model,
-        examples,
-        steps=job.model.sft_warmup_steps,
-        lr=job.model.sft_warmup_lr,
-        batch_size=64,
-        seed=job.run.seed,
-        label_smoothing=job.model.sft_warmup_label_smoothing,
+    steps = job.model.sft_warmup_steps
+    start = time.perf_counter()
+    with progress_bar(console, "warm-up", "loss") as progress:
+        bar = progress.add_task("warm-up", total=steps, loss="-")
+
+        def on_step(step: int, loss: float) -> None:
+            progress.update(bar, advance=1, loss=f"{loss:.3f}")
+            if not console.is_terminal and (step + 1) % max(1, steps // 10) == 0:
+                console.print(f"warm-up {step + 1}/{steps}  loss {loss:.3f}")
+
+        losses = supervised_warmup(
+            model,
+            examples,
+            steps=steps,
+            lr=job.model.sft_warmup_lr,
+            batch_size=job.model.sft_warmup_batch_size,
+            seed=job.run.seed,
+            label_smoothing=job.model.sft_warmup_label_smoothing,
+            on_step=on_step,
+        )
+    console.print(
+        f"warm-up: {steps} steps in {time.perf_counter() - start:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     )
+    return losses
 
 
 def build_engine(job: JobConfig, model: Transformer, tokenizer):

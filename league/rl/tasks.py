@@ -6,6 +6,7 @@ Their reward is ``exact`` (``rl.rewards.exact``). Not responsible for file datas
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +51,33 @@ def supervised_warmup(
     batch_size: int,
     seed: int,
     label_smoothing: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """A few steps of next-token cross-entropy on (prompt, answer) pairs, on the answer tokens only.
 
-    Returns the loss of each step. The MTP head trains alongside (its loss reaches only its parameters).
+    Each step draws ``batch_size`` examples with replacement. The MTP head trains alongside (its loss reaches
+    only its parameters).
+
+    Args:
+        model (Transformer): trained in place; left in eval mode.
+        examples (list[tuple[list[int], list[int]]]): (prompt ids, answer ids ending with EOS) pairs.
+        steps (int): optimizer steps.
+        lr (float): AdamW learning rate (constant, no weight decay).
+        batch_size (int): examples per step.
+        seed (int): seed of the draws.
+        label_smoothing (float): of the policy's loss (not the MTP head's). Default: ``0.0``.
+        on_step (Callable[[int, float], None], Optional): called after each step with its index and loss.
+            Default: ``None``.
+
+    Returns:
+        The loss of each step.
     """
     gen = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         batch = [examples[gen.randrange(len(examples))] for _ in range(batch_size)]
         seqs = [p + a for p, a in batch]
         tokens = torch.tensor([t for s in seqs for t in s])
@@ -88,5 +105,7 @@ def supervised_warmup(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
     model.eval()
     return losses

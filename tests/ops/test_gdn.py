@@ -19,7 +19,16 @@ def inputs(num_tokens, num_k_heads, num_v_heads, k_dim, v_dim, seed, dtype=torch
     return q, k, v, g, beta, state
 
 
-SHAPES = [(1, 1, 1, 8, 8), (63, 2, 4, 16, 8), (64, 2, 2, 12, 20), (150, 3, 6, 16, 16), (200, 1, 3, 7, 5)]
+# fewer tokens than a chunk (1, 5, 27) run as one chunk of the next power of two
+SHAPES = [
+    (1, 1, 1, 8, 8),
+    (5, 2, 2, 8, 8),
+    (27, 2, 4, 16, 8),
+    (63, 2, 4, 16, 8),
+    (64, 2, 2, 12, 20),
+    (150, 3, 6, 16, 16),
+    (200, 1, 3, 7, 5),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -32,9 +41,9 @@ def test_chunk_and_recurrent_equal_naive_forward(shape):
     assert torch.equal(o_rec[0], o_ref) and torch.equal(s_rec[0], s_ref)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64])
-def test_chunk_backward_equals_naive_backward(chunk_size):
-    tensors = [t.requires_grad_() for t in inputs(100, 2, 4, 16, 8, seed=3)]
+@pytest.mark.parametrize("num_tokens, chunk_size", [(100, 16), (100, 64), (27, 64)])
+def test_chunk_backward_equals_naive_backward(num_tokens, chunk_size):
+    tensors = [t.requires_grad_() for t in inputs(num_tokens, 2, 4, 16, 8, seed=3)]
     grads = []
     for fn in (naive_gated_delta_rule, lambda *a: chunk_gated_delta_rule(*a, chunk_size=chunk_size)):
         for t in tensors:

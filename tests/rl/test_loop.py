@@ -46,6 +46,17 @@ def test_resume_gives_the_same_metrics(tmp_path):
     assert [comparable(r) for r in resumed] == [comparable(r) for r in full[2:]]
 
 
+def test_the_run_shows_its_progress_from_the_start(tmp_path, capsys):
+    """The first line says what is happening; the warm-up reports its steps and loss (as lines where the console is
+    no terminal, as here), then a summary, before the step lines."""
+    train(tiny_job(tmp_path, "shown", num_rollout=1, sft_warmup_steps=10, sft_warmup_batch_size=4))
+    out = capsys.readouterr().out
+    assert out.startswith("league train: recipe tiny")
+    lines = [line for line in out.splitlines() if line.startswith("warm-up")]
+    assert [line.split()[1] for line in lines] == [f"{i}/10" for i in range(1, 11)] + ["10"]
+    assert "loss" in lines[0] and out.index("warm-up: 10 steps") < out.index("step 0")
+
+
 def test_reference_recipe_settings_run_on_a_tiny_model(tmp_path):
     """The qwen3_6_35b_a3b_mtp algorithm settings, on the tiny preset and the built-in task."""
     ref = get_recipe("qwen3_6_35b_a3b_mtp")

@@ -31,9 +31,11 @@ def chunk_gated_delta_rule(
     """Same contract as :func:`league.ops.gdn.naive.naive_gated_delta_rule`; differentiable.
 
     Args:
-        chunk_size (int): tokens per chunk. Default: ``64``.
+        chunk_size (int): most tokens per chunk; a shorter sequence is one chunk of the next power of two (the
+            same result: chunk padding only costs time). Default: ``64``.
     """
     num_tokens, num_heads, v_dim = v_THV.shape
+    chunk_size = min(chunk_size, 1 << max(num_tokens - 1, 0).bit_length())
     q, k = prepare_qk(q_THK, k_THK, num_heads, scale)
     v, g, beta = (x.to(q.dtype) for x in (v_THV, g_TH, beta_TH))
     k_dim = q.shape[-1]
