@@ -39,10 +39,10 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
     """The run itself, once checked, in its folder."""
     setup.set_num_threads(job.run.num_threads)
     console = Console()
-    console.print(setup.describe_start(job, run_dir))
+    console.print(setup.describe_start(job, run_dir), soft_wrap=True)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
-    console.print(setup.describe_plan(job, model))
+    console.print(setup.describe_plan(job, model), soft_wrap=True)
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
     sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)

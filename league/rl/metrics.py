@@ -61,7 +61,7 @@ class MetricsLogger:
         for key, short, fmt in CONSOLE_KEYS:
             if isinstance(record.get(key), (int, float)):
                 parts.append(f"{short} {fmt.format(record[key])}")
-        self.console.print("  ".join(parts))
+        self.console.print("  ".join(parts), soft_wrap=True)  # one line a step, whatever the width
 
     def close(self) -> None:
         if self.writer is not None:
