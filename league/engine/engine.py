@@ -20,7 +20,6 @@ from league.engine.config import EngineConfig
 from league.engine.model_runner import ModelRunner
 from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, check_request
 from league.engine.scheduler import Scheduler
-from league.engine.speculative import accept_on_device
 from league.models.qwen3_5_moe import Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
@@ -177,7 +176,7 @@ class LLMEngine:
         self.stats.forward_passes += 1
         self.stats.prefill_passes += 1
         if any(r.logprob_start_len >= 0 for r, _, _ in chunks):
-            self._input_logprobs(chunks, hidden, batch.sequences())
+            self.runner.prompt_logprobs(chunks, hidden, batch.sequences())
         for r, _, e in chunks:
             r.num_prefilled = e
         finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.prompt_ids)]
@@ -196,32 +195,6 @@ class LLMEngine:
                 logprob = token_logprobs(row[None], torch.tensor([token], device=self.device))
                 tops = sampler.top_pairs([member], sampler.top_tensors([member], row[None]))
                 self._append(member, [token], logprob.tolist(), tops)
-
-    def _input_logprobs(self, chunks, hidden: torch.Tensor, sequences) -> None:
-        """The log-probs of the prompt tokens that requests asked for (from ``logprob_start_len`` on): the token at
-        position q is scored by the row of position q - 1; the first prompt token has none (None)."""
-        rows, targets, owners = [], [], []
-        for (r, s, e), (_, start, _end) in zip(chunks, sequences):
-            if r.logprob_start_len < 0:
-                continue
-            if r.logprob_start_len == 0 and s == 0:
-                r.input_logprobs.append(None)
-                r.input_top_logprobs.append(None)
-            lo, hi = max(s, r.logprob_start_len - 1, 0), min(e, len(r.prompt_ids) - 1)
-            if hi > lo:
-                rows.extend(range(start + lo - s, start + hi - s))
-                targets.extend(r.prompt_ids[lo + 1 : hi + 1])
-                owners.append((r, hi - lo))
-        if not rows:
-            return
-        logits = self.runner.logits(hidden[rows])
-        logprobs = token_logprobs(logits, torch.tensor(targets, device=self.device)).tolist()
-        row_reqs = [r for r, count in owners for _ in range(count)]
-        tops = sampler.top_pairs(row_reqs, sampler.top_tensors(row_reqs, logits))
-        for r, count in owners:
-            r.input_logprobs.extend(logprobs[:count])
-            r.input_top_logprobs.extend(tops[:count])
-            logprobs, tops = logprobs[count:], tops[count:]
 
     def _decode(self, reqs: list[Request]) -> None:
         """Decode one token for each of ``reqs``; with the overlap schedule, read back the previous step's tokens
@@ -286,30 +259,11 @@ class LLMEngine:
                 self._append(r, [token], [logprob], [top])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
-        num_steps = self.config.num_spec_steps
-        committed = [r.num_cached for r in reqs]
-        drafts_BN, logits = self.runner.speculate(reqs)
+        num_steps, committed = self.config.num_spec_steps, [r.num_cached for r in reqs]
+        results = self.runner.speculative_step(reqs, self.eos_ids)
         self.stats.forward_passes += 1
         self.stats.verify_passes += 1
-        # acceptance, the states' commit and the emitted tokens' log-probs all queued on the device, then one read
-        target = sampler.penalized_verify(reqs, logits, drafts_BN, self.eos_ids)
-        params, seeds, positions = [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
-        accepted_B, bonus_B = accept_on_device(target, drafts_BN, params, seeds, positions)
-        self.runner.commit_verified(torch.tensor([r.slot for r in reqs]).to(self.device, non_blocking=True), accepted_B)
-        # emitted token t of request i: draft t while t < accepted_i, the bonus at t == accepted_i (and past it,
-        # where nothing is emitted)
-        steps = torch.arange(num_steps + 1, device=self.device)
-        candidates = torch.cat([drafts_BN, bonus_B[:, None]], dim=1)
-        emitted_BN1 = torch.where(steps < accepted_B[:, None], candidates, bonus_B[:, None])
-        rows_RV = logits.reshape(-1, logits.shape[-1])
-        logprobs_BN1 = token_logprobs(rows_RV, emitted_BN1.flatten())
-        verify_reqs = [r for r in reqs for _ in range(num_steps + 1)]
-        tops = sampler.top_tensors(verify_reqs, rows_RV)
-        rows = torch.cat([accepted_B[:, None], emitted_BN1], dim=1).tolist()  # the step's one wait
-        logprob_rows = logprobs_BN1.view(len(reqs), num_steps + 1).tolist()
-        pairs = sampler.top_pairs(verify_reqs, tops)
-        for i, (r, (num_accepted, *tokens)) in enumerate(zip(reqs, rows)):
-            emitted = tokens[: num_accepted + 1]
+        for r, start, (num_accepted, emitted, logprobs, tops) in zip(reqs, committed, results):
             stats = SpecStats(
                 draft_tokens=num_steps,
                 accepted_tokens=num_accepted,
@@ -319,9 +273,8 @@ class LLMEngine:
             r.spec.add(stats)
             self.stats.spec.add(stats)
             # the next step's MTP rows: this verify's hidden states (kept by the step) with the emitted tokens
-            r.mtp_start, r.mtp_tokens = committed[i], emitted
-            first = i * (num_steps + 1)
-            self._append(r, emitted, logprob_rows[i][: num_accepted + 1], pairs[first : first + num_accepted + 1])
+            r.mtp_start, r.mtp_tokens = start, emitted
+            self._append(r, emitted, logprobs, tops)
 
     # appending and stopping ------------------------------------------------------------------------------
 
@@ -359,26 +312,9 @@ class LLMEngine:
     # weights -------------------------------------------------------------------------------------------------
 
     def update_weights_from_disk(self, path: str) -> None:
-        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head). The whole checkpoint
-        is checked against the running model first (architecture, tensor names, shapes, dtypes): on a mismatch
-        nothing changes and the ValueError names the first differences."""
-        from league.checkpoint.hf import load_hf_weights
-
-        load_hf_weights(self.model, path, strict=True)
+        """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place."""
+        self.runner.update_weights_from_disk(path)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors given under league parameter names into the model in place. All are checked (names,
-        shapes, floating-point dtypes) before the first copy, so a bad update changes nothing."""
-        params = dict(self.model.named_parameters())
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise ValueError(f"update_weights: no parameter named {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise ValueError(f"update_weights: {name} has dtype {tensor.dtype}; a floating-point tensor is needed")
-        with torch.no_grad():
-            for name, tensor in named_tensors:
-                params[name].copy_(tensor)
+        """``ModelRunner.update_weights``: tensors under league parameter names, all checked first, in place."""
+        self.runner.update_weights(named_tensors)

@@ -2,8 +2,8 @@
 and verify (with the engine's numerics), and owns the captured CUDA graphs and the speculative step, so that the
 engine decides only what runs.
 
-Not responsible for which requests run (``scheduler``), for sampling (``sampler``) or for requests' bookkeeping
-(``engine``).
+Not responsible for which requests run (``scheduler``), for how a row is drawn (``sampler``, which it calls) or for
+requests' bookkeeping (``engine``).
 
 Legend: T tokens, B requests, N draft steps, D model dim, V vocabulary.
 """
@@ -12,12 +12,14 @@ import warnings
 
 import torch
 
+from league.engine import sampler
 from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
 from league.engine.config import EngineConfig
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import Request
-from league.engine.speculative import SpeculativeStep
+from league.engine.speculative import SpeculativeStep, accept_on_device
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
+from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
 
 
@@ -102,6 +104,33 @@ class ModelRunner:
             self._mtp_extend_prompt(chunks, hidden, batch)
         return hidden, batch
 
+    def prompt_logprobs(self, chunks, hidden: torch.Tensor, sequences) -> None:
+        """After a prefill: the log-probs of the prompt tokens that requests asked for (from ``logprob_start_len``
+        on), appended to each request's ``input_logprobs``: the token at position q is scored by the row of position
+        q - 1; the first prompt token has none (None)."""
+        rows, targets, owners = [], [], []
+        for (r, s, e), (_, start, _end) in zip(chunks, sequences):
+            if r.logprob_start_len < 0:
+                continue
+            if r.logprob_start_len == 0 and s == 0:
+                r.input_logprobs.append(None)
+                r.input_top_logprobs.append(None)
+            lo, hi = max(s, r.logprob_start_len - 1, 0), min(e, len(r.prompt_ids) - 1)
+            if hi > lo:
+                rows.extend(range(start + lo - s, start + hi - s))
+                targets.extend(r.prompt_ids[lo + 1 : hi + 1])
+                owners.append((r, hi - lo))
+        if not rows:
+            return
+        logits = self.logits(hidden[rows])
+        logprobs = token_logprobs(logits, torch.tensor(targets, device=self.device)).tolist()
+        row_reqs = [r for r, count in owners for _ in range(count)]
+        tops = sampler.top_pairs(row_reqs, sampler.top_tensors(row_reqs, logits))
+        for r, count in owners:
+            r.input_logprobs.extend(logprobs[:count])
+            r.input_top_logprobs.extend(tops[:count])
+            logprobs, tops = logprobs[count:], tops[count:]
+
     def start_sample(self, leader: Request, member: Request, hidden_D: torch.Tensor, token: int) -> None:
         """A prompt's last position sampled ``token`` for ``member`` (a copy of ``leader``'s slot first, for the
         other samples of a group); speculating, the MTP row of that position waits for the next step."""
@@ -180,3 +209,56 @@ class ModelRunner:
     def commit_verified(self, slots_B: torch.Tensor, accepted_B: torch.Tensor) -> None:
         """Commit each verified request's accepted prefix into its slot (``Transformer.commit_verified``)."""
         self.model.commit_verified(self.cache, slots_B, accepted_B, self.numerics)
+
+    def speculative_step(self, reqs: list[Request], eos_ids: set[int]) -> list[tuple[int, list[int], list, list]]:
+        """Draft, verify, accept (the requests' penalties applied to the verify's logits) and commit each request's
+        accepted prefix, all queued on the device and read back once: per request ``(accepted drafts, emitted tokens,
+        their log-probs, their top log-probs)``, the emitted tokens being the accepted drafts and the bonus token."""
+        num_steps = self.num_spec_steps
+        drafts_BN, logits = self.speculate(reqs)
+        target = sampler.penalized_verify(reqs, logits, drafts_BN, eos_ids)
+        params, seeds, positions = [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs]
+        accepted_B, bonus_B = accept_on_device(target, drafts_BN, params, seeds, positions)
+        self.commit_verified(torch.tensor([r.slot for r in reqs]).to(self.device, non_blocking=True), accepted_B)
+        # emitted token t of request i: draft t while t < accepted_i, the bonus at t == accepted_i (and past it,
+        # where nothing is emitted)
+        steps = torch.arange(num_steps + 1, device=self.device)
+        candidates = torch.cat([drafts_BN, bonus_B[:, None]], dim=1)
+        emitted_BN1 = torch.where(steps < accepted_B[:, None], candidates, bonus_B[:, None])
+        rows_RV = logits.reshape(-1, logits.shape[-1])
+        logprobs_BN1 = token_logprobs(rows_RV, emitted_BN1.flatten())
+        verify_reqs = [r for r in reqs for _ in range(num_steps + 1)]
+        tops = sampler.top_tensors(verify_reqs, rows_RV)
+        rows = torch.cat([accepted_B[:, None], emitted_BN1], dim=1).tolist()  # the step's one wait
+        logprob_rows = logprobs_BN1.view(len(reqs), num_steps + 1).tolist()
+        pairs = sampler.top_pairs(verify_reqs, tops)
+        results = []
+        for i, (num_accepted, *tokens) in enumerate(rows):
+            first, count = i * (num_steps + 1), num_accepted + 1
+            results.append((num_accepted, tokens[:count], logprob_rows[i][:count], pairs[first : first + count]))
+        return results
+
+    def update_weights_from_disk(self, path: str) -> None:
+        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head). The whole checkpoint
+        is checked against the running model first (architecture, tensor names, shapes, dtypes): on a mismatch
+        nothing changes and the ValueError names the first differences."""
+        from league.checkpoint.hf import load_hf_weights
+
+        load_hf_weights(self.model, path, strict=True)
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors given under league parameter names into the model in place. All are checked (names,
+        shapes, floating-point dtypes) before the first copy, so a bad update changes nothing."""
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: no parameter named {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(f"update_weights: {name} has dtype {tensor.dtype}; a floating-point tensor is needed")
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                params[name].copy_(tensor)
