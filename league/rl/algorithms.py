@@ -369,17 +369,21 @@ def mtp_labels_and_mask(
     return shifted(tokens_T, 1), shifted(tokens_T, 2), shifted(loss_mask_T, 2)
 
 
-def mtp_loss(logprobs_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
-    """``-sum_t m_t logp_t / max(sum_t m_t, 1)``: the masked mean cross-entropy of the MTP head, from the fp32
-    log-probs of its labels over the whole vocabulary (``token_logprobs`` of its logits, or the fused head's).
+def mtp_loss(logprobs_T: torch.Tensor, mask_T: torch.Tensor, num_tokens_global: int | None = None) -> torch.Tensor:
+    """``-sum_t m_t logp_t / max(N, 1)``: the masked mean cross-entropy of the MTP head, from the fp32 log-probs of
+    its labels over the whole vocabulary (``token_logprobs`` of its logits, or the fused head's). ``N`` is
+    ``num_tokens_global``, the masked-in tokens of the whole optimizer step (so that micro-batches, and ranks, add up
+    to the step's token mean whatever the packing), or this call's own ``sum_t m_t``.
 
     Args:
         logprobs_T (torch.Tensor): ``[T]`` log-probs of the labels.
         mask_T (torch.Tensor): ``[T]`` 0/1 mask.
+        num_tokens_global (int, Optional): the denominator. Default: ``None`` (this mask's token count).
 
     Returns:
         fp32 scalar.
     """
     ce_T = -logprobs_T.float()
     mask_T = mask_T.to(ce_T.dtype)
-    return _masked(ce_T, mask_T).sum() / mask_T.sum().clamp_min(1)
+    count = mask_T.sum().clamp_min(1) if num_tokens_global is None else max(num_tokens_global, 1)
+    return _masked(ce_T, mask_T).sum() / count

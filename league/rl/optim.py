@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from league.checks import check_int, check_number
 
@@ -85,20 +87,33 @@ class Optimizer:
     device, and torch's default otherwise. On the CPU the fused kernel differs from the default in the last fp32 bit,
     so CPU runs (and offload) keep the default's numbers.
 
+    Sharded parameters (FSDP2's DTensors) are updated through their local shards: the masters, moments and the
+    update are each rank's own part, and the gradient norm is the global one (the shards' squares summed over
+    ``group``).
+
     Args:
         params (list[tuple[str, torch.nn.Parameter]]): named trainable parameters.
         config (OptimConfig): settings.
         fused (bool, Optional): force torch's fused AdamW on or off.
             Default: ``None`` (fused when every master is on CUDA).
+        group (ProcessGroup, Optional): the ranks the parameters are sharded over. Default: ``None`` (one process).
     """
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig, fused: bool | None = None):
-        self.config, self.params = config, params
+    def __init__(
+        self,
+        params: list[tuple[str, torch.nn.Parameter]],
+        config: OptimConfig,
+        fused: bool | None = None,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.config, self.params, self.group = config, params, group
         self.offload = config.optimizer_cpu_offload
         low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for _, p in params)
         self.use_masters = self.offload or low_precision
         self.masters = [
-            p.detach().to("cpu" if self.offload else p.device, torch.float32, copy=True) if self.use_masters else p
+            _local(p).detach().to("cpu" if self.offload else p.device, torch.float32, copy=True)
+            if self.use_masters
+            else _local(p)
             for _, p in params
         ]
         self.master_grads = [torch.empty_like(m) for m in self.masters] if self.use_masters else []
@@ -121,31 +136,40 @@ class Optimizer:
 
     def step(self, lr: float) -> float:
         """Clip, update, and return the gradient norm before clipping."""
-        grads = [p.grad for _, p in self.params if p.grad is not None]
+        grads = [_local(p.grad) for _, p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if self.group is not None:  # the shards' squares summed over the ranks
+            squares = norm.detach().double().square()
+            dist.all_reduce(squares, group=self.group)
+            norm = squares.sqrt().to(norm.dtype)
         if self.config.clip_grad > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(grads, self.config.clip_grad, norm)
         for group in self.inner.param_groups:
             group["lr"] = lr
-        if self.use_masters:
-            self._grads_to_masters()
+        self._grads_to_masters()
         self.inner.step()
         if self.use_masters:
             with torch.no_grad():
                 for indices in self.copy_groups:
-                    params = [self.params[i][1] for i in indices]
+                    params = [_local(self.params[i][1]) for i in indices]
                     torch._foreach_copy_(params, [self.masters[i] for i in indices], non_blocking=True)
         return float(norm)
 
     def _grads_to_masters(self) -> None:
-        """Each master's ``.grad`` is its fp32 buffer holding its parameter's gradient, or None as the parameter's."""
+        """Each master's ``.grad``: its fp32 buffer holding its parameter's (local) gradient, the local gradient itself
+        without masters, or None as the parameter's."""
+        if not self.use_masters:
+            for master, (_, p) in zip(self.masters, self.params):
+                if master is not p:  # a sharded parameter: the optimizer steps its local shard
+                    master.grad = None if p.grad is None else _local(p.grad)
+            return
         for indices in self.copy_groups:
             with_grad = [i for i in indices if self.params[i][1].grad is not None]
             for i in indices:
                 self.masters[i].grad = self.master_grads[i] if self.params[i][1].grad is not None else None
             if with_grad:
                 torch._foreach_copy_(
-                    [self.master_grads[i] for i in with_grad], [self.params[i][1].grad for i in with_grad]
+                    [self.master_grads[i] for i in with_grad], [_local(self.params[i][1].grad) for i in with_grad]
                 )
 
     def state_dict(self) -> dict:
@@ -160,7 +184,7 @@ class Optimizer:
             with torch.no_grad():
                 for master, saved, (_, p) in zip(self.masters, state["masters"], self.params):
                     master.copy_(saved)
-                    p.copy_(saved)
+                    _local(p).copy_(saved)
 
 
 def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> list[list[int]]:
@@ -170,3 +194,8 @@ def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> lis
     for i, (p, m) in enumerate(zip(params, masters)):
         groups.setdefault((p.device, p.dtype, m.device), []).append(i)
     return list(groups.values())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's local part (FSDP2's DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t

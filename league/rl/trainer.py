@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from league.checks import check_int, check_number
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
@@ -149,6 +150,11 @@ class Trainer:
         temperature (float): rollout temperature; log-probs use logits / temperature. Default: ``1.0``.
         numerics (Numerics): how forwards compute (``ops.numerics``), as the engine that samples computes.
             Default: ``FAST``.
+        group (ProcessGroup, Optional): the data-parallel ranks that share each optimizer step (each holding an equal
+            share of its samples); losses are normalised by the step's global counts, every rank runs as many
+            micro-batches, and the metrics are the step's. Default: ``None`` (one process).
+        ref_model (Transformer, Optional): the frozen reference policy, when ``use_kl_loss`` (prepared for the
+            ranks as the policy is). Default: ``None`` (a copy of ``model``, in one process).
     """
 
     def __init__(
@@ -160,18 +166,42 @@ class Trainer:
         total_steps: int,
         temperature: float = 1.0,
         numerics: Numerics = FAST,
+        group: dist.ProcessGroup | None = None,
+        ref_model: Transformer | None = None,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
         self.total_steps, self.temperature, self.numerics = total_steps, temperature, numerics
+        self.group = group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        if train.global_batch_size % self.world:
+            raise ValueError(
+                f"`--global-batch-size` {train.global_batch_size} does not split over {self.world} data-parallel ranks"
+            )
         self.device = next(model.parameters()).device
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not algo_config.enable_mtp_training:
             trainable = [(n, p) for n, p in trainable if not n.startswith("mtp.")]
-        self.optimizer = Optimizer(trainable, optim)
+        self.optimizer = Optimizer(trainable, optim, group=group)
         self.ref_model = None
         if algo_config.use_kl_loss:
-            self.ref_model = copy.deepcopy(model).requires_grad_(False)
+            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model).requires_grad_(False)
         self.num_steps = 0
+
+    def _sum(self, value: float) -> float:
+        """``value`` summed over the data-parallel ranks."""
+        if self.group is None:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t)
+
+    def _passes(self, count: int) -> int:
+        """The most micro-batches any rank runs (every rank runs that many: the sharded forward's collectives)."""
+        if self.group is None:
+            return count
+        t = torch.tensor(count)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t)
 
     def _micro_batches(self, samples: list[Sample], budget: int) -> list[MicroBatch]:
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
@@ -197,15 +227,18 @@ class Trainer:
         model = model or self.model
         budget = self.config.log_probs_max_tokens_per_gpu or self.config.max_tokens_per_gpu
         out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
-        for mb in self._micro_batches(samples, budget):
+        micro = self._micro_batches(samples, budget)
+        for k in range(self._passes(len(micro))):
+            mb = micro[min(k, len(micro) - 1)]  # past its own, a rank repeats its last micro-batch
             logp, _ = response_logprobs(model, mb, self.temperature)
-            for i, lp in zip(mb.indices, logp.split(mb.packed.response_lengths)):
-                out[i] = lp
+            if k < len(micro):
+                for i, lp in zip(mb.indices, logp.split(mb.packed.response_lengths)):
+                    out[i] = lp
         return out
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
         """All optimizer steps of one rollout; returns the metrics averaged over them (the :data:`COUNTS` summed)."""
-        gbs = self.config.global_batch_size
+        gbs = self.config.global_batch_size // self.world  # this rank's share of each optimizer step
         if len(samples) % gbs:
             raise ValueError(f"a rollout of {len(samples)} samples does not split into global batches of {gbs}")
         # several updates per rollout: the ratio needs the log-probs from before the first update
@@ -227,7 +260,12 @@ class Trainer:
         cfg = self.algo
         eps_high = cfg.eps_clip if cfg.eps_clip_high is None else cfg.eps_clip_high
         micro = self._micro_batches(samples, self.config.max_tokens_per_gpu)
-        num_tokens = sum(sum(s.response_loss_mask) for s in samples)
+        # the step's global counts: micro-batches (and ranks) add up to the step's means
+        num_samples = int(self._sum(len(samples)))
+        num_tokens = int(self._sum(sum(sum(s.response_loss_mask) for s in samples)))
+        num_mtp_tokens = 0
+        if cfg.enable_mtp_training:
+            num_mtp_tokens = int(self._sum(sum(int(self._mtp_rows(mb)[2].sum()) for mb in micro)))
         sums: dict[str, float] = {}
 
         def add(key: str, value: torch.Tensor | float) -> None:
@@ -235,16 +273,18 @@ class Trainer:
 
         self.model.train()
         self.optimizer.zero_grad()
-        for mb in micro:
+        for k in range(self._passes(len(micro))):
+            # past its own micro-batches a rank repeats its last with no weight, so every rank runs as many
+            mb, share = micro[min(k, len(micro) - 1)], float(k < len(micro))
             logp, hidden = response_logprobs(self.model, mb, self.temperature)
             # one update per rollout: the old policy is the current one, so the ratio is 1 by construction
             old = logp.detach() if old_logprobs is None else torch.cat([old_logprobs[i] for i in mb.indices])
             rollout, adv, mask = mb.packed.rollout_logprobs_R, mb.packed.advantages_R, mb.packed.loss_mask_R
 
-            def reduce(x_R: torch.Tensor, mask=mask, sample_of=mb.packed.sample_of_R) -> torch.Tensor:
+            def reduce(x_R: torch.Tensor, mask=mask * share, sample_of=mb.packed.sample_of_R) -> torch.Tensor:
                 if cfg.calculate_per_token_loss:
                     return algo.token_mean(x_R, mask, num_tokens)
-                return algo.sample_mean_of_token_means(x_R, mask, sample_of, len(samples))
+                return algo.sample_mean_of_token_means(x_R, mask, sample_of, num_samples)
 
             pg_tok, clip_tok, ppo_kl_tok = algo.policy_loss(logp, old, adv, cfg.eps_clip, eps_high, cfg.eps_clip_c)
             if cfg.use_tis:
@@ -257,11 +297,11 @@ class Trainer:
             add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
             abs_diff = torch.nan_to_num((old - rollout).abs(), nan=0.0, posinf=0.0, neginf=0.0)
             add("train/train_rollout_logprob_abs_diff", reduce(abs_diff))
-            add("train/nonfinite_logprob_tokens", algo.count_nonfinite(mask, logp, old, rollout))
+            add("train/nonfinite_logprob_tokens", share * algo.count_nonfinite(mask, logp, old, rollout))
             if ref_logprobs is not None:
                 ref = torch.cat([ref_logprobs[i] for i in mb.indices])
                 nonfinite = ~algo.kl_is_finite(logp, ref, cfg.kl_loss_type) & (mask != 0)
-                add("train/nonfinite_kl_tokens", nonfinite.sum())
+                add("train/nonfinite_kl_tokens", share * nonfinite.sum())
                 kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
                 add("train/kl_loss", kl.detach())
                 if cfg.kl_loss_coef != 0:
@@ -271,28 +311,34 @@ class Trainer:
                 add("train/entropy_loss", ent.detach())
                 loss = loss - cfg.entropy_coef * ent
             if cfg.enable_mtp_training:
-                mtp_loss = self._mtp_loss(mb, hidden)
-                add("train/mtp_loss", mtp_loss.detach() / len(micro))
-                loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss / len(micro)
+                mtp_loss = share * self._mtp_loss(mb, hidden, num_mtp_tokens)
+                add("train/mtp_loss", mtp_loss.detach())
+                loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss
             loss.backward()
         lr = lr_at(self.optim_config, self.num_steps, self.total_steps)
         grad_norm = self.optimizer.step(lr)
         self.num_steps += 1
-        return {**sums, "train/grad_norm": grad_norm, "train/lr": lr}
+        return {**{k: self._sum(v) for k, v in sums.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
 
-    def _mtp_loss(self, mb: MicroBatch, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """Token-mean CE of the MTP head predicting token t+2 at row t, over response tokens only."""
+    @staticmethod
+    def _mtp_rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MTP head's inputs of a micro-batch: ``(next tokens, labels, mask)`` (``algo.mtp_labels_and_mask``)."""
         packed = mb.packed
-        next_tokens, labels, mask = algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
+        return algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
+
+    def _mtp_loss(self, mb: MicroBatch, hidden_TD: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """CE of the MTP head predicting token t+2 at row t, over response tokens only, summed and divided by
+        ``num_tokens`` (the step's MTP tokens; default: this micro-batch's)."""
+        next_tokens, labels, mask = self._mtp_rows(mb)
         mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
         rows = mask.nonzero()[:, 0]
         hidden_RD, labels_R = mtp_hidden[rows], labels[rows]
         if self.numerics.row_by_row:  # the engine's own head, as the policy's log-probs take it
             logits = self.model.mtp_logits(hidden_RD, detach_head=True, numerics=self.numerics)
-            return algo.mtp_loss(token_logprobs(logits, labels_R), mask[rows])
+            return algo.mtp_loss(token_logprobs(logits, labels_R), mask[rows], num_tokens)
         # the output head fused into the log-prob (no [R, V] logits held), detached: the loss reaches MTP only
         logp_R = linear_token_logprobs(hidden_RD, self.model.output_weight().detach(), labels_R)
-        return algo.mtp_loss(logp_R, mask[rows])
+        return algo.mtp_loss(logp_R, mask[rows], num_tokens)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}

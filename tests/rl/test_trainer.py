@@ -102,11 +102,10 @@ def test_loss_and_gradients_do_not_depend_on_packing(per_token):
         results.append((metrics, grads))
     (m0, g0), others = results[0], results[1:]
     for metrics, grads in others:
-        for key in ("train/pg_loss", "train/ppo_kl", "train/train_rollout_logprob_abs_diff"):
+        for key in ("train/pg_loss", "train/ppo_kl", "train/train_rollout_logprob_abs_diff", "train/mtp_loss"):
             assert metrics[key] == pytest.approx(m0[key], rel=1e-6, abs=1e-9)  # log-probs are fp32
-        for name, grad in g0.items():
-            if not name.startswith("mtp."):  # the MTP loss is a per-micro-batch mean, as the reference's
-                assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-8), name
+        for name, grad in g0.items():  # the MTP loss too: a token mean over the whole step
+            assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-8), name
 
 
 def test_micro_batches_respect_the_token_budget():
