@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/league train
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check league tests benchmarks

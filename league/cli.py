@@ -8,6 +8,8 @@ responsible for any logic: that lives in the function each command calls.
 """
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -416,14 +418,25 @@ def plot(
 
 
 def _run_train(job, dry_run: bool) -> None:
+    from league.parallel.launch import relaunch, under_torchrun
     from league.rl.loop import train as run
-    from league.rl.setup import check_job
+    from league.rl.setup import check_job, run_dir_path
 
     if dry_run:
         typer.echo(job.to_json())
         check_job(job)
         return
+    if job.parallel.nproc_per_node > 1 and not under_torchrun():
+        # the same command in --nproc-per-node processes under torchrun, once it passes every check here; its
+        # rank 0 prints where the run went
+        check_job(job)
+        code = relaunch(job.parallel.nproc_per_node, [*sys.argv[1:], "--run-dir", str(run_dir_path(job))])
+        if code:
+            raise typer.Exit(code)
+        return
     run_dir = run(job)
+    if os.environ.get("RANK", "0") != "0":
+        return
     stdout.print(f"run folder: {run_dir}  (metrics.jsonl, config.json, tensorboard/)")
     stdout.print(f"curves: {run_dir / 'curves.png'}  (redraw with `league plot {run_dir}`)")
 

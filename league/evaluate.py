@@ -20,7 +20,7 @@ def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
-    with setup.run_folder(job) as run_dir:
+    with setup.run_folder(setup.run_dir_path(job)) as run_dir:
         write_config(job, run_dir / "config.json")
         engine = setup.build_engine(job, model, tokenizer)
         with setup.build_reward(job.reward) as reward:

@@ -1,7 +1,7 @@
 """ParallelDims: the (TP, EP, CP, PP, ETP) layout of a job, validated against the world size.
 
 Megatron's rules: the dense part uses world = dp * cp * tp * pp; the expert part is carved from the same
-ranks as ep * etp * edp. Not responsible for building meshes or sharding modules.
+ranks as ep * etp * edp. Not responsible for building meshes or sharding modules (``launch``, ``parallelize``).
 """
 
 import math
@@ -22,21 +22,31 @@ class ParallelConfig:
     """Pipeline-parallel stages."""
     etp: int = 1
     """Tensor-parallel size inside each expert."""
+    nproc_per_node: int = 1
+    """Processes to start on this machine: above 1, league starts them with torchrun (standalone) and they train
+    data-parallel (FSDP2), one GPU each on CUDA. Under a torchrun of your own, leave it at 1: the world size is
+    torchrun's."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "ep", "cp", "pp", "etp"):
+        for name in ("tp", "ep", "cp", "pp", "etp", "nproc_per_node"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`--{name}` must be a positive integer, got {value!r}")
+                raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {value!r}")
 
     def resolve(self, world_size: int) -> "ParallelDims":
         """The full layout for ``world_size`` ranks; a clear error when the sizes do not divide."""
         dense = self.tp * self.cp * self.pp
         if world_size % dense:
-            raise ValueError(f"world size {world_size} is not divisible by tp*cp*pp = {self.tp}*{self.cp}*{self.pp}")
+            raise ValueError(
+                f"world size {world_size} (the ranks of --nproc-per-node or torchrun) is not divisible by tp*cp*pp = "
+                f"{self.tp}*{self.cp}*{self.pp}; start a multiple of {self.min_world_size} processes"
+            )
         expert = self.ep * self.etp * self.pp
         if world_size % expert:
-            raise ValueError(f"world size {world_size} is not divisible by ep*etp*pp = {self.ep}*{self.etp}*{self.pp}")
+            raise ValueError(
+                f"world size {world_size} (the ranks of --nproc-per-node or torchrun) is not divisible by ep*etp*pp = "
+                f"{self.ep}*{self.etp}*{self.pp}; start a multiple of {self.min_world_size} processes"
+            )
         dims = ParallelDims(
             dp=world_size // dense,
             tp=self.tp,
@@ -46,17 +56,13 @@ class ParallelConfig:
             etp=self.etp,
             edp=world_size // expert,
         )
-        if world_size == 1:
+        if self.sizes == (1, 1, 1, 1, 1):
             return dims
         raise ValueError(
             f"parallel layout tp={self.tp} ep={self.ep} cp={self.cp} pp={self.pp} etp={self.etp} over {world_size} "
-            "ranks is not available in this version: league runs on one process (every size 1); multi-GPU layouts "
-            "come with the parallel-layouts work (league.parallel)"
+            "ranks is not available in this version: league trains data-parallel only (FSDP2 over every rank; "
+            "leave --tp, --ep, --cp, --pp and --etp at 1 and set the ranks with --nproc-per-node or torchrun)"
         )
-
-    def check_single_process(self) -> "ParallelDims":
-        """Validate for a one-process run: every size must be 1, or a clear error says why not."""
-        return self.resolve(1 if self.sizes == (1, 1, 1, 1, 1) else self.min_world_size)
 
     @property
     def sizes(self) -> tuple[int, int, int, int, int]:

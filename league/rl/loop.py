@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from league.checkpoint.hf import resolve_device_dtype
 from league.config import JobConfig, write_config
 from league.engine.request import SamplingParams
 from league.ops.numerics import Numerics
 from league.parallel.dims import ParallelDims
-from league.parallel.parallelize import parallelize_qwen3_5_moe
+from league.parallel.launch import Ranks, distributed
 from league.rl import algorithms as algo
 from league.rl import setup
 from league.rl.metrics import MetricsLogger, plot_run, progress_bar
@@ -27,19 +28,26 @@ def train(job: JobConfig) -> Path:
     """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png, checkpoints).
 
     Every start-up check (:func:`setup.check_job`) runs before anything is built or written. A run folder made by
-    this run is removed again when the run fails before its first step is logged."""
+    this run is removed again when the run fails before its first step is logged. Under torchrun every rank runs
+    this; rank 0 writes the run folder and the console."""
     dims = setup.check_job(job)
-    with setup.run_folder(job) as run_dir:
-        write_config(job, run_dir / "config.json")
-        run_steps(job, dims, run_dir)
+    device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
+    with distributed(device.type) as ranks:
+        run_dir = ranks.broadcast(setup.run_dir_path(job))
+        with setup.run_folder(run_dir, owner=ranks.main):
+            if ranks.main:
+                write_config(job, run_dir / "config.json")
+            run_steps(job, dims, run_dir, ranks)
     return run_dir
 
 
-def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
-    """The run itself, once checked, in its folder."""
+def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | None = None) -> None:
+    """The run itself, once checked, in its folder (every rank runs it; rank 0 logs). Default ``ranks``: one
+    process."""
+    ranks = ranks or Ranks()
     setup.set_num_threads(job.run.num_threads)
-    console = Console()
-    console.print(setup.describe_start(job, run_dir), soft_wrap=True)
+    console = Console(quiet=not ranks.main)
+    console.print(setup.describe_start(job, run_dir, ranks.world), soft_wrap=True)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(job.model, job.run.seed)
     console.print(setup.describe_plan(job, model), soft_wrap=True)
@@ -49,7 +57,9 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
     reward = setup.build_reward(job.reward)
     if job.model.sft_warmup_steps and not job.checkpoint.load:
         setup.warmup(model, tokenizer, job, console)
-    parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
+    # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
+    # shards (taken before sharding) across ranks
+    engine_model, ref_model = setup.place_policy(model, job, dims, ranks)
     steps_per_rollout = job.rollout.rollout_batch_size * job.rollout.n_samples_per_prompt // job.train.global_batch_size
     trainer = Trainer(
         model,
@@ -59,27 +69,30 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
         total_steps=job.rollout.num_rollout * steps_per_rollout,
         temperature=job.rollout.rollout_temperature,
         numerics=Numerics(job.engine.numerics),  # the trainer computes as the engine does
+        group=ranks.group,
+        ref_model=ref_model,
     )
-    engine = setup.build_engine(job, model, tokenizer)
+    engine = setup.build_engine(job, engine_model, tokenizer)
     start = 0
     if job.checkpoint.load:
         start = setup.resume(job.checkpoint.load, model, trainer, sampler, job.checkpoint.load_unsafe_pickle)
-    logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console)
+    logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console) if ranks.main else None
     n = job.rollout.n_samples_per_prompt
     with progress_bar(console, "league train") as progress:
         bar = progress.add_task("rollout", total=job.rollout.num_rollout, completed=start)
         for step in range(start, job.rollout.num_rollout):
             t0 = time.perf_counter()
-            # 1. rollout: n samples of each prompt, with per-request seeds fixed by (run seed, step, prompt)
+            # 1. rollout: n samples of each prompt, with per-request seeds fixed by (run seed, step, prompt); across
+            # ranks each rank generates (and scores) a block of the prompts
             batch = [prompts[i] for i in sampler.next_batch()]
             params = [rollout_params(job, step, i) for i in range(len(batch))]
-            outputs = engine.generate([p.prompt_ids for p in batch], params, n=n)
+            my_batch, my_params = ranks.block(batch), ranks.block(params)
+            outputs = engine.generate([p.prompt_ids for p in my_batch], my_params, n=n)
             t1 = time.perf_counter()
-            # 2. reward
-            texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
-            result = reward.score(
-                texts, [p.label for p in batch for _ in range(n)], [p.metadata for p in batch for _ in range(n)]
-            )
+            # 2. reward; then every rank has the whole rollout, in order
+            result = setup.score(tokenizer, reward, my_batch, outputs, n)
+            outputs, result = setup.gather_scored(outputs, result, ranks)
+            t2 = time.perf_counter()
             # 3. advantages: group-normalised rewards, broadcast to every response token
             advantages = algo.grpo_advantages(
                 torch.tensor(result.rewards, dtype=torch.float32),
@@ -101,18 +114,18 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
                 )
                 for k, (o, r, a) in enumerate(zip(outputs, result.rewards, advantages))
             ]
-            t2 = time.perf_counter()
-            # 4. train: log-prob passes, loss, backward, optimizer step(s)
-            train_metrics = trainer.train(samples)
+            # 4. train: log-prob passes, loss, backward, optimizer step(s); each rank its part of every step
+            train_metrics = trainer.train(ranks.step_share(samples, job.train.global_batch_size))
             t3 = time.perf_counter()
-            # 5. weight sync: the in-process engine reads the trained parameters in place; a remote one reloads
+            # 5. weight sync: the in-process engine reads the trained parameters in place; a replica beside sharded
+            # ranks copies them whole; a remote engine reloads
             setup.sync_weights(engine, model, run_dir)
             t4 = time.perf_counter()
             # 6. eval and checkpoint
             last = step + 1 == job.rollout.num_rollout
             eval_metrics = {}
             if eval_sets and job.eval.eval_interval and ((step + 1) % job.eval.eval_interval == 0 or last):
-                eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step)
+                eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step, ranks)
             t5 = time.perf_counter()
             interval = job.checkpoint.save_interval
             if job.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
@@ -134,11 +147,13 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path) -> None:
                 "perf/train_tokens_per_s": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
                 / max(t3 - t2, 1e-9),
             }
-            logger.log(step, metrics)
+            if logger is not None:
+                logger.log(step, metrics)
             progress.update(bar, advance=1)
-    logger.close()
     reward.close()
-    plot_run(run_dir)
+    if logger is not None:
+        logger.close()
+        plot_run(run_dir)
 
 
 def rollout_params(job: JobConfig, step: int, prompt_index: int) -> SamplingParams:

@@ -197,5 +197,5 @@ def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> lis
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor's local part (FSDP2's DTensor), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """A sharded tensor's local part (FSDP2's DTensor; a leaf sharing its memory), or the tensor itself."""
+    return t.to_local().detach() if isinstance(t, DTensor) else t

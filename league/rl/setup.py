@@ -5,6 +5,7 @@ Not responsible for the order of the loop (``rl.loop``) nor for the math of any 
 """
 
 import dataclasses
+import os
 import pickle
 import random
 import shutil
@@ -25,6 +26,7 @@ from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.parallel.dims import ParallelDims
+from league.parallel.launch import Ranks
 from league.rl.metrics import METRICS_FILE
 
 STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}
@@ -45,10 +47,13 @@ def run_dir_path(job: JobConfig) -> Path:
 
 
 @contextmanager
-def run_folder(job: JobConfig) -> Iterator[Path]:
+def run_folder(path: Path, owner: bool = True) -> Iterator[Path]:
     """The run folder, created if absent. When the block fails before any step's metrics are written, a folder
-    made here (with the parents made for it) is removed again; a folder that was already there is kept."""
-    path = run_dir_path(job)
+    made here (with the parents made for it) is removed again; a folder that was already there is kept. Only the
+    ``owner`` (rank 0 of a run across processes) creates and removes it."""
+    if not owner:
+        yield path
+        return
     made = path
     while not made.parent.exists():
         made = made.parent
@@ -127,9 +132,11 @@ def check_job(job: JobConfig) -> ParallelDims:
     contents (prompt rows, weights, train state) are checked as they load.
 
     Returns:
-        ``ParallelDims`` of the one-process run.
+        ``ParallelDims`` of the run at its world size (``--nproc-per-node``, or torchrun's).
     """
-    dims = job.parallel.check_single_process()
+    from league.parallel.launch import run_world_size
+
+    dims = job.parallel.resolve(run_world_size(job.parallel.nproc_per_node))
     rollout, gbs = job.rollout, job.train.global_batch_size
     num_samples = rollout.rollout_batch_size * rollout.n_samples_per_prompt
     if num_samples % gbs:
@@ -139,6 +146,8 @@ def check_job(job: JobConfig) -> ParallelDims:
             "each rollout step trains on whole global batches"
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
+    if dims.dp > 1:
+        check_data_parallel(job, dims.dp)
     if job.eval.eval_interval and job.eval.eval_prompt_data:
         check_samples_fit("--n-samples-per-eval-prompt", job.eval.n_samples_per_eval_prompt, job)
         last_seed = job.run.seed + rollout.num_rollout - 1 + job.eval.n_samples_per_eval_prompt - 1
@@ -159,6 +168,32 @@ def check_job(job: JobConfig) -> ParallelDims:
     check_eval_sets(job)
     check_reward(job.reward)
     return dims
+
+
+def check_data_parallel(job: JobConfig, ranks: int) -> None:
+    """What a run over ``ranks`` data-parallel processes needs beyond a one-process run's checks."""
+    if job.train.global_batch_size % ranks:
+        raise ValueError(
+            f"`--global-batch-size` {job.train.global_batch_size} does not split over {ranks} data-parallel ranks: "
+            f"make it a multiple of {ranks}"
+        )
+    not_yet = {
+        "--rollout-engine": job.rollout.rollout_engine,
+        "--save": job.checkpoint.save,
+        "--load": job.checkpoint.load,
+    }
+    for flag, value in not_yet.items():
+        if value:
+            raise ValueError(
+                f"`{flag}` with {ranks} ranks is not available in this version (sharded checkpoints and remote "
+                "engines across ranks come with the distributed-checkpoint work); run it on one process"
+            )
+    from league.checkpoint.hf import resolve_device_dtype
+
+    device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))  # the processes on this machine
+    if device.type == "cuda" and torch.cuda.device_count() < local:
+        raise ValueError(f"{local} processes on this machine need a GPU each; it has {torch.cuda.device_count()}")
 
 
 def check_eval_job(job: JobConfig) -> None:
@@ -272,12 +307,15 @@ def check_reward(config) -> None:
     resolve_reward(config.rm_type, config.custom_rm_path)
 
 
-def describe_start(job: JobConfig, run_dir: Path) -> str:
+def describe_start(job: JobConfig, run_dir: Path, ranks: int = 1) -> str:
     """The first console line of a run: what it is, where it writes, and that the policy is being built."""
     config = job.model
     source = config.hf_checkpoint or f"preset {config.model_preset}, random init"
+    threads = f"{torch.get_num_threads()} CPU threads"
+    if ranks > 1:
+        threads += f" on each of {ranks} data-parallel ranks"
     return (
-        f"league train: recipe {job.recipe}, seed {job.run.seed}, {torch.get_num_threads()} CPU threads, "
+        f"league train: recipe {job.recipe}, seed {job.run.seed}, {threads}, "
         f"run folder {run_dir}; building the policy ({source}) ..."
     )
 
@@ -340,6 +378,33 @@ def warmup(model: Transformer, tokenizer, job: JobConfig, console: Console) -> l
     return losses
 
 
+def place_policy(
+    model: Transformer, job: JobConfig, dims: ParallelDims, ranks: Ranks
+) -> tuple[Transformer, Transformer | None]:
+    """Prepare the policy for training on ``dims`` (``parallelize_qwen3_5_moe``) and return the engine's model and
+    the frozen reference (None without a KL term; the trainer then copies the policy itself in one process).
+
+    One process: the engine reads the policy in place. Across ranks the policy is sharded, so the engine gets a
+    whole copy taken before sharding (kept in step by :func:`sync_weights`), the reference is copied before
+    sharding and sharded like the policy, and every rank starts from rank 0's weights."""
+    import copy
+
+    from league.parallel.parallelize import apply_fsdp, parallelize_qwen3_5_moe
+
+    if ranks.world == 1:
+        parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
+        return model, None
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor, src=0, group=ranks.group)
+    engine_model = copy.deepcopy(model)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
+    parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute, mesh=ranks.mesh)
+    if ref_model is not None:
+        apply_fsdp(ref_model, ranks.mesh)
+    return engine_model, ref_model
+
+
 def build_engine(job: JobConfig, model: Transformer, tokenizer):
     if job.rollout.rollout_engine:
         from league.engine.client import EngineClient
@@ -349,8 +414,14 @@ def build_engine(job: JobConfig, model: Transformer, tokenizer):
 
 
 def sync_weights(engine, model: Transformer, run_dir: Path) -> None:
-    """Colocated: nothing to copy (the engine holds the same module). Remote: save and ask it to reload."""
+    """Colocated: nothing to copy (the engine holds the same module). A whole replica beside sharded ranks: each
+    parameter gathered (every rank in the same order) and copied in. Remote: save and ask it to reload."""
     if isinstance(engine, LLMEngine):
+        if engine.model is not model:
+            from league.parallel.parallelize import full_parameters
+
+            for name, tensor in full_parameters(model):
+                engine.update_weights([(name, tensor)])
         return
     from league.checkpoint.hf import save_hf
 
@@ -359,8 +430,34 @@ def sync_weights(engine, model: Transformer, run_dir: Path) -> None:
     engine.update_weights_from_disk(str(folder.resolve()))
 
 
-def evaluate(engine, tokenizer, reward, eval_sets: dict[str, list[Prompt]], job: JobConfig, step: int):
-    """avg@k reward of each evaluation set."""
+def score(tokenizer, reward, prompts: list[Prompt], outputs, n: int):
+    """The rewards of ``outputs``, ``n`` consecutive samples of each of ``prompts``."""
+    texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
+    labels = [p.label for p in prompts for _ in range(n)]
+    return reward.score(texts, labels, [p.metadata for p in prompts for _ in range(n)])
+
+
+def gather_scored(outputs, result, ranks: Ranks):
+    """Every rank's block of outputs and rewards, joined in rank order (one process: unchanged)."""
+    if ranks.world == 1:
+        return outputs, result
+    from league.rl.rewards.pool import RewardResult
+
+    blocks = ranks.gather_blocks([(outputs, result)])
+    joined = RewardResult(
+        rewards=[r for _, res in blocks for r in res.rewards],
+        failures=sum(res.failures for _, res in blocks),
+        timeouts=sum(res.timeouts for _, res in blocks),
+        errors=[e for _, res in blocks for e in res.errors],
+    )
+    return [o for outs, _ in blocks for o in outs], joined
+
+
+def evaluate(
+    engine, tokenizer, reward, eval_sets: dict[str, list[Prompt]], job: JobConfig, step: int, ranks: Ranks | None = None
+):
+    """avg@k reward of each evaluation set (across ranks, each rank generates and scores a block of its prompts)."""
+    ranks = ranks or Ranks()
     config, metrics = job.eval, {}
     temperature = job.rollout.rollout_temperature if config.eval_temperature is None else config.eval_temperature
     for name, prompts in eval_sets.items():
@@ -370,12 +467,10 @@ def evaluate(engine, tokenizer, reward, eval_sets: dict[str, list[Prompt]], job:
             top_p=config.eval_top_p,
             seed=job.run.seed + step,
         )
-        outs = engine.generate([p.prompt_ids for p in prompts], params, n=config.n_samples_per_eval_prompt)
         k = config.n_samples_per_eval_prompt
-        texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outs]
-        result = reward.score(
-            texts, [p.label for p in prompts for _ in range(k)], [p.metadata for p in prompts for _ in range(k)]
-        )
+        mine = ranks.block(prompts)
+        outs = engine.generate([p.prompt_ids for p in mine], params, n=k)
+        outs, result = gather_scored(outs, score(tokenizer, reward, mine, outs, k), ranks)
         metrics[f"eval/{name}/reward_mean"] = statistics.fmean(result.rewards)
         metrics[f"eval/{name}/response_len_mean"] = statistics.fmean(len(o.output_ids) for o in outs)
     if len(eval_sets) == 1:

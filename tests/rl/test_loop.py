@@ -93,7 +93,7 @@ def test_reference_recipe_settings_run_on_a_tiny_model(tmp_path):
 def test_dry_run_prints_the_reference_recipe():
     result = CliRunner().invoke(app, ["train", "--recipe", "qwen3_6_35b_a3b_mtp", "--dry-run"])
     # the config, then the error the real run gives: EP8 needs several processes
-    assert result.exit_code == 1 and "parallel layout" in result.stderr
+    assert result.exit_code == 1 and "start a multiple of 8 processes" in result.stderr
     config = json.loads(result.stdout)
     assert config["rollout"]["rollout_batch_size"] == 8 and config["rollout"]["n_samples_per_prompt"] == 2
     assert config["algo"]["eps_clip_high"] == 0.28 and config["optim"]["lr"] == 1e-6
@@ -111,7 +111,7 @@ def test_modes_switch_the_sizes():
     [
         (["--recipe", "nope"], "unknown recipe"),
         (["--prompt-data", "/nonexistent/data.jsonl"], "data.jsonl"),
-        (["--ep", "8"], "parallel layout"),
+        (["--ep", "8"], "start a multiple of 8 processes"),
         (["--eps-clip-c", "0.5"], "eps-clip-c"),
         (["--cuda-graph-bs", "1,x"], "cuda-graph-bs"),
     ],
@@ -228,7 +228,7 @@ def test_unwritable_output_folders_fail_at_start(tmp_path, monkeypatch, kind, fl
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--tp", "3"], "parallel layout"),
+        (["--tp", "3"], "start a multiple of 3 processes"),
         (["--rollout-batch-size", "3", "--n-samples-per-prompt", "3"], "multiple of `--global-batch-size` (128)"),
         (["--n-samples-per-prompt", "200"], "`--n-samples-per-prompt` (200) exceeds"),
         (["--hf-checkpoint", "/nonexistent/model"], "no such folder"),

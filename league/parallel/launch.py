@@ -1,0 +1,152 @@
+"""Processes of a run: the ranks torchrun started (or the one process), their process group and device mesh, and
+``league train --nproc-per-node N``, which starts torchrun itself.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous in each process's environment; a process run without
+it is a world of one. Ranks use gloo on CPU and NCCL on CUDA (one GPU per local rank). Not responsible for what the
+ranks compute (``parallelize``, the trainer and the loop decide that).
+"""
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    """Ranks of this run as torchrun set them (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass(frozen=True, slots=True)
+class Ranks:
+    """This process's place among the run's data-parallel ranks, and the few collectives the loop needs.
+
+    Args:
+        rank (int): this process's rank (0 logs, evaluates for the console, writes the run folder).
+        world (int): number of ranks.
+        mesh (DeviceMesh, Optional): the data-parallel mesh (None in a one-process run).
+    """
+
+    rank: int = 0
+    world: int = 1
+    mesh: DeviceMesh | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return None if self.mesh is None else self.mesh.get_group()
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def block(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous block of ``items`` (the blocks of ranks 0, 1, ... in turn make up ``items``; sizes
+        differ by at most one)."""
+        start, stop = block_bounds(len(items), self.rank, self.world)
+        return list(items[start:stop])
+
+    def gather_blocks(self, block: list[T]) -> list[T]:
+        """The concatenation, in rank order, of every rank's ``block`` (the inverse of :meth:`block`)."""
+        if self.world == 1:
+            return list(block)
+        blocks: list[Any] = [None] * self.world
+        dist.all_gather_object(blocks, block, group=self.group)
+        return [item for b in blocks for item in b]
+
+    def step_share(self, items: Sequence[T], global_batch_size: int) -> list[T]:
+        """This rank's part of each optimizer step: ``items`` is cut into windows of ``global_batch_size`` (one
+        optimizer step each, as one process trains) and each window into ``world`` equal blocks; rank r trains on the
+        r-th block of every window."""
+        if global_batch_size % self.world:
+            raise ValueError(
+                f"`--global-batch-size` {global_batch_size} does not split over {self.world} data-parallel ranks"
+            )
+        per_rank = global_batch_size // self.world
+        return [
+            item
+            for start in range(0, len(items), global_batch_size)
+            for item in items[start + self.rank * per_rank : start + (self.rank + 1) * per_rank]
+        ]
+
+
+def block_bounds(num: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s block when ``num`` items are split into ``world`` contiguous blocks."""
+    base, extra = divmod(num, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@contextmanager
+def distributed(device_type: str) -> Iterator[Ranks]:
+    """The process group of a torchrun launch for the block (destroyed after it), or a one-process ``Ranks``.
+
+    On CUDA each process takes the GPU of its local rank and NCCL; on CPU, gloo."""
+    if not under_torchrun() or world_size() == 1:
+        yield Ranks()
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+        yield Ranks(rank=dist.get_rank(), world=dist.get_world_size(), mesh=mesh)
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:
+    """The command that runs ``league <args>`` in ``nproc_per_node`` processes on this machine (torchrun,
+    standalone: a local rendezvous on a free port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "league",
+        *args,
+    ]
+
+
+def relaunch(nproc_per_node: int, args: list[str]) -> int:
+    """Run ``league <args>`` under torchrun with ``nproc_per_node`` processes; returns its exit code. Unless
+    OMP_NUM_THREADS is set, the machine's cores are shared out among the processes (torch's CPU threads)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    return subprocess.run(torchrun_command(nproc_per_node, args), env=env, check=False).returncode
+
+
+def run_world_size(nproc_per_node: int) -> int:
+    """The ranks a run has: torchrun's world under torchrun (where ``nproc_per_node`` must be 1 or torchrun's own
+    count per node, as when ``league train --nproc-per-node N`` started it), else ``nproc_per_node``."""
+    if not under_torchrun():
+        return nproc_per_node
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    if nproc_per_node not in (1, local):
+        raise ValueError(
+            f"`--nproc-per-node` {nproc_per_node} under a torchrun of {local} processes per node: torchrun decides "
+            "the processes; leave league's --nproc-per-node at 1"
+        )
+    return world_size()

@@ -1,0 +1,9 @@
+import pytest
+
+from tests.parallel.worlds import run_world
+
+
+@pytest.fixture(scope="session")
+def world2(tmp_path_factory):
+    """Results of every world-2 check, from one launch of 2 processes."""
+    return run_world(2, tmp_path_factory.mktemp("world2"))

@@ -1,0 +1,56 @@
+"""One launch per world size: every check registered for a world size runs in one group of processes (gloo on
+CPU), and each rank's results come back as JSON for the layout tests to assert on.
+
+A check is ``fn(ranks) -> dict`` registered with :func:`check`; it runs on every rank of its world. The tests read
+``run_world(world, folder)[name][rank]``.
+"""
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+CHECKS: dict[int, dict[str, Callable]] = {}
+
+
+def check(world: int):
+    """Register ``fn`` as a check of ``world`` ranks."""
+
+    def register(fn: Callable) -> Callable:
+        CHECKS.setdefault(world, {})[fn.__name__] = fn
+        return fn
+
+    return register
+
+
+def _rank_main(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import tests.parallel.checks  # noqa: F401  (registers the checks)
+    from league.parallel.launch import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    ranks = Ranks(rank=rank, world=world, mesh=mesh)
+    results = {}
+    for name, fn in CHECKS[world].items():
+        try:
+            results[name] = fn(ranks)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def run_world(world: int, folder: Path) -> dict[str, list[dict]]:
+    """Run every check of ``world`` ranks in one launch; ``{check: [result of rank 0, rank 1, ...]}``."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.multiprocessing.start_processes(_rank_main, args=(world, str(folder)), nprocs=world, start_method="spawn")
+    per_rank = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [results[name] for results in per_rank] for name in per_rank[0]}
