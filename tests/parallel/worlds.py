@@ -1,8 +1,8 @@
 """One launch per world size: every check registered for a world size runs in one group of processes (gloo on
 CPU), and each rank's results come back as JSON for the layout tests to assert on.
 
-A check is ``fn(ranks) -> dict`` registered with :func:`check`; it runs on every rank of its world. The tests read
-``run_world(world, folder)[name][rank]``.
+A check is ``fn(ranks) -> dict`` registered with :func:`check` in a ``tests/parallel/checks*.py`` module; it runs
+on every rank of its world. The tests read ``run_world(world, folder)[name][rank]``.
 """
 
 import json
@@ -27,12 +27,24 @@ def check(world: int):
     return register
 
 
+def import_checks() -> None:
+    """Import every ``tests/parallel/checks*.py`` module, which registers its checks."""
+    import importlib
+    import pkgutil
+
+    import tests.parallel
+
+    for module in pkgutil.iter_modules(tests.parallel.__path__):
+        if module.name.startswith("checks"):
+            importlib.import_module(f"tests.parallel.{module.name}")
+
+
 def _rank_main(rank: int, world: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    import tests.parallel.checks  # noqa: F401  (registers the checks)
     from league.parallel.launch import Ranks
 
+    import_checks()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
