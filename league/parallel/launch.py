@@ -37,12 +37,15 @@ class Ranks:
     Args:
         rank (int): this process's rank (0 logs, evaluates for the console, writes the run folder).
         world (int): number of ranks.
-        mesh (DeviceMesh, Optional): the data-parallel mesh (None in a one-process run).
+        mesh (DeviceMesh, Optional): the data-parallel mesh over every rank (None in a one-process run).
+        expert_mesh (DeviceMesh, Optional): with expert parallelism, the same ranks as ``(edp, ep)``: each ``ep``
+            row holds all experts between its ranks, the ``edp`` ranks of a column hold the same ones.
     """
 
     rank: int = 0
     world: int = 1
     mesh: DeviceMesh | None = None
+    expert_mesh: DeviceMesh | None = None
 
     @property
     def main(self) -> bool:
@@ -98,7 +101,7 @@ def block_bounds(num: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @contextmanager
-def distributed(device_type: str) -> Iterator[Ranks]:
+def distributed(device_type: str, ep: int = 1) -> Iterator[Ranks]:
     """The process group of a torchrun launch for the block (destroyed after it), or a one-process ``Ranks``.
 
     On CUDA each process takes the GPU of its local rank and NCCL; on CPU, gloo."""
@@ -109,10 +112,20 @@ def distributed(device_type: str) -> Iterator[Ranks]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-        yield Ranks(rank=dist.get_rank(), world=dist.get_world_size(), mesh=mesh)
+        yield make_ranks(device_type, dist.get_world_size(), ep)
     finally:
         dist.destroy_process_group()
+
+
+def make_ranks(device_type: str, world: int, ep: int = 1) -> Ranks:
+    """``Ranks`` of this process in an initialised process group of ``world`` ranks: the data-parallel mesh over
+    all, and with ``ep`` > 1 the expert mesh ``(edp, ep)`` (ranks ``[k * ep, (k + 1) * ep)`` form one ``ep`` group,
+    as Megatron and torchtitan lay them out, so that an expert group sits on neighbouring GPUs)."""
+    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    expert_mesh = None
+    if ep > 1:
+        expert_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    return Ranks(rank=dist.get_rank(), world=world, mesh=mesh, expert_mesh=expert_mesh)
 
 
 def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:

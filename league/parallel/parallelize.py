@@ -1,9 +1,12 @@
 """Apply training-time transformations to a built model, in a fixed order: TP/EP -> activation
-checkpointing -> compile -> FSDP. This version shards over data-parallel ranks (FSDP2) and recomputes
-activations; the model code itself never changes (it imports nothing of torch.distributed).
+checkpointing -> compile -> FSDP. This version places the routed experts over expert-parallel ranks (``expert``),
+recomputes activations and shards everything with FSDP2 (the dense weights over the data-parallel ranks, the
+experts over the ranks that hold the same experts); the model code itself never changes (it imports nothing of
+torch.distributed).
 """
 
 import functools
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from league.models.qwen3_5_moe import Transformer
 from league.parallel.dims import ParallelDims
+from league.parallel.expert import apply_ep
 
 
 def apply_ac(model: Transformer) -> None:
@@ -26,9 +30,16 @@ def apply_ac(model: Transformer) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=False)
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, reduce_dtype: torch.dtype = torch.float32) -> None:
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    expert_mesh: DeviceMesh | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+) -> None:
     """FSDP2 over ``mesh`` (the data-parallel ranks): each decoder layer, the MTP head and the root (embedding, final
-    norm, output head) are one unit each, all-gathered for their forward and backward and sharded otherwise.
+    norm, output head) are one unit each, all-gathered for their forward and backward and sharded otherwise. With
+    expert parallelism (``expert_mesh`` of dims ``(edp, ep)``, the experts already sharded over ``ep``), each
+    layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same experts).
 
     Gradients are reduce-scattered in ``reduce_dtype`` as a plain sum: the trainer's losses are already divided by
     the step's global counts, so each rank's gradient is its share of the one-process gradient. The root stays
@@ -37,6 +48,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, reduce_dtype: torch.dtype =
     after a forward of the same micro-batch.
     """
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    for layer in [*model.layers, *(model.mtp.layers if model.mtp is not None else ())]:
+        if expert_mesh is not None:
+            fully_shard(layer.moe.experts, mesh=expert_mesh["edp"], mp_policy=policy)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     if model.mtp is not None:
@@ -49,23 +63,45 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, reduce_dtype: torch.dtype =
 
 
 def parallelize_qwen3_5_moe(
-    model: Transformer, dims: ParallelDims, recompute: bool, mesh: DeviceMesh | None = None
+    model: Transformer,
+    dims: ParallelDims,
+    recompute: bool,
+    mesh: DeviceMesh | None = None,
+    expert_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """Prepare ``model`` for training on ``dims``: activation recompute, then FSDP2 over ``mesh`` when ``dims.dp``
-    is above 1 (the other parallelisms are refused by ``ParallelConfig.resolve`` in this version)."""
-    assert (dims.tp, dims.ep, dims.cp, dims.pp, dims.etp) == (1, 1, 1, 1, 1), dims
+    """Prepare ``model`` for training on ``dims``, in this order: expert parallelism over ``expert_mesh["ep"]``
+    (when ``dims.ep`` > 1), activation recompute, FSDP2 over ``mesh`` (when there is more than one rank). TP, CP,
+    PP and ETP are refused by ``ParallelConfig.resolve`` in this version."""
+    assert (dims.tp, dims.cp, dims.pp, dims.etp) == (1, 1, 1, 1), dims
+    if dims.ep > 1:
+        if expert_mesh is None:
+            raise ValueError(f"expert-parallel size {dims.ep} needs an expert mesh")
+        apply_ep(model, expert_mesh["ep"])
     if recompute:
         apply_ac(model)
     if dims.dp > 1:
         if mesh is None:
             raise ValueError(f"data-parallel size {dims.dp} needs a device mesh")
-        apply_fsdp(model, mesh)
+        apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None)
     return model
 
 
 @torch.no_grad()
 def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, whole tensor)`` of each parameter, in ``named_parameters`` order: a sharded one (a DTensor) is
-    gathered, so every rank must walk the whole model together."""
+    gathered, so every rank must walk the whole model together.
+
+    An expert weight sharded over two mesh dims (FSDP over ``edp``, experts over ``ep``) is gathered by two
+    all-gathers, which DTensor warns about on every call; the warning is held back here, where it is expected."""
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
     for name, param in model.named_parameters():
-        yield name, param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        if not isinstance(param, DTensor):
+            yield name, param.detach()
+            continue
+        level = redistribute_log.level
+        redistribute_log.setLevel(logging.ERROR)
+        try:
+            full = param.full_tensor()
+        finally:
+            redistribute_log.setLevel(level)
+        yield name, full

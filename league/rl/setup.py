@@ -83,7 +83,7 @@ def check_prompt_source(flag: str, spec: str) -> None:
 
 def check_policy(job: JobConfig) -> None:
     """The policy can be built as configured: its checkpoint folder with config.json and a tokenizer (or its
-    preset) exists, and the MTP settings agree with it."""
+    preset) exists, and the MTP and expert-parallel settings agree with it."""
     from league.models.qwen3_5_moe.presets import PRESETS
     from league.tokenizer import has_tokenizer
 
@@ -92,19 +92,25 @@ def check_policy(job: JobConfig) -> None:
         path = Path(config.hf_checkpoint)
         if not path.is_dir():
             raise ValueError(f"`--hf-checkpoint` {path}: no such folder")
-        num_mtp = ModelArgs.from_dir(path).mtp_num_layers
+        args = ModelArgs.from_dir(path)
         if not has_tokenizer(path):
             raise ValueError(f"`--hf-checkpoint` {path}: the folder holds no tokenizer")
     elif config.model_preset in PRESETS:
-        num_mtp = PRESETS[config.model_preset].mtp_num_layers
+        args = PRESETS[config.model_preset]
     else:
         raise ValueError(f"unknown `--model-preset` {config.model_preset!r}; expected one of {sorted(PRESETS)}")
+    num_mtp = args.mtp_num_layers
     if config.mtp_num_layers not in (None, 0, num_mtp):
         raise ValueError(
             f"`--mtp-num-layers` {config.mtp_num_layers} does not match the checkpoint's mtp_num_hidden_layers "
             f"({num_mtp})"
         )
     uses_mtp = num_mtp if config.mtp_num_layers is None else config.mtp_num_layers
+    if args.num_experts % job.parallel.ep:
+        raise ValueError(
+            f"`--ep` {job.parallel.ep} does not divide the policy's {args.num_experts} routed experts: choose a "
+            "divisor of it"
+        )
     if job.engine.speculative_algorithm and not job.rollout.rollout_engine and not uses_mtp:
         raise ValueError("`--speculative-algorithm` needs the policy's MTP layer, which this run has none of")
 
@@ -389,7 +395,7 @@ def place_policy(
     sharding and sharded like the policy, and every rank starts from rank 0's weights."""
     import copy
 
-    from league.parallel.parallelize import apply_fsdp, parallelize_qwen3_5_moe
+    from league.parallel.parallelize import parallelize_qwen3_5_moe
 
     if ranks.world == 1:
         parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
@@ -399,9 +405,9 @@ def place_policy(
             torch.distributed.broadcast(tensor, src=0, group=ranks.group)
     engine_model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
-    parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute, mesh=ranks.mesh)
+    parallelize_qwen3_5_moe(model, dims, job.train.recompute, ranks.mesh, ranks.expert_mesh)
     if ref_model is not None:
-        apply_fsdp(ref_model, ranks.mesh)
+        parallelize_qwen3_5_moe(ref_model, dims, False, ranks.mesh, ranks.expert_mesh)
     return engine_model, ref_model
 
 

@@ -2,13 +2,15 @@
 rank, runs the one-process computation and the sharded one side by side, and returns how far apart they are."""
 
 import copy
+import functools
 
 import torch
 
 from league.models.qwen3_5_moe import Transformer
 from league.models.qwen3_5_moe.presets import TINY
-from league.parallel.launch import Ranks
-from league.parallel.parallelize import apply_fsdp, full_parameters
+from league.parallel.dims import ParallelConfig, ParallelDims
+from league.parallel.launch import Ranks, make_ranks
+from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe
 from league.rl.optim import OptimConfig
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
 from tests.parallel.worlds import check
@@ -64,25 +66,32 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def sharded_policy(ranks: Ranks, seed: int = 0) -> tuple[Transformer, Transformer]:
-    """The policy and a (different) reference model, sharded with FSDP2 over the ranks."""
+@functools.cache
+def layout(world: int, ep: int = 1) -> tuple[Ranks, ParallelDims]:
+    """The ranks (meshes made once per layout) and dims of a layout of ``world`` ranks."""
+    return make_ranks("cpu", world, ep), ParallelConfig(ep=ep).resolve(world)
+
+
+def sharded_policy(world: int, ep: int = 1, recompute: bool = False, seed: int = 0) -> tuple[Transformer, Transformer]:
+    """The policy and a (different) reference model, each parallelized for the layout as a run does."""
+    ranks, dims = layout(world, ep)
     model, ref = build(seed), build(seed + 1).requires_grad_(False)
-    apply_fsdp(model, ranks.mesh)
-    apply_fsdp(ref, ranks.mesh)
+    parallelize_qwen3_5_moe(model, dims, recompute, ranks.mesh, ranks.expert_mesh)
+    parallelize_qwen3_5_moe(ref, dims, False, ranks.mesh, ranks.expert_mesh)
     return model, ref
 
 
-@check(world=2)
-def dp_train_step(ranks: Ranks) -> dict:
-    """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at FSDP2 over the ranks: the
-    metrics, the gathered gradients and the updated parameters."""
+def train_step(world: int, ep: int = 1, recompute: bool = False) -> dict:
+    """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout: the metrics, the
+    gathered gradients and the updated parameters."""
+    ranks, _ = layout(world, ep)
     samples = make_samples(GBS, ARGS.vocab_size, seed=3)
     single = build()
     single_trainer = trainer(single, build(1).requires_grad_(False))
     expected = single_trainer.train(samples)
     grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
 
-    model, ref = sharded_policy(ranks)
+    model, ref = sharded_policy(world, ep, recompute)
     sharded_trainer = trainer(model, ref, ranks)
     mine = ranks.step_share(samples, GBS)
     got = sharded_trainer.train(mine)
@@ -108,13 +117,33 @@ def gathered_grads(model: Transformer):
 
 
 @check(world=2)
-def dp_logprobs(ranks: Ranks) -> dict:
+def dp2_train_step(world: int) -> dict:
+    return train_step(world)
+
+
+@check(world=2)
+def ep2_train_step(world: int) -> dict:
+    return train_step(world, ep=2, recompute=True)
+
+
+@check(world=4)
+def ep4_train_step(world: int) -> dict:
+    return train_step(world, ep=4)
+
+
+@check(world=4)
+def dp4_ep2_train_step(world: int) -> dict:
+    return train_step(world, ep=2)
+
+
+def logprobs(world: int, ep: int = 1) -> dict:
     """Forward-only log-probs (the old and the reference policy's) of each rank's samples, gathered in order, equal
     the one-process ones."""
+    ranks, _ = layout(world, ep)
     samples = make_samples(2 * GBS, ARGS.vocab_size, seed=5)
     single = build()
     expected = trainer(single, build(1)).compute_logprobs(samples)
-    model, ref = sharded_policy(ranks)
+    model, ref = sharded_policy(world, ep)
     sharded = trainer(model, ref, ranks)
     mine = ranks.block(samples)
     got = ranks.gather_blocks([lp.tolist() for lp in sharded.compute_logprobs(mine)])
@@ -122,17 +151,28 @@ def dp_logprobs(ranks: Ranks) -> dict:
 
 
 @check(world=2)
-def dp_engine_replica_sync(ranks: Ranks) -> dict:
+def dp2_logprobs(world: int) -> dict:
+    return logprobs(world)
+
+
+@check(world=2)
+def ep2_logprobs(world: int) -> dict:
+    return logprobs(world, ep=2)
+
+
+@check(world=2)
+def ep2_engine_replica_sync(world: int) -> dict:
     """After a sharded step, the engine's whole replica, synced by ``setup.sync_weights``, holds the policy's
     updated weights exactly (and differs from the weights before the step)."""
     from league.engine.config import EngineConfig
     from league.engine.engine import LLMEngine
     from league.rl.setup import sync_weights
 
+    ranks, dims = layout(world, 2)
     model = build()
     replica = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in replica.named_parameters()}
-    apply_fsdp(model, ranks.mesh)
+    parallelize_qwen3_5_moe(model, dims, False, ranks.mesh, ranks.expert_mesh)
     step = trainer(model, build(1).requires_grad_(False), ranks)
     step.train(ranks.step_share(make_samples(GBS, ARGS.vocab_size, seed=7), GBS))
     engine = LLMEngine(replica, EngineConfig(max_running_requests=4, context_length=64, num_slots=4))

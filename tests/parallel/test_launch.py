@@ -56,6 +56,7 @@ def test_torchrun_command_runs_league_standalone():
     "overrides,message",
     [
         ({"tp": 2, "nproc_per_node": 2}, "tp=2 ep=1 cp=1 pp=1 etp=1 over 2 ranks is not available"),
+        ({"ep": 16, "nproc_per_node": 16}, "`--ep` 16 does not divide the policy's 8 routed experts"),
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
         ({"ep": 4, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 4\\*1\\*1; start a multiple of 4"),
         ({"nproc_per_node": 3}, "`--global-batch-size` 128 does not split over 3 data-parallel ranks"),
@@ -80,14 +81,14 @@ def test_nproc_per_node_must_be_positive():
 
 @pytest.mark.xdist_group("world2")
 def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
-    """`league train --nproc-per-node 2` (torchrun, gloo): two GRPO steps of the tiny recipe; rank 0 writes the run
-    folder, and the steps' rollouts are those of one process (same per-request seeds)."""
+    """`league train --nproc-per-node 2 --ep 2` (torchrun, gloo; FSDP2 and the experts split over the 2 ranks): two
+    GRPO steps of the tiny recipe; rank 0 writes the run folder, and the steps' rollouts are those of one process
+    (same per-request seeds) and the losses agree."""
     run = tmp_path / "run"
     args = ["train", "--num-rollout", "2", "--sft-warmup-steps", "0", "--rollout-batch-size", "4"]
     args += ["--global-batch-size", "16", "--run-dir", str(run), "--no-tensorboard"]
-    done = subprocess.run(
-        [sys.executable, "-m", "league", *args, "--nproc-per-node", "2"], capture_output=True, text=True, timeout=300
-    )
+    command = [sys.executable, "-m", "league", *args, "--nproc-per-node", "2", "--ep", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("run folder:") == 1 and "on each of 2 data-parallel ranks" in done.stdout
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,7 @@
 """One launch per world size: every check registered for a world size runs in one group of processes (gloo on
 CPU), and each rank's results come back as JSON for the layout tests to assert on.
 
-A check is ``fn(ranks) -> dict`` registered with :func:`check` in a ``tests/parallel/checks*.py`` module; it runs
+A check is ``fn(world) -> dict`` registered with :func:`check` in a ``tests/parallel/checks*.py`` module; it runs
 on every rank of its world. The tests read ``run_world(world, folder)[name][rank]``.
 """
 
@@ -40,19 +40,13 @@ def import_checks() -> None:
 
 
 def _rank_main(rank: int, world: int, folder: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from league.parallel.launch import Ranks
-
     import_checks()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-    ranks = Ranks(rank=rank, world=world, mesh=mesh)
     results = {}
     for name, fn in CHECKS[world].items():
         try:
-            results[name] = fn(ranks)
+            results[name] = fn(world)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         dist.barrier()

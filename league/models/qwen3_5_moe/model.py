@@ -289,6 +289,13 @@ class Experts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(args.num_experts, 2 * args.moe_intermediate_size, args.dim))
         self.w_down = nn.Parameter(torch.empty(args.num_experts, args.dim, args.moe_intermediate_size))
 
+    def forward(
+        self, x_TD: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor, numerics: Numerics = FAST
+    ) -> torch.Tensor:
+        """``sum_a weights[t, a] * expert_{experts[t, a]}(x[t])`` (``ops.moe.swiglu_experts``). The one call into
+        the experts, so that placing them elsewhere (expert parallelism) replaces this method alone."""
+        return swiglu_experts(x_TD, self.w_gate_up, self.w_down, weights_TA, experts_TA, numerics)
+
 
 class SwiGLU(nn.Module):
     """The shared expert's weights, ``down(silu(gate(x)) * up(x))``; ``MoE.forward`` runs it, its gate and up
@@ -319,7 +326,7 @@ class MoE(nn.Module):
             x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight, self.shared_gate.weight), numerics
         )
         weights, experts = route_topk(router_TE, self.top_k)
-        routed = swiglu_experts(x_TD, self.experts.w_gate_up, self.experts.w_down, weights, experts, numerics)
+        routed = self.experts(x_TD, weights, experts, numerics)
         shared_TD = linear(silu_mul(shared_gate_TI, shared_up_TI, numerics), shared.w_down.weight, numerics)
         return add_gated(routed, gate_T1, shared_TD, numerics)
 
