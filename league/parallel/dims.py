@@ -56,13 +56,12 @@ class ParallelConfig:
             etp=self.etp,
             edp=world_size // expert,
         )
-        if (self.tp, self.cp, self.pp, self.etp) == (1, 1, 1, 1):
+        if (self.pp, self.etp) == (1, 1):
             return dims
         raise ValueError(
             f"parallel layout tp={self.tp} ep={self.ep} cp={self.cp} pp={self.pp} etp={self.etp} over {world_size} "
-            "ranks is not available in this version: league trains data-parallel (FSDP2 over every rank) with expert "
-            "parallelism (--ep); leave --tp, --cp, --pp and --etp at 1 and set the ranks with --nproc-per-node or "
-            "torchrun"
+            "ranks is not available in this version: league trains data-parallel (FSDP2 over every rank) with head "
+            "(--tp, --cp) and expert (--ep) parallelism; leave --pp and --etp at 1"
         )
 
     @property

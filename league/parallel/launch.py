@@ -40,12 +40,15 @@ class Ranks:
         mesh (DeviceMesh, Optional): the data-parallel mesh over every rank (None in a one-process run).
         expert_mesh (DeviceMesh, Optional): with expert parallelism, the same ranks as ``(edp, ep)``: each ``ep``
             row holds all experts between its ranks, the ``edp`` ranks of a column hold the same ones.
+        token_mesh (DeviceMesh, Optional): with head parallelism (tp x cp > 1), the same ranks as ``(dp, token)``:
+            the ranks of a ``token`` row share each micro-batch (``heads``), the rows hold different samples.
     """
 
     rank: int = 0
     world: int = 1
     mesh: DeviceMesh | None = None
     expert_mesh: DeviceMesh | None = None
+    token_mesh: DeviceMesh | None = None
 
     @property
     def main(self) -> bool:
@@ -53,7 +56,30 @@ class Ranks:
 
     @property
     def group(self) -> dist.ProcessGroup | None:
+        """Every rank (FSDP2 shards over them)."""
         return None if self.mesh is None else self.mesh.get_group()
+
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding different samples of each optimizer step (one per token group)."""
+        return self.group if self.token_mesh is None else self.token_mesh["dp"].get_group()
+
+    @property
+    def token_group(self) -> dist.ProcessGroup | None:
+        """The ranks sharing this rank's micro-batches (None without head parallelism)."""
+        return None if self.token_mesh is None else self.token_mesh["token"].get_group()
+
+    @property
+    def token_size(self) -> int:
+        return 1 if self.token_mesh is None else self.token_mesh["token"].size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.token_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.token_size
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (any picklable object)."""
@@ -79,17 +105,17 @@ class Ranks:
 
     def step_share(self, items: Sequence[T], global_batch_size: int) -> list[T]:
         """This rank's part of each optimizer step: ``items`` is cut into windows of ``global_batch_size`` (one
-        optimizer step each, as one process trains) and each window into ``world`` equal blocks; rank r trains on the
-        r-th block of every window."""
-        if global_batch_size % self.world:
+        optimizer step each, as one process trains) and each window into ``dp_size`` equal blocks; the ranks of
+        data-parallel rank r (a token group) train on the r-th block of every window."""
+        if global_batch_size % self.dp_size:
             raise ValueError(
-                f"`--global-batch-size` {global_batch_size} does not split over {self.world} data-parallel ranks"
+                f"`--global-batch-size` {global_batch_size} does not split over {self.dp_size} data-parallel ranks"
             )
-        per_rank = global_batch_size // self.world
+        per_rank, r = global_batch_size // self.dp_size, self.dp_rank
         return [
             item
             for start in range(0, len(items), global_batch_size)
-            for item in items[start + self.rank * per_rank : start + (self.rank + 1) * per_rank]
+            for item in items[start + r * per_rank : start + (r + 1) * per_rank]
         ]
 
 
@@ -101,7 +127,7 @@ def block_bounds(num: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @contextmanager
-def distributed(device_type: str, ep: int = 1) -> Iterator[Ranks]:
+def distributed(device_type: str, ep: int = 1, token: int = 1) -> Iterator[Ranks]:
     """The process group of a torchrun launch for the block (destroyed after it), or a one-process ``Ranks``.
 
     On CUDA each process takes the GPU of its local rank and NCCL; on CPU, gloo."""
@@ -112,20 +138,23 @@ def distributed(device_type: str, ep: int = 1) -> Iterator[Ranks]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
-        yield make_ranks(device_type, dist.get_world_size(), ep)
+        yield make_ranks(device_type, dist.get_world_size(), ep, token)
     finally:
         dist.destroy_process_group()
 
 
-def make_ranks(device_type: str, world: int, ep: int = 1) -> Ranks:
-    """``Ranks`` of this process in an initialised process group of ``world`` ranks: the data-parallel mesh over
-    all, and with ``ep`` > 1 the expert mesh ``(edp, ep)`` (ranks ``[k * ep, (k + 1) * ep)`` form one ``ep`` group,
-    as Megatron and torchtitan lay them out, so that an expert group sits on neighbouring GPUs)."""
-    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    expert_mesh = None
+def make_ranks(device_type: str, world: int, ep: int = 1, token: int = 1) -> Ranks:
+    """``Ranks`` of this process in an initialised process group of ``world`` ranks: the mesh over all; with ``ep``
+    > 1 the expert mesh ``(edp, ep)``; with ``token`` (tp x cp) > 1 the token mesh ``(dp, token)``. Consecutive
+    ranks form an expert group and a token group (as Megatron and torchtitan lay them out: they sit on
+    neighbouring GPUs)."""
+    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
+    expert_mesh = token_mesh = None
     if ep > 1:
         expert_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
-    return Ranks(rank=dist.get_rank(), world=world, mesh=mesh, expert_mesh=expert_mesh)
+    if token > 1:
+        token_mesh = init_device_mesh(device_type, (world // token, token), mesh_dim_names=("dp", "token"))
+    return Ranks(rank=dist.get_rank(), world=world, mesh=mesh, expert_mesh=expert_mesh, token_mesh=token_mesh)
 
 
 def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:

@@ -1,8 +1,8 @@
-"""Apply training-time transformations to a built model, in a fixed order: TP/EP -> activation
-checkpointing -> compile -> FSDP. This version places the routed experts over expert-parallel ranks (``expert``),
-recomputes activations and shards everything with FSDP2 (the dense weights over the data-parallel ranks, the
-experts over the ranks that hold the same experts); the model code itself never changes (it imports nothing of
-torch.distributed).
+"""Apply training-time transformations to a built model, in a fixed order: TP/CP -> EP -> activation
+checkpointing -> compile -> FSDP. This version splits rows and mixer heads over token groups (``heads``: league's TP
+and CP), places the routed experts over expert-parallel ranks (``expert``), recomputes activations and shards
+everything with FSDP2 (the dense weights over every rank, the experts over the ranks that hold the same experts); the
+model code itself never changes (it imports nothing of torch.distributed).
 """
 
 import functools
@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from league.models.qwen3_5_moe import Transformer
 from league.parallel.dims import ParallelDims
 from league.parallel.expert import apply_ep
+from league.parallel.heads import apply_head_parallel
 
 
 def apply_ac(model: Transformer) -> None:
@@ -36,7 +38,7 @@ def apply_fsdp(
     expert_mesh: DeviceMesh | None = None,
     reduce_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """FSDP2 over ``mesh`` (the data-parallel ranks): each decoder layer, the MTP head and the root (embedding, final
+    """FSDP2 over ``mesh`` (every rank): each decoder layer, the MTP head and the root (embedding, final
     norm, output head) are one unit each, all-gathered for their forward and backward and sharded otherwise. With
     expert parallelism (``expert_mesh`` of dims ``(edp, ep)``, the experts already sharded over ``ep``), each
     layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same experts).
@@ -68,20 +70,24 @@ def parallelize_qwen3_5_moe(
     recompute: bool,
     mesh: DeviceMesh | None = None,
     expert_mesh: DeviceMesh | None = None,
+    token_group: dist.ProcessGroup | None = None,
 ) -> nn.Module:
-    """Prepare ``model`` for training on ``dims``, in this order: expert parallelism over ``expert_mesh["ep"]``
-    (when ``dims.ep`` > 1), activation recompute, FSDP2 over ``mesh`` (when there is more than one rank). TP, CP,
-    PP and ETP are refused by ``ParallelConfig.resolve`` in this version."""
-    assert (dims.tp, dims.cp, dims.pp, dims.etp) == (1, 1, 1, 1), dims
+    """Prepare ``model`` for training on ``dims``, in this order: head parallelism over ``token_group`` (when
+    ``dims.tp * dims.cp`` > 1), expert parallelism over ``expert_mesh["ep"]`` (when ``dims.ep`` > 1), activation
+    recompute, FSDP2 over ``mesh`` (when there is more than one rank). PP and ETP are refused by
+    ``ParallelConfig.resolve`` in this version."""
+    assert (dims.pp, dims.etp) == (1, 1), dims
+    if dims.tp * dims.cp > 1:
+        if token_group is None:
+            raise ValueError(f"tp x cp = {dims.tp * dims.cp} needs a token group")
+        apply_head_parallel(model, token_group)
     if dims.ep > 1:
         if expert_mesh is None:
             raise ValueError(f"expert-parallel size {dims.ep} needs an expert mesh")
         apply_ep(model, expert_mesh["ep"])
     if recompute:
         apply_ac(model)
-    if dims.dp > 1:
-        if mesh is None:
-            raise ValueError(f"data-parallel size {dims.dp} needs a device mesh")
+    if mesh is not None and mesh.size() > 1:
         apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None)
     return model
 

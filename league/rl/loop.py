@@ -32,7 +32,7 @@ def train(job: JobConfig) -> Path:
     this; rank 0 writes the run folder and the console."""
     dims = setup.check_job(job)
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
-    with distributed(device.type, dims.ep) as ranks:
+    with distributed(device.type, dims.ep, dims.tp * dims.cp) as ranks:
         run_dir = ranks.broadcast(setup.run_dir_path(job))
         with setup.run_folder(run_dir, owner=ranks.main):
             if ranks.main:
@@ -69,8 +69,10 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         total_steps=job.rollout.num_rollout * steps_per_rollout,
         temperature=job.rollout.rollout_temperature,
         numerics=Numerics(job.engine.numerics),  # the trainer computes as the engine does
-        group=ranks.group,
+        group=ranks.data_group,
         ref_model=ref_model,
+        shard_group=ranks.group,
+        loss_scale=1 / ranks.token_size,
     )
     engine = setup.build_engine(job, engine_model, tokenizer)
     start = 0

@@ -83,7 +83,7 @@ def check_prompt_source(flag: str, spec: str) -> None:
 
 def check_policy(job: JobConfig) -> None:
     """The policy can be built as configured: its checkpoint folder with config.json and a tokenizer (or its
-    preset) exists, and the MTP and expert-parallel settings agree with it."""
+    preset) exists, and the MTP, head- and expert-parallel settings agree with it."""
     from league.models.qwen3_5_moe.presets import PRESETS
     from league.tokenizer import has_tokenizer
 
@@ -106,6 +106,10 @@ def check_policy(job: JobConfig) -> None:
             f"({num_mtp})"
         )
     uses_mtp = num_mtp if config.mtp_num_layers is None else config.mtp_num_layers
+    if job.parallel.tp * job.parallel.cp > 1:
+        from league.parallel.heads import check_head_split
+
+        check_head_split(args, job.parallel.tp * job.parallel.cp)
     if args.num_experts % job.parallel.ep:
         raise ValueError(
             f"`--ep` {job.parallel.ep} does not divide the policy's {args.num_experts} routed experts: choose a "
@@ -405,9 +409,10 @@ def place_policy(
             torch.distributed.broadcast(tensor, src=0, group=ranks.group)
     engine_model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
-    parallelize_qwen3_5_moe(model, dims, job.train.recompute, ranks.mesh, ranks.expert_mesh)
+    meshes = (ranks.mesh, ranks.expert_mesh, ranks.token_group)
+    parallelize_qwen3_5_moe(model, dims, job.train.recompute, *meshes)
     if ref_model is not None:
-        parallelize_qwen3_5_moe(ref_model, dims, False, ranks.mesh, ranks.expert_mesh)
+        parallelize_qwen3_5_moe(ref_model, dims, False, *meshes)
     return engine_model, ref_model
 
 

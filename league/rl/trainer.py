@@ -151,8 +151,14 @@ class Trainer:
         numerics (Numerics): how forwards compute (``ops.numerics``), as the engine that samples computes.
             Default: ``FAST``.
         group (ProcessGroup, Optional): the data-parallel ranks that share each optimizer step (each holding an equal
-            share of its samples); losses are normalised by the step's global counts, every rank runs as many
-            micro-batches, and the metrics are the step's. Default: ``None`` (one process).
+            share of its samples); losses are normalised by the step's global counts and the metrics are the step's.
+            Default: ``None`` (one process).
+        shard_group (ProcessGroup, Optional): every rank of the run (their parameter shards are disjoint): the
+            gradient norm is summed over them and each runs as many micro-batches (the sharded forward's
+            collectives). Default: ``group``.
+        loss_scale (float): each rank's losses are multiplied by it before the backward: 1 / G where G ranks
+            compute the same loss (a token group of head parallelism), so the gradients add up to one process's.
+            Default: ``1.0``.
         ref_model (Transformer, Optional): the frozen reference policy, when ``use_kl_loss`` (prepared for the
             ranks as the policy is). Default: ``None`` (a copy of ``model``, in one process).
     """
@@ -168,10 +174,12 @@ class Trainer:
         numerics: Numerics = FAST,
         group: dist.ProcessGroup | None = None,
         ref_model: Transformer | None = None,
+        shard_group: dist.ProcessGroup | None = None,
+        loss_scale: float = 1.0,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
         self.total_steps, self.temperature, self.numerics = total_steps, temperature, numerics
-        self.group = group
+        self.group, self.shard_group, self.loss_scale = group, shard_group or group, loss_scale
         self.world = 1 if group is None else dist.get_world_size(group)
         if train.global_batch_size % self.world:
             raise ValueError(
@@ -181,7 +189,7 @@ class Trainer:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not algo_config.enable_mtp_training:
             trainable = [(n, p) for n, p in trainable if not n.startswith("mtp.")]
-        self.optimizer = Optimizer(trainable, optim, group=group)
+        self.optimizer = Optimizer(trainable, optim, group=self.shard_group)
         self.ref_model = None
         if algo_config.use_kl_loss:
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model).requires_grad_(False)
@@ -197,10 +205,10 @@ class Trainer:
 
     def _passes(self, count: int) -> int:
         """The most micro-batches any rank runs (every rank runs that many: the sharded forward's collectives)."""
-        if self.group is None:
+        if self.shard_group is None:
             return count
         t = torch.tensor(count)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.shard_group)
         return int(t)
 
     def _micro_batches(self, samples: list[Sample], budget: int) -> list[MicroBatch]:
@@ -314,7 +322,7 @@ class Trainer:
                 mtp_loss = share * self._mtp_loss(mb, hidden, num_mtp_tokens)
                 add("train/mtp_loss", mtp_loss.detach())
                 loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss
-            loss.backward()
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         lr = lr_at(self.optim_config, self.num_steps, self.total_steps)
         grad_norm = self.optimizer.step(lr)
         self.num_steps += 1

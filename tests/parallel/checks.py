@@ -3,6 +3,7 @@ rank, runs the one-process computation and the sharded one side by side, and ret
 
 import copy
 import functools
+import os
 
 import torch
 
@@ -38,10 +39,11 @@ BUDGET = 32  # tokens per micro-batch: several micro-batches, a different number
 def build(seed: int = 0) -> Transformer:
     model = Transformer(ARGS)
     model.init_weights(seed, std=0.05)
-    return model.float()
+    return model.to(torch.float64 if os.environ.get("LEAGUE_CHECK_FP64") else torch.float32)
 
 
 def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None) -> Trainer:
+    ranks = ranks or Ranks()
     return Trainer(
         model,
         TrainConfig(global_batch_size=GBS, max_tokens_per_gpu=BUDGET, recompute=False),
@@ -57,8 +59,10 @@ def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None) ->
         # of an element whose gradient is near 0 is near its sign, which rounding flips
         OptimConfig(lr=1e-2, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-3),
         total_steps=4,
-        group=None if ranks is None else ranks.group,
+        group=ranks.data_group,
         ref_model=ref,
+        shard_group=ranks.group,
+        loss_scale=1 / ranks.token_size,
     )
 
 
@@ -67,41 +71,50 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.cache
-def layout(world: int, ep: int = 1) -> tuple[Ranks, ParallelDims]:
+def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1) -> tuple[Ranks, ParallelDims]:
     """The ranks (meshes made once per layout) and dims of a layout of ``world`` ranks."""
-    return make_ranks("cpu", world, ep), ParallelConfig(ep=ep).resolve(world)
+    return make_ranks("cpu", world, ep, tp * cp), ParallelConfig(ep=ep, tp=tp, cp=cp).resolve(world)
 
 
-def sharded_policy(world: int, ep: int = 1, recompute: bool = False, seed: int = 0) -> tuple[Transformer, Transformer]:
+def sharded_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) -> tuple[Transformer, Transformer]:
     """The policy and a (different) reference model, each parallelized for the layout as a run does."""
-    ranks, dims = layout(world, ep)
+    ranks, dims = layout(world, **sizes)
     model, ref = build(seed), build(seed + 1).requires_grad_(False)
-    parallelize_qwen3_5_moe(model, dims, recompute, ranks.mesh, ranks.expert_mesh)
-    parallelize_qwen3_5_moe(ref, dims, False, ranks.mesh, ranks.expert_mesh)
+    meshes = (ranks.mesh, ranks.expert_mesh, ranks.token_group)
+    parallelize_qwen3_5_moe(model, dims, recompute, *meshes)
+    parallelize_qwen3_5_moe(ref, dims, False, *meshes)
     return model, ref
 
 
-def train_step(world: int, ep: int = 1, recompute: bool = False) -> dict:
-    """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout: the metrics, the
-    gathered gradients and the updated parameters."""
-    ranks, _ = layout(world, ep)
+def train_step(world: int, recompute: bool = False, **sizes) -> dict:
+    """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout (``sizes``: ep, tp,
+    cp): the metrics, the gathered gradients and the updated parameters."""
+    ranks, _ = layout(world, **sizes)
     samples = make_samples(GBS, ARGS.vocab_size, seed=3)
     single = build()
     single_trainer = trainer(single, build(1).requires_grad_(False))
     expected = single_trainer.train(samples)
     grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
 
-    model, ref = sharded_policy(world, ep, recompute)
+    model, ref = sharded_policy(world, recompute, **sizes)
     sharded_trainer = trainer(model, ref, ranks)
     mine = ranks.step_share(samples, GBS)
     got = sharded_trainer.train(mine)
     grad_errors, param_errors = {}, {}
+    flat = {"grad": ([], []), "param": ([], [])}
     for (name, param), (_, grad) in zip(full_parameters(model), gathered_grads(model)):
-        param_errors[name] = rel(param, dict(single.named_parameters())[name].detach())
+        reference = dict(single.named_parameters())[name].detach()
+        param_errors[name] = rel(param, reference)
+        flat["param"][0].append(param.flatten())
+        flat["param"][1].append(reference.flatten())
         if name in grads:
             grad_errors[name] = rel(grad, grads[name])
+            flat["grad"][0].append(grad.flatten())
+            flat["grad"][1].append(grads[name].flatten())
     return {
         "metrics": {k: [got[k], v] for k, v in expected.items()},
+        "grad_error": rel(torch.cat(flat["grad"][0]), torch.cat(flat["grad"][1])),
+        "param_error": rel(torch.cat(flat["param"][0]), torch.cat(flat["param"][1])),
         "grad_errors": grad_errors,
         "param_errors": param_errors,
         "num_grads": len(grads),
@@ -136,17 +149,54 @@ def dp4_ep2_train_step(world: int) -> dict:
     return train_step(world, ep=2)
 
 
-def logprobs(world: int, ep: int = 1) -> dict:
+@check(world=2)
+def tp2_train_step(world: int) -> dict:
+    return train_step(world, tp=2)
+
+
+@check(world=2)
+def cp2_train_step(world: int) -> dict:
+    return train_step(world, cp=2, recompute=True)
+
+
+@check(world=4)
+def dp2_tp2_train_step(world: int) -> dict:
+    return train_step(world, tp=2)
+
+
+@check(world=4)
+def tp2_cp2_train_step(world: int) -> dict:
+    return train_step(world, tp=2, cp=2)
+
+
+@check(world=4)
+def tp2_ep2_train_step(world: int) -> dict:
+    return train_step(world, tp=2, ep=2)
+
+
+@check(world=4)
+def cp2_ep2_train_step(world: int) -> dict:
+    return train_step(world, cp=2, ep=2)
+
+
+@check(world=4)
+def tp2_cp2_ep4_train_step(world: int) -> dict:
+    return train_step(world, tp=2, cp=2, ep=4)
+
+
+def logprobs(world: int, **sizes) -> dict:
     """Forward-only log-probs (the old and the reference policy's) of each rank's samples, gathered in order, equal
     the one-process ones."""
-    ranks, _ = layout(world, ep)
+    ranks, _ = layout(world, **sizes)
     samples = make_samples(2 * GBS, ARGS.vocab_size, seed=5)
     single = build()
     expected = trainer(single, build(1)).compute_logprobs(samples)
-    model, ref = sharded_policy(world, ep)
+    model, ref = sharded_policy(world, **sizes)
     sharded = trainer(model, ref, ranks)
-    mine = ranks.block(samples)
-    got = ranks.gather_blocks([lp.tolist() for lp in sharded.compute_logprobs(mine)])
+    # the ranks of a token group share their samples; every data-parallel rank's block gathered in order
+    dp_block = Ranks(rank=ranks.dp_rank, world=ranks.dp_size)
+    got = [lp.tolist() for lp in sharded.compute_logprobs(dp_block.block(samples))]
+    got = [lp for k, lps in enumerate(ranks.gather_blocks([got])) if k % ranks.token_size == 0 for lp in lps]
     return {"errors": [rel(torch.tensor(g, dtype=e.dtype), e) for g, e in zip(got, expected)], "count": len(got)}
 
 
@@ -161,6 +211,16 @@ def ep2_logprobs(world: int) -> dict:
 
 
 @check(world=2)
+def tp2_logprobs(world: int) -> dict:
+    return logprobs(world, tp=2)
+
+
+@check(world=4)
+def dp2_tp2_logprobs(world: int) -> dict:
+    return logprobs(world, tp=2)
+
+
+@check(world=2)
 def ep2_engine_replica_sync(world: int) -> dict:
     """After a sharded step, the engine's whole replica, synced by ``setup.sync_weights``, holds the policy's
     updated weights exactly (and differs from the weights before the step)."""
@@ -168,7 +228,7 @@ def ep2_engine_replica_sync(world: int) -> dict:
     from league.engine.engine import LLMEngine
     from league.rl.setup import sync_weights
 
-    ranks, dims = layout(world, 2)
+    ranks, dims = layout(world, ep=2)
     model = build()
     replica = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in replica.named_parameters()}

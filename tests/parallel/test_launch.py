@@ -55,7 +55,8 @@ def test_torchrun_command_runs_league_standalone():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"tp": 2, "nproc_per_node": 2}, "tp=2 ep=1 cp=1 pp=1 etp=1 over 2 ranks is not available"),
+        ({"pp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=2 etp=1 over 2 ranks is not available"),
+        ({"tp": 4, "nproc_per_node": 4}, "tp x cp = 4 does not divide the model's 2 GDN key heads"),
         ({"ep": 16, "nproc_per_node": 16}, "`--ep` 16 does not divide the policy's 8 routed experts"),
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
         ({"ep": 4, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 4\\*1\\*1; start a multiple of 4"),
@@ -81,13 +82,13 @@ def test_nproc_per_node_must_be_positive():
 
 @pytest.mark.xdist_group("world2")
 def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
-    """`league train --nproc-per-node 2 --ep 2` (torchrun, gloo; FSDP2 and the experts split over the 2 ranks): two
-    GRPO steps of the tiny recipe; rank 0 writes the run folder, and the steps' rollouts are those of one process
-    (same per-request seeds) and the losses agree."""
+    """`league train --nproc-per-node 2 --tp 2 --ep 2` (torchrun, gloo; FSDP2, rows and heads split over the 2 ranks,
+    which share every sample, and the experts split over them): two GRPO steps of the tiny recipe; rank 0 writes the
+    run folder, and the steps' rollouts are those of one process (same per-request seeds) and the losses agree."""
     run = tmp_path / "run"
     args = ["train", "--num-rollout", "2", "--sft-warmup-steps", "0", "--rollout-batch-size", "4"]
     args += ["--global-batch-size", "16", "--run-dir", str(run), "--no-tensorboard"]
-    command = [sys.executable, "-m", "league", *args, "--nproc-per-node", "2", "--ep", "2"]
+    command = [sys.executable, "-m", "league", *args, "--nproc-per-node", "2", "--tp", "2", "--ep", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("run folder:") == 1 and "on each of 2 data-parallel ranks" in done.stdout
