@@ -25,9 +25,10 @@ class ModelConfig:
     """Which policy to train."""
 
     hf_checkpoint: str | None = None
-    """Hugging Face checkpoint folder of the policy (with its MTP layer); None builds the preset below."""
+    """Hugging Face checkpoint folder of the policy (with its MTP layer); None builds the preset below. Not read with
+    --load, whose checkpoint gives the policy."""
     model_preset: str = "tiny"
-    """Built-in architecture used when no --hf-checkpoint is given (randomly initialised)."""
+    """Built-in architecture used when neither --hf-checkpoint nor --load is given (randomly initialised)."""
     mtp_num_layers: int | None = None
     """MTP layers to use: None keeps the checkpoint's; 0 drops the head; other values must match it."""
     dtype: str = "auto"
@@ -120,18 +121,21 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: str | None = None
-    """Folder for checkpoints (model in Hugging Face format, optimizer, RNG and data position); alone, the run saves
-    after its last step."""
+    """Folder for checkpoints: DCP folders step_00000k (policy, KL reference and optimizer as the ranks hold them;
+    step, data position and RNG; the policy's config and tokenizer), `latest` naming the newest; alone, the run saves
+    after its last step. Every rank must see it (a shared file system across machines)."""
     save_interval: int | None = None
     """Also save every this many rollout steps; needs --save. None or 0: only after the last."""
     keep_last: int | None = None
     """Keep only the newest this many checkpoints in --save, deleting older step_* folders after each save (never
     the one `latest` names); None keeps all."""
     load: str | None = None
-    """Resume from this checkpoint folder (or the latest checkpoint inside it)."""
+    """Resume from this DCP checkpoint folder (or the one its `latest` file names), at any number of ranks; the
+    policy's architecture, weights and tokenizer come from it. A folder of `league convert hf-to-dcp` (no train state)
+    starts at step 0 from its weights."""
     load_unsafe_pickle: bool = False
-    """Read --load's train_state.pt with full pickle, which runs any code the file holds: only for a file you trust.
-    By default only tensors and plain Python values load."""
+    """Read --load's .metadata (DCP's pickle) with full pickle, which runs any code the file holds: only for a folder
+    you trust. By default only DCP's metadata classes unpickle."""
 
     def __post_init__(self) -> None:
         for name, least in (("save_interval", 0), ("keep_last", 1)):

@@ -18,7 +18,9 @@ def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     setup.check_eval_job(job)
     setup.set_num_threads(job.run.num_threads)
     setup.seed_everything(job.run.seed)
-    model, tokenizer = setup.build_policy(job.model, job.run.seed)
+    model, tokenizer = setup.build_policy(
+        job.model, job.run.seed, job.checkpoint.load, job.checkpoint.load_unsafe_pickle
+    )
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
     with setup.run_folder(setup.run_dir_path(job)) as run_dir:
         write_config(job, run_dir / "config.json")

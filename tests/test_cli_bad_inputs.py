@@ -17,6 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 BEGIN, END = "<!-- cli-bad-inputs:begin -->", "<!-- cli-bad-inputs:end -->"
 TRAIN = ["train", "--dry-run", "--run-dir", "TMP/run"]
 GENERATE = ["generate", "--model", "TMP/tiny", "--max-new-tokens", "2"]
+CONVERT = ["convert", "hf-to-dcp"]
 
 # (command line, a piece of the error); TMP is the test's folder (TMP/tiny: a tiny checkpoint, TMP/file: a file)
 CASES = [
@@ -49,7 +50,7 @@ CASES = [
     ([*TRAIN, "--pp", "2", "--nproc-per-node", "2"], "not available in this version"),
     ([*TRAIN, "--tp", "4", "--nproc-per-node", "4"], "does not divide the model's 2 GDN key heads"),
     ([*TRAIN, "--nproc-per-node", "3"], "does not split over 3 data-parallel ranks"),
-    ([*TRAIN, "--nproc-per-node", "2", "--save", "TMP/ckpt"], "`--save` with 2 ranks"),
+    ([*TRAIN, "--nproc-per-node", "2", "--rollout-engine", "http://x:1"], "`--rollout-engine` with 2 ranks"),
     ([*TRAIN, "--nproc-per-node", "0"], "--nproc-per-node"),
     ([*TRAIN, "--recipe", "nope"], "nope"),
     ([*TRAIN, "--mode", "fast"], "fast"),
@@ -57,6 +58,7 @@ CASES = [
     ([*TRAIN, "--n-samples-per-prompt", "200"], "--n-samples-per-prompt"),
     ([*TRAIN, "--hf-checkpoint", "/nonexistent/model"], "no such folder"),
     ([*TRAIN, "--load", "/nonexistent/ckpt"], "--load"),
+    ([*TRAIN, "--load", "TMP/tiny"], "league convert hf-to-dcp"),
     ([*TRAIN, "--prompt-data", "builtin:nope"], "unknown built-in task"),
     ([*TRAIN, "--prompt-data", "TMP/data.csv"], "extension"),
     ([*TRAIN, "--eval-prompt-data", "x,/nonexistent/x.jsonl"], "no such file"),
@@ -83,6 +85,13 @@ CASES = [
     ([*TRAIN, "--sft-warmup-steps", "5", "--prompt-data", "TMP/data.jsonl"], "built-in task"),
     (["train", "--dry-run", "--run-dir", "TMP/file/run"], "--run-dir"),
     (["eval", "--dry-run", "--run-dir", "TMP/run", "--eval-prompt-data", "x,/nonexistent.jsonl"], "no such file"),
+    ([*CONVERT, "--hf-checkpoint", "/nonexistent", "--save", "TMP/dcp"], "`--hf-checkpoint` /nonexistent"),
+    ([*CONVERT, "--hf-checkpoint", "TMP/file", "--save", "TMP/dcp"], "`--hf-checkpoint` TMP/file"),
+    ([*CONVERT, "--hf-checkpoint", "TMP/tiny", "--save", "TMP/file/dcp"], "`--save` TMP/file/dcp"),
+    ([*CONVERT, "--hf-checkpoint", "TMP/tiny", "--save", "TMP/tiny"], "--force"),
+    ([*CONVERT, "--hf-checkpoint", "TMP/tiny", "--save", "TMP/dcp", "--mtp-num-layers", "2"], "give 0"),
+    (["convert", "dcp-to-hf", "--load", "/nonexistent", "--save", "TMP/hf"], "`--load` /nonexistent"),
+    (["convert", "dcp-to-hf", "--load", "TMP/tiny", "--save", "TMP/hf"], "league convert hf-to-dcp"),
 ]
 
 

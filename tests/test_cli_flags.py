@@ -65,11 +65,16 @@ PINNED = {
     "init": ["--preset", "--out", "--num-layers", "--mtp-num-layers", "--seed", "--dtype", "--force"],
     "reward": ["--label", "--rm-type", "--response", "--response-file", "--custom-rm-path", "--timeout"],
     "plot": ["--out"],
+    "convert hf-to-dcp": ["--hf-checkpoint", "--save", "--mtp-num-layers", "--force"],
+    "convert dcp-to-hf": ["--load", "--save", "--force", "--load-unsafe-pickle"],
 }
 
 
 def options(name: str) -> list[str]:
-    command = typer.main.get_command(app).commands[name]
+    """The options of ``name`` (a command, or ``group command``)."""
+    command = typer.main.get_command(app)
+    for part in name.split():
+        command = command.commands[part]
     return [opt for p in command.params if p.param_type_name == "option" for opt in p.opts if opt.startswith("--")]
 
 

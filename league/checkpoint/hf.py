@@ -175,54 +175,14 @@ def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False
             ``False``.
 
     Raises:
-        ValueError: before any parameter is changed, when a tensor has the wrong shape (naming the tensor,
-            its file, the expected and found shapes), or when parameters are missing (naming the first few,
-            with their league names), including single experts of a per-expert layout; with ``strict``, when
-            the architecture, a dtype or the set of tensors differs (naming the first differences).
+        ValueError: before any parameter is changed, as :func:`plan_hf_load` says; with ``strict``, also when the
+            architecture differs (naming the first differences).
     """
     folder = Path(folder)
     if strict and (folder / "config.json").is_file():
         _check_same_architecture(ModelArgs.from_dir(folder), model.args, folder)
-    listing = list_tensors(folder)
-    if strict:
-        _check_float_dtypes(listing, folder)
     params = dict(model.named_parameters())
-    report = LoadReport(folder=folder, text_prefix=detect_text_prefix(listing))
-    plan: list[tuple[TensorInfo, Target]] = []
-    covered: dict[str, set] = {name: set() for name in params}
-    for hf_name, info in listing.items():
-        if is_skipped(hf_name):
-            report.num_skipped_visual += 1
-            continue
-        target = hf_to_league(hf_name, report.text_prefix)
-        if target is None or target.name not in params:
-            if hf_name.startswith("mtp.") and model.mtp is None:
-                report.num_skipped_mtp += 1
-            else:
-                report.unexpected.append(hf_name)
-            continue
-        param = params[target.name]
-        _check_shape(info, target, param, model.args)
-        part = "all" if target.expert is None else (target.expert, target.part)
-        seen = covered[target.name]
-        if part in seen or "all" in seen or (part == "all" and seen):
-            raise ValueError(f"{info.file}: tensor {hf_name} duplicates weights already given for {target.name}")
-        covered[target.name].add(part)
-        plan.append((info, target))
-    _check_complete(covered, params, model.args, report)
-    if report.num_skipped_visual:
-        logger.info("%s: skipped %d vision-tower tensors (model.visual.*)", folder, report.num_skipped_visual)
-    if report.num_skipped_mtp:
-        logger.info("%s: skipped %d mtp.* tensors (the model has no MTP head)", folder, report.num_skipped_mtp)
-    if report.unexpected and strict:
-        shown = ", ".join(report.unexpected[:_SHOWN])
-        more = f" and {len(report.unexpected) - _SHOWN} more" if len(report.unexpected) > _SHOWN else ""
-        raise ValueError(f"{folder}: {len(report.unexpected)} tensors are not part of the running model: {shown}{more}")
-    if report.unexpected:
-        shown = ", ".join(report.unexpected[:10]) + (", ..." if len(report.unexpected) > 10 else "")
-        warnings.warn(
-            f"{folder}: ignored {len(report.unexpected)} tensors that are not part of the model: {shown}", stacklevel=2
-        )
+    plan, report = plan_hf_load(folder, params, model.args, strict)
     targets = {info.name: target for info, target in plan}
     with torch.no_grad():
         for info, tensor in iter_tensors(info for info, _ in plan):
@@ -235,6 +195,64 @@ def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False
                 param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
             report.num_loaded += 1
     return report
+
+
+def plan_hf_load(
+    folder: Path, params: dict[str, torch.Tensor], args: ModelArgs, strict: bool = False
+) -> tuple[list[tuple[TensorInfo, Target]], LoadReport]:
+    """Which tensor of a checkpoint folder goes where among ``params`` (a model's parameters, or a meta model's:
+    only names and shapes are read), checked whole from the files' headers: every parameter covered once, every
+    shape right. ``model.visual.*`` is skipped (one log line), ``mtp.*`` too when ``params`` has no MTP head; other
+    tensors that are not parameters are ignored with a warning, unless ``strict``.
+
+    Returns:
+        ``(tensor, target)`` pairs to read, and a :class:`LoadReport` whose ``num_loaded`` is still 0.
+
+    Raises:
+        ValueError: when a tensor has the wrong shape (naming the tensor, its file, the expected and found shapes),
+            when parameters are missing (naming the first few, with their league names), including single experts of
+            a per-expert layout; with ``strict``, when a dtype is not floating point or a tensor is not a parameter.
+    """
+    listing = list_tensors(folder)
+    if strict:
+        _check_float_dtypes(listing, folder)
+    has_mtp = any(name.startswith("mtp.") for name in params)
+    report = LoadReport(folder=folder, text_prefix=detect_text_prefix(listing))
+    plan: list[tuple[TensorInfo, Target]] = []
+    covered: dict[str, set] = {name: set() for name in params}
+    for hf_name, info in listing.items():
+        if is_skipped(hf_name):
+            report.num_skipped_visual += 1
+            continue
+        target = hf_to_league(hf_name, report.text_prefix)
+        if target is None or target.name not in params:
+            if hf_name.startswith("mtp.") and not has_mtp:
+                report.num_skipped_mtp += 1
+            else:
+                report.unexpected.append(hf_name)
+            continue
+        _check_shape(info, target, params[target.name], args)
+        part = "all" if target.expert is None else (target.expert, target.part)
+        seen = covered[target.name]
+        if part in seen or "all" in seen or (part == "all" and seen):
+            raise ValueError(f"{info.file}: tensor {hf_name} duplicates weights already given for {target.name}")
+        covered[target.name].add(part)
+        plan.append((info, target))
+    _check_complete(covered, params, args, report)
+    if report.num_skipped_visual:
+        logger.info("%s: skipped %d vision-tower tensors (model.visual.*)", folder, report.num_skipped_visual)
+    if report.num_skipped_mtp:
+        logger.info("%s: skipped %d mtp.* tensors (the model has no MTP head)", folder, report.num_skipped_mtp)
+    if report.unexpected and strict:
+        shown = ", ".join(report.unexpected[:_SHOWN])
+        more = f" and {len(report.unexpected) - _SHOWN} more" if len(report.unexpected) > _SHOWN else ""
+        raise ValueError(f"{folder}: {len(report.unexpected)} tensors are not part of the running model: {shown}{more}")
+    if report.unexpected:
+        shown = ", ".join(report.unexpected[:10]) + (", ..." if len(report.unexpected) > 10 else "")
+        warnings.warn(
+            f"{folder}: ignored {len(report.unexpected)} tensors that are not part of the model: {shown}", stacklevel=3
+        )
+    return plan, report
 
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
@@ -377,38 +395,52 @@ def save_hf(
     specs = hf_tensor_specs(model, text_prefix)
     if cast is not None:
         specs = [(name, TensorSpec(name=s.name, shape=s.shape, dtype=cast)) for name, s in specs]
-    saved_dtype = cast or model.tok_embeddings.weight.dtype
-    args = model.args.replace(
-        dtype=str(saved_dtype).removeprefix("torch."),
-        mtp_num_layers=0 if model.mtp is None else len(model.mtp.layers),
-    )
+    args = saved_args(model, cast)
 
     def tensors() -> Iterator[torch.Tensor]:
         for name, spec in specs:
             yield to_hf_tensor(name, params[name].detach()).to(device="cpu", dtype=spec.dtype)
 
     with staged_folder(folder, force) as stage:
-        _write_config(stage, hf_config(args, text_prefix))
+        write_config(stage, hf_config(args, text_prefix))
         write_tensors(stage, [spec for _, spec in specs], tensors(), max_shard_bytes)
         if tokenizer_from is not None:
-            _copy_tokenizer(tokenizer_from, stage)
+            copy_tokenizer(tokenizer_from, stage)
     return Path(folder)
 
 
-def _write_config(folder: Path, config: dict[str, Any]) -> None:
+def saved_args(model: Transformer, dtype: torch.dtype | None = None) -> ModelArgs:
+    """The architecture a checkpoint of ``model`` declares: its parameters' dtype (or ``dtype``) and the MTP layers it
+    has (none when its head was dropped)."""
+    saved_dtype = dtype or model.tok_embeddings.weight.dtype
+    return model.args.replace(
+        dtype=str(saved_dtype).removeprefix("torch."),
+        mtp_num_layers=0 if model.mtp is None else len(model.mtp.layers),
+    )
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    """``folder/config.json``."""
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _copy_tokenizer(source: Any, folder: Path) -> None:
+def copy_tokenizer(source: Any, folder: Path) -> None:
+    """A tokenizer's files into ``folder``: from a folder (those of :data:`TOKENIZER_FILES` it has; none is an error),
+    or saved by a tokenizer object's ``save_pretrained``."""
     if hasattr(source, "save_pretrained"):
         source.save_pretrained(folder)
         return
     source = Path(source)
-    found = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    if not found:
+    if not copy_files(source, folder, TOKENIZER_FILES):
         raise ValueError(f"{source}: no tokenizer files (expected some of {', '.join(TOKENIZER_FILES[:3])}, ...)")
+
+
+def copy_files(source: Path, folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy those of ``names`` that are files in ``source`` into ``folder``; returns the names copied."""
+    found = [name for name in names if (source / name).is_file()]
     for name in found:
         shutil.copy2(source / name, folder / name)
+    return found
 
 
 def preset_args(
@@ -483,7 +515,7 @@ def init_checkpoint(
     specs = hf_tensor_specs(model)
     values = (to_hf_tensor(name, value) for name, value in iter_init_tensors(model, seed))
     with staged_folder(out, force) as stage:
-        _write_config(stage, hf_config(args))
+        write_config(stage, hf_config(args))
         write_tensors(stage, [spec for _, spec in specs], values, max_shard_bytes)
         if preset == "tiny":
             from league.tokenizer import build_tiny_tokenizer

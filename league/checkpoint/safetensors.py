@@ -235,20 +235,26 @@ def write_tensors(
     files = shard_names(len(shards))
     source = iter(tensors)
     for file_name, shard in zip(files, shards):
-        _write_shard(folder / file_name, shard, source)
+        write_shard(folder / file_name, shard, source)
     if next(source, None) is not None:
         raise ValueError(f"more tensors were given than the {len(specs)} specified")
+    return files + write_index(folder, files, shards)
+
+
+def write_index(folder: Path, files: list[str], shards: list[list[TensorSpec]]) -> list[str]:
+    """``model.safetensors.index.json`` of a sharded folder (nothing for one shard); returns the names written."""
     if len(files) == 1:
-        return files
+        return []
     index = {
-        "metadata": {"total_size": sum(spec.num_bytes for spec in specs)},
+        "metadata": {"total_size": sum(spec.num_bytes for shard in shards for spec in shard)},
         "weight_map": {spec.name: file_name for file_name, shard in zip(files, shards) for spec in shard},
     }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return [*files, INDEX_FILE]
+    return [INDEX_FILE]
 
 
-def _write_shard(path: Path, specs: list[TensorSpec], source: Iterator[torch.Tensor]) -> None:
+def write_shard(path: Path, specs: list[TensorSpec], source: Iterator[torch.Tensor]) -> None:
+    """One safetensors file of ``specs``, its tensors taken one at a time from ``source`` (:func:`write_tensors`)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
@@ -285,27 +291,43 @@ def staged_folder(target: str | Path, force: bool = False) -> Iterator[Path]:
         target (str | Path): the folder to create (its parents are created too).
         force (bool): replace a non-empty ``target``; otherwise that is an error. Default: ``False``.
     """
+    staging = prepare_stage(target, force)
+    try:
+        yield staging
+    except BaseException:
+        discard_stage(staging)
+        raise
+    commit_stage(staging, target)
+
+
+def prepare_stage(target: str | Path, force: bool = False) -> Path:
+    """The staging folder of :func:`staged_folder`, made beside ``target`` after checking that ``target`` may be
+    written (absent, empty, or ``force``)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise ValueError(f"{target}: folder is not empty; choose another or replace it (--force)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = target.parent / f".{target.name}.partial-{tag}"
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return staging
+
+
+def commit_stage(staging: Path, target: str | Path) -> None:
+    """Rename a complete staging folder to ``target``, replacing what was there."""
+    target = Path(target)
     if target.exists():
-        old = target.parent / f".{target.name}.old-{tag}"
+        old = staging.with_name(staging.name.replace(".partial-", ".old-", 1))
         os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def discard_stage(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -18,7 +18,7 @@ from league.ops.numerics import Numerics
 from league.parallel.dims import ParallelDims
 from league.parallel.launch import Ranks, distributed
 from league.rl import algorithms as algo
-from league.rl import setup
+from league.rl import checkpoints, setup
 from league.rl.metrics import MetricsLogger, plot_run, progress_bar
 from league.rl.sample import Sample
 from league.rl.trainer import Trainer
@@ -49,13 +49,14 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
     console = Console(quiet=not ranks.main)
     console.print(setup.describe_start(job, run_dir, ranks.world), soft_wrap=True)
     setup.seed_everything(job.run.seed)
-    model, tokenizer = setup.build_policy(job.model, job.run.seed)
+    load, unsafe_pickle = job.checkpoint.load, job.checkpoint.load_unsafe_pickle
+    model, tokenizer = setup.build_policy(job.model, job.run.seed, load, unsafe_pickle)
     console.print(setup.describe_plan(job, model), soft_wrap=True)
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
     sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
     reward = setup.build_reward(job.reward)
-    if job.model.sft_warmup_steps and not job.checkpoint.load:
+    if job.model.sft_warmup_steps and not load:
         setup.warmup(model, tokenizer, job, console)
     # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
     # shards (taken before sharding) across ranks
@@ -75,9 +76,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         loss_scale=1 / ranks.token_size,
     )
     engine = setup.build_engine(job, engine_model, tokenizer)
-    start = 0
-    if job.checkpoint.load:
-        start = setup.resume(job.checkpoint.load, model, trainer, sampler, job.checkpoint.load_unsafe_pickle)
+    # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
+    start = checkpoints.resume(load, trainer, sampler, ranks, unsafe_pickle) if load else 0
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console) if ranks.main else None
     n = job.rollout.n_samples_per_prompt
     with progress_bar(console, "league train") as progress:
@@ -131,10 +131,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
             t5 = time.perf_counter()
             interval = job.checkpoint.save_interval
             if job.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
-                root = Path(job.checkpoint.save)
-                setup.save_checkpoint(root, step, model, trainer, sampler, tokenizer)
-                if job.checkpoint.keep_last:
-                    setup.prune_checkpoints(root, job.checkpoint.keep_last)
+                root, keep_last = Path(job.checkpoint.save), job.checkpoint.keep_last
+                checkpoints.save_checkpoint(root, step, model, trainer, sampler, tokenizer, ranks, keep_last)
             metrics = {
                 **setup.rollout_metrics(outputs, result, engine),
                 **train_metrics,

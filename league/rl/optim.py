@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from league.checks import check_int, check_number
 
@@ -172,19 +173,45 @@ class Optimizer:
                     [self.master_grads[i] for i in with_grad], [_local(self.params[i][1].grad) for i in with_grad]
                 )
 
-    def state_dict(self) -> dict:
-        state = {"inner": self.inner.state_dict()}
-        if self.use_masters:
-            state["masters"] = [m.clone() for m in self.masters]
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state by parameter name, for a checkpoint: ``master.<name>`` (the fp32 master, or the
+        parameter itself where there are none), ``exp_avg.<name>``, ``exp_avg_sq.<name>`` and ``step.<name>``
+        (Adam's moments and step count; zeros for a parameter not stepped yet, which is what Adam starts from).
+        The state of a sharded parameter is a DTensor over this rank's local part with the parameter's mesh,
+        placements and global shape, so a checkpoint of it loads at another number of ranks. The tensors are the
+        optimizer's own (no copies): :meth:`load_state_dict` after filling them in place loads them."""
+        state = {}
+        for (name, p), master in zip(self.params, self.masters):
+            adam = self.inner.state.get(master) or _fresh_adam_state(master)
+            state[f"master.{name}"] = _like(p, master)
+            state[f"exp_avg.{name}"] = _like(p, adam["exp_avg"])
+            state[f"exp_avg_sq.{name}"] = _like(p, adam["exp_avg_sq"])
+            state[f"step.{name}"] = adam["step"]
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
-        if self.use_masters:
-            with torch.no_grad():
-                for master, saved, (_, p) in zip(self.masters, state["masters"], self.params):
-                    master.copy_(saved)
-                    _local(p).copy_(saved)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from ``state`` (laid out as :meth:`state_dict`'s): the masters (and the parameters, rounded from
+        them) are copied; Adam's moments and step counts are taken as they are (no copy: a resume fills
+        :meth:`state_dict`'s fresh tensors and hands them back)."""
+        index = {id(m): i for i, m in enumerate(m for group in self.inner.param_groups for m in group["params"])}
+        adam = {}
+        with torch.no_grad():
+            for (name, p), master in zip(self.params, self.masters):
+                master.copy_(_local(state[f"master.{name}"]))
+                if self.use_masters:
+                    _local(p).copy_(master)
+                adam[index[id(master)]] = {
+                    "step": state[f"step.{name}"],
+                    "exp_avg": _local(state[f"exp_avg.{name}"]),
+                    "exp_avg_sq": _local(state[f"exp_avg_sq.{name}"]),
+                }
+        self.inner.load_state_dict({"state": adam, "param_groups": self.inner.state_dict()["param_groups"]})
+
+
+def _fresh_adam_state(master: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AdamW's state before its first step (torch creates the same lazily)."""
+    zeros = torch.zeros_like(master, memory_format=torch.preserve_format)
+    return {"step": torch.tensor(0.0), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
 
 
 def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> list[list[int]]:
@@ -199,3 +226,15 @@ def _copy_groups(params: list[torch.Tensor], masters: list[torch.Tensor]) -> lis
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A sharded tensor's local part (FSDP2's DTensor; a leaf sharing its memory), or the tensor itself."""
     return t.to_local().detach() if isinstance(t, DTensor) else t
+
+
+def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's part of ``param``, any dtype and device) as a DTensor laid out as ``param`` is (mesh,
+    placements, global shape), sharing its memory; ``local`` itself when ``param`` is not sharded. Made directly
+    rather than by ``DTensor.from_local``, which would move a CPU-offloaded state to the mesh's device (FSDP2 makes
+    its CPU-offloaded shards the same way)."""
+    if not isinstance(param, DTensor):
+        return local
+    meta = TensorMeta(param.shape, param.stride(), local.dtype)
+    spec = DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta)
+    return DTensor(local, spec, requires_grad=False)

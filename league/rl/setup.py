@@ -1,16 +1,17 @@
 """Building the pieces of a run from its JobConfig: the policy, prompts, reward, engine, and the run's
-bookkeeping (run folder, seeds, checkpoints, resume, evaluation, rollout metrics).
+bookkeeping (run folder, seeds, evaluation, rollout metrics).
 
-Not responsible for the order of the loop (``rl.loop``) nor for the math of any step.
+Not responsible for the order of the loop (``rl.loop``), for checkpoints (``rl.checkpoints``) nor for the math of
+any step.
 """
 
 import dataclasses
 import os
-import pickle
 import random
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,13 +83,29 @@ def check_prompt_source(flag: str, spec: str) -> None:
 
 
 def check_policy(job: JobConfig) -> None:
-    """The policy can be built as configured: its checkpoint folder with config.json and a tokenizer (or its
-    preset) exists, and the MTP, head- and expert-parallel settings agree with it."""
+    """The policy can be built as configured: its checkpoint folder (``--load``'s DCP checkpoint, else
+    ``--hf-checkpoint``) with config.json and a tokenizer, or its preset, exists, and the MTP, head- and
+    expert-parallel settings agree with it."""
+    from league.checkpoint.dcp import find_checkpoint
     from league.models.qwen3_5_moe.presets import PRESETS
     from league.tokenizer import has_tokenizer
 
     config = job.model
-    if config.hf_checkpoint:
+    if job.checkpoint.load:
+        path = find_checkpoint(job.checkpoint.load)
+        args = ModelArgs.from_dir(path)
+        if not has_tokenizer(path):
+            raise ValueError(
+                f"`--load` {path}: the checkpoint holds no tokenizer; convert a Hugging Face folder that has one "
+                "(`league convert hf-to-dcp` copies it)"
+            )
+        if config.hf_checkpoint:
+            warnings.warn(
+                f"`--hf-checkpoint` {config.hf_checkpoint} is not read: `--load` gives the policy (architecture, "
+                "weights and tokenizer)",
+                stacklevel=2,
+            )
+    elif config.hf_checkpoint:
         path = Path(config.hf_checkpoint)
         if not path.is_dir():
             raise ValueError(f"`--hf-checkpoint` {path}: no such folder")
@@ -169,8 +186,6 @@ def check_job(job: JobConfig) -> ParallelDims:
     check_writable("--run-dir", run_dir_path(job))
     if job.checkpoint.save:
         check_writable("--save", Path(job.checkpoint.save))
-    if job.checkpoint.load:
-        find_checkpoint(Path(job.checkpoint.load))
     check_policy(job)
     check_prompt_source("--prompt-data", job.data.prompt_data)
     if job.model.sft_warmup_steps and not job.checkpoint.load and not job.data.prompt_data.startswith(BUILTIN):
@@ -187,17 +202,11 @@ def check_data_parallel(job: JobConfig, ranks: int) -> None:
             f"`--global-batch-size` {job.train.global_batch_size} does not split over {ranks} data-parallel ranks: "
             f"make it a multiple of {ranks}"
         )
-    not_yet = {
-        "--rollout-engine": job.rollout.rollout_engine,
-        "--save": job.checkpoint.save,
-        "--load": job.checkpoint.load,
-    }
-    for flag, value in not_yet.items():
-        if value:
-            raise ValueError(
-                f"`{flag}` with {ranks} ranks is not available in this version (sharded checkpoints and remote "
-                "engines across ranks come with the distributed-checkpoint work); run it on one process"
-            )
+    if job.rollout.rollout_engine:
+        raise ValueError(
+            f"`--rollout-engine` with {ranks} ranks is not available in this version (a remote engine needs the "
+            "sharded policy's weights gathered to it); run it on one process"
+        )
     from league.checkpoint.hf import resolve_device_dtype
 
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
@@ -228,13 +237,19 @@ def set_num_threads(num_threads: int | None) -> None:
         torch.set_num_threads(num_threads)
 
 
-def build_policy(config: ModelConfig, seed: int) -> tuple[Transformer, Any]:
-    """The policy model and its tokenizer: a Hugging Face checkpoint, or a randomly initialised preset (the
-    settings checked by :func:`check_policy`)."""
+def build_policy(
+    config: ModelConfig, seed: int, load: str | None = None, unsafe_pickle: bool = False
+) -> tuple[Transformer, Any]:
+    """The policy model and its tokenizer: a DCP checkpoint's (``load``, see ``rl.checkpoints.load_policy``), a
+    Hugging Face checkpoint, or a randomly initialised preset (the settings checked by :func:`check_policy`)."""
     from league.checkpoint.hf import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(config.device, config.dtype)
-    if config.hf_checkpoint:
+    if load:
+        from league.rl.checkpoints import load_policy
+
+        model, tokenizer = load_policy(load, device, dtype, config.mtp_num_layers, unsafe_pickle)
+    elif config.hf_checkpoint:
         from league.checkpoint.hf import load_model
         from league.tokenizer import load_tokenizer
 
@@ -320,7 +335,10 @@ def check_reward(config) -> None:
 def describe_start(job: JobConfig, run_dir: Path, ranks: int = 1) -> str:
     """The first console line of a run: what it is, where it writes, and that the policy is being built."""
     config = job.model
-    source = config.hf_checkpoint or f"preset {config.model_preset}, random init"
+    if job.checkpoint.load:
+        source = f"checkpoint {job.checkpoint.load}"
+    else:
+        source = config.hf_checkpoint or f"preset {config.model_preset}, random init"
     threads = f"{torch.get_num_threads()} CPU threads"
     if ranks > 1:
         threads += f" on each of {ranks} data-parallel ranks"
@@ -508,100 +526,3 @@ def rollout_metrics(outputs, result, engine) -> dict[str, float]:
             1, sum(o.spec.draft_tokens for o in outputs)
         )
     return metrics
-
-
-# checkpoints ----------------------------------------------------------------------------------------------
-
-LATEST = "latest"
-
-
-def save_checkpoint(root: Path, step: int, model: Transformer, trainer, sampler, tokenizer) -> Path:
-    """``root/step_000k``: the model in Hugging Face format, the reference model when there is one, and
-    the train state (optimizer, step, data position, RNG). Written into a temporary folder and renamed,
-    so a crash never leaves a half checkpoint (a failed write, such as a full disk, removes the temporary
-    folder before the error goes on); ``root/latest`` names the newest."""
-    from league.checkpoint.hf import save_hf
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step + 1:06d}"
-    tmp = root / f".tmp_step_{step + 1:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_hf(model, tmp / "model", tokenizer_from=tokenizer)
-        if trainer.ref_model is not None:
-            save_hf(trainer.ref_model, tmp / "ref")
-        torch.save(
-            {
-                "step": step,
-                "trainer": trainer.state_dict(),
-                "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-            },
-            tmp / "train_state.pt",
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(final.name + "\n")
-    latest_tmp.replace(root / LATEST)
-    return final
-
-
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` highest-numbered ``step_*`` folders of ``root``, never the one ``latest``
-    names; returns the deleted folders."""
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
-    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
-    deleted = [p for p in steps[:-keep_last] if p.name != latest]
-    for folder in deleted:
-        shutil.rmtree(folder)
-    return deleted
-
-
-def find_checkpoint(path: Path) -> Path:
-    if (path / "train_state.pt").is_file():
-        return path
-    if (path / LATEST).is_file():
-        folder = path / (path / LATEST).read_text().strip()
-        if not (folder / "train_state.pt").is_file():
-            raise ValueError(f"`--load` {path}: `latest` names {folder.name}, which holds no train_state.pt")
-        return folder
-    raise ValueError(f"`--load` {path}: neither a checkpoint (train_state.pt) nor a folder with a `latest` file")
-
-
-def read_train_state(path: Path, unsafe_pickle: bool = False) -> dict[str, Any]:
-    """The train state saved by :func:`save_checkpoint`. Only tensors and plain Python values load (torch's
-    ``weights_only``) unless ``unsafe_pickle``, which runs whatever code the file's pickle holds."""
-    try:
-        return torch.load(path, weights_only=not unsafe_pickle)
-    except pickle.UnpicklingError as e:
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        reasons = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
-        raise ValueError(
-            f"`--load` {path}: refused to unpickle ({'; '.join(reasons) or e}): a league train state holds only "
-            "tensors and plain values; if you trust the file, pass --load-unsafe-pickle (this runs any code it holds)"
-        ) from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"`--load` {path}: not a readable train state ({e})") from None
-
-
-def resume(load: str, model: Transformer, trainer, sampler, unsafe_pickle: bool = False) -> int:
-    """Restore a checkpoint in place; returns the first rollout step to run."""
-    from league.checkpoint.hf import load_hf_weights
-
-    folder = find_checkpoint(Path(load))
-    state = read_train_state(folder / "train_state.pt", unsafe_pickle)
-    load_hf_weights(model, folder / "model")
-    if trainer.ref_model is not None and (folder / "ref").is_dir():
-        load_hf_weights(trainer.ref_model, folder / "ref")
-    trainer.load_state_dict(state["trainer"])
-    sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state["step"] + 1

@@ -347,10 +347,3 @@ class Trainer:
         # the output head fused into the log-prob (no [R, V] logits held), detached: the loss reaches MTP only
         logp_R = linear_token_logprobs(hidden_RD, self.model.output_weight().detach(), labels_R)
         return algo.mtp_loss(logp_R, mask[rows], num_tokens)
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.num_steps = state["num_steps"]

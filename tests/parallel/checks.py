@@ -42,7 +42,8 @@ def build(seed: int = 0) -> Transformer:
     return model.to(torch.float64 if os.environ.get("LEAGUE_CHECK_FP64") else torch.float32)
 
 
-def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None) -> Trainer:
+def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None, offload: bool = False) -> Trainer:
+    """The step's trainer (``offload``: fp32 masters on the CPU, beside the parameters)."""
     ranks = ranks or Ranks()
     return Trainer(
         model,
@@ -57,7 +58,7 @@ def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None) ->
         ),
         # Adam's epsilon large enough that its first update is smooth in the gradient: with a tiny epsilon the update
         # of an element whose gradient is near 0 is near its sign, which rounding flips
-        OptimConfig(lr=1e-2, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-3),
+        OptimConfig(lr=1e-2, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-3, optimizer_cpu_offload=offload),
         total_steps=4,
         group=ranks.data_group,
         ref_model=ref,

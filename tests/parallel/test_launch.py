@@ -61,7 +61,6 @@ def test_torchrun_command_runs_league_standalone():
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
         ({"ep": 4, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 4\\*1\\*1; start a multiple of 4"),
         ({"nproc_per_node": 3}, "`--global-batch-size` 128 does not split over 3 data-parallel ranks"),
-        ({"nproc_per_node": 2, "save": "ckpt"}, "`--save` with 2 ranks is not available"),
         ({"nproc_per_node": 2, "rollout_engine": "http://x:1"}, "`--rollout-engine` with 2 ranks"),
     ],
 )
@@ -83,29 +82,33 @@ def test_nproc_per_node_must_be_positive():
 @pytest.mark.xdist_group("world2")
 def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
     """`league train --nproc-per-node 2 --tp 2 --ep 2` (torchrun, gloo; FSDP2, rows and heads split over the 2 ranks,
-    which share every sample, and the experts split over them): two GRPO steps of the tiny recipe; rank 0 writes the
-    run folder, and the steps' rollouts are those of one process (same per-request seeds) and the losses agree."""
-    run = tmp_path / "run"
+    which share every sample, and the experts split over them): two GRPO steps of the tiny recipe, saving after each;
+    rank 0 writes the run folder, and the steps' rollouts are those of one process (same per-request seeds) and the
+    losses agree. One process resumed from the 2-rank checkpoint of step 1 runs step 2 as the 2 ranks did."""
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
     args = ["train", "--num-rollout", "2", "--sft-warmup-steps", "0", "--rollout-batch-size", "4"]
-    args += ["--global-batch-size", "16", "--run-dir", str(run), "--no-tensorboard"]
-    command = [sys.executable, "-m", "league", *args, "--nproc-per-node", "2", "--tp", "2", "--ep", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    args += ["--global-batch-size", "16", "--no-tensorboard"]
+    saving = ["--save", str(ckpt), "--save-interval", "1", "--nproc-per-node", "2", "--tp", "2", "--ep", "2"]
+    done = league([*args, "--run-dir", str(run), *saving])
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("run folder:") == 1 and "on each of 2 data-parallel ranks" in done.stdout
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0, 1]
     assert all(s["train/grad_norm"] > 0 for s in steps)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000001", "step_000002"]
     one = tmp_path / "one"
-    single = subprocess.run(
-        [sys.executable, "-m", "league", *args[:-3], "--run-dir", str(one), "--no-tensorboard"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = league([*args, "--run-dir", str(one)])
     assert single.returncode == 0, single.stderr
     expected = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    for got, want in zip(steps, expected):
+    resumed = league([*args, "--run-dir", str(tmp_path / "resumed"), "--load", str(ckpt / "step_000001")])
+    assert resumed.returncode == 0, resumed.stderr
+    [after] = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    for got, want in [*zip(steps, expected), (after, steps[1])]:
         for key in ("rollout/reward_mean", "rollout/response_len_mean", "rollout/truncated_ratio"):
             assert got[key] == want[key], key
         for key in ("train/pg_loss", "train/mtp_loss", "train/grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def league(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "league", *args], capture_output=True, text=True, timeout=300)

@@ -15,8 +15,9 @@ from tests.rl.test_loop import tiny_job
 
 
 def test_eval_of_a_checkpoint_equals_the_runs_last_evaluation(tmp_path):
-    """Greedy evaluation (the tiny recipe's) of the checkpoint saved after the last step reproduces the reward the
-    run logged for that step; the warm-up makes the reward non-trivial."""
+    """Greedy evaluation (the tiny recipe's) of the checkpoint saved after the last step (`--load`: the newest DCP
+    checkpoint of the folder) reproduces the reward the run logged for that step; the warm-up makes the reward
+    non-trivial."""
     job = tiny_job(
         tmp_path,
         "run",
@@ -32,8 +33,8 @@ def test_eval_of_a_checkpoint_equals_the_runs_last_evaluation(tmp_path):
         app,
         [
             "eval",
-            "--hf-checkpoint",
-            str(tmp_path / "ckpt" / "step_000002" / "model"),
+            "--load",
+            str(tmp_path / "ckpt"),
             "--eval-prompt-data",
             "add,builtin:add",
             "--run-dir",

@@ -3,17 +3,20 @@
 import errno
 import json
 import os
+import pickle
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from league.checkpoint.convert import hf_to_dcp
 from league.cli import app
 from league.config import apply_overrides
 from league.recipes import get_recipe
-from league.rl import setup
+from league.rl import checkpoints, setup
 from league.rl.loop import train
 from league.rl.metrics import read_metrics
+from tests.checkpoint.test_convert import RunsCode
 
 FAST = dict(
     num_rollout=4,
@@ -41,6 +44,8 @@ def test_resume_gives_the_same_metrics(tmp_path):
     train(tiny_job(tmp_path, "first", num_rollout=2, save=str(tmp_path / "ckpt")))  # --save alone: at the end
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000002"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000002"
+    saved = {p.name for p in (tmp_path / "ckpt" / "step_000002").iterdir()}
+    assert {".metadata", "__0_0.distcp", "train_state.json", "config.json", "tokenizer.json"} <= saved
     resumed = read_metrics(train(tiny_job(tmp_path, "resumed", load=str(tmp_path / "ckpt"))))
     assert [r["step"] for r in resumed] == [2, 3]
     assert [comparable(r) for r in resumed] == [comparable(r) for r in full[2:]]
@@ -158,27 +163,33 @@ def test_custom_reward_that_raises_scores_zero(tmp_path):
     assert record["rollout/reward_mean"] == 0.0 and record["rollout/reward_failures"] == 16
 
 
-class RunsCode:
-    """Unpickling it makes a folder: what a hostile train_state.pt could do with any function."""
+def test_a_converted_checkpoint_starts_at_step_0_from_its_weights(tmp_path):
+    """`--load` of a `league convert hf-to-dcp` folder (weights, config and tokenizer; no train state) runs as
+    `--hf-checkpoint` of the Hugging Face folder does, from step 0."""
+    assert (
+        CliRunner().invoke(app, ["init", "--preset", "tiny", "--out", str(tmp_path / "hf"), "--seed", "3"]).exit_code
+        == 0
+    )
+    hf_to_dcp(tmp_path / "hf", tmp_path / "dcp")
+    loaded = read_metrics(train(tiny_job(tmp_path, "loaded", num_rollout=2, load=str(tmp_path / "dcp"))))
+    direct = read_metrics(train(tiny_job(tmp_path, "direct", num_rollout=2, hf_checkpoint=str(tmp_path / "hf"))))
+    assert [r["step"] for r in loaded] == [0, 1]
+    assert [comparable(r) for r in loaded] == [comparable(r) for r in direct]
 
-    def __init__(self, marker: str):
-        self.marker = marker
 
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
-def test_load_refuses_a_pickle_that_runs_code(tmp_path):
-    path, marker = tmp_path / "train_state.pt", tmp_path / "ran"
-    torch.save({"step": 0, "python_rng": RunsCode(str(marker))}, path)
-    with pytest.raises(ValueError, match="posix.mkdir.*pass --load-unsafe-pickle"):
-        setup.read_train_state(path)
-    assert not marker.exists()
-    setup.read_train_state(path, unsafe_pickle=True)  # the explicit flag trusts the file, and runs its code
-    assert marker.is_dir()
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="refused to unpickle"):
-        setup.read_train_state(path)
+def test_load_refuses_metadata_that_runs_code(tmp_path):
+    """DCP's .metadata is a pickle: `--load` unpickles DCP's metadata classes only, unless --load-unsafe-pickle."""
+    assert CliRunner().invoke(app, ["init", "--preset", "tiny", "--out", str(tmp_path / "hf")]).exit_code == 0
+    hf_to_dcp(tmp_path / "hf", tmp_path / "dcp")
+    marker = tmp_path / "ran"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(str(marker))))
+    args = ["train", "--num-rollout", "1", "--run-dir", str(tmp_path / "run"), "--load", str(tmp_path / "dcp")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "refused to unpickle (posix.mkdir" in result.stderr, result.output
+    assert "pass --load-unsafe-pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, [*args, "--load-unsafe-pickle"])  # the flag trusts the file, and runs its code
+    assert result.exit_code == 1 and "not DCP metadata" in result.stderr and marker.is_dir()
 
 
 def test_save_interval_saves_after_the_last_step_too_and_keep_last_prunes(tmp_path):
@@ -192,7 +203,7 @@ def test_prune_never_deletes_what_latest_names(tmp_path):
     for step in (1, 2, 10, 11):
         (tmp_path / f"step_{step:06d}").mkdir()
     (tmp_path / "latest").write_text("step_000002\n")  # e.g. a run resumed from step 2 into an older folder
-    deleted = setup.prune_checkpoints(tmp_path, keep_last=1)
+    deleted = checkpoints.prune_checkpoints(tmp_path, keep_last=1)
     assert [p.name for p in deleted] == ["step_000001", "step_000010"]
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000011"]
 
@@ -289,14 +300,13 @@ def test_failed_start_removes_only_the_folder_it_made(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch):
-    def full(state, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(tensor, stream):
+        raise OSError(errno.ENOSPC, "No space left on device", "__0_0.distcp")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)  # DCP writes each tensor with torch.save
     flags = {**FAST, "num_rollout": 1, "eval_prompt_data": "", "save": tmp_path / "ckpt", "run_dir": tmp_path / "run"}
     del flags["eval_interval"], flags["tensorboard"]
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     result = CliRunner().invoke(app, ["train", *args, "--no-tensorboard"])
-    path = tmp_path / "ckpt" / ".tmp_step_000001" / "train_state.pt"
-    assert result.exit_code == 1 and result.stderr == f"error: No space left on device: {path}\n"
+    assert result.exit_code == 1 and result.stderr == "error: No space left on device: __0_0.distcp\n"
     assert list((tmp_path / "ckpt").iterdir()) == []  # the half-written checkpoint is gone

@@ -1,5 +1,5 @@
 """The optimizer's fp32 master weights: bf16 parameters keep updates smaller than their precision, on their own
-device and with CPU offload, and the two give the same parameters."""
+device and with CPU offload, and the two give the same parameters; its state saved and loaded continues exactly."""
 
 import pytest
 import torch
@@ -43,6 +43,37 @@ def test_fp32_parameters_step_in_place_without_copies():
     weight.grad = torch.ones_like(weight)
     opt.step(lr=1e-2)
     assert weight.detach().max().item() < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_masters"])
+def test_state_dict_continues_exactly(dtype):
+    """A fresh optimizer loaded with another's state (masters, moments, step counts; a copy of it) takes the same
+    next steps bit for bit; a parameter that had no gradient yet has zero moments and step 0, as Adam starts."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 8, generator=gen) for _ in range(4)]
+
+    def setup():
+        params = [("w", torch.nn.Parameter(torch.ones(4, 8, dtype=dtype))), ("idle", torch.nn.Parameter(torch.ones(3)))]
+        return params, Optimizer(params, OptimConfig(lr=1e-2, weight_decay=0.1))
+
+    def step(params, opt, grad):
+        params[0][1].grad = grad.to(dtype)
+        opt.step(lr=1e-2)
+
+    params, opt = setup()
+    for grad in grads[:2]:
+        step(params, opt, grad)
+    state = {name: t.clone() for name, t in opt.state_dict().items()}
+    assert set(state) == {f"{kind}.{n}" for kind in ("master", "exp_avg", "exp_avg_sq", "step") for n in ("w", "idle")}
+    assert state["step.w"].item() == 2 and state["step.idle"].item() == 0 and not state["exp_avg.idle"].any()
+    assert state["master.w"].dtype == torch.float32
+    resumed, resumed_opt = setup()
+    resumed_opt.load_state_dict(state)
+    assert torch.equal(resumed[0][1], params[0][1])
+    for grad in grads[2:]:
+        step(params, opt, grad)
+        step(resumed, resumed_opt, grad)
+        assert torch.equal(resumed[0][1], params[0][1]) and torch.equal(resumed_opt.masters[0], opt.masters[0])
 
 
 def adamw_inputs(device: str, steps: int = 5):
