@@ -410,13 +410,11 @@ def save_hf(
 
 
 def saved_args(model: Transformer, dtype: torch.dtype | None = None) -> ModelArgs:
-    """The architecture a checkpoint of ``model`` declares: its parameters' dtype (or ``dtype``) and the MTP layers it
-    has (none when its head was dropped)."""
-    saved_dtype = dtype or model.tok_embeddings.weight.dtype
-    return model.args.replace(
-        dtype=str(saved_dtype).removeprefix("torch."),
-        mtp_num_layers=0 if model.mtp is None else len(model.mtp.layers),
-    )
+    """The architecture a checkpoint of ``model`` declares: its ``args`` (the MTP layers it was built with, none when
+    its head was dropped: ``args`` say so) with its parameters' dtype (or ``dtype``). ``model`` may be a pipeline
+    stage's part: its ``args`` are the whole policy's."""
+    saved_dtype = dtype or next(model.parameters()).dtype
+    return model.args.replace(dtype=str(saved_dtype).removeprefix("torch."))
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:

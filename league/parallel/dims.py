@@ -56,12 +56,18 @@ class ParallelConfig:
             etp=self.etp,
             edp=world_size // expert,
         )
-        if (self.pp, self.etp) == (1, 1):
+        if self.pp > 1 and self.tp * self.cp > 1:
+            raise ValueError(
+                f"`--pp` {self.pp} with `--tp` {self.tp} `--cp` {self.cp} is not available in this version: a pipeline "
+                "stage runs whole micro-batches; use pipeline stages with --ep (and data parallelism), or --tp/--cp "
+                "without --pp"
+            )
+        if self.etp == 1:
             return dims
         raise ValueError(
             f"parallel layout tp={self.tp} ep={self.ep} cp={self.cp} pp={self.pp} etp={self.etp} over {world_size} "
             "ranks is not available in this version: league trains data-parallel (FSDP2 over every rank) with head "
-            "(--tp, --cp) and expert (--ep) parallelism; leave --pp and --etp at 1"
+            "(--tp, --cp), expert (--ep) and pipeline (--pp) parallelism; leave --etp at 1"
         )
 
     @property

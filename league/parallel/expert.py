@@ -36,7 +36,7 @@ def apply_ep(model: Transformer, ep_mesh: DeviceMesh) -> None:
     num_experts = model.args.num_experts
     if num_experts % ep:
         raise ValueError(f"`--ep` {ep} does not divide the model's {num_experts} experts; choose a divisor of it")
-    layers = [*model.layers, *(model.mtp.layers if model.mtp is not None else ())]
+    layers = [layer for layer in model.layers if layer is not None] + list(model.mtp.layers if model.mtp else ())
     for layer in layers:
         experts = layer.moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):

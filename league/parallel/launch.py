@@ -32,16 +32,20 @@ def under_torchrun() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Ranks:
-    """This process's place among the run's data-parallel ranks, and the few collectives the loop needs.
+    """This process's place among the run's ranks, and the few collectives the loop needs.
 
     Args:
         rank (int): this process's rank (0 logs, evaluates for the console, writes the run folder).
         world (int): number of ranks.
-        mesh (DeviceMesh, Optional): the data-parallel mesh over every rank (None in a one-process run).
-        expert_mesh (DeviceMesh, Optional): with expert parallelism, the same ranks as ``(edp, ep)``: each ``ep``
+        mesh (DeviceMesh, Optional): the mesh over every rank (None in a one-process run).
+        expert_mesh (DeviceMesh, Optional): with expert parallelism, this stage's ranks as ``(edp, ep)``: each ``ep``
             row holds all experts between its ranks, the ``edp`` ranks of a column hold the same ones.
-        token_mesh (DeviceMesh, Optional): with head parallelism (tp x cp > 1), the same ranks as ``(dp, token)``:
-            the ranks of a ``token`` row share each micro-batch (``heads``), the rows hold different samples.
+        token_mesh (DeviceMesh, Optional): with head parallelism (tp x cp > 1), this stage's ranks as
+            ``(dp, token)``: the ranks of a ``token`` row share each micro-batch (``heads``), the rows hold different
+            samples.
+        pipe_mesh (DeviceMesh, Optional): with pipeline parallelism, every rank as ``(pp, stage)``: a ``pp`` column
+            is one pipeline (its ranks hold consecutive stages and share every sample), a ``stage`` row holds the
+            ranks of one stage (FSDP2 shards that stage's weights over them).
     """
 
     rank: int = 0
@@ -49,6 +53,7 @@ class Ranks:
     mesh: DeviceMesh | None = None
     expert_mesh: DeviceMesh | None = None
     token_mesh: DeviceMesh | None = None
+    pipe_mesh: DeviceMesh | None = None
 
     @property
     def main(self) -> bool:
@@ -56,13 +61,36 @@ class Ranks:
 
     @property
     def group(self) -> dist.ProcessGroup | None:
-        """Every rank (FSDP2 shards over them)."""
+        """Every rank."""
         return None if self.mesh is None else self.mesh.get_group()
 
     @property
+    def stage_mesh(self) -> DeviceMesh | None:
+        """The ranks of this rank's pipeline stage (every rank without pipeline parallelism): FSDP2 shards over
+        them."""
+        return self.mesh if self.pipe_mesh is None else self.pipe_mesh["stage"]
+
+    @property
+    def pp_size(self) -> int:
+        return 1 if self.pipe_mesh is None else self.pipe_mesh["pp"].size()
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage (0 without pipeline parallelism)."""
+        return 0 if self.pipe_mesh is None else self.pipe_mesh["pp"].get_local_rank()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The ranks of this rank's pipeline, one per stage (None without pipeline parallelism)."""
+        return None if self.pipe_mesh is None else self.pipe_mesh["pp"].get_group()
+
+    @property
     def data_group(self) -> dist.ProcessGroup | None:
-        """The ranks holding different samples of each optimizer step (one per token group)."""
-        return self.group if self.token_mesh is None else self.token_mesh["dp"].get_group()
+        """The ranks of this stage holding different samples of each optimizer step (one per token group)."""
+        if self.token_mesh is not None:
+            return self.token_mesh["dp"].get_group()
+        mesh = self.stage_mesh
+        return None if mesh is None else mesh.get_group()
 
     @property
     def token_group(self) -> dist.ProcessGroup | None:
@@ -75,11 +103,13 @@ class Ranks:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.token_size
+        """This rank's data-parallel rank: the block of each optimizer step's samples it trains on (the same for
+        the ranks of a token group and for the stages of a pipeline)."""
+        return self.rank % (self.world // self.pp_size) // self.token_size
 
     @property
     def dp_size(self) -> int:
-        return self.world // self.token_size
+        return self.world // self.pp_size // self.token_size
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (any picklable object)."""
@@ -127,7 +157,7 @@ def block_bounds(num: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @contextmanager
-def distributed(device_type: str, ep: int = 1, token: int = 1) -> Iterator[Ranks]:
+def distributed(device_type: str, ep: int = 1, token: int = 1, pp: int = 1) -> Iterator[Ranks]:
     """The process group of a torchrun launch for the block (destroyed after it), or a one-process ``Ranks``.
 
     On CUDA each process takes the GPU of its local rank and NCCL; on CPU, gloo."""
@@ -138,23 +168,36 @@ def distributed(device_type: str, ep: int = 1, token: int = 1) -> Iterator[Ranks
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
-        yield make_ranks(device_type, dist.get_world_size(), ep, token)
+        yield make_ranks(device_type, dist.get_world_size(), ep, token, pp)
     finally:
         dist.destroy_process_group()
 
 
-def make_ranks(device_type: str, world: int, ep: int = 1, token: int = 1) -> Ranks:
-    """``Ranks`` of this process in an initialised process group of ``world`` ranks: the mesh over all; with ``ep``
-    > 1 the expert mesh ``(edp, ep)``; with ``token`` (tp x cp) > 1 the token mesh ``(dp, token)``. Consecutive
-    ranks form an expert group and a token group (as Megatron and torchtitan lay them out: they sit on
-    neighbouring GPUs)."""
+def make_ranks(device_type: str, world: int, ep: int = 1, token: int = 1, pp: int = 1) -> Ranks:
+    """``Ranks`` of this process in an initialised process group of ``world`` ranks: the mesh over all; with ``pp``
+    > 1 the pipeline mesh ``(pp, stage)``; within a stage's ranks, with ``ep`` > 1 the expert mesh ``(edp, ep)`` and
+    with ``token`` (tp x cp) > 1 the token mesh ``(dp, token)``. Consecutive ranks form an expert group and a token
+    group, and the stages are the outermost dimension (as Megatron and torchtitan lay them out: the groups that talk
+    most sit on neighbouring GPUs)."""
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
-    expert_mesh = token_mesh = None
+    stage = world // pp
+    pipe_mesh = expert_mesh = token_mesh = None
+    if pp > 1:
+        pipe_mesh = init_device_mesh(device_type, (pp, stage), mesh_dim_names=("pp", "stage"))
     if ep > 1:
-        expert_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+        experts = init_device_mesh(device_type, (pp, stage // ep, ep), mesh_dim_names=("pp", "edp", "ep"))
+        expert_mesh = experts["edp", "ep"]
     if token > 1:
-        token_mesh = init_device_mesh(device_type, (world // token, token), mesh_dim_names=("dp", "token"))
-    return Ranks(rank=dist.get_rank(), world=world, mesh=mesh, expert_mesh=expert_mesh, token_mesh=token_mesh)
+        tokens = init_device_mesh(device_type, (pp, stage // token, token), mesh_dim_names=("pp", "dp", "token"))
+        token_mesh = tokens["dp", "token"]
+    return Ranks(
+        rank=dist.get_rank(),
+        world=world,
+        mesh=mesh,
+        expert_mesh=expert_mesh,
+        token_mesh=token_mesh,
+        pipe_mesh=pipe_mesh,
+    )
 
 
 def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:

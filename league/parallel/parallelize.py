@@ -1,8 +1,9 @@
-"""Apply training-time transformations to a built model, in a fixed order: TP/CP -> EP -> activation
-checkpointing -> compile -> FSDP. This version splits rows and mixer heads over token groups (``heads``: league's TP
-and CP), places the routed experts over expert-parallel ranks (``expert``), recomputes activations and shards
-everything with FSDP2 (the dense weights over every rank, the experts over the ranks that hold the same experts); the
-model code itself never changes (it imports nothing of torch.distributed).
+"""Apply training-time transformations to a built model, in a fixed order: pipeline split -> TP/CP -> EP ->
+activation checkpointing -> compile -> FSDP. This version keeps a pipeline stage's part of the policy (``pipeline``),
+splits rows and mixer heads over token groups (``heads``: league's TP and CP), places the routed experts over
+expert-parallel ranks (``expert``), recomputes activations and shards everything with FSDP2 (the dense weights over
+the stage's ranks, the experts over the ranks that hold the same experts); the model code itself never changes (it
+imports nothing of torch.distributed).
 """
 
 import functools
@@ -21,14 +22,20 @@ from league.models.qwen3_5_moe import Transformer
 from league.parallel.dims import ParallelDims
 from league.parallel.expert import apply_ep
 from league.parallel.heads import apply_head_parallel
+from league.parallel.pipeline import Stage
+
+
+def held_layers(model: Transformer) -> list[nn.Module]:
+    """The decoder layers this rank holds: its trunk layers (all, or a pipeline stage's) and the MTP head's."""
+    trunk = [layer for layer in model.layers if layer is not None]
+    return trunk + (list(model.mtp.layers) if model.mtp is not None else [])
 
 
 def apply_ac(model: Transformer) -> None:
     """Full activation recompute, one decoder layer per checkpoint (trunk and MTP head).
 
     The layers' ``forward`` is wrapped in place, so parameter names do not change."""
-    layers = list(model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
-    for layer in layers:
+    for layer in held_layers(model):
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=False)
 
 
@@ -37,9 +44,11 @@ def apply_fsdp(
     mesh: DeviceMesh,
     expert_mesh: DeviceMesh | None = None,
     reduce_dtype: torch.dtype = torch.float32,
+    root: nn.Module | None = None,
 ) -> None:
-    """FSDP2 over ``mesh`` (every rank): each decoder layer, the MTP head and the root (embedding, final
-    norm, output head) are one unit each, all-gathered for their forward and backward and sharded otherwise. With
+    """FSDP2 over ``mesh`` (every rank, or a pipeline stage's): each decoder layer, the MTP head and the root
+    (embedding, final norm, output head; ``root`` when given, a pipeline ``Stage`` holding ``model``) are one unit
+    each, all-gathered for their forward and backward and sharded otherwise. With
     expert parallelism (``expert_mesh`` of dims ``(edp, ep)``, the experts already sharded over ``ep``), each
     layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same experts).
 
@@ -50,15 +59,17 @@ def apply_fsdp(
     after a forward of the same micro-batch.
     """
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
-    for layer in [*model.layers, *(model.mtp.layers if model.mtp is not None else ())]:
+    for layer in held_layers(model):
         if expert_mesh is not None:
             fully_shard(layer.moe.experts, mesh=expert_mesh["edp"], mp_policy=policy)
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        if layer is not None:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
     if model.mtp is not None:
         fully_shard(model.mtp, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    for module in model.modules():
+    root = root or model
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
@@ -71,12 +82,19 @@ def parallelize_qwen3_5_moe(
     mesh: DeviceMesh | None = None,
     expert_mesh: DeviceMesh | None = None,
     token_group: dist.ProcessGroup | None = None,
+    stage: int = 0,
 ) -> nn.Module:
-    """Prepare ``model`` for training on ``dims``, in this order: head parallelism over ``token_group`` (when
-    ``dims.tp * dims.cp`` > 1), expert parallelism over ``expert_mesh["ep"]`` (when ``dims.ep`` > 1), activation
-    recompute, FSDP2 over ``mesh`` (when there is more than one rank). PP and ETP are refused by
-    ``ParallelConfig.resolve`` in this version."""
-    assert (dims.pp, dims.etp) == (1, 1), dims
+    """Prepare ``model`` for training on ``dims``, in this order: the pipeline split (when ``dims.pp`` > 1:
+    ``model`` keeps only stage ``stage``'s part and a ``Stage`` holding it is returned), head parallelism over
+    ``token_group`` (when ``dims.tp * dims.cp`` > 1), expert parallelism over ``expert_mesh["ep"]`` (when ``dims.ep``
+    > 1), activation recompute, FSDP2 over ``mesh`` (the ranks of this stage; when there is more than one). Returns
+    the module to run: ``model``, or its ``Stage``. ETP is refused by ``ParallelConfig.resolve`` in this version."""
+    assert dims.etp == 1, dims
+    root = None
+    if dims.pp > 1:
+        if dims.tp * dims.cp > 1:
+            raise ValueError("pipeline parallelism with head parallelism (--tp/--cp) is not available")
+        root = Stage(model, stage, dims.pp)
     if dims.tp * dims.cp > 1:
         if token_group is None:
             raise ValueError(f"tp x cp = {dims.tp * dims.cp} needs a token group")
@@ -88,8 +106,8 @@ def parallelize_qwen3_5_moe(
     if recompute:
         apply_ac(model)
     if mesh is not None and mesh.size() > 1:
-        apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None)
-    return model
+        apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None, root=root)
+    return model if root is None else root
 
 
 @torch.no_grad()
@@ -111,3 +129,20 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         finally:
             redistribute_log.setLevel(level)
         yield name, full
+
+
+def pipeline_parameters(
+    model: nn.Module, stage: int, num_stages: int, group: dist.ProcessGroup, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stage's ``(name, whole tensor)`` on every rank of the pipeline, stage 0's first (``model``: the part
+    this rank's stage holds, maybe sharded). Each stage in turn sends the names, shapes and dtypes of its
+    parameters, then the tensors one at a time (gathered from the stage's shards as they go); every rank of the
+    pipeline walks them together, and receives on ``device``."""
+    for source in range(num_stages):
+        box = [[(n, p.shape, p.dtype) for n, p in model.named_parameters()] if source == stage else None]
+        dist.broadcast_object_list(box, group_src=source, group=group)
+        mine = full_parameters(model) if source == stage else None
+        for name, shape, dtype in box[0]:
+            tensor = next(mine)[1].contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, group_src=source, group=group)
+            yield name, tensor

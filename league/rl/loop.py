@@ -32,7 +32,7 @@ def train(job: JobConfig) -> Path:
     this; rank 0 writes the run folder and the console."""
     dims = setup.check_job(job)
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
-    with distributed(device.type, dims.ep, dims.tp * dims.cp) as ranks:
+    with distributed(device.type, dims.ep, dims.tp * dims.cp, dims.pp) as ranks:
         run_dir = ranks.broadcast(setup.run_dir_path(job))
         with setup.run_folder(run_dir, owner=ranks.main):
             if ranks.main:
@@ -60,7 +60,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         setup.warmup(model, tokenizer, job, console)
     # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
     # shards (taken before sharding) across ranks
-    engine_model, ref_model = setup.place_policy(model, job, dims, ranks)
+    placed = setup.place_policy(model, job, dims, ranks)
     steps_per_rollout = job.rollout.rollout_batch_size * job.rollout.n_samples_per_prompt // job.train.global_batch_size
     trainer = Trainer(
         model,
@@ -71,11 +71,13 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         temperature=job.rollout.rollout_temperature,
         numerics=Numerics(job.engine.numerics),  # the trainer computes as the engine does
         group=ranks.data_group,
-        ref_model=ref_model,
+        ref_model=placed.ref_model,
         shard_group=ranks.group,
         loss_scale=1 / ranks.token_size,
+        pipeline=placed.pipeline,
+        ref_pipeline=placed.ref_pipeline,
     )
-    engine = setup.build_engine(job, engine_model, tokenizer)
+    engine = setup.build_engine(job, placed.engine_model, tokenizer)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
     start = checkpoints.resume(load, trainer, sampler, ranks, unsafe_pickle) if load else 0
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console) if ranks.main else None
@@ -121,7 +123,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
             t3 = time.perf_counter()
             # 5. weight sync: the in-process engine reads the trained parameters in place; a replica beside sharded
             # ranks copies them whole; a remote engine reloads
-            setup.sync_weights(engine, model, run_dir)
+            setup.sync_weights(engine, model, run_dir, ranks)
             t4 = time.perf_counter()
             # 6. eval and checkpoint
             last = step + 1 == job.rollout.num_rollout

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -127,6 +127,10 @@ def check_policy(job: JobConfig) -> None:
         from league.parallel.heads import check_head_split
 
         check_head_split(args, job.parallel.tp * job.parallel.cp)
+    if job.parallel.pp > 1:
+        from league.parallel.pipeline import check_pipeline_split
+
+        check_pipeline_split(args, job.parallel.pp)
     if args.num_experts % job.parallel.ep:
         raise ValueError(
             f"`--ep` {job.parallel.ep} does not divide the policy's {args.num_experts} routed experts: choose a "
@@ -173,8 +177,8 @@ def check_job(job: JobConfig) -> ParallelDims:
             "each rollout step trains on whole global batches"
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
-    if dims.dp > 1:
-        check_data_parallel(job, dims.dp)
+    if dims.dp * dims.tp * dims.cp * dims.pp > 1:
+        check_data_parallel(job, dims.dp * dims.tp * dims.cp * dims.pp, dims.dp)
     if job.eval.eval_interval and job.eval.eval_prompt_data:
         check_samples_fit("--n-samples-per-eval-prompt", job.eval.n_samples_per_eval_prompt, job)
         last_seed = job.run.seed + rollout.num_rollout - 1 + job.eval.n_samples_per_eval_prompt - 1
@@ -195,12 +199,12 @@ def check_job(job: JobConfig) -> ParallelDims:
     return dims
 
 
-def check_data_parallel(job: JobConfig, ranks: int) -> None:
-    """What a run over ``ranks`` data-parallel processes needs beyond a one-process run's checks."""
-    if job.train.global_batch_size % ranks:
+def check_data_parallel(job: JobConfig, ranks: int, dp: int) -> None:
+    """What a run over ``ranks`` processes (``dp`` data-parallel ranks) needs beyond a one-process run's checks."""
+    if job.train.global_batch_size % dp:
         raise ValueError(
-            f"`--global-batch-size` {job.train.global_batch_size} does not split over {ranks} data-parallel ranks: "
-            f"make it a multiple of {ranks}"
+            f"`--global-batch-size` {job.train.global_batch_size} does not split over {dp} data-parallel ranks: "
+            f"make it a multiple of {dp}"
         )
     if job.rollout.rollout_engine:
         raise ValueError(
@@ -265,7 +269,7 @@ def build_policy(
         model.init_weights(seed)
         model = model.to(device=device, dtype=dtype)
     if config.mtp_num_layers == 0:
-        model.mtp = None
+        model.mtp, model.args = None, model.args.replace(mtp_num_layers=0)
     return model.eval(), tokenizer
 
 
@@ -341,7 +345,7 @@ def describe_start(job: JobConfig, run_dir: Path, ranks: int = 1) -> str:
         source = config.hf_checkpoint or f"preset {config.model_preset}, random init"
     threads = f"{torch.get_num_threads()} CPU threads"
     if ranks > 1:
-        threads += f" on each of {ranks} data-parallel ranks"
+        threads += f" on each of {ranks} ranks"
     return (
         f"league train: recipe {job.recipe}, seed {job.run.seed}, {threads}, "
         f"run folder {run_dir}; building the policy ({source}) ..."
@@ -406,32 +410,48 @@ def warmup(model: Transformer, tokenizer, job: JobConfig, console: Console) -> l
     return losses
 
 
-def place_policy(
-    model: Transformer, job: JobConfig, dims: ParallelDims, ranks: Ranks
-) -> tuple[Transformer, Transformer | None]:
-    """Prepare the policy for training on ``dims`` (``parallelize_qwen3_5_moe``) and return the engine's model and
-    the frozen reference (None without a KL term; the trainer then copies the policy itself in one process).
+class Placement(NamedTuple):
+    """Where the policy's parts live once placed for the ranks (:func:`place_policy`)."""
 
-    One process: the engine reads the policy in place. Across ranks the policy is sharded, so the engine gets a
-    whole copy taken before sharding (kept in step by :func:`sync_weights`), the reference is copied before
-    sharding and sharded like the policy, and every rank starts from rank 0's weights."""
+    engine_model: Transformer
+    """The engine's model: the policy itself in one process, else a whole copy."""
+    ref_model: Transformer | None
+    """The frozen KL reference (None without a KL term; the trainer then copies the policy in one process)."""
+    pipeline: Any = None
+    """With pipeline stages: this rank's stage of the policy (``parallel.pipeline.Pipeline``)."""
+    ref_pipeline: Any = None
+    """With pipeline stages: this rank's stage of the reference."""
+
+
+def place_policy(model: Transformer, job: JobConfig, dims: ParallelDims, ranks: Ranks) -> Placement:
+    """Prepare the policy for training on ``dims`` (``parallelize_qwen3_5_moe``).
+
+    One process: the engine reads the policy in place. Across ranks the policy is sharded (and with pipeline stages,
+    each rank keeps its stage's part), so the engine gets a whole copy taken before (kept in step by
+    :func:`sync_weights`), the reference is copied before and placed like the policy, and every rank starts from
+    rank 0's weights."""
     import copy
 
     from league.parallel.parallelize import parallelize_qwen3_5_moe
+    from league.parallel.pipeline import Pipeline
 
     if ranks.world == 1:
         parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
-        return model, None
+        return Placement(model, None)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             torch.distributed.broadcast(tensor, src=0, group=ranks.group)
     engine_model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
-    meshes = (ranks.mesh, ranks.expert_mesh, ranks.token_group)
-    parallelize_qwen3_5_moe(model, dims, job.train.recompute, *meshes)
+    meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
+    stage = parallelize_qwen3_5_moe(model, dims, job.train.recompute, *meshes, stage=ranks.stage)
+    ref_stage = None
     if ref_model is not None:
-        parallelize_qwen3_5_moe(ref_model, dims, False, *meshes)
-    return engine_model, ref_model
+        ref_stage = parallelize_qwen3_5_moe(ref_model, dims, False, *meshes, stage=ranks.stage)
+    if dims.pp == 1:
+        return Placement(engine_model, ref_model)
+    pipelines = [None if m is None else Pipeline(m, ranks.stage, dims.pp, ranks.pp_group) for m in (stage, ref_stage)]
+    return Placement(engine_model, ref_model, *pipelines)
 
 
 def build_engine(job: JobConfig, model: Transformer, tokenizer):
@@ -442,14 +462,19 @@ def build_engine(job: JobConfig, model: Transformer, tokenizer):
     return LLMEngine(model, job.engine, tokenizer)
 
 
-def sync_weights(engine, model: Transformer, run_dir: Path) -> None:
+def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None = None) -> None:
     """Colocated: nothing to copy (the engine holds the same module). A whole replica beside sharded ranks: each
-    parameter gathered (every rank in the same order) and copied in. Remote: save and ask it to reload."""
+    parameter gathered (every rank in the same order; with pipeline stages, each stage's from its ranks to the
+    pipeline's) and copied in. Remote: save and ask it to reload."""
     if isinstance(engine, LLMEngine):
         if engine.model is not model:
-            from league.parallel.parallelize import full_parameters
+            from league.parallel.parallelize import full_parameters, pipeline_parameters
 
-            for name, tensor in full_parameters(model):
+            ranks = ranks or Ranks()
+            whole = full_parameters(model)
+            if ranks.pp_group is not None:
+                whole = pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, engine.device)
+            for name, tensor in whole:
                 engine.update_weights([(name, tensor)])
         return
     from league.checkpoint.hf import save_hf

@@ -101,6 +101,16 @@ class TrainConfig:
                 check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
 
 
+@dataclass(frozen=True, slots=True)
+class StepCounts:
+    """An optimizer step's global counts (over its data-parallel ranks), which divide its loss terms: samples,
+    response tokens in the loss, and MTP tokens."""
+
+    samples: int
+    tokens: int
+    mtp_tokens: int
+
+
 @dataclass(kw_only=True, slots=True)
 class MicroBatch:
     """Some samples packed end to end, with their positions in the list they were cut from."""
@@ -161,6 +171,10 @@ class Trainer:
             Default: ``1.0``.
         ref_model (Transformer, Optional): the frozen reference policy, when ``use_kl_loss`` (prepared for the
             ranks as the policy is). Default: ``None`` (a copy of ``model``, in one process).
+        pipeline (Pipeline, Optional): with pipeline parallelism, this rank's stage of the policy (``model`` is the
+            part it holds): the micro-batches run through the pipeline's ranks, the loss on the last stage, and the
+            step's metrics are the last stage's. Default: ``None``.
+        ref_pipeline (Pipeline, Optional): the reference's stage, with a pipeline. Default: ``None``.
     """
 
     def __init__(
@@ -176,8 +190,11 @@ class Trainer:
         ref_model: Transformer | None = None,
         shard_group: dist.ProcessGroup | None = None,
         loss_scale: float = 1.0,
+        pipeline=None,
+        ref_pipeline=None,
     ):
         self.model, self.config, self.algo, self.optim_config = model, train, algo_config, optim
+        self.pipeline, self.ref_pipeline = pipeline, ref_pipeline
         self.total_steps, self.temperature, self.numerics = total_steps, temperature, numerics
         self.group, self.shard_group, self.loss_scale = group, shard_group or group, loss_scale
         self.world = 1 if group is None else dist.get_world_size(group)
@@ -204,12 +221,14 @@ class Trainer:
         return float(t)
 
     def _passes(self, count: int) -> int:
-        """The most micro-batches any rank runs (every rank runs that many: the sharded forward's collectives)."""
+        """The most micro-batches any rank runs (every rank runs that many: the sharded forward's collectives), and
+        at least one per pipeline stage (1F1B's least)."""
+        least = 1 if self.pipeline is None else self.pipeline.num_stages
         if self.shard_group is None:
-            return count
+            return max(count, least)
         t = torch.tensor(count)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.shard_group)
-        return int(t)
+        return max(int(t), least)
 
     def _micro_batches(self, samples: list[Sample], budget: int) -> list[MicroBatch]:
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
@@ -230,18 +249,30 @@ class Trainer:
         return micro
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample], model: Transformer | None = None) -> list[torch.Tensor]:
-        """Forward-only response log-probs of each sample (policy, or ``model`` e.g. the reference)."""
-        model = model or self.model
+    def compute_logprobs(self, samples: list[Sample], ref: bool = False) -> list[torch.Tensor]:
+        """Forward-only response log-probs of each sample, by the policy or (``ref``) the reference. With a
+        pipeline, only the last stage has them (the other stages get empty tensors): the loss is computed there."""
+        model, pipeline = (self.ref_model, self.ref_pipeline) if ref else (self.model, self.pipeline)
         budget = self.config.log_probs_max_tokens_per_gpu or self.config.max_tokens_per_gpu
         out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
         micro = self._micro_batches(samples, budget)
-        for k in range(self._passes(len(micro))):
-            mb = micro[min(k, len(micro) - 1)]  # past its own, a rank repeats its last micro-batch
-            logp, _ = response_logprobs(model, mb, self.temperature)
-            if k < len(micro):
-                for i, lp in zip(mb.indices, logp.split(mb.packed.response_lengths)):
+        passes = [micro[min(k, len(micro) - 1)] for k in range(self._passes(len(micro)))]
+
+        def keep(k: int, logp: torch.Tensor) -> None:
+            if k < len(micro):  # past its own, a rank repeats its last micro-batch
+                for i, lp in zip(passes[k].indices, logp.split(passes[k].packed.response_lengths)):
                     out[i] = lp
+
+        if pipeline is None:
+            for k, mb in enumerate(passes):
+                keep(k, response_logprobs(model, mb, self.temperature)[0])
+            return out
+
+        def on_hidden(k: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+            keep(k, response_logprobs(pipeline.module, passes[k], self.temperature, hidden_TD)[0])
+            return hidden_TD.new_zeros(1, dtype=torch.float32)
+
+        pipeline.run([(mb.packed.tokens_T, mb.batch) for mb in passes], on_hidden, backward=False)
         return out
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
@@ -251,7 +282,7 @@ class Trainer:
             raise ValueError(f"a rollout of {len(samples)} samples does not split into global batches of {gbs}")
         # several updates per rollout: the ratio needs the log-probs from before the first update
         old = self.compute_logprobs(samples) if len(samples) > gbs else None
-        ref = self.compute_logprobs(samples, self.ref_model) if self.ref_model is not None else None
+        ref = self.compute_logprobs(samples, ref=True) if self.ref_model is not None else None
         metrics: dict[str, list[float]] = {}
         for start in range(0, len(samples), gbs):
             window = slice(start, start + gbs)
@@ -265,68 +296,101 @@ class Trainer:
     def _optimizer_step(
         self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None, ref_logprobs: list[torch.Tensor] | None
     ) -> dict[str, float]:
-        cfg = self.algo
-        eps_high = cfg.eps_clip if cfg.eps_clip_high is None else cfg.eps_clip_high
         micro = self._micro_batches(samples, self.config.max_tokens_per_gpu)
         # the step's global counts: micro-batches (and ranks) add up to the step's means
-        num_samples = int(self._sum(len(samples)))
-        num_tokens = int(self._sum(sum(sum(s.response_loss_mask) for s in samples)))
-        num_mtp_tokens = 0
-        if cfg.enable_mtp_training:
-            num_mtp_tokens = int(self._sum(sum(int(self._mtp_rows(mb)[2].sum()) for mb in micro)))
+        counts = StepCounts(
+            samples=int(self._sum(len(samples))),
+            tokens=int(self._sum(sum(sum(s.response_loss_mask) for s in samples))),
+            mtp_tokens=int(self._sum(sum(int(self._mtp_rows(mb)[2].sum()) for mb in micro)))
+            if self.algo.enable_mtp_training
+            else 0,
+        )
+        # past its own micro-batches a rank repeats its last with no weight, so every rank runs as many
+        passes = [(micro[min(k, len(micro) - 1)], float(k < len(micro))) for k in range(self._passes(len(micro)))]
         sums: dict[str, float] = {}
+
+        def loss_of(head, k: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+            mb, share = passes[k]
+            loss = self._micro_loss(head, mb, share, hidden_TD, old_logprobs, ref_logprobs, counts, sums)
+            return loss * self.loss_scale if self.loss_scale != 1.0 else loss
+
+        self.model.train()
+        self.optimizer.zero_grad()
+        if self.pipeline is None:
+            for k, (mb, _) in enumerate(passes):
+                loss_of(self.model, k, self.model(mb.packed.tokens_T, mb.batch)).backward()
+        else:
+            head = self.pipeline.module
+            micro_inputs = [(mb.packed.tokens_T, mb.batch) for mb, _ in passes]
+            self.pipeline.run(micro_inputs, lambda k, hidden: loss_of(head, k, hidden), backward=True)
+        lr = lr_at(self.optim_config, self.num_steps, self.total_steps)
+        grad_norm = self.optimizer.step(lr)
+        self.num_steps += 1
+        metrics = {k: self._sum(v) for k, v in sums.items()}
+        if self.pipeline is not None:
+            self.pipeline.refresh_embedding()
+            metrics = self.pipeline.from_last_stage(metrics)
+        return {**metrics, "train/grad_norm": grad_norm, "train/lr": lr}
+
+    def _micro_loss(
+        self,
+        head,
+        mb: MicroBatch,
+        share: float,
+        hidden_TD: torch.Tensor,
+        old_logprobs: list[torch.Tensor] | None,
+        ref_logprobs: list[torch.Tensor] | None,
+        counts: "StepCounts",
+        sums: dict[str, float],
+    ) -> torch.Tensor:
+        """The loss of one micro-batch from the policy's final hidden states (``head``: the policy, or the last
+        pipeline stage, which gives the output and MTP heads), its metrics added into ``sums``. ``share`` is 0 for
+        a repeated micro-batch (no weight, no metrics)."""
+        cfg = self.algo
+        eps_high = cfg.eps_clip if cfg.eps_clip_high is None else cfg.eps_clip_high
 
         def add(key: str, value: torch.Tensor | float) -> None:
             sums[key] = sums.get(key, 0.0) + float(value)
 
-        self.model.train()
-        self.optimizer.zero_grad()
-        for k in range(self._passes(len(micro))):
-            # past its own micro-batches a rank repeats its last with no weight, so every rank runs as many
-            mb, share = micro[min(k, len(micro) - 1)], float(k < len(micro))
-            logp, hidden = response_logprobs(self.model, mb, self.temperature)
-            # one update per rollout: the old policy is the current one, so the ratio is 1 by construction
-            old = logp.detach() if old_logprobs is None else torch.cat([old_logprobs[i] for i in mb.indices])
-            rollout, adv, mask = mb.packed.rollout_logprobs_R, mb.packed.advantages_R, mb.packed.loss_mask_R
+        logp, hidden = response_logprobs(head, mb, self.temperature, hidden_TD)
+        # one update per rollout: the old policy is the current one, so the ratio is 1 by construction
+        old = logp.detach() if old_logprobs is None else torch.cat([old_logprobs[i] for i in mb.indices])
+        rollout, adv, mask = mb.packed.rollout_logprobs_R, mb.packed.advantages_R, mb.packed.loss_mask_R
 
-            def reduce(x_R: torch.Tensor, mask=mask * share, sample_of=mb.packed.sample_of_R) -> torch.Tensor:
-                if cfg.calculate_per_token_loss:
-                    return algo.token_mean(x_R, mask, num_tokens)
-                return algo.sample_mean_of_token_means(x_R, mask, sample_of, num_samples)
+        def reduce(x_R: torch.Tensor, mask=mask * share, sample_of=mb.packed.sample_of_R) -> torch.Tensor:
+            if cfg.calculate_per_token_loss:
+                return algo.token_mean(x_R, mask, counts.tokens)
+            return algo.sample_mean_of_token_means(x_R, mask, sample_of, counts.samples)
 
-            pg_tok, clip_tok, ppo_kl_tok = algo.policy_loss(logp, old, adv, cfg.eps_clip, eps_high, cfg.eps_clip_c)
-            if cfg.use_tis:
-                weight = algo.tis_weights(old, rollout, cfg.tis_clip_low, cfg.tis_clip)
-                pg_tok = pg_tok * weight
-                add("train/tis", reduce(weight))
-            loss = reduce(pg_tok)
-            add("train/pg_loss", loss.detach())
-            add("train/pg_clipfrac", reduce(clip_tok.float()))
-            add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
-            abs_diff = torch.nan_to_num((old - rollout).abs(), nan=0.0, posinf=0.0, neginf=0.0)
-            add("train/train_rollout_logprob_abs_diff", reduce(abs_diff))
-            add("train/nonfinite_logprob_tokens", share * algo.count_nonfinite(mask, logp, old, rollout))
-            if ref_logprobs is not None:
-                ref = torch.cat([ref_logprobs[i] for i in mb.indices])
-                nonfinite = ~algo.kl_is_finite(logp, ref, cfg.kl_loss_type) & (mask != 0)
-                add("train/nonfinite_kl_tokens", share * nonfinite.sum())
-                kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
-                add("train/kl_loss", kl.detach())
-                if cfg.kl_loss_coef != 0:
-                    loss = loss + cfg.kl_loss_coef * kl
-            if cfg.entropy_coef != 0:
-                ent = reduce(response_entropy(self.model, mb, hidden, self.temperature))
-                add("train/entropy_loss", ent.detach())
-                loss = loss - cfg.entropy_coef * ent
-            if cfg.enable_mtp_training:
-                mtp_loss = share * self._mtp_loss(mb, hidden, num_mtp_tokens)
-                add("train/mtp_loss", mtp_loss.detach())
-                loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss
-            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
-        lr = lr_at(self.optim_config, self.num_steps, self.total_steps)
-        grad_norm = self.optimizer.step(lr)
-        self.num_steps += 1
-        return {**{k: self._sum(v) for k, v in sums.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
+        pg_tok, clip_tok, ppo_kl_tok = algo.policy_loss(logp, old, adv, cfg.eps_clip, eps_high, cfg.eps_clip_c)
+        if cfg.use_tis:
+            weight = algo.tis_weights(old, rollout, cfg.tis_clip_low, cfg.tis_clip)
+            pg_tok = pg_tok * weight
+            add("train/tis", reduce(weight))
+        loss = reduce(pg_tok)
+        add("train/pg_loss", loss.detach())
+        add("train/pg_clipfrac", reduce(clip_tok.float()))
+        add("train/ppo_kl", reduce(ppo_kl_tok.detach()))
+        abs_diff = torch.nan_to_num((old - rollout).abs(), nan=0.0, posinf=0.0, neginf=0.0)
+        add("train/train_rollout_logprob_abs_diff", reduce(abs_diff))
+        add("train/nonfinite_logprob_tokens", share * algo.count_nonfinite(mask, logp, old, rollout))
+        if ref_logprobs is not None:
+            ref = torch.cat([ref_logprobs[i] for i in mb.indices])
+            nonfinite = ~algo.kl_is_finite(logp, ref, cfg.kl_loss_type) & (mask != 0)
+            add("train/nonfinite_kl_tokens", share * nonfinite.sum())
+            kl = reduce(algo.approx_kl(logp, ref, cfg.kl_loss_type))
+            add("train/kl_loss", kl.detach())
+            if cfg.kl_loss_coef != 0:
+                loss = loss + cfg.kl_loss_coef * kl
+        if cfg.entropy_coef != 0:
+            ent = reduce(response_entropy(head, mb, hidden, self.temperature))
+            add("train/entropy_loss", ent.detach())
+            loss = loss - cfg.entropy_coef * ent
+        if cfg.enable_mtp_training:
+            mtp_loss = share * self._mtp_loss(mb, hidden, counts.mtp_tokens, head)
+            add("train/mtp_loss", mtp_loss.detach())
+            loss = loss + cfg.mtp_loss_scaling_factor * mtp_loss
+        return loss
 
     @staticmethod
     def _mtp_rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,16 +398,20 @@ class Trainer:
         packed = mb.packed
         return algo.mtp_labels_and_mask(packed.tokens_T, packed.loss_mask_T, packed.cu_seqlens)
 
-    def _mtp_loss(self, mb: MicroBatch, hidden_TD: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    def _mtp_loss(
+        self, mb: MicroBatch, hidden_TD: torch.Tensor, num_tokens: int | None = None, head=None
+    ) -> torch.Tensor:
         """CE of the MTP head predicting token t+2 at row t, over response tokens only, summed and divided by
-        ``num_tokens`` (the step's MTP tokens; default: this micro-batch's)."""
+        ``num_tokens`` (the step's MTP tokens; default: this micro-batch's). ``head``: the policy (default) or the
+        last pipeline stage."""
+        head = head or self.model
         next_tokens, labels, mask = self._mtp_rows(mb)
-        mtp_hidden = self.model.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
+        mtp_hidden = head.mtp_forward(hidden_TD, next_tokens, mb.batch, detach_trunk=True)
         rows = mask.nonzero()[:, 0]
         hidden_RD, labels_R = mtp_hidden[rows], labels[rows]
         if self.numerics.row_by_row:  # the engine's own head, as the policy's log-probs take it
-            logits = self.model.mtp_logits(hidden_RD, detach_head=True, numerics=self.numerics)
+            logits = head.mtp_logits(hidden_RD, detach_head=True, numerics=self.numerics)
             return algo.mtp_loss(token_logprobs(logits, labels_R), mask[rows], num_tokens)
         # the output head fused into the log-prob (no [R, V] logits held), detached: the loss reaches MTP only
-        logp_R = linear_token_logprobs(hidden_RD, self.model.output_weight().detach(), labels_R)
+        logp_R = linear_token_logprobs(hidden_RD, head.output_weight().detach(), labels_R)
         return algo.mtp_loss(logp_R, mask[rows], num_tokens)

@@ -12,6 +12,7 @@ from league.models.qwen3_5_moe.presets import TINY
 from league.parallel.dims import ParallelConfig, ParallelDims
 from league.parallel.launch import Ranks, make_ranks
 from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe
+from league.parallel.pipeline import Pipeline
 from league.rl.optim import OptimConfig
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
 from tests.parallel.worlds import check
@@ -42,8 +43,11 @@ def build(seed: int = 0) -> Transformer:
     return model.to(torch.float64 if os.environ.get("LEAGUE_CHECK_FP64") else torch.float32)
 
 
-def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None, offload: bool = False) -> Trainer:
-    """The step's trainer (``offload``: fp32 masters on the CPU, beside the parameters)."""
+def trainer(
+    model: Transformer, ref: Transformer, ranks: Ranks | None = None, offload: bool = False, pipelines=(None, None)
+) -> Trainer:
+    """The step's trainer (``offload``: fp32 masters on the CPU, beside the parameters; ``pipelines``: the policy's
+    and the reference's stage, with pipeline parallelism)."""
     ranks = ranks or Ranks()
     return Trainer(
         model,
@@ -64,6 +68,8 @@ def trainer(model: Transformer, ref: Transformer, ranks: Ranks | None = None, of
         ref_model=ref,
         shard_group=ranks.group,
         loss_scale=1 / ranks.token_size,
+        pipeline=pipelines[0],
+        ref_pipeline=pipelines[1],
     )
 
 
@@ -72,24 +78,34 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.cache
-def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1) -> tuple[Ranks, ParallelDims]:
+def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1, pp: int = 1) -> tuple[Ranks, ParallelDims]:
     """The ranks (meshes made once per layout) and dims of a layout of ``world`` ranks."""
-    return make_ranks("cpu", world, ep, tp * cp), ParallelConfig(ep=ep, tp=tp, cp=cp).resolve(world)
+    return make_ranks("cpu", world, ep, tp * cp, pp), ParallelConfig(ep=ep, tp=tp, cp=cp, pp=pp).resolve(world)
+
+
+def parallel_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) -> tuple:
+    """The policy and a (different) reference model, each parallelized for the layout as a run does, and their
+    pipeline stages (``(None, None)`` without pipeline parallelism)."""
+    ranks, dims = layout(world, **sizes)
+    model, ref = build(seed), build(seed + 1).requires_grad_(False)
+    meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
+    runs = parallelize_qwen3_5_moe(model, dims, recompute, *meshes, stage=ranks.stage)
+    ref_runs = parallelize_qwen3_5_moe(ref, dims, False, *meshes, stage=ranks.stage)
+    if dims.pp == 1:
+        return model, ref, (None, None)
+    pipes = (Pipeline(m, ranks.stage, dims.pp, ranks.pp_group) for m in (runs, ref_runs))
+    return model, ref, tuple(pipes)
 
 
 def sharded_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) -> tuple[Transformer, Transformer]:
-    """The policy and a (different) reference model, each parallelized for the layout as a run does."""
-    ranks, dims = layout(world, **sizes)
-    model, ref = build(seed), build(seed + 1).requires_grad_(False)
-    meshes = (ranks.mesh, ranks.expert_mesh, ranks.token_group)
-    parallelize_qwen3_5_moe(model, dims, recompute, *meshes)
-    parallelize_qwen3_5_moe(ref, dims, False, *meshes)
-    return model, ref
+    """The policy and a (different) reference model, each parallelized for the layout (without pipeline stages)."""
+    return parallel_policy(world, recompute, seed, **sizes)[:2]
 
 
 def train_step(world: int, recompute: bool = False, **sizes) -> dict:
     """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout (``sizes``: ep, tp,
-    cp): the metrics, the gathered gradients and the updated parameters."""
+    cp, pp): the metrics, the gathered gradients and the updated parameters. With pipeline stages, each rank
+    compares the parameters its stage holds, and the whole-vector errors add up the stages' squared sums."""
     ranks, _ = layout(world, **sizes)
     samples = make_samples(GBS, ARGS.vocab_size, seed=3)
     single = build()
@@ -97,31 +113,43 @@ def train_step(world: int, recompute: bool = False, **sizes) -> dict:
     expected = single_trainer.train(samples)
     grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
 
-    model, ref = sharded_policy(world, recompute, **sizes)
-    sharded_trainer = trainer(model, ref, ranks)
+    model, ref, pipes = parallel_policy(world, recompute, **sizes)
+    sharded_trainer = trainer(model, ref, ranks, pipelines=pipes)
     mine = ranks.step_share(samples, GBS)
     got = sharded_trainer.train(mine)
     grad_errors, param_errors = {}, {}
-    flat = {"grad": ([], []), "param": ([], [])}
+    squares = torch.zeros(4, dtype=torch.float64)  # |grad - ref|^2, |ref grad|^2, |param - ref|^2, |ref param|^2
     for (name, param), (_, grad) in zip(full_parameters(model), gathered_grads(model)):
         reference = dict(single.named_parameters())[name].detach()
         param_errors[name] = rel(param, reference)
-        flat["param"][0].append(param.flatten())
-        flat["param"][1].append(reference.flatten())
+        squares[2:] += torch.stack([sq(param - reference), sq(reference)])
         if name in grads:
             grad_errors[name] = rel(grad, grads[name])
-            flat["grad"][0].append(grad.flatten())
-            flat["grad"][1].append(grads[name].flatten())
+            squares[:2] += torch.stack([sq(grad - grads[name]), sq(grads[name])])
+    if ranks.pp_group is not None:  # the stages' parameters are disjoint
+        torch.distributed.all_reduce(squares, group=ranks.pp_group)
+        for errors in (grad_errors, param_errors):
+            stages = [None] * ranks.pp_size
+            torch.distributed.all_gather_object(stages, errors, group=ranks.pp_group)
+            errors.update({k: v for stage in stages for k, v in stage.items()})
+    embedding_copy = None  # the last stage's copy of the embedding, for the MTP head: the updated one
+    if pipes[0] is not None and pipes[0].last:
+        embedding_copy = rel(pipes[0].module.mtp_embedding, single.tok_embeddings.weight.detach())
     return {
         "metrics": {k: [got[k], v] for k, v in expected.items()},
-        "grad_error": rel(torch.cat(flat["grad"][0]), torch.cat(flat["grad"][1])),
-        "param_error": rel(torch.cat(flat["param"][0]), torch.cat(flat["param"][1])),
+        "embedding_copy_error": embedding_copy,
+        "grad_error": float((squares[0] / squares[1]).sqrt()),
+        "param_error": float((squares[2] / squares[3]).sqrt()),
         "grad_errors": grad_errors,
         "param_errors": param_errors,
         "num_grads": len(grads),
         "num_params": sum(1 for _ in single.parameters()),
         "micro_batches": len(sharded_trainer._micro_batches(mine, BUDGET)),
     }
+
+
+def sq(x: torch.Tensor) -> torch.Tensor:
+    return x.double().square().sum()
 
 
 def gathered_grads(model: Transformer):
@@ -192,12 +220,15 @@ def logprobs(world: int, **sizes) -> dict:
     samples = make_samples(2 * GBS, ARGS.vocab_size, seed=5)
     single = build()
     expected = trainer(single, build(1)).compute_logprobs(samples)
-    model, ref = sharded_policy(world, **sizes)
-    sharded = trainer(model, ref, ranks)
-    # the ranks of a token group share their samples; every data-parallel rank's block gathered in order
+    model, ref, pipes = parallel_policy(world, **sizes)
+    sharded = trainer(model, ref, ranks, pipelines=pipes)
+    # the ranks of a token group and the stages of a pipeline share their samples (only the last stage has the
+    # log-probs): every data-parallel rank's block gathered in order
     dp_block = Ranks(rank=ranks.dp_rank, world=ranks.dp_size)
     got = [lp.tolist() for lp in sharded.compute_logprobs(dp_block.block(samples))]
-    got = [lp for k, lps in enumerate(ranks.gather_blocks([got])) if k % ranks.token_size == 0 for lp in lps]
+    keep = ranks.rank % ranks.token_size == 0 and ranks.stage == ranks.pp_size - 1
+    blocks = ranks.gather_blocks([(keep, ranks.dp_rank, got)])
+    got = [lp for _, _, lps in sorted((b for b in blocks if b[0]), key=lambda b: b[1]) for lp in lps]
     return {"errors": [rel(torch.tensor(g, dtype=e.dtype), e) for g, e in zip(got, expected)], "count": len(got)}
 
 
@@ -242,6 +273,51 @@ def ep2_engine_replica_sync(world: int) -> dict:
     full = dict(full_parameters(model))
     return {
         "equal": all(torch.equal(synced[n], full[n]) for n in full),
+        "changed": sum(not torch.equal(synced[n], before[n]) for n in full),
+        "count": len(full),
+    }
+
+
+@check(world=2)
+def pp2_train_step(world: int) -> dict:
+    return train_step(world, pp=2)
+
+
+@check(world=2)
+def pp2_logprobs(world: int) -> dict:
+    return logprobs(world, pp=2)
+
+
+@check(world=4)
+def pp2_ep2_train_step(world: int) -> dict:
+    return train_step(world, pp=2, ep=2)
+
+
+@check(world=4)
+def dp2_pp2_logprobs(world: int) -> dict:
+    return logprobs(world, pp=2)
+
+
+@check(world=2)
+def pp2_engine_replica_sync(world: int) -> dict:
+    """After a step with 2 pipeline stages, the engine's whole replica on each rank, synced by
+    ``setup.sync_weights``, holds every stage's updated weights exactly."""
+    from league.engine.config import EngineConfig
+    from league.engine.engine import LLMEngine
+    from league.parallel.parallelize import pipeline_parameters
+    from league.rl.setup import sync_weights
+
+    ranks, _ = layout(world, pp=2)
+    replica = build()
+    before = {n: p.detach().clone() for n, p in replica.named_parameters()}
+    model, ref, pipes = parallel_policy(world, pp=2)
+    trainer(model, ref, ranks, pipelines=pipes).train(ranks.step_share(make_samples(GBS, ARGS.vocab_size, seed=7), GBS))
+    engine = LLMEngine(replica, EngineConfig(max_running_requests=4, context_length=64, num_slots=4))
+    sync_weights(engine, model, None, ranks)
+    synced = {n: p.detach() for n, p in engine.model.named_parameters()}
+    full = dict(pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, torch.device("cpu")))
+    return {
+        "equal": full.keys() == synced.keys() and all(torch.equal(synced[n], full[n]) for n in full),
         "changed": sum(not torch.equal(synced[n], before[n]) for n in full),
         "count": len(full),
     }

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import errno
 import filecmp
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,11 +22,12 @@ from league.checkpoint.convert import dcp_to_hf, hf_to_dcp
 from league.checkpoint.hf import save_hf
 from league.parallel.dims import ParallelConfig
 from league.parallel.launch import Ranks
-from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe
+from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe, pipeline_parameters
+from league.parallel.pipeline import Pipeline
 from league.rl import checkpoints
 from league.rl.data import PromptSampler
 from league.tokenizer import build_tiny_tokenizer
-from tests.parallel.checks import ARGS, GBS, build, layout, rel, sharded_policy, trainer
+from tests.parallel.checks import ARGS, GBS, build, layout, parallel_policy, rel, sharded_policy, trainer
 from tests.parallel.worlds import check
 from tests.rl.test_trainer import make_samples
 
@@ -45,10 +47,10 @@ SAVED = {"tp": 2, "ep": 2}
 """The layout the checkpoint is saved in: 2 token groups of 2 ranks, experts split over pairs of ranks."""
 
 
-def next_step(model, ref, ranks: Ranks, root: Path) -> dict:
+def next_step(model, ref, ranks: Ranks, root: Path, pipelines=(None, None)) -> dict:
     """Resume from ``root`` (the checkpoint's train state) and run what comes next: an RNG draw, the sampler's next
     batch, and the second optimizer step, as the loop does."""
-    run = trainer(model, ref, ranks, offload=True)
+    run = trainer(model, ref, ranks, offload=True, pipelines=pipelines)
     prompts = sampler()
     start = checkpoints.resume(root, run, prompts, ranks)
     return {
@@ -56,8 +58,15 @@ def next_step(model, ref, ranks: Ranks, root: Path) -> dict:
         "draw": torch.rand(3).tolist(),
         "batch": prompts.next_batch(),
         "metrics": run.train(ranks.step_share(SECOND, GBS)),
-        "params": dict(full_parameters(model)),
+        "params": whole_parameters(model, ranks),
     }
+
+
+def whole_parameters(model, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The policy's parameters, whole, on every rank (with pipeline stages, every stage's)."""
+    if ranks.pp_group is None:
+        return dict(full_parameters(model))
+    return dict(pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, torch.device("cpu")))
 
 
 def resumed(ranks: Ranks, sizes: dict, root: Path) -> dict:
@@ -65,12 +74,14 @@ def resumed(ranks: Ranks, sizes: dict, root: Path) -> dict:
     layout ``sizes`` of ``ranks``, the reference copied before), then :func:`next_step`."""
     model, _ = checkpoints.load_policy(root, torch.device("cpu"), torch.float32)
     ref = copy.deepcopy(model).requires_grad_(False)
+    pipelines = (None, None)
     if ranks.world > 1:
         dims = ParallelConfig(**sizes).resolve(ranks.world)
-        meshes = (ranks.mesh, ranks.expert_mesh, ranks.token_group)
-        parallelize_qwen3_5_moe(model, dims, False, *meshes)
-        parallelize_qwen3_5_moe(ref, dims, False, *meshes)
-    return next_step(model, ref, ranks, root)
+        meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
+        runs = [parallelize_qwen3_5_moe(m, dims, False, *meshes, stage=ranks.stage) for m in (model, ref)]
+        if dims.pp > 1:
+            pipelines = tuple(Pipeline(m, ranks.stage, dims.pp, ranks.pp_group) for m in runs)
+    return next_step(model, ref, ranks, root, pipelines)
 
 
 def compare(got: dict, expected: dict, draws: list[list[float]], rank: int) -> dict:
@@ -122,6 +133,37 @@ def dcp_resume_across_layouts(world: int) -> dict:
     }
     dist.barrier()
     if ranks.main:
+        shutil.rmtree(root)
+    return result
+
+
+@check(world=2)
+def dcp_pp2_resume_as_pp2_and_one(world: int) -> dict:
+    """One step with 2 pipeline stages, a checkpoint (each stage saves the parameters and optimizer state it holds),
+    then the next step: uninterrupted, resumed with 2 stages, and resumed in one process (rank 0)."""
+    ranks, _ = layout(world, pp=2)
+    root = shared_folder(ranks)
+    model, ref, pipes = parallel_policy(world, pp=2)
+    run = trainer(model, ref, ranks, offload=True, pipelines=pipes)
+    run.train(ranks.step_share(FIRST, GBS))
+    prompts = sampler()
+    prompts.next_batch()
+    torch.manual_seed(100 + ranks.rank)
+    checkpoints.save_checkpoint(root, 0, model, run, prompts, build_tiny_tokenizer(), ranks)
+    draws = ranks.gather_blocks([torch.rand(3).tolist()])
+    expected = {
+        "batch": prompts.next_batch(),
+        "metrics": run.train(ranks.step_share(SECOND, GBS)),
+        "params": whole_parameters(model, ranks),
+    }
+    legs = {"pp2": resumed(ranks, {"pp": 2}, root)}
+    if ranks.main:
+        legs["one"] = resumed(Ranks(), {}, root)
+    saving_rank = {"pp2": ranks.rank, "one": 0}
+    result = {"legs": {name: compare(got, expected, draws, saving_rank[name]) for name, got in legs.items()}}
+    dist.barrier()
+    if ranks.main:
+        result["config"] = json.loads((root / "step_000001" / "config.json").read_text())["mtp_num_hidden_layers"]
         shutil.rmtree(root)
     return result
 

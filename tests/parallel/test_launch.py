@@ -55,7 +55,11 @@ def test_torchrun_command_runs_league_standalone():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"pp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=2 etp=1 over 2 ranks is not available"),
+        ({"etp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=1 etp=2 over 2 ranks is not available"),
+        ({"pp": 2, "tp": 2, "nproc_per_node": 4}, "`--pp` 2 with `--tp` 2 `--cp` 1 is not available"),
+        ({"pp": 8, "nproc_per_node": 8}, "`--pp` 8 exceeds the policy's 4 decoder layers"),
+        ({"pp": 2, "tp": 2, "nproc_per_node": 2}, "world size 2 .* not divisible by tp\\*cp\\*pp = 2\\*1\\*2"),
+        ({"nproc_per_node": 2, "tp": 2, "rollout_engine": "http://x:1"}, "`--rollout-engine` with 2 ranks"),
         ({"tp": 4, "nproc_per_node": 4}, "tp x cp = 4 does not divide the model's 2 GDN key heads"),
         ({"ep": 16, "nproc_per_node": 16}, "`--ep` 16 does not divide the policy's 8 routed experts"),
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
@@ -91,7 +95,7 @@ def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
     saving = ["--save", str(ckpt), "--save-interval", "1", "--nproc-per-node", "2", "--tp", "2", "--ep", "2"]
     done = league([*args, "--run-dir", str(run), *saving])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("run folder:") == 1 and "on each of 2 data-parallel ranks" in done.stdout
+    assert done.stdout.count("run folder:") == 1 and "on each of 2 ranks" in done.stdout
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0, 1]
     assert all(s["train/grad_norm"] > 0 for s in steps)
