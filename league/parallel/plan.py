@@ -528,18 +528,19 @@ def elements(count: int) -> str:
 
 
 def describe_fit(plan: MemoryPlan, fit: Fit) -> str:
-    """One line: whether the plan fits the GPU, and what does not."""
-    line = f"{fit.gpu}, {fit.capacity / GiB:.0f} GiB usable: "
+    """One line: whether training and the start of the run fit the GPU, and why not."""
+    training = "fits" if fit.slots >= fit.min_slots and fit.peak <= fit.capacity else "does not fit"
+    why = f"peak {fit.peak / GiB:.2f} GiB with {fit.slots} cache slots"
     if fit.slots < fit.min_slots:
-        line += (
-            f"does not fit: the engine's cache gets {fit.slots} slots of the {fit.min_slots} a rollout needs (the "
-            f"shards, the reference and the replica take {plan.before_engine / GiB:.2f} GiB before it is built)"
+        why += (
+            f": {plan.before_engine / GiB:.2f} GiB in use when the engine is built, of the "
+            f"{plan.settings.mem_fraction_static} x {fit.capacity / GiB:.0f} GiB it fills, and a rollout needs "
+            f"{fit.min_slots} slots"
         )
-    else:
-        verdict = "fits" if fit.peak <= fit.capacity else "does not fit"
-        line += f"{verdict}: {fit.slots} cache slots, training peak {fit.peak / GiB:.2f} GiB"
+    copies = [c for c, on in (("its engine", plan.replica), ("the reference", plan.settings.kl_reference)) if on]
+    built = "the whole policy built on each rank" + (f", copied for {' and '.join(copies)}" if copies else "")
     startup = "fits" if fit.startup <= fit.capacity else "does not fit"
-    return line + (
-        f"; start-up {fit.startup / GiB:.2f} GiB (the whole policy built on each rank and copied before sharding): "
-        + startup
+    return (
+        f"{fit.gpu}, {fit.capacity / GiB:.0f} GiB usable: training {training} ({why}); start-up "
+        f"{fit.startup / GiB:.2f} GiB ({built}, then sharded) {startup}"
     )

@@ -112,6 +112,25 @@ def test_the_35b_model_at_tp1_ep8_by_hand():
     assert plan.counts.layer_gathered > 32 * expert
 
 
+def test_the_engine_cache_fills_what_is_left_under_mem_fraction_static():
+    """The 35B model at TP1 EP8 on an H200 (139 GiB): a cache slot of 5,123 tokens (11 attention layers' KV, 30 GDN
+    layers' conv window and fp32 state), as many as fit under 0.7 of the GPU beside what is in use, then the peak."""
+    args = PRESETS["qwen3.6-35b-a3b"]
+    plan = plan_memory(
+        args, ParallelConfig(ep=8).resolve(8), settings(torch.bfloat16, engine_slots=256, max_tokens=8192)
+    )
+    slot_len = 128  # settings()
+    kv = 2 * slot_len * 2 * 256 * 2  # k and v, 2 KV heads of 256, bf16
+    gdn = 8192 * 3 * 2 + 32 * 128 * 128 * 4  # conv window (W - 1 = 3 steps of the 8192 channels), fp32 state
+    assert plan.engine_slot == 11 * kv + 30 * gdn
+    in_use = plan.params + plan.reference + plan.replica  # the optimizer is on the host
+    assert plan.before_engine == in_use
+    fit = plan.fit("H200", 139 * GiB)
+    assert fit.slots == min(256, int((0.7 * 139 * GiB - in_use) // plan.engine_slot))
+    assert fit.peak == in_use + fit.slots * plan.engine_slot + plan.in_training and fit.fits is False  # start-up
+    assert plan.fit("H100", 78 * GiB).slots == 0  # 0.7 x 78 GiB < what is in use
+
+
 def test_local_shapes_of_rank_0_are_the_placed_ones():
     """The placement math gives rank 0 the local shards ``parallelize_qwen3_5_moe`` made (this process is rank 0)."""
     dims = ParallelConfig(tp=2, ep=2).resolve(4)
@@ -161,3 +180,5 @@ def test_dry_run_prints_the_plan_of_the_35b_recipe_at_8_ranks():
     assert "66.13  each rank's engine holds a whole copy of the policy" in line("GPU  engine replica")
     assert "66.13  16 B an element of the rank's shards" in line("host optimizer")
     assert "host: the optimizer of a node of 8 ranks: 529.08 GiB" in plan
+    assert "H200 141GB, 139 GiB usable: training fits (peak 121.26 GiB with 87 cache slots); start-up 198.40" in plan
+    assert "H100 80GB, 78 GiB usable: training does not fit (peak 106.69 GiB with 0 cache slots" in plan
