@@ -117,6 +117,7 @@ def local_numels(param: torch.Tensor, world: int) -> list[int]:
     if not isinstance(param, DTensor):
         return [param.numel()] * world
     mesh, counts = param.device_mesh, [0] * world
+    # torch's private form of the computation takes any coordinate; the public one, this process's own
     for coordinate in itertools.product(*(range(size) for size in mesh.shape)):
         shape, _ = _compute_local_shape_and_global_offset(
             param.shape, mesh.shape, list(coordinate), param.placements, skip_offset=True
@@ -359,10 +360,6 @@ class MemoryPlan:
     @property
     def gpu_optimizer(self) -> int:
         return 0 if self.settings.optimizer_cpu_offload else self.optimizer
-
-    @property
-    def host_optimizer(self) -> int:
-        return self.optimizer if self.settings.optimizer_cpu_offload else 0
 
     @property
     def before_engine(self) -> int:
