@@ -498,10 +498,15 @@ def dcp_to_hf(
 def _run_train(job, dry_run: bool) -> None:
     from league.parallel.launch import relaunch, under_torchrun
     from league.rl.loop import train as run
-    from league.rl.setup import check_job, run_dir_path
+    from league.rl.setup import check_job, memory_plan, run_dir_path
 
     if dry_run:
         typer.echo(job.to_json())
+        # above one rank, the memory plan comes before the checks, which also check this machine (its GPUs and
+        # folders): it is for the machines the run is planned for
+        plan = memory_plan(job)
+        if plan is not None:
+            typer.echo(plan)
         check_job(job)
         return
     if job.parallel.nproc_per_node > 1 and not under_torchrun():

@@ -28,7 +28,8 @@ class ModelConfig:
     """Hugging Face checkpoint folder of the policy (with its MTP layer); None builds the preset below. Not read with
     --load, whose checkpoint gives the policy."""
     model_preset: str = "tiny"
-    """Built-in architecture used when neither --hf-checkpoint nor --load is given (randomly initialised)."""
+    """Built-in architecture used when neither --hf-checkpoint nor --load is given (randomly initialised); the dry
+    run's memory plan also takes it while those folders are not there."""
     mtp_num_layers: int | None = None
     """MTP layers to use: None keeps the checkpoint's; 0 drops the head; other values must match it."""
     dtype: str = "auto"

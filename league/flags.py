@@ -203,8 +203,11 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
             default=typer.Option(
                 False,
                 "--dry-run",
-                help="Print the resolved config, then make every start-up check of the run (layout, batch sizes, "
-                "folders, inputs) and exit: code 1 with the error if the run would refuse to start.",
+                help="Print the resolved config and, above one rank, the memory plan of its layout (each rank's "
+                "parameter, gradient, optimizer, engine and activation bytes, for the world size of "
+                "--nproc-per-node or torchrun; nothing is launched), then make every start-up check of the run "
+                "(layout, batch sizes, folders, inputs) and exit: code 1 with the error if the run would refuse to "
+                "start.",
             ),
         ),
     ]

@@ -30,7 +30,11 @@ def recipe(mode: str | None = None) -> JobConfig:
         recipe="qwen3_6_35b_a3b_mtp",
         mode=mode,
         model=ModelConfig(
-            hf_checkpoint=f"{MODEL_DIR}/Qwen3.6-35B-A3B", mtp_num_layers=1, dtype="bfloat16", device="cuda"
+            hf_checkpoint=f"{MODEL_DIR}/Qwen3.6-35B-A3B",
+            model_preset="qwen3.6-35b-a3b",  # the checkpoint's architecture, planned before it is downloaded
+            mtp_num_layers=1,
+            dtype="bfloat16",
+            device="cuda",
         ),
         data=DataConfig(
             prompt_data=f"{DATA_DIR}/dapo-math-17k/dapo-math-17k.jsonl",

@@ -140,6 +140,73 @@ def check_policy(job: JobConfig) -> None:
         raise ValueError("`--speculative-algorithm` needs the policy's MTP layer, which this run has none of")
 
 
+def policy_architecture(job: JobConfig) -> tuple[ModelArgs, str]:
+    """The policy's architecture as the run builds it, and where it comes from: ``--load``'s checkpoint, the
+    ``--hf-checkpoint`` folder's config.json, or the preset. A folder that is not there (yet) gives way to the preset,
+    and the description says so: the memory plan of a job is made before its model is downloaded."""
+    from league.checkpoint.dcp import find_checkpoint
+    from league.models.qwen3_5_moe.presets import PRESETS
+
+    config, load = job.model, job.checkpoint.load
+    if load and Path(load).exists():
+        path = find_checkpoint(load)
+        args, source = ModelArgs.from_dir(path), f"config.json of {path}"
+    elif not load and config.hf_checkpoint and (Path(config.hf_checkpoint) / "config.json").is_file():
+        args, source = ModelArgs.from_dir(config.hf_checkpoint), f"config.json of {config.hf_checkpoint}"
+    else:
+        if config.model_preset not in PRESETS:
+            raise ValueError(f"unknown `--model-preset` {config.model_preset!r}; expected one of {sorted(PRESETS)}")
+        args, source = PRESETS[config.model_preset], f"preset {config.model_preset}"
+        if load or config.hf_checkpoint:
+            source += f" ({f'--load {load}' if load else f'--hf-checkpoint {config.hf_checkpoint}'} is not here)"
+    if config.mtp_num_layers == 0:
+        args = args.replace(mtp_num_layers=0)
+    return args, source
+
+
+def memory_plan(job: JobConfig) -> str | None:
+    """The job's memory plan at its world size (``parallel.plan``: every rank's bytes from the real placement of the
+    policy on the meta device), as lines to print; None in one process. Raises the run's own error for a layout
+    that does not divide the world or the model."""
+    from league.parallel.launch import run_world_size, under_torchrun
+    from league.parallel.plan import PlanSettings, format_plan, plan_memory
+
+    world = run_world_size(job.parallel.nproc_per_node)
+    dims = job.parallel.resolve(world)
+    if world == 1:
+        return None
+    if dims.pp > 1:
+        return (
+            f"memory plan: not made for pipeline stages (--pp {dims.pp}) in this version; leave --pp out of the dry "
+            "run for the plan of the other dimensions (each stage holds about 1/pp of the layers)"
+        )
+    args, source = policy_architecture(job)
+    config, engine = job.model, job.engine
+    if config.dtype != "auto":
+        dtype = getattr(torch, config.dtype)
+    else:  # as resolve_device_dtype picks it, without asking for this machine's GPU
+        on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    min_slots = job.rollout.n_samples_per_prompt
+    if job.eval.eval_interval and job.eval.eval_prompt_data:
+        min_slots = max(min_slots, job.eval.n_samples_per_eval_prompt)
+    settings = PlanSettings(
+        dtype=dtype,
+        recompute=job.train.recompute,
+        max_tokens=job.train.max_tokens_per_gpu,
+        optimizer_cpu_offload=job.optim.optimizer_cpu_offload,
+        kl_reference=job.algo.use_kl_loss,
+        engine_slots=engine.num_slots or engine.max_running_requests,
+        engine_slots_fixed=engine.num_slots is not None,
+        engine_min_slots=min_slots,
+        engine_slot_len=min(engine.context_length, args.max_position_embeddings) + engine.num_spec_steps + 1,
+        engine_state_dtype=getattr(torch, engine.mamba_ssm_dtype),
+        mem_fraction_static=engine.mem_fraction_static,
+        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)) if under_torchrun() else world,
+    )
+    return format_plan(plan_memory(args, dims, settings), source)
+
+
 def check_eval_sets(job: JobConfig) -> None:
     for name, path in zip(job.eval.eval_prompt_data[::2], job.eval.eval_prompt_data[1::2]):
         check_prompt_source(f"--eval-prompt-data {name}", path)
