@@ -60,6 +60,9 @@ class PlanSettings:
         engine_state_dtype (torch.dtype): dtype of the GDN states in the cache (``--mamba-ssm-dtype``).
         mem_fraction_static (float): the share of the GPU the engine fills with its cache, counting what is in use.
         ranks_per_node (int): processes on one machine (for the host memory of a node).
+        sharded_load (bool): the policy comes from a DCP checkpoint (``--load``) across ranks: it is placed on the
+            meta device and each rank reads only its shards, so a start-up holds no whole policy but the engine's
+            copy. Default: ``False`` (built whole on every rank, then sharded).
     """
 
     dtype: torch.dtype
@@ -74,6 +77,7 @@ class PlanSettings:
     engine_state_dtype: torch.dtype
     mem_fraction_static: float
     ranks_per_node: int
+    sharded_load: bool = False
 
 
 @contextmanager
@@ -420,7 +424,9 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
         optimizer=max(counts.local) * per_element,
         replica=replica,
         engine_slot=slot,
-        startup=whole + replica + (whole if settings.kl_reference else 0),
+        startup=replica + counts.padded * s + reference
+        if settings.sharded_load and world > 1
+        else whole + replica + (whole if settings.kl_reference else 0),
     )
 
 
@@ -536,8 +542,11 @@ def describe_fit(plan: MemoryPlan, fit: Fit) -> str:
         )
     copies = [c for c, on in (("its engine", plan.replica), ("the reference", plan.settings.kl_reference)) if on]
     built = "the whole policy built on each rank" + (f", copied for {' and '.join(copies)}" if copies else "")
+    built += ", then sharded"
+    if plan.settings.sharded_load and plan.replica:
+        built = "--load: each rank reads its shards of the policy and the reference, beside the engine's whole copy"
     startup = "fits" if fit.startup <= fit.capacity else "does not fit"
     return (
         f"{fit.gpu}, {fit.capacity / GiB:.0f} GiB usable: training {training} ({why}); start-up "
-        f"{fit.startup / GiB:.2f} GiB ({built}, then sharded) {startup}"
+        f"{fit.startup / GiB:.2f} GiB ({built}) {startup}"
     )

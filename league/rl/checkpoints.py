@@ -110,19 +110,36 @@ def load_policy(
     dtype: torch.dtype,
     mtp_num_layers: int | None = None,
     unsafe_pickle: bool = False,
+    on_meta: bool = False,
 ) -> tuple[Transformer, Any]:
     """The policy of a checkpoint (``--load``): its config.json's architecture (without the MTP head when
-    ``mtp_num_layers`` is 0), its ``model.*`` weights read whole by this process, and its tokenizer."""
-    from league.checkpoint.hf import empty_model
+    ``mtp_num_layers`` is 0), its ``model.*`` weights read whole by this process, and its tokenizer. ``on_meta``:
+    the policy on the meta device, weights not read (the ranks place it first, then each reads its shards:
+    :func:`load_shards`)."""
+    from league.checkpoint.hf import empty_model, meta_model
     from league.tokenizer import load_tokenizer
 
     folder = dcp.find_checkpoint(load)
     args = ModelArgs.from_dir(folder)
     if mtp_num_layers == 0:
         args = args.replace(mtp_num_layers=0)
+    if on_meta:
+        return meta_model(args, dtype), load_tokenizer(folder)
     model = empty_model(args, device, dtype)
     dcp.load_tensors(folder, prefixed(MODEL, parameters(model)), unsafe_pickle=unsafe_pickle)
     return model, load_tokenizer(folder)
+
+
+def load_shards(
+    load: str | Path, models: list[nn.Module], ranks: Ranks | None = None, unsafe_pickle: bool = False
+) -> None:
+    """Fill each of ``models`` (the policy, and its copies such as the KL reference: placed for the ranks, maybe
+    sharded or a pipeline stage's part, allocated) with the checkpoint's ``model.*`` weights, every rank reading only
+    what it holds. Every rank of ``ranks`` calls it together."""
+    ranks = ranks or Ranks()
+    folder = dcp.find_checkpoint(load)
+    for model in models:
+        dcp.load_tensors(folder, prefixed(MODEL, parameters(model)), ranks.group, unsafe_pickle)
 
 
 def resume(load: str | Path, trainer, sampler, ranks: Ranks | None = None, unsafe_pickle: bool = False) -> int:

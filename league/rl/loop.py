@@ -50,7 +50,9 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
     console.print(setup.describe_start(job, run_dir, ranks.world), soft_wrap=True)
     setup.seed_everything(job.run.seed)
     load, unsafe_pickle = job.checkpoint.load, job.checkpoint.load_unsafe_pickle
-    model, tokenizer = setup.build_policy(job.model, job.run.seed, load, unsafe_pickle)
+    # across ranks a checkpoint's policy is built on the meta device and each rank reads only its shards, once placed
+    sharded_load = bool(load) and ranks.world > 1
+    model, tokenizer = setup.build_policy(job.model, job.run.seed, load, unsafe_pickle, on_meta=sharded_load)
     console.print(setup.describe_plan(job, model), soft_wrap=True)
     prompts = setup.load_prompts(job.data, tokenizer, job.run.seed)
     sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
@@ -60,7 +62,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         setup.warmup(model, tokenizer, job, console)
     # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
     # shards (taken before sharding) across ranks
-    placed = setup.place_policy(model, job, dims, ranks)
+    device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
+    placed = setup.place_policy(model, job, dims, ranks, device)
     steps_per_rollout = job.rollout.rollout_batch_size * job.rollout.n_samples_per_prompt // job.train.global_batch_size
     trainer = Trainer(
         model,
@@ -78,6 +81,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         ref_pipeline=placed.ref_pipeline,
     )
     engine = setup.build_engine(job, placed.engine_model, tokenizer)
+    if sharded_load:  # the engine's copy was allocated empty
+        setup.sync_weights(engine, model, run_dir, ranks)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
     start = checkpoints.resume(load, trainer, sampler, ranks, unsafe_pickle) if load else 0
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console) if ranks.main else None

@@ -203,6 +203,7 @@ def memory_plan(job: JobConfig) -> str | None:
         engine_state_dtype=getattr(torch, engine.mamba_ssm_dtype),
         mem_fraction_static=engine.mem_fraction_static,
         ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)) if under_torchrun() else world,
+        sharded_load=bool(job.checkpoint.load),
     )
     return format_plan(plan_memory(args, dims, settings), source)
 
@@ -309,17 +310,18 @@ def set_num_threads(num_threads: int | None) -> None:
 
 
 def build_policy(
-    config: ModelConfig, seed: int, load: str | None = None, unsafe_pickle: bool = False
+    config: ModelConfig, seed: int, load: str | None = None, unsafe_pickle: bool = False, on_meta: bool = False
 ) -> tuple[Transformer, Any]:
-    """The policy model and its tokenizer: a DCP checkpoint's (``load``, see ``rl.checkpoints.load_policy``), a
-    Hugging Face checkpoint, or a randomly initialised preset (the settings checked by :func:`check_policy`)."""
+    """The policy model and its tokenizer: a DCP checkpoint's (``load``, see ``rl.checkpoints.load_policy``; with
+    ``on_meta``, on the meta device, read by :func:`place_policy` once placed), a Hugging Face checkpoint, or a
+    randomly initialised preset (the settings checked by :func:`check_policy`)."""
     from league.checkpoint.hf import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     if load:
         from league.rl.checkpoints import load_policy
 
-        model, tokenizer = load_policy(load, device, dtype, config.mtp_num_layers, unsafe_pickle)
+        model, tokenizer = load_policy(load, device, dtype, config.mtp_num_layers, unsafe_pickle, on_meta)
     elif config.hf_checkpoint:
         from league.checkpoint.hf import load_model
         from league.tokenizer import load_tokenizer
@@ -490,13 +492,17 @@ class Placement(NamedTuple):
     """With pipeline stages: this rank's stage of the reference."""
 
 
-def place_policy(model: Transformer, job: JobConfig, dims: ParallelDims, ranks: Ranks) -> Placement:
+def place_policy(
+    model: Transformer, job: JobConfig, dims: ParallelDims, ranks: Ranks, device: torch.device | None = None
+) -> Placement:
     """Prepare the policy for training on ``dims`` (``parallelize_qwen3_5_moe``).
 
     One process: the engine reads the policy in place. Across ranks the policy is sharded (and with pipeline stages,
-    each rank keeps its stage's part), so the engine gets a whole copy taken before (kept in step by
-    :func:`sync_weights`), the reference is copied before and placed like the policy, and every rank starts from
-    rank 0's weights."""
+    each rank keeps its stage's part), so the engine gets a whole copy (kept in step by :func:`sync_weights`) and the
+    reference is a copy placed like the policy. A policy built whole is copied before it is placed, every rank
+    starting from rank 0's weights. A policy on the meta device (``--load`` across ranks) is placed there, then each
+    rank allocates its shards on ``device`` and reads them from the checkpoint (policy and reference), never holding
+    the whole model; the engine's copy is allocated empty and filled by the first :func:`sync_weights`."""
     import copy
 
     from league.parallel.parallelize import parallelize_qwen3_5_moe
@@ -505,20 +511,50 @@ def place_policy(model: Transformer, job: JobConfig, dims: ParallelDims, ranks: 
     if ranks.world == 1:
         parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
         return Placement(model, None)
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(tensor, src=0, group=ranks.group)
-    engine_model = copy.deepcopy(model)
+    on_meta = model.inv_freq.is_meta
+    if on_meta:
+        from league.checkpoint.hf import empty_model
+
+        engine_model = empty_model(model.args, device, next(model.parameters()).dtype)
+    else:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor, src=0, group=ranks.group)
+        engine_model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
     meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
     stage = parallelize_qwen3_5_moe(model, dims, job.train.recompute, *meshes, stage=ranks.stage)
     ref_stage = None
     if ref_model is not None:
         ref_stage = parallelize_qwen3_5_moe(ref_model, dims, False, *meshes, stage=ranks.stage)
-    if dims.pp == 1:
-        return Placement(engine_model, ref_model)
-    pipelines = [None if m is None else Pipeline(m, ranks.stage, dims.pp, ranks.pp_group) for m in (stage, ref_stage)]
+    pipelines, placed_stages = [None, None], (stage, ref_stage)
+    if dims.pp > 1:
+        pipelines = [
+            None if m is None else Pipeline(m, ranks.stage, dims.pp, ranks.pp_group) for m in (stage, ref_stage)
+        ]
+    if on_meta:
+        from league.rl.checkpoints import load_shards
+
+        for module in placed_stages:
+            if module is not None:
+                materialize(module, device)
+        load_shards(job.checkpoint.load, [m for m in (model, ref_model) if m is not None], ranks)
+        for pipeline in pipelines:
+            if pipeline is not None:
+                pipeline.refresh_embedding()
     return Placement(engine_model, ref_model, *pipelines)
+
+
+@torch.no_grad()
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Allocate a placed module's parameters and buffers on ``device`` (uninitialised: a checkpoint fills the
+    parameters) and fill the buffers derived from the architecture (the RoPE frequencies)."""
+    from league.ops.rope import rope_inv_freq
+
+    module.to_empty(device=device)
+    for sub in module.modules():
+        if isinstance(sub, Transformer):
+            sub.inv_freq.copy_(rope_inv_freq(sub.args.rotary_dim, sub.args.rope_theta))
 
 
 def build_engine(job: JobConfig, model: Transformer, tokenizer):

@@ -231,3 +231,54 @@ def dcp_convert_two_ranks_equal_one(world: int) -> dict:
     if ranks.main:
         shutil.rmtree(root)
     return result or {}
+
+
+def sharded_load(world: int, **sizes) -> dict:
+    """``--load`` across ranks as the loop does it: the policy built on the meta device, placed for the layout, each
+    rank reading only its shards (policy and KL reference), the engine's empty copy filled by the first sync; against
+    the checkpoint's weights read whole."""
+    from league.config import apply_overrides
+    from league.engine.config import EngineConfig
+    from league.engine.engine import LLMEngine
+    from league.recipes import get_recipe
+    from league.rl.setup import build_policy, place_policy, sync_weights
+
+    ranks, dims = layout(world, **sizes)
+    root = shared_folder(ranks)
+    if ranks.main:
+        save_hf(build(3), root / "hf", tokenizer_from=build_tiny_tokenizer())
+        hf_to_dcp(root / "hf", root / "dcp")
+    dist.barrier()
+    job = apply_overrides(get_recipe("tiny"), {"load": str(root / "dcp"), "use_kl_loss": True, "recompute": False})
+    whole = dict(build(3).named_parameters())
+    model, _ = build_policy(job.model, 0, job.checkpoint.load, on_meta=True)
+    on_meta = all(p.is_meta for p in model.parameters())
+    placed = place_policy(model, job, dims, ranks, torch.device("cpu"))
+    engine = LLMEngine(placed.engine_model, EngineConfig(max_running_requests=4, context_length=64, num_slots=4))
+    sync_weights(engine, model, None, ranks)
+    policy, ref = whole_parameters(model, ranks), whole_parameters(placed.ref_model, ranks)
+    synced = dict(engine.model.named_parameters())
+    result = {
+        "built_on_meta": on_meta,
+        "sharded": any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()),
+        "policy": policy.keys() == whole.keys() and all(torch.equal(policy[n], whole[n]) for n in whole),
+        "ref": ref.keys() == whole.keys() and all(torch.equal(ref[n], whole[n]) for n in whole),
+        "engine": all(torch.equal(synced[n].detach(), whole[n]) for n in whole),
+        "rope": torch.equal(engine.model.inv_freq, build().inv_freq),
+    }
+    if placed.pipeline is not None and placed.pipeline.last:
+        result["mtp_embedding"] = torch.equal(placed.pipeline.module.mtp_embedding, whole["tok_embeddings.weight"])
+    dist.barrier()
+    if ranks.main:
+        shutil.rmtree(root)
+    return result
+
+
+@check(world=4)
+def sharded_load_pp2_ep2(world: int) -> dict:
+    return sharded_load(world, pp=2, ep=2)
+
+
+@check(world=4)
+def sharded_load_tp2_ep2(world: int) -> dict:
+    return sharded_load(world, tp=2, ep=2)

@@ -47,3 +47,15 @@ def test_a_write_failing_on_one_rank_fails_on_every_rank_and_leaves_nothing(worl
         # in rank 0's own files: rank 0 raises its error, the others say which rank failed
         expected = "OSError: [Errno 28]" if rank == 0 else "ValueError: rank 0: [Errno 28]"
         assert result["errors"]["main"].startswith(expected)
+
+
+@pytest.mark.parametrize("check", ["sharded_load_pp2_ep2", "sharded_load_tp2_ep2"])
+def test_load_across_ranks_reads_each_ranks_shards_into_the_placed_policy(world4, check):
+    """``--load`` at 4 ranks: the policy is built on the meta device, placed (pipeline stages, heads, experts, FSDP2),
+    and each rank reads its shards of the policy and the KL reference; they hold the checkpoint's weights exactly, as
+    do the engine's copy after the first sync and (pp) the last stage's embedding copy."""
+    for rank, result in enumerate(results(world4, check)):
+        assert result["built_on_meta"] and result["sharded"]
+        assert result["policy"] and result["ref"] and result["engine"] and result["rope"]
+        if check.startswith("sharded_load_pp2") and rank >= 2:
+            assert result["mtp_embedding"]

@@ -182,3 +182,13 @@ def test_dry_run_prints_the_plan_of_the_35b_recipe_at_8_ranks():
     assert "host: the optimizer of a node of 8 ranks: 529.08 GiB" in plan
     assert "H200 141GB, 139 GiB usable: training fits (peak 121.26 GiB with 87 cache slots); start-up 198.40" in plan
     assert "H100 80GB, 78 GiB usable: training does not fit (peak 106.69 GiB with 0 cache slots" in plan
+
+
+def test_startup_from_load_holds_the_shards_beside_the_engines_copy():
+    """From a DCP checkpoint (``--load``) across ranks each rank reads its shards of the policy and the reference
+    into the placed (meta-built) model: nothing whole but the engine's copy."""
+    dims = ParallelConfig(ep=2).resolve(4)
+    built = plan_memory(UNEVEN, dims, settings(torch.bfloat16))
+    loaded = plan_memory(UNEVEN, dims, settings(torch.bfloat16, sharded_load=True))
+    assert built.startup == 3 * built.replica
+    assert loaded.startup == loaded.replica + loaded.params + loaded.reference < built.startup
