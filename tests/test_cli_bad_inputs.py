@@ -92,6 +92,7 @@ CASES = [
     ([*CONVERT, "--hf-checkpoint", "TMP/tiny", "--save", "TMP/dcp", "--mtp-num-layers", "2"], "give 0"),
     (["convert", "dcp-to-hf", "--load", "/nonexistent", "--save", "TMP/hf"], "`--load` /nonexistent"),
     (["convert", "dcp-to-hf", "--load", "TMP/tiny", "--save", "TMP/hf"], "league convert hf-to-dcp"),
+    ([*TRAIN, "--etp", "128", "--nproc-per-node", "128"], "moe_intermediate_size 64"),
 ]
 
 

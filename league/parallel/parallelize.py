@@ -1,8 +1,9 @@
-"""Apply training-time transformations to a built model, in a fixed order: TP/CP -> EP -> activation
+"""Apply training-time transformations to a built model, in a fixed order: TP/CP -> EP/ETP -> activation
 checkpointing -> compile -> FSDP. This version splits rows and mixer heads over token groups (``heads``: league's TP
-and CP), places the routed experts over expert-parallel ranks (``expert``), recomputes activations and shards
-everything with FSDP2 (the dense weights over every rank, the experts over the ranks that hold the same experts); the
-model code itself never changes (it imports nothing of torch.distributed).
+and CP), places the routed experts over expert-parallel ranks and splits each over expert tensor-parallel ranks
+(``expert``), recomputes activations and shards everything with FSDP2 (the dense weights over every rank, the experts
+over the ranks that hold the same expert shards); the model code itself never changes (it imports nothing of
+torch.distributed).
 """
 
 import functools
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from league.models.qwen3_5_moe import Transformer
+from league.parallel.blocks import in_blocks
 from league.parallel.dims import ParallelDims
 from league.parallel.expert import apply_ep
 from league.parallel.heads import apply_head_parallel
@@ -40,8 +42,9 @@ def apply_fsdp(
 ) -> None:
     """FSDP2 over ``mesh`` (every rank): each decoder layer, the MTP head and the root (embedding, final
     norm, output head) are one unit each, all-gathered for their forward and backward and sharded otherwise. With
-    expert parallelism (``expert_mesh`` of dims ``(edp, ep)``, the experts already sharded over ``ep``), each
-    layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same experts).
+    expert (tensor) parallelism (``expert_mesh`` of dims ``(edp, ep, etp)``, the experts already sharded over
+    ``ep`` and ``etp``), each layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks
+    holding the same expert shards).
 
     Gradients are reduce-scattered in ``reduce_dtype`` as a plain sum: the trainer's losses are already divided by
     the step's global counts, so each rank's gradient is its share of the one-process gradient. The root stays
@@ -73,32 +76,34 @@ def parallelize_qwen3_5_moe(
     token_group: dist.ProcessGroup | None = None,
 ) -> nn.Module:
     """Prepare ``model`` for training on ``dims``, in this order: head parallelism over ``token_group`` (when
-    ``dims.tp * dims.cp`` > 1), expert parallelism over ``expert_mesh["ep"]`` (when ``dims.ep`` > 1), activation
-    recompute, FSDP2 over ``mesh`` (when there is more than one rank). PP and ETP are refused by
-    ``ParallelConfig.resolve`` in this version."""
-    assert (dims.pp, dims.etp) == (1, 1), dims
+    ``dims.tp * dims.cp`` > 1), expert and expert tensor parallelism over ``expert_mesh``'s ``ep`` and ``etp``
+    (when ``dims.ep * dims.etp`` > 1), activation recompute, FSDP2 over ``mesh`` (when there is more than one
+    rank). PP is refused by ``ParallelConfig.resolve`` in this version."""
+    assert dims.pp == 1, dims
+    experts_split = dims.ep * dims.etp > 1
     if dims.tp * dims.cp > 1:
         if token_group is None:
             raise ValueError(f"tp x cp = {dims.tp * dims.cp} needs a token group")
         apply_head_parallel(model, token_group)
-    if dims.ep > 1:
+    if experts_split:
         if expert_mesh is None:
-            raise ValueError(f"expert-parallel size {dims.ep} needs an expert mesh")
-        apply_ep(model, expert_mesh["ep"])
+            raise ValueError(f"expert-parallel sizes ep {dims.ep} x etp {dims.etp} need an expert mesh")
+        apply_ep(model, expert_mesh)
     if recompute:
         apply_ac(model)
     if mesh is not None and mesh.size() > 1:
-        apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None)
+        apply_fsdp(model, mesh, expert_mesh if experts_split else None)
     return model
 
 
 @torch.no_grad()
 def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, whole tensor)`` of each parameter, in ``named_parameters`` order: a sharded one (a DTensor) is
-    gathered, so every rank must walk the whole model together.
+    gathered (laid out in blocks first: ``blocks.in_blocks``), so every rank must walk the whole model together.
 
-    An expert weight sharded over two mesh dims (FSDP over ``edp``, experts over ``ep``) is gathered by two
-    all-gathers, which DTensor warns about on every call; the warning is held back here, where it is expected."""
+    An expert weight sharded over several mesh dims (FSDP over ``edp``, experts over ``ep`` and ``etp``) is gathered
+    by one all-gather per dim, which DTensor warns about on every call; the warning is held back here, where it is
+    expected."""
     redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
     for name, param in model.named_parameters():
         if not isinstance(param, DTensor):
@@ -107,7 +112,7 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         level = redistribute_log.level
         redistribute_log.setLevel(logging.ERROR)
         try:
-            full = param.full_tensor()
+            full = in_blocks(param).full_tensor()
         finally:
             redistribute_log.setLevel(level)
         yield name, full

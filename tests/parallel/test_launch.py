@@ -55,11 +55,16 @@ def test_torchrun_command_runs_league_standalone():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"pp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=2 etp=1 over 2 ranks is not available"),
+        ({"pp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=2 etp=1 over 2 ranks is not available.*leave --pp at 1"),
         ({"tp": 4, "nproc_per_node": 4}, "tp x cp = 4 does not divide the model's 2 GDN key heads"),
         ({"ep": 16, "nproc_per_node": 16}, "`--ep` 16 does not divide the policy's 8 routed experts"),
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
         ({"ep": 4, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 4\\*1\\*1; start a multiple of 4"),
+        ({"ep": 2, "etp": 2, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 2\\*2\\*1; start a multiple of 4"),
+        (
+            {"etp": 128, "nproc_per_node": 128},
+            "`--etp` 128 does not divide the policy's expert intermediate size \\(moe_intermediate_size 64\\)",
+        ),
         ({"nproc_per_node": 3}, "`--global-batch-size` 128 does not split over 3 data-parallel ranks"),
         ({"nproc_per_node": 2, "rollout_engine": "http://x:1"}, "`--rollout-engine` with 2 ranks"),
     ],
