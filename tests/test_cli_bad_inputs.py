@@ -47,7 +47,7 @@ CASES = [
     (["reward", "--label", "1"], "--response"),
     (["plot", "/nonexistent"], "/nonexistent"),
     ([*TRAIN, "--tp", "3"], "start a multiple of 3 processes"),
-    ([*TRAIN, "--etp", "2", "--nproc-per-node", "2"], "not available in this version"),
+    ([*TRAIN, "--pp", "2", "--tp", "2", "--nproc-per-node", "4"], "not available in this version"),
     ([*TRAIN, "--pp", "8", "--nproc-per-node", "8"], "exceeds the policy's 4 decoder layers"),
     ([*TRAIN, "--tp", "4", "--nproc-per-node", "4"], "does not divide the model's 2 GDN key heads"),
     ([*TRAIN, "--nproc-per-node", "3"], "does not split over 3 data-parallel ranks"),
@@ -93,6 +93,7 @@ CASES = [
     ([*CONVERT, "--hf-checkpoint", "TMP/tiny", "--save", "TMP/dcp", "--mtp-num-layers", "2"], "give 0"),
     (["convert", "dcp-to-hf", "--load", "/nonexistent", "--save", "TMP/hf"], "`--load` /nonexistent"),
     (["convert", "dcp-to-hf", "--load", "TMP/tiny", "--save", "TMP/hf"], "league convert hf-to-dcp"),
+    ([*TRAIN, "--etp", "128", "--nproc-per-node", "128"], "moe_intermediate_size 64"),
 ]
 
 

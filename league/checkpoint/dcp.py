@@ -3,9 +3,11 @@
 A DCP folder holds a ``.metadata`` file (every tensor's name, global shape, dtype and the chunks it was saved in) and
 one ``__<rank>_0.distcp`` file per saving rank. Each rank saves the tensors it holds: a plain tensor whole (saved once
 when several ranks hold the same one), a DTensor as its local shard, described by its mesh, placements and global
-shape. Loading fills tensors laid out any way (plain or DTensors of another mesh or size): each rank reads the chunks
-that overlap what it holds, so a checkpoint saved by N ranks loads on M. ``group`` None means one process (no
-collectives; a process that is part of a larger group may do this too).
+shape (one block of the global tensor: a DTensor whose local part is several, the experts' gate/up split by columns
+over ``etp``, is saved and loaded through a twin laid out in blocks, ``parallel.blocks``). Loading fills tensors
+laid out any way (plain or DTensors of another mesh or size): each rank reads the chunks that overlap what it holds,
+so a checkpoint saved by N ranks loads on M. ``group`` None means one process (no collectives; a process that is
+part of a larger group may do this too).
 
 DCP's ``.metadata`` is a pickle; :func:`read_metadata` unpickles only the classes DCP's metadata is made of, so a
 folder cannot run code when it is listed or loaded, unless ``unsafe_pickle``. Tensor data is read by torch with
@@ -31,8 +33,10 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.tensor import DTensor
 
 from league.checkpoint.safetensors import commit_stage, discard_stage, prepare_stage
+from league.parallel.blocks import copy_from_blocks, in_blocks
 
 METADATA_FILE = ".metadata"
 LATEST = "latest"
@@ -178,8 +182,12 @@ def load_tensors(
     checkpoint changes nothing."""
     check_loadable(folder, list_tensors(folder, unsafe_pickle, flag), tensors, flag)
     reader = _Reader(folder, unsafe_pickle, flag)
+    blocks = {name: in_blocks(t) if isinstance(t, DTensor) else t for name, t in tensors.items()}
     with _one_process_quietly(group):
-        _unwrapped(lambda: dcp.load(tensors, storage_reader=reader, process_group=group, no_dist=group is None))
+        _unwrapped(lambda: dcp.load(blocks, storage_reader=reader, process_group=group, no_dist=group is None))
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            copy_from_blocks(t, blocks[name])
 
 
 def save_tensors(
@@ -202,11 +210,10 @@ def save_tensors(
     """
     writer = FileSystemWriter(folder)
     planner = _ProducingPlanner(produce) if produce is not None else None
+    blocks = {name: in_blocks(t) if isinstance(t, DTensor) else t for name, t in tensors.items()}
     with _one_process_quietly(group):
         _unwrapped(
-            lambda: dcp.save(
-                tensors, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None
-            )
+            lambda: dcp.save(blocks, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None)
         )
 
 

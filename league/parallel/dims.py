@@ -21,7 +21,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages."""
     etp: int = 1
-    """Tensor-parallel size inside each expert."""
+    """Expert tensor-parallel size: each routed expert's intermediate dim split over groups of this many ranks
+    (carved with --ep from the same ranks: world = edp x ep x etp); must divide the experts' intermediate size."""
     nproc_per_node: int = 1
     """Processes to start on this machine: above 1, league starts them with torchrun (standalone) and they train
     data-parallel (FSDP2), one GPU each on CUDA. Under a torchrun of your own, leave it at 1: the world size is
@@ -62,13 +63,7 @@ class ParallelConfig:
                 "stage runs whole micro-batches; use pipeline stages with --ep (and data parallelism), or --tp/--cp "
                 "without --pp"
             )
-        if self.etp == 1:
-            return dims
-        raise ValueError(
-            f"parallel layout tp={self.tp} ep={self.ep} cp={self.cp} pp={self.pp} etp={self.etp} over {world_size} "
-            "ranks is not available in this version: league trains data-parallel (FSDP2 over every rank) with head "
-            "(--tp, --cp), expert (--ep) and pipeline (--pp) parallelism; leave --etp at 1"
-        )
+        return dims
 
     @property
     def sizes(self) -> tuple[int, int, int, int, int]:

@@ -38,8 +38,10 @@ class Ranks:
         rank (int): this process's rank (0 logs, evaluates for the console, writes the run folder).
         world (int): number of ranks.
         mesh (DeviceMesh, Optional): the mesh over every rank (None in a one-process run).
-        expert_mesh (DeviceMesh, Optional): with expert parallelism, this stage's ranks as ``(edp, ep)``: each ``ep``
-            row holds all experts between its ranks, the ``edp`` ranks of a column hold the same ones.
+        expert_mesh (DeviceMesh, Optional): with expert (tensor) parallelism, this stage's ranks as
+            ``(edp, ep, etp)``: the ``etp`` ranks of a group hold the same experts, each a share of their intermediate
+            dim; the ``ep`` groups of a row hold all experts between them; the ``edp`` ranks of a column hold the same
+            shards.
         token_mesh (DeviceMesh, Optional): with head parallelism (tp x cp > 1), this stage's ranks as
             ``(dp, token)``: the ranks of a ``token`` row share each micro-batch (``heads``), the rows hold different
             samples.
@@ -157,7 +159,7 @@ def block_bounds(num: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @contextmanager
-def distributed(device_type: str, ep: int = 1, token: int = 1, pp: int = 1) -> Iterator[Ranks]:
+def distributed(device_type: str, ep: int = 1, token: int = 1, pp: int = 1, etp: int = 1) -> Iterator[Ranks]:
     """The process group of a torchrun launch for the block (destroyed after it), or a one-process ``Ranks``.
 
     On CUDA each process takes the GPU of its local rank and NCCL; on CPU, gloo."""
@@ -168,25 +170,27 @@ def distributed(device_type: str, ep: int = 1, token: int = 1, pp: int = 1) -> I
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
-        yield make_ranks(device_type, dist.get_world_size(), ep, token, pp)
+        yield make_ranks(device_type, dist.get_world_size(), ep, token, pp, etp)
     finally:
         dist.destroy_process_group()
 
 
-def make_ranks(device_type: str, world: int, ep: int = 1, token: int = 1, pp: int = 1) -> Ranks:
+def make_ranks(device_type: str, world: int, ep: int = 1, token: int = 1, pp: int = 1, etp: int = 1) -> Ranks:
     """``Ranks`` of this process in an initialised process group of ``world`` ranks: the mesh over all; with ``pp``
-    > 1 the pipeline mesh ``(pp, stage)``; within a stage's ranks, with ``ep`` > 1 the expert mesh ``(edp, ep)`` and
-    with ``token`` (tp x cp) > 1 the token mesh ``(dp, token)``. Consecutive ranks form an expert group and a token
-    group, and the stages are the outermost dimension (as Megatron and torchtitan lay them out: the groups that talk
-    most sit on neighbouring GPUs)."""
+    > 1 the pipeline mesh ``(pp, stage)``; within a stage's ranks, with ``ep`` or ``etp`` > 1 the expert mesh
+    ``(edp, ep, etp)`` and with ``token`` (tp x cp) > 1 the token mesh ``(dp, token)``. Consecutive ranks form a
+    token group, and an expert tensor-parallel group inside an expert group (``etp`` innermost, then ``ep``); the
+    stages are the outermost dimension (as Megatron and torchtitan lay them out: the groups that talk most sit on
+    neighbouring GPUs)."""
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
     stage = world // pp
     pipe_mesh = expert_mesh = token_mesh = None
     if pp > 1:
         pipe_mesh = init_device_mesh(device_type, (pp, stage), mesh_dim_names=("pp", "stage"))
-    if ep > 1:
-        experts = init_device_mesh(device_type, (pp, stage // ep, ep), mesh_dim_names=("pp", "edp", "ep"))
-        expert_mesh = experts["edp", "ep"]
+    if ep * etp > 1:
+        shape = (pp, stage // (ep * etp), ep, etp)
+        experts = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep", "etp"))
+        expert_mesh = experts["edp", "ep", "etp"]
     if token > 1:
         tokens = init_device_mesh(device_type, (pp, stage // token, token), mesh_dim_names=("pp", "dp", "token"))
         token_mesh = tokens["dp", "token"]

@@ -1,9 +1,9 @@
-"""Apply training-time transformations to a built model, in a fixed order: pipeline split -> TP/CP -> EP ->
+"""Apply training-time transformations to a built model, in a fixed order: pipeline split -> TP/CP -> EP/ETP ->
 activation checkpointing -> compile -> FSDP. This version keeps a pipeline stage's part of the policy (``pipeline``),
 splits rows and mixer heads over token groups (``heads``: league's TP and CP), places the routed experts over
-expert-parallel ranks (``expert``), recomputes activations and shards everything with FSDP2 (the dense weights over
-the stage's ranks, the experts over the ranks that hold the same experts); the model code itself never changes (it
-imports nothing of torch.distributed).
+expert-parallel ranks and splits each over expert tensor-parallel ranks (``expert``), recomputes activations and
+shards everything with FSDP2 (the dense weights over the stage's ranks, the experts over the ranks that hold the same
+expert shards); the model code itself never changes (it imports nothing of torch.distributed).
 """
 
 import functools
@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from league.models.qwen3_5_moe import Transformer
+from league.parallel.blocks import in_blocks
 from league.parallel.dims import ParallelDims
 from league.parallel.expert import apply_ep
 from league.parallel.heads import apply_head_parallel
@@ -48,9 +49,9 @@ def apply_fsdp(
 ) -> None:
     """FSDP2 over ``mesh`` (every rank, or a pipeline stage's): each decoder layer, the MTP head and the root
     (embedding, final norm, output head; ``root`` when given, a pipeline ``Stage`` holding ``model``) are one unit
-    each, all-gathered for their forward and backward and sharded otherwise. With
-    expert parallelism (``expert_mesh`` of dims ``(edp, ep)``, the experts already sharded over ``ep``), each
-    layer's routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same experts).
+    each, all-gathered for their forward and backward and sharded otherwise. With expert (tensor) parallelism
+    (``expert_mesh`` of dims ``(edp, ep, etp)``, the experts already sharded over ``ep`` and ``etp``), each layer's
+    routed experts are a unit of their own, sharded over ``edp`` (the ranks holding the same expert shards).
 
     Gradients are reduce-scattered in ``reduce_dtype`` as a plain sum: the trainer's losses are already divided by
     the step's global counts, so each rank's gradient is its share of the one-process gradient. The root stays
@@ -86,10 +87,10 @@ def parallelize_qwen3_5_moe(
 ) -> nn.Module:
     """Prepare ``model`` for training on ``dims``, in this order: the pipeline split (when ``dims.pp`` > 1:
     ``model`` keeps only stage ``stage``'s part and a ``Stage`` holding it is returned), head parallelism over
-    ``token_group`` (when ``dims.tp * dims.cp`` > 1), expert parallelism over ``expert_mesh["ep"]`` (when ``dims.ep``
-    > 1), activation recompute, FSDP2 over ``mesh`` (the ranks of this stage; when there is more than one). Returns
-    the module to run: ``model``, or its ``Stage``. ETP is refused by ``ParallelConfig.resolve`` in this version."""
-    assert dims.etp == 1, dims
+    ``token_group`` (when ``dims.tp * dims.cp`` > 1), expert and expert tensor parallelism over ``expert_mesh``'s
+    ``ep`` and ``etp`` (when ``dims.ep * dims.etp`` > 1), activation recompute, FSDP2 over ``mesh`` (the ranks of
+    this stage; when there is more than one). Returns the module to run: ``model``, or its ``Stage``."""
+    experts_split = dims.ep * dims.etp > 1
     root = None
     if dims.pp > 1:
         if dims.tp * dims.cp > 1:
@@ -99,24 +100,25 @@ def parallelize_qwen3_5_moe(
         if token_group is None:
             raise ValueError(f"tp x cp = {dims.tp * dims.cp} needs a token group")
         apply_head_parallel(model, token_group)
-    if dims.ep > 1:
+    if experts_split:
         if expert_mesh is None:
-            raise ValueError(f"expert-parallel size {dims.ep} needs an expert mesh")
-        apply_ep(model, expert_mesh["ep"])
+            raise ValueError(f"expert-parallel sizes ep {dims.ep} x etp {dims.etp} need an expert mesh")
+        apply_ep(model, expert_mesh)
     if recompute:
         apply_ac(model)
     if mesh is not None and mesh.size() > 1:
-        apply_fsdp(model, mesh, expert_mesh if dims.ep > 1 else None, root=root)
+        apply_fsdp(model, mesh, expert_mesh if experts_split else None, root=root)
     return model if root is None else root
 
 
 @torch.no_grad()
 def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, whole tensor)`` of each parameter, in ``named_parameters`` order: a sharded one (a DTensor) is
-    gathered, so every rank must walk the whole model together.
+    gathered (laid out in blocks first: ``blocks.in_blocks``), so every rank must walk the whole model together.
 
-    An expert weight sharded over two mesh dims (FSDP over ``edp``, experts over ``ep``) is gathered by two
-    all-gathers, which DTensor warns about on every call; the warning is held back here, where it is expected."""
+    An expert weight sharded over several mesh dims (FSDP over ``edp``, experts over ``ep`` and ``etp``) is gathered
+    by one all-gather per dim, which DTensor warns about on every call; the warning is held back here, where it is
+    expected."""
     redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
     for name, param in model.named_parameters():
         if not isinstance(param, DTensor):
@@ -125,7 +127,7 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         level = redistribute_log.level
         redistribute_log.setLevel(logging.ERROR)
         try:
-            full = param.full_tensor()
+            full = in_blocks(param).full_tensor()
         finally:
             redistribute_log.setLevel(level)
         yield name, full

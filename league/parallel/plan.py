@@ -109,7 +109,7 @@ def placed_policy(args: ModelArgs, dims: ParallelDims, dtype: torch.dtype, recom
     world = world_of(dims)
     if world == 1:
         return parallelize_qwen3_5_moe(model, dims, recompute)
-    ranks = make_ranks("cpu", world, dims.ep, dims.tp * dims.cp)
+    ranks = make_ranks("cpu", world, dims.ep, dims.tp * dims.cp, 1, dims.etp)
     return parallelize_qwen3_5_moe(model, dims, recompute, ranks.mesh, ranks.expert_mesh, ranks.token_group)
 
 

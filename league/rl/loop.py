@@ -32,7 +32,7 @@ def train(job: JobConfig) -> Path:
     this; rank 0 writes the run folder and the console."""
     dims = setup.check_job(job)
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
-    with distributed(device.type, dims.ep, dims.tp * dims.cp, dims.pp) as ranks:
+    with distributed(device.type, dims.ep, dims.tp * dims.cp, dims.pp, dims.etp) as ranks:
         run_dir = ranks.broadcast(setup.run_dir_path(job))
         with setup.run_folder(run_dir, owner=ranks.main):
             if ranks.main:

@@ -136,6 +136,11 @@ def check_policy(job: JobConfig) -> None:
             f"`--ep` {job.parallel.ep} does not divide the policy's {args.num_experts} routed experts: choose a "
             "divisor of it"
         )
+    if args.moe_intermediate_size % job.parallel.etp:
+        raise ValueError(
+            f"`--etp` {job.parallel.etp} does not divide the policy's expert intermediate size "
+            f"(moe_intermediate_size {args.moe_intermediate_size}): choose a divisor of it"
+        )
     if job.engine.speculative_algorithm and not job.rollout.rollout_engine and not uses_mtp:
         raise ValueError("`--speculative-algorithm` needs the policy's MTP layer, which this run has none of")
 

@@ -9,6 +9,7 @@ import torch
 
 from league.models.qwen3_5_moe import Transformer
 from league.models.qwen3_5_moe.presets import TINY
+from league.parallel.blocks import in_blocks
 from league.parallel.dims import ParallelConfig, ParallelDims
 from league.parallel.launch import Ranks, make_ranks
 from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe
@@ -78,9 +79,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.cache
-def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1, pp: int = 1) -> tuple[Ranks, ParallelDims]:
+def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1, pp: int = 1, etp: int = 1) -> tuple[Ranks, ParallelDims]:
     """The ranks (meshes made once per layout) and dims of a layout of ``world`` ranks."""
-    return make_ranks("cpu", world, ep, tp * cp, pp), ParallelConfig(ep=ep, tp=tp, cp=cp, pp=pp).resolve(world)
+    dims = ParallelConfig(ep=ep, tp=tp, cp=cp, pp=pp, etp=etp).resolve(world)
+    return make_ranks("cpu", world, ep, tp * cp, pp, etp), dims
 
 
 def parallel_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) -> tuple:
@@ -104,7 +106,7 @@ def sharded_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) 
 
 def train_step(world: int, recompute: bool = False, **sizes) -> dict:
     """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout (``sizes``: ep, tp,
-    cp, pp): the metrics, the gathered gradients and the updated parameters. With pipeline stages, each rank
+    cp, pp, etp): the metrics, the gathered gradients and the updated parameters. With pipeline stages, each rank
     compares the parameters its stage holds, and the whole-vector errors add up the stages' squared sums."""
     ranks, _ = layout(world, **sizes)
     samples = make_samples(GBS, ARGS.vocab_size, seed=3)
@@ -155,7 +157,7 @@ def sq(x: torch.Tensor) -> torch.Tensor:
 def gathered_grads(model: Transformer):
     for name, param in model.named_parameters():
         grad = param.grad
-        yield name, None if grad is None else (grad.full_tensor() if hasattr(grad, "full_tensor") else grad)
+        yield name, None if grad is None else (in_blocks(grad).full_tensor() if hasattr(grad, "full_tensor") else grad)
 
 
 @check(world=2)
@@ -213,6 +215,21 @@ def tp2_cp2_ep4_train_step(world: int) -> dict:
     return train_step(world, tp=2, cp=2, ep=4)
 
 
+@check(world=2)
+def etp2_train_step(world: int) -> dict:
+    return train_step(world, etp=2)
+
+
+@check(world=4)
+def ep2_etp2_train_step(world: int) -> dict:
+    return train_step(world, ep=2, etp=2)
+
+
+@check(world=4)
+def tp2_etp2_train_step(world: int) -> dict:
+    return train_step(world, tp=2, etp=2)
+
+
 def logprobs(world: int, **sizes) -> dict:
     """Forward-only log-probs (the old and the reference policy's) of each rank's samples, gathered in order, equal
     the one-process ones."""
@@ -250,6 +267,11 @@ def tp2_logprobs(world: int) -> dict:
 @check(world=4)
 def dp2_tp2_logprobs(world: int) -> dict:
     return logprobs(world, tp=2)
+
+
+@check(world=4)
+def ep2_etp2_logprobs(world: int) -> dict:
+    return logprobs(world, ep=2, etp=2)
 
 
 @check(world=2)

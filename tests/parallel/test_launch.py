@@ -55,7 +55,6 @@ def test_torchrun_command_runs_league_standalone():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"etp": 2, "nproc_per_node": 2}, "tp=1 ep=1 cp=1 pp=1 etp=2 over 2 ranks is not available"),
         ({"pp": 2, "tp": 2, "nproc_per_node": 4}, "`--pp` 2 with `--tp` 2 `--cp` 1 is not available"),
         ({"pp": 8, "nproc_per_node": 8}, "`--pp` 8 exceeds the policy's 4 decoder layers"),
         ({"pp": 2, "tp": 2, "nproc_per_node": 2}, "world size 2 .* not divisible by tp\\*cp\\*pp = 2\\*1\\*2"),
@@ -64,6 +63,11 @@ def test_torchrun_command_runs_league_standalone():
         ({"ep": 16, "nproc_per_node": 16}, "`--ep` 16 does not divide the policy's 8 routed experts"),
         ({"tp": 2}, "world size 1 .* is not divisible by tp\\*cp\\*pp = 2\\*1\\*1; start a multiple of 2"),
         ({"ep": 4, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 4\\*1\\*1; start a multiple of 4"),
+        ({"ep": 2, "etp": 2, "nproc_per_node": 2}, "not divisible by ep\\*etp\\*pp = 2\\*2\\*1; start a multiple of 4"),
+        (
+            {"etp": 128, "nproc_per_node": 128},
+            "`--etp` 128 does not divide the policy's expert intermediate size \\(moe_intermediate_size 64\\)",
+        ),
         ({"nproc_per_node": 3}, "`--global-batch-size` 128 does not split over 3 data-parallel ranks"),
         ({"nproc_per_node": 2, "rollout_engine": "http://x:1"}, "`--rollout-engine` with 2 ranks"),
     ],
