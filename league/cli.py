@@ -498,7 +498,7 @@ def dcp_to_hf(
 def _run_train(job, dry_run: bool) -> None:
     from league.parallel.launch import relaunch, under_torchrun
     from league.rl.loop import train as run
-    from league.rl.setup import check_job, memory_plan, run_dir_path
+    from league.rl.preflight import check_job, memory_plan, run_dir_path
 
     if dry_run:
         typer.echo(job.to_json())
@@ -526,7 +526,7 @@ def _run_train(job, dry_run: bool) -> None:
 
 def _run_eval(job, dry_run: bool) -> None:
     from league.evaluate import evaluate_policy
-    from league.rl.setup import check_eval_job
+    from league.rl.preflight import check_eval_job
 
     if dry_run:
         typer.echo(job.to_json())

@@ -9,20 +9,20 @@ import json
 from pathlib import Path
 
 from league.config import JobConfig, write_config
-from league.rl import setup
+from league.rl import preflight, setup
 
 
 def evaluate_policy(job: JobConfig) -> tuple[dict[str, float], Path]:
     """Evaluate ``job``'s policy on ``job.eval.eval_prompt_data``; returns the metrics and the run folder, where
     ``eval.json`` (the metrics) and ``config.json`` are written."""
-    setup.check_eval_job(job)
+    preflight.check_eval_job(job)
     setup.set_num_threads(job.run.num_threads)
     setup.seed_everything(job.run.seed)
     model, tokenizer = setup.build_policy(
         job.model, job.run.seed, job.checkpoint.load, job.checkpoint.load_unsafe_pickle
     )
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
-    with setup.run_folder(setup.run_dir_path(job)) as run_dir:
+    with setup.run_folder(preflight.run_dir_path(job)) as run_dir:
         write_config(job, run_dir / "config.json")
         engine = setup.build_engine(job, model, tokenizer)
         with setup.build_reward(job.reward) as reward:

@@ -8,7 +8,7 @@ places the policy as a run does (heads over the token group, experts over ``ep``
 each parameter then follows from the DTensor's placements (torch's own placement math), so ranks that hold different
 experts or uneven shards are counted each as they are. Activations have no shards to read: they are an analytic
 estimate from the model's dimensions (:func:`activation_estimate`). Not responsible for the job's checks
-(``rl.setup.check_job``) nor for reading the job's config (``rl.setup.memory_plan``); it measures nothing.
+(``rl.preflight.check_job``) nor for reading the job's config (``rl.preflight.memory_plan``); it measures nothing.
 """
 
 import itertools

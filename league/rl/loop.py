@@ -18,7 +18,7 @@ from league.ops.numerics import Numerics
 from league.parallel.dims import ParallelDims
 from league.parallel.launch import Ranks, distributed
 from league.rl import algorithms as algo
-from league.rl import checkpoints, setup
+from league.rl import checkpoints, preflight, setup
 from league.rl.metrics import MetricsLogger, plot_run, progress_bar
 from league.rl.sample import Sample
 from league.rl.trainer import Trainer
@@ -27,13 +27,13 @@ from league.rl.trainer import Trainer
 def train(job: JobConfig) -> Path:
     """Run ``job``; returns the run folder (metrics.jsonl, config.json, curves.png, checkpoints).
 
-    Every start-up check (:func:`setup.check_job`) runs before anything is built or written. A run folder made by
+    Every start-up check (:func:`preflight.check_job`) runs before anything is built or written. A run folder made by
     this run is removed again when the run fails before its first step is logged. Under torchrun every rank runs
     this; rank 0 writes the run folder and the console."""
-    dims = setup.check_job(job)
+    dims = preflight.check_job(job)
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
     with distributed(device.type, dims.ep, dims.tp * dims.cp, dims.pp, dims.etp) as ranks:
-        run_dir = ranks.broadcast(setup.run_dir_path(job))
+        run_dir = ranks.broadcast(preflight.run_dir_path(job))
         with setup.run_folder(run_dir, owner=ranks.main):
             if ranks.main:
                 write_config(job, run_dir / "config.json")

@@ -11,7 +11,7 @@ from league.config import apply_overrides
 from league.parallel.dims import ParallelConfig
 from league.parallel.launch import Ranks, block_bounds, run_world_size, torchrun_command
 from league.recipes import get_recipe
-from league.rl.setup import check_job
+from league.rl.preflight import check_job
 
 
 @pytest.mark.parametrize("num,world", [(16, 2), (7, 2), (5, 4), (2, 4), (0, 3)])
