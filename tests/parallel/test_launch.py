@@ -92,7 +92,9 @@ def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
     """`league train --nproc-per-node 2 --tp 2 --ep 2` (torchrun, gloo; FSDP2, rows and heads split over the 2 ranks,
     which share every sample, and the experts split over them): two GRPO steps of the tiny recipe, saving after each;
     rank 0 writes the run folder, and the steps' rollouts are those of one process (same per-request seeds) and the
-    losses agree. One process resumed from the 2-rank checkpoint of step 1 runs step 2 as the 2 ranks did."""
+    losses agree. One process resumed from the 2-rank checkpoint of step 1 runs step 2 as the 2 ranks did, and so do
+    2 pipeline stages resumed from it (each rank reading only its stage's shards into the policy built on the meta
+    device, the engine's copy filled by the first sync)."""
     run, ckpt = tmp_path / "run", tmp_path / "ckpt"
     args = ["train", "--num-rollout", "2", "--sft-warmup-steps", "0", "--rollout-batch-size", "4"]
     args += ["--global-batch-size", "16", "--no-tensorboard"]
@@ -111,7 +113,12 @@ def test_league_train_on_two_processes_runs_two_rollouts(tmp_path):
     resumed = league([*args, "--run-dir", str(tmp_path / "resumed"), "--load", str(ckpt / "step_000001")])
     assert resumed.returncode == 0, resumed.stderr
     [after] = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    for got, want in [*zip(steps, expected), (after, steps[1])]:
+    staged = tmp_path / "staged"
+    from_load = ["--load", str(ckpt / "step_000001"), "--nproc-per-node", "2", "--pp", "2"]
+    pipeline = league([*args, "--run-dir", str(staged), *from_load])
+    assert pipeline.returncode == 0, pipeline.stdout + pipeline.stderr
+    [after_pp] = [json.loads(line) for line in (staged / "metrics.jsonl").read_text().splitlines()]
+    for got, want in [*zip(steps, expected), (after, steps[1]), (after_pp, steps[1])]:
         for key in ("rollout/reward_mean", "rollout/response_len_mean", "rollout/truncated_ratio"):
             assert got[key] == want[key], key
         for key in ("train/pg_loss", "train/mtp_loss", "train/grad_norm"):
