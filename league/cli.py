@@ -10,16 +10,14 @@ responsible for any logic: that lives in the function each command calls.
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from league.cli_convert import convert_app
+from league.cli_output import stderr, stdout, user_errors
 from league.engine.config import EngineConfig
 
 app = typer.Typer(
@@ -30,27 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
-
-
-def os_error_message(error: OSError) -> str:
-    """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: '/path'``."""
-    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
-    text = error.strerror or str(error)
-    return f"{text}: {' -> '.join(paths)}" if paths else text
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a ``ValueError`` or an ``OSError`` (a full disk, a permission, a missing file) into one red
-    ``error: ...`` line on stderr and exit code 1."""
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        message = os_error_message(e) if isinstance(e, OSError) else str(e)
-        stderr.print(Text(f"error: {message}", style="red"), soft_wrap=True)
-        raise typer.Exit(1) from None
+app.add_typer(convert_app, name="convert")
 
 
 NUMERICS_HELP = (
@@ -415,84 +393,6 @@ def plot(
 
         path = plot_run(run_dir, out)
     stdout.print(f"wrote {path}")
-
-
-convert_app = typer.Typer(
-    help="Convert checkpoints between Hugging Face folders and DCP (torch.distributed.checkpoint) folders, the format "
-    "of league train's --save and --load. Streams tensor by tensor; runs in one process or under torchrun "
-    "(`torchrun --nproc-per-node N -m league convert ...`), each rank converting a share.",
-    no_args_is_help=True,
-)
-app.add_typer(convert_app, name="convert")
-ReplaceSave = Annotated[bool, typer.Option("--force", help="Replace --save if it is not empty.")]
-
-
-def _converting(run) -> Path:
-    """``run(group)`` on one process, or by the ranks of a torchrun launch together (gloo: conversion is host work);
-    prints where the result went (rank 0)."""
-    from league.parallel.launch import distributed
-
-    with distributed("cpu") as ranks:
-        path = run(ranks.group)
-        if ranks.main:
-            stdout.print(f"wrote {path}")
-    return path
-
-
-@convert_app.command("hf-to-dcp")
-def hf_to_dcp(
-    hf_checkpoint: Annotated[
-        Path,
-        typer.Option(
-            help="Hugging Face checkpoint folder: config.json and safetensors (one file or sharded; fused or "
-            "per-expert experts; a multimodal checkpoint's vision tower is left out)."
-        ),
-    ],
-    save: Annotated[Path, typer.Option(help="DCP folder to create; it must be absent or empty unless --force.")],
-    mtp_num_layers: Annotated[
-        int | None,
-        typer.Option(min=0, help="0 leaves the MTP layer (mtp.*) out; otherwise it must be the checkpoint's."),
-    ] = None,
-    force: ReplaceSave = False,
-) -> None:
-    """Write a Hugging Face checkpoint as a DCP folder that `league train --load` starts from (at step 0, at any
-    number of ranks): the weights under league's names, each in its stored dtype, with config.json and the tokenizer
-    files copied alongside."""
-    with user_errors():
-        from league.checkpoint.convert import hf_to_dcp as run
-
-        _converting(lambda group: run(hf_checkpoint, save, mtp_num_layers, force, group))
-
-
-@convert_app.command("dcp-to-hf")
-def dcp_to_hf(
-    load: Annotated[
-        Path,
-        typer.Option(
-            help="DCP folder (from `convert hf-to-dcp` or a `league train --save` checkpoint), or a folder of "
-            "checkpoints whose `latest` file names one."
-        ),
-    ],
-    save: Annotated[
-        Path, typer.Option(help="Hugging Face folder to create; it must be absent or empty unless --force.")
-    ],
-    force: ReplaceSave = False,
-    load_unsafe_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--load-unsafe-pickle",
-            help="Read --load's .metadata (a pickle) without restriction, which runs any code it holds: only for a "
-            "folder you trust. By default only DCP's metadata classes unpickle.",
-        ),
-    ] = False,
-) -> None:
-    """Write the policy of a DCP folder as a Hugging Face folder in the published naming (fused experts, mtp.*;
-    sharded with an index above 5 GB), with the folder's config.json and tokenizer files: a folder transformers and
-    league load."""
-    with user_errors():
-        from league.checkpoint.convert import dcp_to_hf as run
-
-        _converting(lambda group: run(load, save, force, group, load_unsafe_pickle))
 
 
 def _run_train(job, dry_run: bool) -> None:
