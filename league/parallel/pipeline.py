@@ -170,10 +170,10 @@ class Pipeline:
         micro-batches): 1F1B forwards and backwards, or forwards only. On the last stage ``on_hidden(k, hidden)``
         is called with each micro-batch's final hidden states and returns the loss whose backward the schedule
         runs (or, without backward, anything: its value is dropped)."""
-        length = max(tokens.shape[0] for tokens, _ in micro)
+        n, length = len(micro), max(tokens.shape[0] for tokens, _ in micro)
         self.module.inputs = [padded_input(tokens, batch, length) for tokens, batch in micro]
         self.module.on_hidden = on_hidden
-        dtype = next(p for p in self.module.parameters()).dtype
+        dtype = next(self.module.parameters()).dtype
         # the shapes each stage receives and sends (the hidden states carry gradients back)
         hidden = torch.empty(1, length, self.module.model.args.dim, dtype=dtype, device="meta")
         hidden.requires_grad_(backward)
@@ -188,8 +188,8 @@ class Pipeline:
             output_args=loss if self.last else hidden,
             group=self.group,
         )
-        schedule = Schedule1F1B(stage, len(micro), loss_fn=_sum if backward else None, scale_grads=False)
-        n = len(micro)
+        # the losses are already divided by the step's global counts: no scaling by the number of micro-batches
+        schedule = Schedule1F1B(stage, n, loss_fn=_sum if backward else None, scale_grads=False)
         args = (torch.stack([s.tokens_T for s in self.module.inputs]),) if self.first else ()
         index = torch.arange(n, device=self.device)
         target = torch.zeros(n, device=self.device) if self.last and backward else None
