@@ -13,12 +13,11 @@ from league.cli import app
 from league.models.qwen3_5_moe import Transformer
 from league.models.qwen3_5_moe.presets import PRESETS
 from league.ops.logprob import linear_token_logprobs
+from league.parallel.activations import LOGPROB_CHUNK_ROWS, activation_estimate
 from league.parallel.dims import ParallelConfig
 from league.parallel.plan import (
-    LOGPROB_CHUNK_ROWS,
     GiB,
     PlanSettings,
-    activation_estimate,
     fake_process_group,
     local_numels,
     placed_policy,
