@@ -38,7 +38,7 @@ import types
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -136,7 +136,7 @@ def ep_forward(
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        x_recv = dist_fn.all_to_all_single(x_ND.new_empty(sum(recv), x_ND.shape[1]), x_ND, recv, send, group=group)
+        x_recv = exchange(x_ND, recv, send, group)
         ids_recv = sorted_experts_N.new_empty(sum(recv))
         dist.all_to_all_single(ids_recv, sorted_experts_N % local_experts, recv, send, group=group)
     # 3. this rank's experts (its share of them with ETP), one expert per received row
@@ -149,7 +149,7 @@ def ep_forward(
     if group is None:
         y_ND = y_recv
     else:
-        y_ND = dist_fn.all_to_all_single(y_recv.new_empty(x_ND.shape), y_recv, send, recv, group=group)
+        y_ND = exchange(y_recv, send, recv, group)
     inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
     y_TAD = y_ND.index_select(0, inverse_N).view(num_tokens, num_topk, -1)
     return (y_TAD * weights_TA[..., None].to(y_TAD.dtype)).sum(1).to(x_TD.dtype)
@@ -173,12 +173,18 @@ def etp_experts(
     dist.all_to_all_single(counts, torch.full((etp,), num_rows, dtype=torch.int64, device=x_RD.device), group=group)
     rows, mine = counts.tolist(), [num_rows] * etp
     # the gather: this rank's rows sent to every member, each member's received in rank order
-    x_all = dist_fn.all_to_all_single(x_RD.new_empty(sum(rows), x_RD.shape[1]), x_RD.repeat(etp, 1), rows, mine, group)
+    x_all = exchange(x_RD.repeat(etp, 1), rows, mine, group)
     ids_all = ids_R.new_empty(sum(rows))
     dist.all_to_all_single(ids_all, ids_R.repeat(etp), rows, mine, group=group)
     ones = x_all.new_ones(x_all.shape[0], 1)
     partial = swiglu_experts(x_all, w_gate_up, w_down, ones, ids_all[:, None], numerics)
     # the reduce-scatter: each member's rows' partials sent back to it and summed
-    partials = partial.new_empty(etp * num_rows, partial.shape[1])
-    partials = dist_fn.all_to_all_single(partials, partial, mine, rows, group)
+    partials = exchange(partial, mine, rows, group)
     return partials.view(etp, num_rows, -1).sum(0)
+
+
+def exchange(x: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """``x``'s rows sent to the ranks of ``group`` (``send[r]`` rows to rank r, in order) and theirs received
+    (``recv[r]`` from rank r), uneven sizes allowed; differentiable: the backward sends the gradients back the same
+    way."""
+    return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, group)
