@@ -312,7 +312,7 @@ def pp2_logprobs(world: int) -> dict:
 
 @check(world=4)
 def pp2_ep2_train_step(world: int) -> dict:
-    return train_step(world, pp=2, ep=2)
+    return train_step(world, recompute=True, pp=2, ep=2)
 
 
 @check(world=4)
