@@ -96,15 +96,15 @@ def compare(got: dict, expected: dict, draws: list[list[float]], rank: int) -> d
     }
 
 
-@check(world=4)
-def dcp_resume_across_layouts(world: int) -> dict:
-    """One step at 4 ranks in the ``SAVED`` layout (fp32 masters offloaded, KL reference sharded), a checkpoint, then
-    the next step: run uninterrupted, and resumed from the checkpoint in the same layout, at 4 ranks as dp4 (FSDP2
-    only) and ep4, at 2 (two pairs of ranks, each its own data-parallel run) and in one process (rank 0)."""
-    ranks, _ = layout(world, **SAVED)
+def saved_between_steps(world: int, sizes: dict) -> tuple[Ranks, Path, Path, dict, list]:
+    """One step at ``world`` ranks in the layout ``sizes`` (fp32 masters offloaded, KL reference sharded), a
+    checkpoint into a fresh folder shared by the ranks, then the next step as the uninterrupted run takes it. Returns
+    the ranks, the folder, the checkpoint, what the uninterrupted run did next (the sampler's batch, the step's
+    metrics, the whole parameters) and every rank's RNG draw after the save."""
+    ranks, _ = layout(world, **sizes)
     root = shared_folder(ranks)
-    model, ref = sharded_policy(world, **SAVED)
-    run = trainer(model, ref, ranks, offload=True)
+    model, ref, pipes = parallel_policy(world, **sizes)
+    run = trainer(model, ref, ranks, offload=True, pipelines=pipes)
     run.train(ranks.step_share(FIRST, GBS))
     prompts = sampler()
     prompts.next_batch()
@@ -114,8 +114,17 @@ def dcp_resume_across_layouts(world: int) -> dict:
     expected = {
         "batch": prompts.next_batch(),
         "metrics": run.train(ranks.step_share(SECOND, GBS)),
-        "params": dict(full_parameters(model)),
+        "params": whole_parameters(model, ranks),
     }
+    return ranks, root, saved, expected, draws
+
+
+@check(world=4)
+def dcp_resume_across_layouts(world: int) -> dict:
+    """One step at 4 ranks in the ``SAVED`` layout (fp32 masters offloaded, KL reference sharded), a checkpoint, then
+    the next step: run uninterrupted, and resumed from the checkpoint in the same layout, at 4 ranks as dp4 (FSDP2
+    only) and ep4, at 2 (two pairs of ranks, each its own data-parallel run) and in one process (rank 0)."""
+    ranks, root, saved, expected, draws = saved_between_steps(world, SAVED)
     pairs = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pair", "dp"))["dp"]
     legs = {
         "tp2_ep2": resumed(ranks, SAVED, root),
@@ -141,21 +150,7 @@ def dcp_resume_across_layouts(world: int) -> dict:
 def dcp_pp2_resume_as_pp2_and_one(world: int) -> dict:
     """One step with 2 pipeline stages, a checkpoint (each stage saves the parameters and optimizer state it holds),
     then the next step: uninterrupted, resumed with 2 stages, and resumed in one process (rank 0)."""
-    ranks, _ = layout(world, pp=2)
-    root = shared_folder(ranks)
-    model, ref, pipes = parallel_policy(world, pp=2)
-    run = trainer(model, ref, ranks, offload=True, pipelines=pipes)
-    run.train(ranks.step_share(FIRST, GBS))
-    prompts = sampler()
-    prompts.next_batch()
-    torch.manual_seed(100 + ranks.rank)
-    checkpoints.save_checkpoint(root, 0, model, run, prompts, build_tiny_tokenizer(), ranks)
-    draws = ranks.gather_blocks([torch.rand(3).tolist()])
-    expected = {
-        "batch": prompts.next_batch(),
-        "metrics": run.train(ranks.step_share(SECOND, GBS)),
-        "params": whole_parameters(model, ranks),
-    }
+    ranks, root, _, expected, draws = saved_between_steps(world, {"pp": 2})
     legs = {"pp2": resumed(ranks, {"pp": 2}, root)}
     if ranks.main:
         legs["one"] = resumed(Ranks(), {}, root)

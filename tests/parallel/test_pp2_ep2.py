@@ -1,6 +1,6 @@
 """pp2 ep2: 2 pipeline stages of 2 ranks each, the routed experts of each stage split over its 2 ranks (and FSDP2
-over them; activation recompute on) give the one-process training step; dp2 pp2 log-probs equal one process's (one launch of 4 gloo processes
-for every world-4 check)."""
+over them; activation recompute on) give the one-process training step; dp2 pp2 log-probs equal one process's (one
+launch of 4 gloo processes for every world-4 check)."""
 
 import pytest
 
