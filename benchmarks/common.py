@@ -32,12 +32,12 @@ def _version(name: str) -> str | None:
 
 
 def override_moe_tiles(**fields) -> None:
-    """Set ``fields`` (``block_m``, ``row_splits``: see ``triton_moe.TileConfig``; ``None`` values are skipped) in
+    """Set ``fields`` (``block_m``, ``row_splits``: see ``ops.moe.triton.TileConfig``; ``None`` values are skipped) in
     every tile config of the Triton expert kernels, for engines made after the call (graphs capture the configs)."""
     fields = {k: v for k, v in fields.items() if v is not None}
     if not fields:
         return
-    from league.ops import triton_moe
+    from league.ops.moe import triton as triton_moe
 
     triton_moe.CONFIGS = tuple(
         (bound, *(dataclasses.replace(c, **fields) for c in configs)) for bound, *configs in triton_moe.CONFIGS

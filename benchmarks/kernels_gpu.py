@@ -1,13 +1,13 @@
 """Decode-step kernels at the real model's sizes, each beside the bytes it must move (the memory bound at the
 H200's 4.8 TB/s): the Gated DeltaNet recurrent step over states in their slots (for each block width and warp
 count of the kernel, fp32 and bf16 states), the slot conv, and the MoE experts: the two grouped GEMMs at a decode
-batch, and at each of ``--moe-batches`` the grouped GEMMs against the Triton kernels of ``ops.triton_moe`` (the
+batch, and at each of ``--moe-batches`` the grouped GEMMs against the Triton kernels of ``ops.moe.triton`` (the
 whole call, and each kernel alone for a list of tile configs; replayed from a CUDA graph as decode runs them, over
 8 layers' weights in turn so that no layer finds its experts in L2; the bytes are the weights of the experts that
 received a token); the router's softmax and top-k (torch against the Triton kernel at each rows-per-program and
 warp count) and the token log-probs over the 248,320-column logits (torch against the Triton pass), each replayed
 40 times in a CUDA graph as the 40 MoE layers run it; and each dense projection of a decode step by cuBLAS
-against the fixed-tiles Triton GEMM (``ops.triton_linear``). Times are CUDA-event medians over ``--iters`` runs. Writes
+against the fixed-tiles Triton GEMM (``ops.linear.triton``). Times are CUDA-event medians over ``--iters`` runs. Writes
 ``benchmarks/results/kernels_gpu.json`` (``kernels_gpu_<only>.json`` with ``--only``).
 
     python benchmarks/kernels_gpu.py [--batch 256] [--iters 50] [--only moe]
@@ -22,12 +22,17 @@ from pathlib import Path
 import torch
 from common import versions
 
-from league.ops import triton_router
 from league.ops.conv import causal_conv1d_slots
 from league.ops.gdn import triton_recurrent
 from league.ops.logprob import token_logprobs, token_logprobs_reference
-from league.ops.moe import TRITON_MAX_ROWS_PER_EXPERT, grouped_swiglu_experts, route_topk_reference, sort_pairs
-from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd, grouped_swiglu_experts_triton, tile_configs
+from league.ops.moe import (
+    TRITON_MAX_ROWS_PER_EXPERT,
+    grouped_swiglu_experts,
+    route_topk_reference,
+    sort_pairs,
+    triton_router,
+)
+from league.ops.moe.triton import TileConfig, down_fwd, gate_up_swiglu_fwd, grouped_swiglu_experts_triton, tile_configs
 
 HBM_BYTES_PER_S = 4.8e12
 HK, HV, K, V, C, W = 16, 32, 128, 128, 8192, 4  # Qwen3.6-35B-A3B's GDN
@@ -176,7 +181,7 @@ DENSE_SHAPES = ((12352, 2048), (9216, 2048), (1288, 2048), (2048, 4096), (2048, 
 def dense(batch: int, iters: int, repeats: int = 10) -> dict:
     """Each decode projection: cuBLAS (``F.linear``) against the fixed-tiles Triton GEMM, ``repeats`` calls on as
     many weight copies (no call finds its weights in L2) in one graph; ms a call and the weights' TB/s."""
-    from league.ops.triton_linear import fixed_tiles_matmul
+    from league.ops.linear.triton import fixed_tiles_matmul
 
     results = {}
     x_by_k = {k: torch.randn(batch, k, device="cuda").bfloat16() for _, k in DENSE_SHAPES}

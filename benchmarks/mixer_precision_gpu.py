@@ -66,6 +66,7 @@ from speculative_gpu import device_name
 from league.engine.cache import allocate_cache
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe import batch as batch_py
+from league.models.qwen3_5_moe import gated_deltanet as gdn_py
 from league.models.qwen3_5_moe import model as model_py
 from league.models.qwen3_5_moe.presets import PRESETS
 from league.ops import gdn as gdn_ops
@@ -167,7 +168,7 @@ def recording(calls: dict[str, list]):
         return recorded
 
     # the model's ops, and the projections that its ForwardBatch runs
-    modules = [(module, name) for module in (model_py, batch_py) for name in RECORDED if hasattr(module, name)]
+    modules = [(module, name) for module in (model_py, gdn_py, batch_py) for name in RECORDED if hasattr(module, name)]
     originals = {(module, name): getattr(module, name) for module, name in modules}
     try:
         for (module, name), fn in originals.items():

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from league.models.qwen3_5_moe import ForwardBatch
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
-from league.ops import triton_moe
+from league.ops.moe import triton as triton_moe
 
 HBM_BYTES_PER_S = 4.8e12
 
@@ -50,7 +50,7 @@ def parse_settings(text: str) -> dict[str, tuple[int, int, int, int]]:
 
 
 def with_tiles(base, bm_gate_up: int, splits_gate_up: int, bm_down: int, splits_down: int):
-    """``triton_moe.CONFIGS`` with these rows per tile and row splits in every gate-up and down config."""
+    """``ops.moe.triton.CONFIGS`` with these rows per tile and row splits in every gate-up and down config."""
     return tuple(
         (
             bound,

@@ -1,5 +1,5 @@
 """The sort of a decode step's token-expert pairs by expert, torch (``moe.sort_pairs``) against the one launch of
-``triton_moe.sort_pairs_triton`` that ``grouped_swiglu_experts_triton`` runs, at Qwen3.6-35B-A3B's sizes (256
+``ops.moe.triton.sort_pairs_triton`` that ``grouped_swiglu_experts_triton`` runs, at Qwen3.6-35B-A3B's sizes (256
 experts, top-8, the experts routed from bf16 logits).
 
 Each is timed per call two ways: eager, as ``--iters`` calls back to back between two CUDA events (the host's
@@ -22,7 +22,7 @@ import triton
 
 import league
 from league.ops.moe import route_topk, sort_pairs
-from league.ops.triton_moe import sort_pairs_triton
+from league.ops.moe.triton import sort_pairs_triton
 
 E, TOPK = 256, 8
 

@@ -7,7 +7,7 @@ Also the routing's spread over the experts, which sets how often the Triton expe
 weights more than once (once per ``block_m`` rows): the token-expert choices of two decode steps run eagerly
 after the timed ones (captured graphs record nothing), layer by layer, and the rows each expert gets are
 summarised (mean, the 99th percentile, the max, and the share of experts past 16 and 32 rows).
-``--moe-block-m`` overrides the kernels' rows per tile (``triton_moe.CONFIGS``) and ``--moe-row-splits`` the
+``--moe-block-m`` overrides the kernels' rows per tile (``ops.moe.triton.CONFIGS``) and ``--moe-row-splits`` the
 programs sharing an expert's tiles, to measure their effect on the step.
 
 The step is timed twice without the profiler: back to back (``step_ms``, the engine's own pace) and with each step

@@ -88,7 +88,7 @@ def init(
     """Write a randomly initialised checkpoint in Hugging Face format (config.json, safetensors, and for
     tiny a tokenizer), streaming tensor by tensor, so anything can be tried with no download."""
     with user_errors():
-        from league.checkpoint.hf import init_checkpoint
+        from league.checkpoint.init import init_checkpoint
 
         path = init_checkpoint(
             preset, out, num_layers=num_layers, mtp_num_layers=mtp_num_layers, seed=seed, dtype=dtype, force=force

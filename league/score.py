@@ -44,7 +44,7 @@ def score_sequences(model: Transformer, sequences: list[list[int]], numerics: Nu
             out.append([])
             continue
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
-        batch = ForwardBatch.packed([len(ids)], device=device, numerics=numerics)
+        batch = ForwardBatch.training([len(ids)], device, numerics)
         hidden = model(tokens, batch)[:-1]
         targets = tokens[1:]
         scores = [

@@ -121,16 +121,14 @@ class DecodeGraphs:
             self._capture(size)
 
     def _batch(self, size: int) -> ForwardBatch:
-        return ForwardBatch(
-            cu_seqlens=self.cu_seqlens[: size + 1],
-            seq_lens=[1] * size,
+        """``size`` one-token sequences from the captured buffers: each token's position is its cached length."""
+        return ForwardBatch.continuing(
+            width=1,
             positions=self.positions[:size],
-            slots=[self.scratch_slot] * size,
-            cache_lens=[1] * size,  # continuing sequences (the lengths themselves are read from cache_lens_t)
-            seq_lens_t=self.ones[:size],
             slots_t=self.slots[:size],
-            cache_lens_t=self.positions[:size],  # one new token each: its position is its cached length
-            token_slots=self.slots[:size],
+            cache_lens_t=self.positions[:size],
+            cu_seqlens=self.cu_seqlens[: size + 1],
+            seq_lens_t=self.ones[:size],
             numerics=self.numerics,
         )
 

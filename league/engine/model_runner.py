@@ -89,7 +89,7 @@ class ModelRunner:
         return min(fit, self.config.max_running_requests)
 
     def _batch(self, seq_lens: list[int], cache_lens: list[int], slots: list[int]) -> ForwardBatch:
-        return ForwardBatch.packed(seq_lens, self.device, cache_lens=cache_lens, slots=slots, numerics=self.numerics)
+        return ForwardBatch.prefill(seq_lens, cache_lens, slots, self.device, self.numerics)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden_TD, self.numerics)
@@ -185,7 +185,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(len(slots)):
             logits, hidden = self.graphs.run(tokens_B, positions, slots)
         else:
-            batch = self._batch([1] * len(slots), positions, slots)
+            batch = ForwardBatch.decode(positions, slots, self.device, self.numerics)
             hidden = self.model(tokens_B, batch, self.cache)
             logits = self.logits(hidden)
         if self.spec_step is not None:

@@ -110,20 +110,19 @@ class SpeculativeStep:
                 piece()
         return self.drafts[:batch], self.logits[: batch * self.width].view(batch, self.width, -1)
 
-    def _batch(self, size: int, width: int, positions: torch.Tensor, cache_lens: torch.Tensor, **kw) -> ForwardBatch:
+    def _batch(
+        self, size: int, width: int, positions: torch.Tensor, cache_lens: torch.Tensor, verify: bool = False
+    ) -> ForwardBatch:
         """``size`` sequences of ``width`` new tokens each, continuing in their slots (no host values read)."""
-        slots = self.slots[:size]
-        return ForwardBatch(
-            cu_seqlens=(self.cu_rows if width > 1 else self.cu_one)[: size + 1],
-            seq_lens=[width] * size,
+        return ForwardBatch.continuing(
+            width=width,
             positions=positions,
-            cache_lens=[1] * size,  # continuing sequences; the lengths themselves are read from cache_lens_t
-            seq_lens_t=self.row_lens[:size] if width > 1 else self.ones[:size],
-            slots_t=slots,
+            slots_t=self.slots[:size],
             cache_lens_t=cache_lens,
-            token_slots=slots[:, None].expand(size, width).reshape(-1),
+            cu_seqlens=(self.cu_rows if width > 1 else self.cu_one)[: size + 1],
+            seq_lens_t=self.row_lens[:size] if width > 1 else self.ones[:size],
             numerics=self.numerics,
-            **kw,
+            verify=verify,
         )
 
     def pieces(self, size: int) -> list:
@@ -151,7 +150,7 @@ class SpeculativeStep:
             pending = self.tokens[:size].gather(1, last[:, None])
             verify_tokens = torch.cat([pending, self.drafts[:size]], dim=1).reshape(-1)
             positions = (committed[:, None] + self.offsets).reshape(-1)
-            state["batch"] = self._batch(size, width, positions, committed, record_states=True)
+            state["batch"] = self._batch(size, width, positions, committed, verify=True)
             state["x"], state["rope"] = model.embed(verify_tokens, state["batch"])
 
         def head() -> None:

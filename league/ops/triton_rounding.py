@@ -12,7 +12,7 @@ def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even) and back to fp32. Done on the bits for bf16: on an
     H200 a plain ``.to(bf16).to(fp32)`` of ``div_rn``'s result did not round (a kernel then matched torch's ops on
     ~80% of the elements; rounding the bits, on nearly all), while the same pair after ``/`` rounds in
-    ``triton_moe``. fp32 passes through."""
+    ``ops.moe.triton``. fp32 passes through."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000

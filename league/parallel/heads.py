@@ -34,7 +34,8 @@ from torch.func import functional_call
 
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.batch import ForwardBatch
-from league.models.qwen3_5_moe.model import GatedAttention, GatedDeltaNet
+from league.models.qwen3_5_moe.gated_deltanet import GatedDeltaNet
+from league.models.qwen3_5_moe.model import GatedAttention
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +212,7 @@ def padded_batch(batch: ForwardBatch, num_rows: int, size: int) -> tuple[Forward
     already is), and the number of those rows."""
     pad = -num_rows % size
     seq_lens = batch.seq_lens + ([pad] if pad else [])
-    return ForwardBatch.packed(seq_lens, device=batch.positions.device, numerics=batch.numerics), pad
+    return ForwardBatch.training(seq_lens, batch.positions.device, batch.numerics), pad
 
 
 def _rows_of_rank(x: torch.Tensor, pad: int, group) -> torch.Tensor:

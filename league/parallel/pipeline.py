@@ -75,7 +75,7 @@ def padded_input(tokens_T: torch.Tensor, batch: ForwardBatch, length: int) -> St
         raise ValueError(f"a micro-batch of {tokens_T.shape[0]} tokens does not fit the step's {length}")
     if pad:
         tokens_T = F.pad(tokens_T, (0, pad))
-        batch = ForwardBatch.packed([*batch.seq_lens, pad], device=tokens_T.device, numerics=batch.numerics)
+        batch = ForwardBatch.training([*batch.seq_lens, pad], tokens_T.device, batch.numerics)
     return StageInput(tokens_T, batch, length - pad)
 
 

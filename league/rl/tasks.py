@@ -81,7 +81,7 @@ def supervised_warmup(
         batch = [examples[gen.randrange(len(examples))] for _ in range(batch_size)]
         seqs = [p + a for p, a in batch]
         tokens = torch.tensor([t for s in seqs for t in s])
-        fb = ForwardBatch.packed([len(s) for s in seqs])
+        fb = ForwardBatch.training([len(s) for s in seqs])
         hidden = model(tokens, fb)
         rows, labels, mtp_rows, mtp_labels = [], [], [], []
         offset = 0

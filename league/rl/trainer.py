@@ -238,11 +238,7 @@ class Trainer:
             micro.append(
                 MicroBatch(
                     packed=packed,
-                    batch=ForwardBatch.packed(
-                        packed.seq_lens,
-                        device=self.device,
-                        numerics=self.numerics,
-                    ),
+                    batch=ForwardBatch.training(packed.seq_lens, self.device, self.numerics),
                     indices=list(group),
                 )
             )

@@ -6,15 +6,8 @@ import json
 import pytest
 import torch
 
-from league.checkpoint.hf import (
-    hf_config,
-    hf_tensor_specs,
-    init_checkpoint,
-    iter_init_tensors,
-    load_model,
-    meta_model,
-    preset_args,
-)
+from league.checkpoint.hf import hf_config, hf_tensor_specs, load_model, meta_model
+from league.checkpoint.init import init_checkpoint, iter_init_tensors, preset_args
 from league.checkpoint.safetensors import list_tensors
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS

@@ -1,4 +1,4 @@
-"""The Triton slot conv (``triton_conv``) at the real model's sizes (C = 8192, W = 4) against its torch reference,
+"""The Triton slot conv (``ops.conv.triton``) at the real model's sizes (C = 8192, W = 4) against its torch reference,
 on the GPU: decode of a batch of 256, verify of 4 tokens, a ragged prefill, and replay in a CUDA graph."""
 
 import importlib.util
@@ -33,7 +33,7 @@ def setup(num_seqs, num_tokens, seed=0, lens=None):
 
 @pytest.mark.parametrize(("num_seqs", "num_tokens", "record"), [(256, 1, False), (64, 4, True), (64, 4, False)])
 def test_slot_conv_matches_reference(num_seqs, num_tokens, record):
-    from league.ops.triton_conv import causal_conv1d_slots_triton
+    from league.ops.conv.triton import causal_conv1d_slots_triton
 
     x, weight, cache, slots, fresh = setup(num_seqs, num_tokens)
     lens = torch.randint(1, num_tokens + 1, (num_seqs,), device="cuda")
@@ -49,7 +49,7 @@ def test_slot_conv_matches_reference(num_seqs, num_tokens, record):
 
 
 def test_slot_conv_replays_in_a_cuda_graph():
-    from league.ops.triton_conv import causal_conv1d_slots_triton
+    from league.ops.conv.triton import causal_conv1d_slots_triton
 
     x, weight, cache, slots, fresh = setup(128, 1)
     causal_conv1d_slots_triton(x, weight, cache.clone(), slots, fresh)  # compile outside the capture

@@ -83,7 +83,7 @@ def test_grouped_moe_matches_reference(dtype):
 @pytest.mark.parametrize("form", ["grouped_gemm", "triton"])
 @torch.no_grad()
 def test_grouped_moe_is_deterministic_and_captured_by_a_cuda_graph(form):
-    from league.ops.triton_moe import grouped_swiglu_experts_triton
+    from league.ops.moe.triton import grouped_swiglu_experts_triton
 
     experts_fn = grouped_swiglu_experts if form == "grouped_gemm" else grouped_swiglu_experts_triton
     x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(256)
@@ -115,7 +115,7 @@ def test_triton_moe_kernels_round_where_grouped_gemm_rounds(num_tokens):
     order moves a rare value across a rounding boundary; nothing else differs. (An ulp of a sum that cancelled is
     many ulps of its small result, so differences are held to the largest magnitude: CPU runs of fp32 against fp64
     sums at these sizes differ in ~0.03% of the elements, by at most a third of this bound.)"""
-    from league.ops.triton_moe import down_fwd, gate_up_swiglu_fwd, tile_configs
+    from league.ops.moe.triton import down_fwd, gate_up_swiglu_fwd, tile_configs
 
     x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(num_tokens)
     order, offs = sort_pairs(experts, NUM_EXPERTS)
@@ -137,7 +137,7 @@ def test_triton_moe_kernels_round_where_grouped_gemm_rounds(num_tokens):
 
 @pytest.mark.parametrize("num_tokens", [1, 16, 256, 1024])
 def test_triton_moe_matches_grouped_gemm(num_tokens):
-    from league.ops.triton_moe import grouped_swiglu_experts_triton
+    from league.ops.moe.triton import grouped_swiglu_experts_triton
 
     args = bf16_moe_inputs(num_tokens)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_triton_moe_row_splits_give_the_same_bits_with_a_hot_expert(row_splits):
     expert's row tiles shared by several programs give the one-program results bitwise."""
     from dataclasses import replace
 
-    from league.ops.triton_moe import down_fwd, gate_up_swiglu_fwd, tile_configs
+    from league.ops.moe.triton import down_fwd, gate_up_swiglu_fwd, tile_configs
 
     x, w_gate_up, w_down, _, _ = bf16_moe_inputs(256)
     logits = randn(256, NUM_EXPERTS, seed=4)
@@ -179,7 +179,7 @@ def test_triton_moe_row_splits_give_the_same_bits_with_a_hot_expert(row_splits):
 
 
 def test_triton_moe_serves_only_no_grad_calls():
-    from league.ops.triton_moe import grouped_swiglu_experts_triton
+    from league.ops.moe.triton import grouped_swiglu_experts_triton
 
     x, w_gate_up, w_down, weights, experts = bf16_moe_inputs(16)
     x.requires_grad_()
@@ -192,7 +192,7 @@ def test_triton_moe_serves_only_no_grad_calls():
 @pytest.mark.parametrize("num_tokens", [1, 64, 256, 1024, 2048])
 @pytest.mark.parametrize("case", ["routed", "unused_experts", "one_expert_takes_all"])
 def test_triton_sort_pairs_matches_torch(num_tokens, case):
-    from league.ops.triton_moe import sort_pairs_triton
+    from league.ops.moe.triton import sort_pairs_triton
 
     experts = route_topk(randn(num_tokens, NUM_EXPERTS, seed=12), TOP_K)[1]
     if case == "unused_experts":  # experts 0..127 receive no pair
@@ -207,7 +207,7 @@ def test_triton_sort_pairs_matches_torch(num_tokens, case):
 
 @torch.no_grad()
 def test_triton_sort_pairs_replays_in_a_cuda_graph():
-    from league.ops.triton_moe import sort_pairs_triton
+    from league.ops.moe.triton import sort_pairs_triton
 
     experts = route_topk(randn(256, NUM_EXPERTS, seed=13), TOP_K)[1]
     stream = torch.cuda.Stream()

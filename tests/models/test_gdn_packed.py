@@ -4,7 +4,7 @@ heads): run here through the torch references by switching the layout."""
 import torch
 
 from league.models.qwen3_5_moe import ForwardBatch
-from league.models.qwen3_5_moe import model as model_module
+from league.models.qwen3_5_moe import gated_deltanet as model_module
 from tests.models.test_forms import tiny_model
 
 

@@ -94,7 +94,7 @@ needs_triton = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs triton and C
 
 
 def kernel(*args):
-    from league.ops.triton_attention import cached_attention_fwd
+    from league.ops.attention.triton import cached_attention_fwd
 
     return cached_attention_fwd(*args)
 

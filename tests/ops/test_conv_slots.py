@@ -73,7 +73,7 @@ def test_reference_verify_records_windows_and_leaves_the_cache():
 @pytest.mark.parametrize("record", [False, True])
 @pytest.mark.parametrize("with_lens", [False, True])
 def test_triton_kernel_matches_reference(dtype, record, with_lens):
-    from league.ops.triton_conv import causal_conv1d_slots_triton
+    from league.ops.conv.triton import causal_conv1d_slots_triton
 
     x, weight, cache, slots, fresh, lens = inputs(dtype, seed=1)
     lens = lens if with_lens else None

@@ -61,7 +61,7 @@ def test_gdn_as_decode_equals_decode_steps_and_has_the_references_gradients():
 
 def test_attention_as_decode_equals_decode_steps_and_has_the_references_gradients():
     from league.ops.attention import attention_as_decode_kernel
-    from league.ops.triton_attention import cached_attention_fwd
+    from league.ops.attention.triton import cached_attention_fwd
 
     gen = torch.Generator().manual_seed(1)
     lens, heads, groups, dim = [7, 70, 1], 4, 2, 32  # a sequence longer than one key block

@@ -169,7 +169,7 @@ def test_triton_chunk_kernels_equal_the_torch_path(monkeypatch, temperature, wit
 def test_triton_logits_gradient_is_the_torch_one_within_a_bf16_ulp(with_entropy):
     """Each bf16 logit gradient is the torch path's fp32 value rounded: within one bf16 ulp of the torch path's
     (Triton's interpreter truncates where CUDA rounds to nearest, so exact equality is for the GPU tests)."""
-    from league.ops.triton_logprob import chunk_grad_logits
+    from league.ops.logprob.triton import chunk_grad_logits
 
     hidden, weight, tokens = make_inputs(8, 16, 5000, torch.bfloat16, seed=3)
     lse, logp = torch.empty(8), torch.empty(8)

@@ -46,7 +46,7 @@ def test_copy_rows_refuses_rows_of_another_shape_or_dtype():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("row_shape", [(2, 3, 700), (4097,), (1,)])  # rows past one block, and a one-element row
 def test_triton_copy_rows_is_the_indexed_copy_bitwise(dtype, row_shape):
-    from league.ops.triton_rows import copy_rows_triton
+    from league.ops.rows.triton import copy_rows_triton
 
     dst, dst_index, src, src_index = operands(dtype, row_shape, DEVICE)
     expected = dst.clone()

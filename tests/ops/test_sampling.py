@@ -91,7 +91,7 @@ def test_filtered_and_unfiltered_draws_are_the_same_draw():
 )
 @pytest.mark.parametrize("vocab,dtype", [(12, torch.float32), (40_000, torch.bfloat16)])
 def test_triton_kernel_equals_torch(vocab, dtype):
-    from league.ops.triton_sampling import sample_logits_fwd
+    from league.ops.sampling.triton import sample_logits_fwd
 
     gen = torch.Generator().manual_seed(2)
     logits = (torch.randn(6, vocab, generator=gen) * 3).to(dtype)

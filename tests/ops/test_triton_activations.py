@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs triton and CUD
 
 
 def kernels():
-    from league.ops.triton_activations import add_gated_fwd, silu_mul_fwd
+    from league.ops.activations.triton import add_gated_fwd, silu_mul_fwd
 
     return silu_mul_fwd, add_gated_fwd
 

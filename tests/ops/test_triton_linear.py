@@ -32,7 +32,7 @@ def operands(rows: int, dim: int, cols: int, seed: int = 0) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("shape", [(70, 130, 100), (1, 64, 64), (129, 256, 65), (3, 200, 1)])
 def test_fixed_tiles_matmul_matches_fp32(shape):
-    from league.ops.triton_linear import fixed_tiles_matmul
+    from league.ops.linear.triton import fixed_tiles_matmul
 
     x, w = operands(*shape)
     out = fixed_tiles_matmul(x, w)
@@ -43,7 +43,7 @@ def test_fixed_tiles_matmul_matches_fp32(shape):
 
 
 def test_fixed_tiles_rows_do_not_depend_on_the_call():
-    from league.ops.triton_linear import fixed_tiles_matmul
+    from league.ops.linear.triton import fixed_tiles_matmul
 
     x, w = operands(150, 192, 96, seed=1)
     whole = fixed_tiles_matmul(x, w)

@@ -1,4 +1,4 @@
-"""The Triton experts (``triton_moe``) against the reference loop and against the rounding points they reproduce,
+"""The Triton experts (``ops.moe.triton``) against the reference loop and against the rounding points they reproduce,
 and their sort of the pairs against ``moe.sort_pairs`` (bitwise).
 
 Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (``PYTHONPATH`` holding a Triton install); skipped otherwise.
@@ -67,7 +67,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference_loop(case, dtype):
-    from league.ops.triton_moe import grouped_swiglu_experts_triton
+    from league.ops.moe.triton import grouped_swiglu_experts_triton
 
     inputs = make_inputs(**CASES[case], dtype=dtype)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_matches_reference_loop(case, dtype):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("block_m,block_n,block_k", [(16, 32, 128), (32, 16, 32)])
 def test_kernels_round_where_the_reference_rounds(case, block_m, block_n, block_k, dtype):
-    from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd
+    from league.ops.moe.triton import TileConfig, down_fwd, gate_up_swiglu_fwd
 
     x, w_gate_up, w_down, weights, experts = make_inputs(**CASES[case], dtype=dtype)
     config = TileConfig(block_m, block_n, block_k, 4, 2)
@@ -104,7 +104,7 @@ def test_kernels_round_where_the_reference_rounds(case, block_m, block_n, block_
 @pytest.mark.parametrize("row_splits", [2, 3])
 def test_row_splits_give_the_same_bits(row_splits):
     """An expert's row tiles shared by several programs: each tile is computed as by one program, bitwise."""
-    from league.ops.triton_moe import TileConfig, down_fwd, gate_up_swiglu_fwd
+    from league.ops.moe.triton import TileConfig, down_fwd, gate_up_swiglu_fwd
 
     x, w_gate_up, w_down, weights, experts = make_inputs(**CASES["crowded_and_empty"], dtype=torch.float16)
     order, offs = sort_pairs(experts, w_gate_up.shape[0])
@@ -117,7 +117,7 @@ def test_row_splits_give_the_same_bits(row_splits):
 
 
 def test_no_tokens_and_no_gradients():
-    from league.ops.triton_moe import grouped_swiglu_experts_triton
+    from league.ops.moe.triton import grouped_swiglu_experts_triton
 
     x, w_gate_up, w_down, weights, experts = make_inputs(0, 64, 8, 32, 2, DTYPES[0])
     with torch.no_grad():
@@ -135,7 +135,7 @@ def inverse_of(order_N: torch.Tensor) -> torch.Tensor:
     "case", ["random", "one_token", "unused_experts", "one_expert_takes_all", "multi_block", "empty", "int32"]
 )
 def test_sort_pairs_matches_torch(case, monkeypatch):
-    import league.ops.triton_moe as triton_moe
+    import league.ops.moe.triton as triton_moe
 
     num_tokens, top_k, num_experts = {"one_token": (1, 8, 256), "multi_block": (20, 4, 16), "empty": (0, 8, 8)}.get(
         case, (64, 8, 256)
@@ -164,7 +164,7 @@ def test_sort_pairs_matches_torch(case, monkeypatch):
 
 def test_torch_sort_past_the_sort_bound_gives_the_same_result(monkeypatch):
     """The torch sort's pairs (what the dispatcher passes past ``SORT_MAX_PAIRS``) give the Triton sort's result."""
-    import league.ops.triton_moe as triton_moe
+    import league.ops.moe.triton as triton_moe
     from league.ops.moe import sort_pairs
 
     def not_this_sort(*args, **kwargs):

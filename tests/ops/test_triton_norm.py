@@ -31,7 +31,7 @@ def fwd_bwd(fn, x, w, grad_out):
 @pytest.mark.parametrize("shape", [(37, 24), (5, 3, 128), (9, 200), (1, 2048), (64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rms_norm_matches_reference(shape, dtype):
-    from league.ops.triton_norm import triton_rms_norm
+    from league.ops.norm.triton import triton_rms_norm
 
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3).to(dtype).to(DEVICE)
@@ -46,7 +46,7 @@ def test_triton_rms_norm_matches_reference(shape, dtype):
 
 
 def test_fp32_input_bf16_weight_and_strided_rows():
-    from league.ops.triton_norm import triton_rms_norm
+    from league.ops.norm.triton import triton_rms_norm
 
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(10, 2, 48, generator=gen).to(DEVICE)
@@ -62,7 +62,7 @@ def test_fp32_input_bf16_weight_and_strided_rows():
 
 
 def test_rows_do_not_depend_on_the_batch():
-    from league.ops.triton_norm import triton_rms_norm
+    from league.ops.norm.triton import triton_rms_norm
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, 128, generator=gen).to(DEVICE)
@@ -73,7 +73,7 @@ def test_rows_do_not_depend_on_the_batch():
 
 
 def test_no_rows_and_dispatch():
-    from league.ops.triton_norm import triton_rms_norm
+    from league.ops.norm.triton import triton_rms_norm
 
     x, w = torch.zeros(0, 64, device=DEVICE, requires_grad=True), torch.zeros(64, device=DEVICE, requires_grad=True)
     out = triton_rms_norm(x, w, 1e-6)
@@ -115,9 +115,9 @@ def test_gated_rms_norm_kernel_matches_reference(dtype, weight_dtype):
 def test_head_slices_of_a_wider_matrix_are_read_in_place_with_the_same_bits(dtype):
     """Without gradients the forward kernels read ``[T, H, D]`` heads of a column slice of a wider matrix (a joined
     projection's output) where they lie, no copy: the same bits as from contiguous rows, for both norms."""
-    from league.ops import triton_norm
     from league.ops.norm import gated_rms_norm_kernel
-    from league.ops.triton_norm import triton_rms_norm
+    from league.ops.norm import triton as triton_norm
+    from league.ops.norm.triton import triton_rms_norm
 
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(7, 3 * 4 * 32 + 5, generator=gen).to(DEVICE, dtype)  # [T, q | k | z | 5 more]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs triton and CUD
 
 
 def kernel(logits, top_k):
-    from league.ops.triton_router import route_topk_fwd
+    from league.ops.moe.triton_router import route_topk_fwd
 
     return route_topk_fwd(logits, top_k)
 

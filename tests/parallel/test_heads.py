@@ -7,7 +7,8 @@ from torch.func import functional_call
 
 from league.models.qwen3_5_moe import ModelArgs
 from league.models.qwen3_5_moe.batch import ForwardBatch
-from league.models.qwen3_5_moe.model import GatedAttention, GatedDeltaNet
+from league.models.qwen3_5_moe.gated_deltanet import GatedDeltaNet
+from league.models.qwen3_5_moe.model import GatedAttention
 from league.models.qwen3_5_moe.presets import TINY
 from league.parallel.heads import attention_share, check_head_split, gdn_share, padded_batch, share_of
 

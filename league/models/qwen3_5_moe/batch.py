@@ -137,6 +137,64 @@ class ForwardBatch:
             **fields,
         )
 
+    @classmethod
+    def training(
+        cls, seq_lens: list[int], device: torch.device | str = "cpu", numerics: Numerics = FAST
+    ) -> "ForwardBatch":
+        """Whole sequences from position 0 and no cache: the trainer's, the scorer's and the reference's forward."""
+        return cls.packed(seq_lens, device, numerics=numerics)
+
+    @classmethod
+    def prefill(
+        cls,
+        seq_lens: list[int],
+        cache_lens: list[int],
+        slots: list[int],
+        device: torch.device | str = "cpu",
+        numerics: Numerics = FAST,
+    ) -> "ForwardBatch":
+        """Chunks written into cache slots, sequence i continuing after the ``cache_lens[i]`` tokens its slot holds
+        (0: a fresh prompt): the engine's prompt chunks and MTP rows."""
+        return cls.packed(seq_lens, device, cache_lens=cache_lens, slots=slots, numerics=numerics)
+
+    @classmethod
+    def decode(
+        cls, positions: list[int], slots: list[int], device: torch.device | str = "cpu", numerics: Numerics = FAST
+    ) -> "ForwardBatch":
+        """One new token per sequence, at ``positions[i]`` (the tokens its slot already holds)."""
+        return cls.prefill([1] * len(slots), positions, slots, device, numerics)
+
+    @classmethod
+    def continuing(
+        cls,
+        *,
+        width: int,
+        positions: torch.Tensor,
+        slots_t: torch.Tensor,
+        cache_lens_t: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        seq_lens_t: torch.Tensor,
+        numerics: Numerics = FAST,
+        verify: bool = False,
+    ) -> "ForwardBatch":
+        """``len(slots_t)`` sequences of ``width`` new tokens each, continuing in their slots, from device tensors
+        alone (no host value read, so a CUDA graph can capture the forward; ``cu_seqlens`` and ``seq_lens_t`` are the
+        caller's fixed buffers for that width). ``verify``: the forward of a speculative verify, which records its
+        states instead of committing them (``record_states``)."""
+        size = slots_t.shape[0]
+        return cls(
+            cu_seqlens=cu_seqlens,
+            seq_lens=[width] * size,
+            positions=positions,
+            cache_lens=[1] * size,  # continuing sequences; the lengths themselves are read from cache_lens_t
+            seq_lens_t=seq_lens_t,
+            slots_t=slots_t,
+            cache_lens_t=cache_lens_t,
+            token_slots=slots_t[:, None].expand(size, width).reshape(-1),
+            record_states=verify,
+            numerics=numerics,
+        )
+
     @property
     def max_seqlen(self) -> int:
         return max(self.seq_lens, default=0)

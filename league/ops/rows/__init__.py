@@ -28,7 +28,7 @@ def copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src
             f"copy_rows: rows of {tuple(src.shape[1:])} {src.dtype} into rows of {tuple(dst.shape[1:])} {dst.dtype}"
         )
     if use_kernel(dst, None, None, op="copy_rows") and dst.is_contiguous() and src.is_contiguous():
-        from league.ops.triton_rows import copy_rows_triton
+        from league.ops.rows.triton import copy_rows_triton
 
         copy_rows_triton(dst, dst_index, src, src_index)
         return

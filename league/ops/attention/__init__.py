@@ -4,7 +4,7 @@
 training; S > T when earlier keys come from a cache). The batched forms take many sequences at once and pick a
 backend by device: on CPU (or with row-by-row numerics) they loop over ``causal_attention``, which makes them the
 reference; on CUDA ``varlen_causal_attention`` runs torch's flash varlen kernel and ``cached_attention`` the Triton
-kernel of ``triton_attention.py``. This module does not write caches; callers store new keys first.
+kernel of ``ops/attention/triton.py``. This module does not write caches; callers store new keys first.
 
 Legend: T query tokens, S key tokens, N sequences, H query heads, G KV heads, K head dim, L cache length per slot.
 """
@@ -135,7 +135,7 @@ def cached_attention(
     call covers chunked prefill, decode (q_len 1) and speculative verify (q_len 2..8), mixed in a batch. A
     sequence with q_len 0 (padding) is skipped.
 
-    On CUDA in bf16/fp16/fp32 with Triton installed: ``triton_attention.cached_attention_fwd``, which reads no
+    On CUDA in bf16/fp16/fp32 with Triton installed: ``ops.attention.triton.cached_attention_fwd``, which reads no
     device value on the host (CUDA-graph safe) and computes each sequence in its own programs, so a row's result
     does not depend on the rest of the batch. Elsewhere, or with row-by-row numerics:
     ``cached_attention_reference``.
@@ -157,7 +157,7 @@ def cached_attention(
         ``[T, H, K]`` in the dtype of q.
     """
     if use_kernel(q_THK, numerics, op="cached_attention"):
-        from league.ops.triton_attention import cached_attention_fwd
+        from league.ops.attention.triton import cached_attention_fwd
 
         return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
     return cached_attention_reference(
@@ -227,9 +227,9 @@ def attention_as_decode_kernel(
     max_seqlen: int,
     scale: float,
 ) -> torch.Tensor:
-    """Whole sequences by the decode attention kernel (``triton_attention.cached_attention_fwd``), differentiable
+    """Whole sequences by the decode attention kernel (``ops.attention.triton.cached_attention_fwd``), differentiable
     through :func:`varlen_causal_attention` recomputed."""
-    from league.ops.triton_attention import cached_attention_fwd
+    from league.ops.attention.triton import cached_attention_fwd
 
     def kernel(q, k, v):
         starts_N, lens_N = cu_seqlens_N1[:-1], cu_seqlens_N1[1:] - cu_seqlens_N1[:-1]

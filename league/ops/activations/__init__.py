@@ -7,7 +7,7 @@ batch-invariant forms are written with ``exp`` and ``log`` (whose vector and sca
 arithmetic.
 
 Two compositions of them, the MoE block's elementwise tail, run as one Triton launch each on CUDA
-(``triton_activations``) outside batch-invariant runs, for the trainer and the engine alike: :func:`silu_mul`
+(``ops.activations.triton``) outside batch-invariant runs, for the trainer and the engine alike: :func:`silu_mul`
 and :func:`add_gated`; their gradients come from the torch forms. Not responsible for anything else.
 """
 
@@ -36,7 +36,7 @@ def softplus(x: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
     """``silu(gate) * up`` (a SwiGLU's hidden), differentiable."""
     if use_kernel(gate, numerics, op="silu_mul") and up.dtype == gate.dtype:
-        from league.ops.triton_activations import silu_mul_fwd
+        from league.ops.activations.triton import silu_mul_fwd
 
         return by_kernel(silu_mul_fwd, silu_mul_reference, gate, up)
     return silu_mul_reference(gate, up, numerics)
@@ -50,7 +50,7 @@ def add_gated(x: torch.Tensor, gate_logit: torch.Tensor, y: torch.Tensor, numeri
     """``x + sigmoid(gate_logit) * y`` (the MoE block's output: routed experts plus the gated shared expert),
     ``gate_logit`` ``[..., 1]``; differentiable."""
     if use_kernel(x, numerics, op="add_gated") and gate_logit.dtype == y.dtype == x.dtype:
-        from league.ops.triton_activations import add_gated_fwd
+        from league.ops.activations.triton import add_gated_fwd
 
         return by_kernel(add_gated_fwd, add_gated_reference, x, gate_logit, y)
     return add_gated_reference(x, gate_logit, y, numerics)

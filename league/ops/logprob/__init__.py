@@ -5,7 +5,7 @@ trained token), so both compute a token's log-probability the same way. :func:`l
 computes the same number from the output head's input and weight, without holding all the logits (training
 on a 248k vocabulary); it does not promise bitwise agreement with the engine, so batch-invariant runs keep the
 unfused form. On CUDA with Triton and bf16/fp16 weights, its per-chunk log-softmax work runs in the kernels of
-``triton_logprob.py`` over the chunk's logits in the weights' dtype (no fp32 copy of them).
+``ops/logprob/triton.py`` over the chunk's logits in the weights' dtype (no fp32 copy of them).
 
 Legend: T rows, V vocabulary, D hidden dim, C rows of a chunk, B vocabulary columns of a backward block.
 """
@@ -19,7 +19,7 @@ from league.ops.backends import use_kernel
 def token_logprobs(logits_TV: torch.Tensor, tokens_T: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """``log_softmax(float(logits))[t, tokens[t]]`` for each row, differentiable in the logits.
 
-    On CUDA with Triton: one pass of ``triton_logprob``'s log-sum-exp kernel over the logits in their dtype (no
+    On CUDA with Triton: one pass of ``ops.logprob.triton``'s log-sum-exp kernel over the logits in their dtype (no
     fp32 copy; a decode step at batch 256 read its 248,320-column logits five times in torch); the engine and the
     batch-invariant trainer both come here, so they agree bitwise. Elsewhere :func:`token_logprobs_reference`.
 
@@ -42,7 +42,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_TV: torch.Tensor, tokens_T: torch.Tensor) -> torch.Tensor:
-        from league.ops.triton_logprob import chunk_logsumexp
+        from league.ops.logprob.triton import chunk_logsumexp
 
         logits_TV = logits_TV if logits_TV.stride(-1) == 1 else logits_TV.contiguous()
         logp_T = logits_TV.new_empty(logits_TV.shape[0], dtype=torch.float32)
@@ -53,7 +53,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp_T: torch.Tensor):
-        from league.ops.triton_logprob import chunk_grad_logits
+        from league.ops.logprob.triton import chunk_grad_logits
 
         logits_TV, tokens_T, lse_T = ctx.saved_tensors
         grad = grad_logp_T.float().contiguous()
@@ -200,7 +200,7 @@ class _LinearLogprobs(torch.autograd.Function):
         for start in range(0, num_rows, chunk_size):
             rows = slice(start, start + chunk_size)
             if fast:
-                from league.ops.triton_logprob import chunk_logsumexp
+                from league.ops.logprob.triton import chunk_logsumexp
 
                 z_CV = F.linear(hidden_TD[rows], weight_VD)
                 chunk_logsumexp(z_CV, tokens_T[rows], temperature, lse_T[rows], logp_T[rows], ent_T[rows])
@@ -232,7 +232,7 @@ class _LinearLogprobs(torch.autograd.Function):
             token_cols_T = tokens_T - start  # each row's token as a column of this block (outside it: no one-hot)
             grad_args = (token_cols_T, ctx.temperature, lse_T, grad_logp_T, ent_T, grad_ent_T)
             if ctx.fast:
-                from league.ops.triton_logprob import chunk_grad_logits
+                from league.ops.logprob.triton import chunk_grad_logits
 
                 grad_z_TB = chunk_grad_logits(F.linear(hidden_TD, weight_VD[cols]), *grad_args)
             else:

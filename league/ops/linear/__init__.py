@@ -7,7 +7,7 @@ never depends on which rows share its batch: a token's logits are then bitwise t
 decode, verify and training, on any device. Slower; meant for exact checks and small models.
 
 The fixed-tiles form (decode parity's: ``Numerics.as_decode``) gets the same property on the GPU at
-GEMM speed: a Triton GEMM with one tile configuration and no split of K (``triton_linear``), bf16/fp16 on
+GEMM speed: a Triton GEMM with one tile configuration and no split of K (``ops.linear.triton``), bf16/fp16 on
 CUDA; gradients by ``torch.matmul``. Elsewhere it is ``F.linear``.
 
 Projections of one input (a mixer's input projections, the router and the shared expert's) run as one GEMM
@@ -130,7 +130,7 @@ class _FixedTilesLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MK, weight_NK):
-        from league.ops.triton_linear import fixed_tiles_matmul
+        from league.ops.linear.triton import fixed_tiles_matmul
 
         ctx.save_for_backward(x_MK, weight_NK)
         rows = x_MK.reshape(-1, x_MK.shape[-1])

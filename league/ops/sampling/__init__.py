@@ -103,7 +103,7 @@ def sample_logits(
     :func:`sample_rows` on those probabilities), each row's column ``exclude`` (if >= 0) left out; each row's fp32
     ``logsumexp(logits / temperature)`` over all columns; and each row's coin (the uniform of its seed and position
     on the coin stream, for speculative acceptance). One pass over the logits, in one launch, on CUDA
-    (``triton_sampling``); torch elsewhere.
+    (``ops.sampling.triton``); torch elsewhere.
 
     Args:
         logits_BV (torch.Tensor): ``[B, V]`` in any float dtype.
@@ -115,7 +115,7 @@ def sample_logits(
         ``([B] int64 tokens, [B] fp32 log-sum-exp, [B] fp32 coins)``.
     """
     if use_kernel(logits_BV, None, None, op="sample_logits"):
-        from league.ops.triton_sampling import sample_logits_fwd
+        from league.ops.sampling.triton import sample_logits_fwd
 
         return sample_logits_fwd(logits_BV, temperature, seeds_B, positions_B, exclude_B, (SAMPLE, COIN))
     return sample_logits_reference(logits_BV, temperature, seeds_B, positions_B, exclude_B)

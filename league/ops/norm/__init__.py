@@ -2,7 +2,7 @@
 
 ``rms_norm_reference`` defines the (1 + w) norm and ``gated_rms_norm_reference`` the GDN's gated norm; they run on
 CPU (and with row-by-row numerics). On CUDA ``rms_norm`` and ``gated_rms_norm`` run the Triton kernels of
-``ops.triton_norm`` (same formulas, fp32 inside, each row reduced on its own), imported only when Triton is
+``ops.norm.triton`` (same formulas, fp32 inside, each row reduced on its own), imported only when Triton is
 installed. Not responsible for where the weights live.
 
 Legend: T tokens, D feature dim.
@@ -18,7 +18,7 @@ from league.ops.numerics import FAST, Numerics
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm: ``x / rms(x) * (1 + w)``, all in fp32, cast back at the end.
 
-    On CUDA in fp32/bf16/fp16 with Triton installed: ``triton_norm.triton_rms_norm``; elsewhere
+    On CUDA in fp32/bf16/fp16 with Triton installed: ``ops.norm.triton.triton_rms_norm``; elsewhere
     :func:`rms_norm_reference`.
 
     Args:
@@ -27,7 +27,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         eps (float): added to the mean square.
     """
     if use_kernel(x, op="rms_norm"):
-        from league.ops.triton_norm import triton_rms_norm
+        from league.ops.norm.triton import triton_rms_norm
 
         return triton_rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -63,9 +63,9 @@ def gated_rms_norm(
 
 
 def gated_rms_norm_kernel(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`gated_rms_norm` by the Triton kernel (``triton_norm.gated_rms_norm_forward``), differentiable by the
+    """:func:`gated_rms_norm` by the Triton kernel (``ops.norm.triton.gated_rms_norm_forward``), differentiable by the
     reference's gradients."""
-    from league.ops.triton_norm import gated_rms_norm_forward
+    from league.ops.norm.triton import gated_rms_norm_forward
 
     return by_kernel(
         lambda *t: gated_rms_norm_forward(*t, eps), lambda *t: gated_rms_norm_reference(*t, eps), x, gate, weight

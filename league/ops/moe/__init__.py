@@ -4,7 +4,7 @@
 truth of the tests) or, on CUDA, one of two forms over the token-expert pairs sorted by expert:
 
 - :func:`grouped_swiglu_experts`, two grouped GEMMs (``torch._grouped_mm``), differentiable: training and prefill.
-- ``triton_moe.grouped_swiglu_experts_triton``, a one-launch Triton sort of the pairs (bitwise :func:`sort_pairs`)
+- ``ops.moe.triton.grouped_swiglu_experts_triton``, a one-launch Triton sort of the pairs (bitwise :func:`sort_pairs`)
   and two Triton kernels that stream each expert's weights once, forward only: decode and verify. With few rows
   per expert the step is bound by reading the weights, and cutlass' grouped GEMM runs such skinny groups at 2-3
   TB/s of an H200's 4.8 (19.4 ms of a decode step at batch 256 over 40 layers, where the weights alone need 13.4
@@ -33,7 +33,7 @@ TRITON_MAX_ROWS_PER_EXPERT = 32
 def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep the top-k, renormalise them to sum to one.
 
-    On CUDA with Triton (fp32/bf16/fp16 logits): ``triton_router``'s one-launch kernel, for the trainer and the
+    On CUDA with Triton (fp32/bf16/fp16 logits): ``moe.triton_router``'s one-launch kernel, for the trainer and the
     engine alike (so they route alike); its weights are differentiated, given the experts it chose, by
     :func:`renormalised_weights`. Elsewhere :func:`route_topk_reference`.
 
@@ -44,7 +44,7 @@ def route_topk(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor
     if use_kernel(router_logits_TE, op="route_topk"):
         if torch.is_grad_enabled() and router_logits_TE.requires_grad:
             return _RouteTopk.apply(router_logits_TE, top_k)
-        from league.ops.triton_router import route_topk_fwd
+        from league.ops.moe.triton_router import route_topk_fwd
 
         return route_topk_fwd(router_logits_TE, top_k)
     return route_topk_reference(router_logits_TE, top_k)
@@ -64,7 +64,7 @@ class _RouteTopk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, router_logits_TE: torch.Tensor, top_k: int):
-        from league.ops.triton_router import route_topk_fwd
+        from league.ops.moe.triton_router import route_topk_fwd
 
         weights_TA, experts_TA = route_topk_fwd(router_logits_TE, top_k)
         ctx.save_for_backward(router_logits_TE, experts_TA)
@@ -98,7 +98,7 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """``sum_a w_a * down_e(silu(gate_e x) * up_e x)`` over each token's chosen experts.
 
-    On CUDA (numerics not row by row) runs ``triton_moe.grouped_swiglu_experts_triton`` where
+    On CUDA (numerics not row by row) runs ``ops.moe.triton.grouped_swiglu_experts_triton`` where
     :func:`triton_experts_fit`, else :func:`grouped_swiglu_experts` where :func:`grouped_mm_fits`; elsewhere
     :func:`swiglu_experts_reference`.
 
@@ -112,7 +112,7 @@ def swiglu_experts(
     args = (x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA)
     fast = use_kernel(x_TD, numerics, dtypes=None, package=None)
     if fast and triton_experts_fit(*args):
-        from league.ops.triton_moe import SORT_MAX_PAIRS, grouped_swiglu_experts_triton
+        from league.ops.moe.triton import SORT_MAX_PAIRS, grouped_swiglu_experts_triton
 
         large = experts_TA.numel() > SORT_MAX_PAIRS  # past the Triton sort's size: torch's
         return grouped_swiglu_experts_triton(*args, sort_pairs(experts_TA, w_gate_up_E2ID.shape[0]) if large else None)

@@ -84,7 +84,7 @@ def causal_conv1d_slots(
     - with ``window_steps`` (verify): the window after token t is written to ``window_steps[n, t]`` for every row
       and t < T, and ``window_cache`` is left untouched (the caller commits the accepted step).
 
-    On CUDA with Triton: ``triton_conv.causal_conv1d_slots_triton`` (one kernel: no gathered windows, no host
+    On CUDA with Triton: ``ops.conv.triton.causal_conv1d_slots_triton`` (one kernel: no gathered windows, no host
     synchronisation, so it can be captured in a CUDA graph). Elsewhere the torch reference below, which reads
     the slots on the host.
 
@@ -101,7 +101,7 @@ def causal_conv1d_slots(
         ``y_NTC``: activated outputs in the dtype of x (also for padding tokens, as :func:`causal_conv1d_batched`).
     """
     if use_kernel(x_NTC, None, None, op="causal_conv1d_slots"):
-        from league.ops.triton_conv import causal_conv1d_slots_triton
+        from league.ops.conv.triton import causal_conv1d_slots_triton
 
         return causal_conv1d_slots_triton(x_NTC, weight_CW, window_cache, slots_N, fresh_N, seq_lens_N, window_steps)
     return causal_conv1d_slots_reference(x_NTC, weight_CW, window_cache, slots_N, fresh_N, seq_lens_N, window_steps)

@@ -1,0 +1,98 @@
+"""``league init``: a randomly initialised checkpoint of a preset architecture, written in Hugging Face format
+tensor by tensor, without building the model (the 35B preset needs memory for its largest tensor only).
+
+Not responsible for the naming or the file format (``checkpoint.hf``, ``checkpoint.safetensors``).
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from league.checkpoint.hf import hf_config, hf_tensor_specs, meta_model, parse_dtype, write_config
+from league.checkpoint.qwen3_5_moe import to_hf_tensor
+from league.checkpoint.safetensors import DEFAULT_MAX_SHARD_BYTES, staged_folder, write_tensors
+from league.checks import check_seed, check_writable
+from league.models.qwen3_5_moe.args import ModelArgs
+from league.models.qwen3_5_moe.model import Transformer, init_parameter
+
+
+def preset_args(
+    preset: str,
+    num_layers: int | None = None,
+    mtp_num_layers: int | None = None,
+    dtype: str | None = None,
+) -> ModelArgs:
+    """A preset's architecture with the ``league init`` overrides applied (see :func:`init_checkpoint`)."""
+    from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    args = PRESETS[preset]
+    if num_layers is not None:
+        args = with_num_layers(args, num_layers)
+    if mtp_num_layers is not None:
+        if mtp_num_layers < 0:
+            raise ValueError(f"`mtp_num_layers` must be >= 0, got {mtp_num_layers}")
+        args = args.replace(mtp_num_layers=mtp_num_layers)
+    if dtype is not None:
+        args = args.replace(dtype=str(parse_dtype(dtype)).removeprefix("torch."))
+    return args
+
+
+def iter_init_tensors(model: Transformer, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
+    """(league name, initial value) of each parameter of a (meta-device) model, one tensor at a time,
+    equal to what :meth:`Transformer.init_weights` with ``seed`` puts in a model of that dtype.
+
+    Args:
+        model (Transformer): gives names, shapes and dtypes; on the meta device it costs no memory.
+        seed (int): the generator's seed. Default: ``0``.
+        std (float): standard deviation of the matrices. Default: ``0.02``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        yield name, init_parameter(name, p.shape, generator, std).to(p.dtype)
+
+
+def init_checkpoint(
+    preset: str,
+    out: str | Path,
+    *,
+    num_layers: int | None = None,
+    mtp_num_layers: int | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a randomly initialised checkpoint of a preset in Hugging Face format, streaming.
+
+    The model is never built: each parameter is drawn by :func:`init_parameter` (the rule of
+    :meth:`Transformer.init_weights`, same order, same generator) and written before the next is drawn,
+    so the 35B preset needs memory for its largest tensor only. The ``tiny`` preset also gets the tiny
+    tokenizer.
+
+    Args:
+        preset (str): a name in :data:`league.models.qwen3_5_moe.presets.PRESETS`.
+        out (str | Path): the folder to create.
+        num_layers (int, Optional): decoder layers, repeating the preset's layer pattern. Default: the preset's.
+        mtp_num_layers (int, Optional): MTP layers (0: none). Default: the preset's.
+        seed (int): initialisation seed. Default: ``0``.
+        dtype (str, Optional): ``float32`` / ``bfloat16`` / ``float16``. Default: the preset's.
+        force (bool): replace a non-empty ``out``. Default: ``False``.
+        max_shard_bytes (int): tensor bytes per shard at most. Default: 5 GB.
+    """
+    check_seed("--seed", seed)
+    check_writable("--out", Path(out))
+    args = preset_args(preset, num_layers, mtp_num_layers, dtype)
+    model = meta_model(args, parse_dtype(args.dtype))
+    specs = hf_tensor_specs(model)
+    values = (to_hf_tensor(name, value) for name, value in iter_init_tensors(model, seed))
+    with staged_folder(out, force) as stage:
+        write_config(stage, hf_config(args))
+        write_tensors(stage, [spec for _, spec in specs], values, max_shard_bytes)
+        if preset == "tiny":
+            from league.tokenizer import build_tiny_tokenizer
+
+            build_tiny_tokenizer().save_pretrained(stage)
+    return Path(out)
