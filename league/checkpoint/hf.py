@@ -438,3 +438,38 @@ def copy_files(source: Path, folder: Path, names: tuple[str, ...]) -> list[str]:
     for name in found:
         shutil.copy2(source / name, folder / name)
     return found
+
+
+def load_named_tensors(model: Transformer, named: list[tuple[str, torch.Tensor]]) -> int:
+    """Copy ``(name, tensor)`` pairs into ``model``'s parameters in place: names as in a Hugging Face checkpoint
+    (per-expert or fused experts, ``mtp.*``; the vision tower's are skipped) or league's own parameter names.
+    Every pair is checked (name, shape, floating-point dtype) before the first copy, so a bad update changes
+    nothing. Returns the number of tensors copied."""
+    params = dict(model.named_parameters())
+    prefix = detect_text_prefix(name for name, _ in named)
+    plan = []
+    for name, tensor in named:
+        if is_skipped(name):
+            continue
+        native = name in params
+        target = Target(name) if native else hf_to_league(name, prefix)
+        if target is None or target.name not in params:
+            raise ValueError(f"no parameter of the model is named {name!r} (Hugging Face or league names)")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} has dtype {tensor.dtype}; a floating-point tensor is needed")
+        param = params[target.name]
+        expected = tuple(param.shape) if native else _expected_hf_shape(target, param, model.args)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} has shape {list(tensor.shape)}, expected {list(expected)}")
+        if target.expert is not None and target.expert >= model.args.num_experts:
+            raise ValueError(f"{name} is expert {target.expert}, but the model has {model.args.num_experts} experts")
+        plan.append((target, tensor, native))
+    with torch.no_grad():
+        for target, tensor, native in plan:
+            value = tensor if native else to_league_tensor(target, tensor)
+            param = params[target.name]
+            if target.expert is None:
+                param.copy_(value)
+            else:
+                param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
+    return len(plan)

@@ -315,6 +315,9 @@ class LLMEngine:
         """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place."""
         self.runner.update_weights_from_disk(path)
 
-    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """``ModelRunner.update_weights``: tensors under league parameter names, all checked first, in place."""
-        self.runner.update_weights(named_tensors)
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        """Copy tensors named as in a Hugging Face checkpoint or as league's parameters into the model in place
+        (``checkpoint.hf.load_named_tensors``: all checked before the first copy). Returns how many were copied."""
+        from league.checkpoint.hf import load_named_tensors
+
+        return load_named_tensors(self.model, named_tensors)

@@ -8,6 +8,7 @@ requests' bookkeeping (``engine``).
 Legend: T tokens, B requests, N draft steps, D model dim, V vocabulary.
 """
 
+import dataclasses
 import warnings
 
 import torch
@@ -63,6 +64,8 @@ class ModelRunner:
             state_dtype=self.state_dtype,
         )
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
+        self.released: dict[str, list] = {}
+        """Memory given back by :meth:`release_memory`, by tag."""
         self.spec_step = None
         if self.num_spec_steps:
             self.spec_step = SpeculativeStep(
@@ -73,6 +76,49 @@ class ModelRunner:
                 config.max_running_requests,
                 numerics,
             )
+
+    def release_memory(self, tags: set[str]) -> int:
+        """Free the memory of ``tags`` (``MEMORY_TAGS``), keeping every tensor object, so that a colocated trainer can
+        use it; :meth:`resume_memory` brings it back. ``kv_cache``: the cache slots' storages (their contents are
+        lost: no request may be running); ``weights`` / ``weights_drafter``: the trunk's / the MTP layer's
+        parameters, kept in host memory meanwhile; ``cuda_graph``: the captured steps (captured again when next
+        needed; freeing the cache or the weights drops them too, as they read those addresses). Returns the bytes
+        freed."""
+        freed = 0
+        for tag in sorted(tags - self.released.keys()):
+            if tag == "cuda_graph":
+                continue
+            keep = tag != "kv_cache"
+            stored = [_release(storage, keep) for storage in _storages(self._tensors_of(tag))]
+            self.released[tag] = stored
+            freed += sum(nbytes for _, nbytes, _ in stored)
+        self._drop_graphs()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    def resume_memory(self, tags: set[str]) -> None:
+        """Give back what :meth:`release_memory` freed for ``tags``: weights as they were, cache slots zeroed."""
+        for tag in sorted(tags & self.released.keys()):
+            for storage, nbytes, backup in self.released.pop(tag):
+                storage.resize_(nbytes)
+                if backup is None:
+                    storage.fill_(0)
+                else:
+                    storage.copy_(backup)
+
+    def _tensors_of(self, tag: str) -> list[torch.Tensor]:
+        if tag == "kv_cache":
+            layers = [*self.cache.layers, *self.cache.mtp_layers]
+            values = [getattr(c, f.name) for c in layers for f in dataclasses.fields(c)]
+            return [t for t in values if isinstance(t, torch.Tensor)]
+        drafter = tag == "weights_drafter"
+        return [p for name, p in self.model.named_parameters() if name.startswith("mtp.") == drafter]
+
+    def _drop_graphs(self) -> None:
+        self.graphs = None
+        if self.spec_step is not None:
+            self.spec_step.graphs, self.spec_step.pool = {}, None
 
     def _slots_that_fit(self) -> int:
         if self.device.type != "cuda":
@@ -262,3 +308,27 @@ class ModelRunner:
         with torch.no_grad():
             for name, tensor in named_tensors:
                 params[name].copy_(tensor)
+
+
+MEMORY_TAGS = ("kv_cache", "weights", "weights_drafter", "cuda_graph")
+"""What ``release_memory`` frees (SGLang's memory tags)."""
+
+
+def _storages(tensors: list[torch.Tensor]) -> list[torch.UntypedStorage]:
+    """The distinct storages under ``tensors`` (joined projections share one), each once."""
+    seen: dict[int, torch.UntypedStorage] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            seen.setdefault(storage.data_ptr(), storage)
+    return list(seen.values())
+
+
+def _release(
+    storage: torch.UntypedStorage, keep: bool
+) -> tuple[torch.UntypedStorage, int, torch.UntypedStorage | None]:
+    """Shrink a storage to nothing; ``keep``: first copy its bytes to host memory."""
+    nbytes = storage.nbytes()
+    backup = torch.UntypedStorage(nbytes, device="cpu").copy_(storage) if keep else None
+    storage.resize_(0)
+    return storage, nbytes, backup

@@ -14,11 +14,98 @@ from typing import Any
 
 from league.engine.request import GenerateOutput, SamplingParams, is_int, is_int_list
 
+TOP_K_ALL = 1 << 30
+"""SGLang's ``top_k`` for the whole vocabulary (its default), league's -1."""
+
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # SGLang options besides SamplingParams': n and how output text is decoded (spaces_...: accepted, ignored)
 SAMPLING_EXTRA = frozenset({"n", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"})
+SAMPLING_UNSUPPORTED = {
+    "stop_regex": "stop strings (`stop`)",
+    "json_schema": "unconstrained sampling",
+    "regex": "unconstrained sampling",
+    "ebnf": "unconstrained sampling",
+    "structural_tag": "unconstrained sampling",
+    "custom_params": "no custom logit processor",
+    "stream_interval": "streaming after every engine step (1)",
+}
+"""SGLang sampling options league does not implement -> what it does instead (a value that asks for nothing,
+null / empty / ``stream_interval`` 1, is accepted)."""
+
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
-GENERATE_FIELDS |= {"logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"}
+GENERATE_FIELDS |= {"logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "return_prompt_token_ids"}
+GENERATE_INERT = frozenset(
+    {"log_metrics", "no_logs", "custom_labels", "conversation_id", "external_trace_header", "received_time"}
+    | {"http_worker_ipc", "lora_id", "modalities", "extra_key", "cache_salt"}
+)
+"""SGLang /generate fields that change nothing league computes, whatever their value: metrics and tracing,
+internal routing, and prefix-cache namespaces (league keeps no prefix cache, so no request shares one)."""
+GENERATE_UNSUPPORTED = {
+    "input_embeds": "prompts as `text` or `input_ids`",
+    "image_data": "a text-only model",
+    "video_data": "a text-only model",
+    "audio_data": "a text-only model",
+    "mm_hashes": "a text-only model",
+    "mm_content_hashes": "a text-only model",
+    "use_audio_in_video": "a text-only model",
+    "video_config": "a text-only model",
+    "max_dynamic_patch": "a text-only model",
+    "min_dynamic_patch": "a text-only model",
+    "image_max_dynamic_patch": "a text-only model",
+    "video_max_dynamic_patch": "a text-only model",
+    "images_config": "a text-only model",
+    "need_wait_for_mm_inputs": "a text-only model",
+    "num_items_assigned": "a text-only model",
+    "encoder_urls": "a text-only model",
+    "multi_item_delimiter_indices": "one item per prompt",
+    "token_ids_logprob": "`top_logprobs_num`",
+    "return_sampling_mask": "`return_logprob`",
+    "return_flat_raw_top_logprobs": "`top_logprobs_num` (nested lists)",
+    "return_flat_raw_top_logprobs_b64": "`top_logprobs_num` (nested lists)",
+    "return_hidden_states": "`league score` for teacher-forced passes",
+    "return_routed_experts": "the trainer's own routing",
+    "routed_experts_start_len": "the trainer's own routing",
+    "return_indexer_topk": "nothing: the model has no sparse-attention indexer",
+    "return_entropy": "`return_logprob` with `top_logprobs_num`",
+    "return_bytes": "`text` or `output_ids`",
+    "session_id": "resending the conversation's tokens",
+    "session_params": "resending the conversation's tokens",
+    "lora_path": "the base model (no LoRA adapters)",
+    "custom_logit_processor": "`sampling_params` (no custom logit processor)",
+    "positional_embed_overrides": "`input_ids`",
+    "bootstrap_host": "one server doing prefill and decode",
+    "bootstrap_port": "one server doing prefill and decode",
+    "bootstrap_room": "one server doing prefill and decode",
+    "bootstrap_pair_key": "one server doing prefill and decode",
+    "decode_tp_size": "one server doing prefill and decode",
+    "disagg_prefill_dp_rank": "one server doing prefill and decode",
+    "routed_dp_rank": "one engine per server (send to the server you mean)",
+    "data_parallel_rank": "one engine per server (send to the server you mean)",
+    "kv_router_hint": "one engine per server",
+    "routing_key": "one engine per server",
+    "background": "a request answered when it finishes (or `stream`)",
+    "require_reasoning": "the chat template's own reasoning",
+    "max_thinking_tokens": "`max_new_tokens`",
+    "priority": "first come, first served",
+}
+"""SGLang /generate fields league does not implement -> what to use instead. A value that asks for nothing (null,
+false, 0, empty, or a batch of such) is accepted; any other is a 400 naming the field."""
+UNSUPPORTED_DEFAULTS = {"routed_experts_start_len": 0}
+
+
+def asks_nothing(value: Any, default: Any = None) -> bool:
+    """Whether an unimplemented option's value leaves it off: null, false, empty, its default, or a list of such
+    (a batch's per-prompt values)."""
+    if value is None or value is False or value == default or (isinstance(value, list | dict | str) and not value):
+        return True
+    return isinstance(value, list) and all(asks_nothing(v, default) for v in value)
+
+
+def check_unsupported(body: dict, unsupported: dict[str, str], where: str, defaults: dict | None = None) -> None:
+    """A 400 (ValueError) naming the first field of ``unsupported`` whose value asks for something."""
+    for key, instead in unsupported.items():
+        if key in body and not asks_nothing(body[key], (defaults or {}).get(key)):
+            raise ValueError(f"{where}{key} = {body[key]!r:.80} is not supported by league; use {instead} instead")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,7 +144,8 @@ def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> 
     if not isinstance(raw, dict):
         raise ValueError(f"`{where}` must be a JSON object, got {raw!r}")
     raw = {("seed" if k == "sampling_seed" else k): v for k, v in raw.items() if v is not None}
-    check_fields(raw, set(SAMPLING_FIELDS | SAMPLING_EXTRA), f"`{where}`")
+    check_fields(raw, set(SAMPLING_FIELDS | SAMPLING_EXTRA | SAMPLING_UNSUPPORTED.keys()), f"`{where}`")
+    check_unsupported(raw, SAMPLING_UNSUPPORTED, f"{where}.", {"stream_interval": 1})
     n = raw.get("n", 1)
     if not is_int(n) or n < 1:
         raise ValueError(f"{where}.n must be an integer >= 1, got {n!r}")
@@ -67,7 +155,7 @@ def parse_sampling(raw: Any, where: str, default_max_new_tokens: int | None) -> 
         if key in raw and not isinstance(raw[key], kind):
             raise ValueError(f"{where}.{key} must be a list, got {raw[key]!r}")
     return SamplingOptions(
-        fields={k: v for k, v in raw.items() if k in SAMPLING_FIELDS},
+        fields={k: v for k, v in raw.items() if k in SAMPLING_FIELDS and not (k == "top_k" and v == TOP_K_ALL)},
         n=n,
         skip_special_tokens=flag(raw, "skip_special_tokens", True),
         trim_stop=not flag(raw, "no_stop_trim"),
@@ -197,20 +285,39 @@ def generate_result(
     finished: bool,
     logprobs: LogprobOptions,
     token_text: Callable[[int], str],
+    served: "ServedFacts",
 ) -> dict:
     """One SGLang ``/generate`` answer (or, unfinished, one streamed snapshot). Log-prob entries are
-    ``[log-prob, token id, text or None]`` (the first prompt token's log-prob is None)."""
+    ``[log-prob, token id, text or None]`` (the first prompt token's log-prob is None). The speculative counters
+    come under both of SGLang's names (``spec_accept_token_num`` / ``spec_draft_token_num``, which miles reads, and
+    ``spec_num_correct_drafts`` / ``spec_num_proposed_drafts``)."""
+    spec = out.spec
     meta = {
         "id": out.rid,
         "finish_reason": finish_reason(out, params) if finished else None,
         "prompt_tokens": len(out.prompt_ids),
+        "weight_version": served.weight_version,
+        "num_retractions": 0,
+        "reasoning_tokens": 0,
         "completion_tokens": len(out.output_ids),
         "cached_tokens": 0,
-        "spec_verify_ct": out.spec.verify_steps,
-        "spec_accept_token_num": out.spec.accepted_tokens,
-        "spec_draft_token_num": out.spec.draft_tokens,
-        "spec_accept_length": out.spec.accept_length,
+        "spec_verify_ct": spec.verify_steps,
+        "spec_accept_token_num": spec.accepted_tokens,
+        "spec_draft_token_num": spec.draft_tokens,
+        "spec_accept_length": spec.accept_length,
     }
+    if served.weight_versions:
+        meta["weight_versions"] = served.weight_versions
+    if finished:
+        meta["e2e_latency"] = served.e2e_latency
+        if spec.verify_steps:
+            meta |= {
+                "spec_accept_rate": spec.accept_rate,
+                "spec_num_correct_drafts": spec.accepted_tokens,
+                "spec_num_proposed_drafts": spec.draft_tokens,
+                "spec_accepted_drafts": spec.accepted_tokens,
+                "spec_proposed_drafts": spec.draft_tokens,
+            }
     if logprobs.return_logprob:
 
         def entry(logprob: float | None, token: int) -> list:
@@ -222,7 +329,25 @@ def generate_result(
         input_ids = out.prompt_ids[max(logprobs.logprob_start_len, 0) :] if out.input_logprobs else []
         meta["input_token_logprobs"] = [entry(lp, t) for lp, t in zip(out.input_logprobs, input_ids)]
         meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(out.output_logprobs, out.output_ids)]
+        meta["output_token_logprobs_length"] = len(out.output_logprobs)
         if logprobs.top_logprobs_num:
             meta["input_top_logprobs"] = [tops(pairs) for pairs in out.input_top_logprobs]
             meta["output_top_logprobs"] = [tops(pairs) for pairs in out.output_top_logprobs]
-    return {"text": text, "output_ids": out.output_ids, "meta_info": meta}
+    answer = {"text": text, "output_ids": out.output_ids, "meta_info": meta}
+    if served.prompt_token_ids:
+        answer["prompt_token_ids"] = out.prompt_ids
+    return answer
+
+
+@dataclass(kw_only=True, slots=True)
+class ServedFacts:
+    """What the server knows of one request besides the engine's output."""
+
+    weight_version: str
+    """The server's weight version now (``/update_weight_version``, weight updates)."""
+    weight_versions: list[dict] | None = None
+    """``[{"version", "start", "end"}]`` spans of output tokens, when the request spanned a weight update."""
+    e2e_latency: float = 0.0
+    """Seconds from the request's arrival to its end."""
+    prompt_token_ids: bool = False
+    """Return the prompt's token ids (``return_prompt_token_ids``)."""

@@ -1,10 +1,13 @@
 """An HTTP server in front of one LLMEngine, speaking SGLang's API as RL loops use it, and the OpenAI API.
 
-Handler threads (``ThreadingHTTPServer``) parse a request (``protocol.py``, ``openai.py``), hand its prompts to
-the ``EngineWorker`` whose single thread drives the engine, and wait for the outputs. Routes: ``POST /generate``,
-``GET /health``, ``GET /health_generate``, ``GET /get_model_info``, ``POST /update_weights_from_disk``,
-``POST /flush_cache``, ``POST /abort_request``, and the OpenAI API's ``POST /v1/completions``,
-``POST /v1/chat/completions``, ``GET /v1/models``. Every answer is JSON (or server-sent events): a client error
+Handler threads (``ThreadingHTTPServer``) parse a request (``protocol.py``, ``openai.py``, ``control.py``), hand its
+prompts to the ``EngineWorker`` whose single thread drives the engine, and wait for the outputs. Routes: SGLang's
+``POST /generate`` (every field of SGLang's request: those league implements take effect, the others are accepted
+when they ask for nothing), ``GET /health``, ``GET /health_generate``, ``GET /get_model_info`` (``/model_info``),
+``POST /flush_cache``, ``POST /abort_request``; SGLang's control plane (``control.py``: server info, weight
+version, pause / continue, update windows, weight updates from disk, by tensor reference or by a broadcast group,
+release / resume of memory); and the OpenAI API's ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``. Every answer is JSON (or server-sent events): a client error
 is a 4xx naming the field (400, or 401/404/405/408/411/413), a failed engine step a 500 for its requests only, a
 stopped engine 503. A request whose client leaves is aborted. Not responsible for scheduling or sampling (the
 engine), or TLS.
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from league.engine import openai, protocol
+from league.engine import control, openai, protocol
 from league.engine.config import EngineConfig
 from league.engine.engine import LLMEngine
 from league.engine.http import HTTPError, JSONHandler, bind_error, check_address
@@ -30,6 +33,7 @@ from league.engine.worker import ClientGone, EngineStepFailed, EngineUnavailable
 from league.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
 
 MAX_BODY_BYTES = 256 << 20
 READ_TIMEOUT_S = 30.0
@@ -75,8 +79,9 @@ class EngineServer(ThreadingHTTPServer):
         self.engine, self.model_path, self.tokenizer = engine, model_path, tokenizer
         self.model_name = served_model_name or model_path
         self.api_key, self.read_timeout, self.max_body_bytes = api_key or None, read_timeout, max_body_bytes
-        self.weight_version = "default"
         self.started = time.time()
+        self.groups: dict = {}
+        """Weight-update process groups joined by /init_weights_update_group, by name."""
         self.worker = EngineWorker(engine)
         self._tokenizer_lock = threading.Lock()
         self._serving = False
@@ -155,11 +160,15 @@ class EngineServer(ThreadingHTTPServer):
             "context_length": engine.context_length,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
-            "weight_version": self.weight_version,
+            "weight_version": self.worker.weight_version,
+            "preferred_sampling_params": None,
+            "model_type": "qwen3_5_moe",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
         }
 
 
-class _Handler(JSONHandler):
+class _Handler(control.ControlRoutes, JSONHandler):
     server: EngineServer
     statuses = {EngineUnavailable: 503, EngineStepFailed: 500}
     quiet = (ClientGone,)
@@ -209,7 +218,9 @@ class _Handler(JSONHandler):
         return self.server.decode([token], False) or f"token_id:{token}"
 
     def _generate(self, body: dict) -> None:
-        protocol.check_fields(body, protocol.GENERATE_FIELDS, "the /generate body")
+        known = protocol.GENERATE_FIELDS | protocol.GENERATE_INERT | protocol.GENERATE_UNSUPPORTED.keys()
+        protocol.check_fields(body, set(known), "the /generate body")
+        protocol.check_unsupported(body, protocol.GENERATE_UNSUPPORTED, "", protocol.UNSUPPORTED_DEFAULTS)
         if ("text" in body) == ("input_ids" in body):
             raise ValueError("give exactly one of `text` or `input_ids`")
         field = "text" if "text" in body else "input_ids"
@@ -219,9 +230,19 @@ class _Handler(JSONHandler):
         rids = protocol.parse_rids(body.get("rid"), len(prompts), batched)
         sub = self._submit(prompts, options, field, rids, stream, logprobs.top_logprobs_num, logprobs.logprob_start_len)
 
+        prompt_ids = protocol.flag(body, "return_prompt_token_ids")
+
         def render(i: int, out: GenerateOutput, finished: bool) -> dict:
             text = self._text(sub, i, out, options, finished)
-            return protocol.generate_result(out, sub.params[i // sub.n], text, finished, logprobs, self._token_text)
+            served = protocol.ServedFacts(
+                weight_version=self.server.worker.weight_version,
+                weight_versions=sub.weight_versions(i, len(out.output_ids)),
+                e2e_latency=time.monotonic() - sub.arrived,
+                prompt_token_ids=prompt_ids,
+            )
+            return protocol.generate_result(
+                out, sub.params[i // sub.n], text, finished, logprobs, self._token_text, served
+            )
 
         if stream:
             self._stream(
@@ -379,20 +400,6 @@ class _Handler(JSONHandler):
         ]
         self._send_json(200, {"object": "list", "data": models})
 
-    def _update_weights(self, body: dict) -> None:
-        protocol.check_fields(body, {"model_path", "abort_all_requests", "weight_version"}, "the body")
-        path = body.get("model_path")
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"`model_path` must be a checkpoint folder, got {path!r}")
-        try:
-            in_flight = self.server.worker.update_weights_from_disk(path, protocol.flag(body, "abort_all_requests"))
-        except (ValueError, OSError) as e:
-            self._send_error(400, f"model_path {path!r}: {e}", success=False, message=str(e))
-            return
-        self.server.weight_version = str(body.get("weight_version") or path)
-        message = f"loaded {path} between two engine steps; {in_flight} requests in flight go on with it"
-        self._send_json(200, {"success": True, "message": message, "num_paused_requests": in_flight})
-
     def _flush_cache(self, body: dict) -> None:
         self._send_json(200, {"success": True, "message": "league keeps no prefix cache; there is nothing to flush"})
 
@@ -405,11 +412,12 @@ class _Handler(JSONHandler):
 
 
 _Handler.routes = {
+    **control.ROUTES,
     ("POST", "/generate"): _Handler._generate,
     ("GET", "/health"): _Handler._health,
     ("GET", "/health_generate"): _Handler._health_generate,
     ("GET", "/get_model_info"): lambda h, body: h._send_json(200, h.server.model_info()),
-    ("POST", "/update_weights_from_disk"): _Handler._update_weights,
+    ("GET", "/model_info"): lambda h, body: h._send_json(200, h.server.model_info()),
     ("GET", "/flush_cache"): _Handler._flush_cache,
     ("POST", "/flush_cache"): _Handler._flush_cache,
     ("POST", "/abort_request"): _Handler._abort_request,

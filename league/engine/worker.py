@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class Submission:
     logprob_start_len: int = -1
     members: list[str] = field(default_factory=list)
     """Engine request ids, prompt-major (n consecutive samples per prompt)."""
+    arrived: float = field(default_factory=time.monotonic)
+    weight_version: str = ""
+    """The weights' version when the submission was admitted."""
+    version_marks: list[tuple[int, int, str]] = field(default_factory=list)
+    """(member, output tokens before it, new version) of each weight change while the member ran."""
     sent: list[int] = field(default_factory=list)
     remaining: int = 0
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -72,6 +78,16 @@ class Submission:
                 raise out
             left -= finished
             yield i, out, finished
+
+    def weight_versions(self, i: int, num_output: int) -> list[dict] | None:
+        """SGLang's ``weight_versions`` of member i: the spans of its output tokens made by each version of the
+        weights, when they changed while it ran (None otherwise)."""
+        marks = [(n, version) for member, n, version in self.version_marks if member == i]
+        if not marks:
+            return None
+        starts = [(0, self.weight_version), *marks]
+        ends = [n for n, _ in marks] + [num_output]
+        return [{"version": v, "start": s, "end": e} for (s, v), e in zip(starts, ends)]
 
     def outputs(self, gone: Callable[[], bool] | None = None) -> list[GenerateOutput]:
         """Wait for every member; outputs in member order (n consecutive samples per prompt)."""
@@ -101,6 +117,11 @@ class EngineWorker:
         self._streaming: set[Submission] = set()
         self._discarded: set[str] = set()
         """Requests of rejected submissions, aborted but not yet collected from the engine."""
+        self.weight_version = "default"
+        """The version of the engine's weights (SGLang's ``weight_version``), set with each weight update."""
+        self.holds: set[str] = set()
+        """Why the engine does not step now (``pause``: /pause_generation, ``weight_update``: between
+        /begin_weight_update and /end_weight_update); requests wait, and new ones queue, until none is left."""
         self._thread = threading.Thread(target=self._loop, name="league-engine", daemon=True)
         self._thread.start()
 
@@ -146,15 +167,19 @@ class EngineWorker:
         """Abort one request (a prompt's rid covers its n samples), or all with None; returns how many."""
         return self.call(lambda: self._abort(rid))
 
-    def update_weights_from_disk(self, path: str, abort_all: bool) -> int:
-        """Load a checkpoint folder between two steps; returns the requests still in flight (they go on)."""
+    def update_weights(self, load: Callable[[LLMEngine], Any], abort_all: bool, version: str | None) -> int:
+        """Run ``load(engine)`` between two steps (requests in flight go on with the new weights, or are aborted
+        first with ``abort_all``), then call the weights ``version`` (if given). Returns the requests in flight."""
 
-        def load() -> int:
-            aborted = self._abort(None) if abort_all else 0
-            self.engine.update_weights_from_disk(path)
-            return len(self._owner) - aborted
+        def run() -> int:
+            if abort_all:
+                self.abort_and_collect()
+            load(self.engine)
+            if version is not None:
+                self.set_weight_version(version)
+            return len(self._owner)
 
-        return self.call(load)
+        return self.call(run)
 
     def stop(self, timeout: float = 60.0) -> None:
         with self._cond:
@@ -162,8 +187,34 @@ class EngineWorker:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def set_weight_version(self, version: str) -> None:
+        """On the engine thread: the weights are now ``version``; running requests note where it changed."""
+        if version == self.weight_version:
+            return
+        running = {r.rid: len(r.output_ids) for r in self.engine.scheduler.running}
+        for rid, (sub, i) in self._owner.items():
+            sub.version_marks.append((i, running.get(rid, 0), version))
+        self.weight_version = version
+
+    def hold(self, reason: str, on: bool) -> None:
+        """Stop stepping the engine for ``reason`` (returning once the step under way, if any, has ended), or stop
+        holding for it; steps resume once no hold is left."""
+        with self._cond:
+            (self.holds.add if on else self.holds.discard)(reason)
+            self._cond.notify()
+        if on:
+            self.call(lambda: None)
+
+    def abort_and_collect(self) -> int:
+        """On the engine thread: abort every request and hand each its output so far (finish reason ``abort``),
+        even while held; returns how many were aborted."""
+        aborted = self._abort(None)
+        while self.engine.has_unfinished():
+            self._step()
+        return aborted
+
     def _has_work(self) -> bool:
-        return self.error is None and self.engine.has_unfinished()
+        return self.error is None and not self.holds and self.engine.has_unfinished()
 
     def _loop(self) -> None:
         while True:
@@ -226,6 +277,7 @@ class EngineWorker:
             where = f"prompt {len(added) // sub.n}: " if len(sub.prompts) > 1 else ""
             raise ValueError(where + str(e)) from None
         sub.members, sub.sent, sub.remaining = added, [0] * len(added), len(added)
+        sub.weight_version = self.weight_version
         self._owner.update({rid: (sub, i) for i, rid in enumerate(added)})
         self._groups.update({rid: added[k * sub.n : (k + 1) * sub.n] for k, rid in enumerate(sub.rids)})
         if sub.stream:

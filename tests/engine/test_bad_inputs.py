@@ -185,6 +185,43 @@ CASES = [
         "model_path missing on disk", "/update_weights_from_disk", {"model_path": "/nonexistent"}, words="/nonexistent"
     ),
     Case("update with an unknown field", "/update_weights_from_disk", {"model_path": "/x", "mode": 1}, words="mode"),
+    Case(
+        "update with load_format pt",
+        "/update_weights_from_disk",
+        {"model_path": "/x", "load_format": "pt"},
+        words="load_format",
+    ),
+    Case(
+        "update asking is_async", "/update_weights_from_disk", {"model_path": "/x", "is_async": True}, words="is_async"
+    ),
+    Case(
+        "generate asking routed experts",
+        "/generate",
+        {**GOOD, "return_routed_experts": True},
+        words="return_routed_experts",
+    ),
+    Case("generate with a LoRA adapter", "/generate", {**GOOD, "lora_path": "a"}, words="lora_path"),
+    Case("sampling with a regex", "/generate", {**GOOD, "sampling_params": {"regex": "a+"}}, words="regex"),
+    Case("tensor update without tensors", "/update_weights_from_tensor", {}, words="serialized_named_tensors"),
+    Case(
+        "tensor update not base64", "/update_weights_from_tensor", {"serialized_named_tensors": ["%%"]}, words="base64"
+    ),
+    Case(
+        "group with rank 0",
+        "/init_weights_update_group",
+        {"master_address": "127.0.0.1", "master_port": 1234, "rank_offset": 0, "world_size": 2},
+        words="rank_offset",
+    ),
+    Case("group without an address", "/init_weights_update_group", {"master_port": 1}, words="master_address"),
+    Case("broadcast to no group", "/update_weights_from_distributed", {"names": []}, words="group_name"),
+    Case("leave no group", "/destroy_weights_update_group", {"group_name": "g"}, words="group_name"),
+    Case("version missing", "/update_weight_version", {}, words="new_version"),
+    Case("version a list", "/update_weight_version", {"new_version": [1]}, words="new_version"),
+    Case("pause mode unknown", "/pause_generation", {"mode": "soon"}, words="mode"),
+    Case("continue with an unknown field", "/continue_generation", {"now": True}, words="now"),
+    Case("window selector unknown", "/begin_weight_update", {"selector": "draft"}, words="selector"),
+    Case("release unknown tag", "/release_memory_occupation", {"tags": ["gpu"]}, words="tags"),
+    Case("resume tags a string", "/resume_memory_occupation", {"tags": "weights"}, words="tags"),
     Case("abort rid a number", "/abort_request", {"rid": 5}, words="rid"),
     Case("abort with an unknown field", "/abort_request", {"request": "x"}, words="request"),
     # HTTP
