@@ -22,6 +22,7 @@ def allocate_cache(
     max_rows: int = 0,
     max_steps: int = 0,
     state_dtype: torch.dtype = torch.float32,
+    routes: bool = False,
 ) -> ModelCache:
     """Zeroed caches for ``num_slots`` requests of up to ``max_len`` tokens.
 
@@ -29,6 +30,8 @@ def allocate_cache(
         max_rows (int): batch rows with verify scratch (the most requests verified at once). Default: ``0``.
         max_steps (int): tokens per verify (speculative draft tokens + 1). Default: ``0``.
         state_dtype (torch.dtype): dtype of the GDN recurrent state. Default: ``torch.float32``.
+        routes (bool): keep the experts each trunk layer chose at each position (int32
+            ``[slots, max_len, layers, top_k]``, each layer's cache holding its column). Default: ``False``.
     """
 
     def kv() -> AttentionCache:
@@ -56,20 +59,34 @@ def allocate_cache(
         return cache
 
     layers = [kv() if kind == "full_attention" else gdn() for kind in args.layer_types]
+    if routes:
+        shape = (num_slots, max_len, len(layers), args.num_experts_per_tok)
+        table = torch.full(shape, -1, dtype=torch.int32, device=device)
+        for i, layer in enumerate(layers):
+            layer.routes = table[:, :, i]
     return ModelCache(layers=layers, mtp_layers=[kv() for _ in range(args.mtp_num_layers)])
 
 
+def routes_of(cache: ModelCache, slot: int, start: int, end: int) -> torch.Tensor:
+    """The experts every trunk layer chose at positions ``start:end`` of ``slot``: int32 ``[end - start, layers,
+    top_k]`` on the host."""
+    end = max(start, end)
+    return torch.stack([layer.routes[slot, start:end] for layer in cache.layers], dim=1).cpu()
+
+
 def cache_bytes_per_slot(
-    args: ModelArgs, max_len: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32
+    args: ModelArgs, max_len: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, routes: bool = False
 ) -> int:
-    """Bytes one slot takes (KV for ``max_len`` tokens, GDN conv window and state)."""
+    """Bytes one slot takes (KV for ``max_len`` tokens, GDN conv window and state; with ``routes``, the experts
+    chosen at each position)."""
     item, state_item = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=state_dtype).element_size()
     num_full = sum(kind == "full_attention" for kind in args.layer_types) + args.mtp_num_layers
     num_gdn = len(args.layer_types) - sum(kind == "full_attention" for kind in args.layer_types)
     kv = 2 * max_len * args.num_kv_heads * args.head_dim * item
     conv = args.gdn_conv_dim * (args.linear_conv_kernel_dim - 1) * item
     ssm = args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * state_item
-    return num_full * kv + num_gdn * (conv + ssm)
+    routed = max_len * len(args.layer_types) * args.num_experts_per_tok * 4 if routes else 0
+    return num_full * kv + num_gdn * (conv + ssm) + routed
 
 
 def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None:
@@ -82,6 +99,8 @@ def copy_slot(cache: ModelCache, src: int, dsts: list[int], length: int) -> None
         else:
             layer.k[index.to(layer.k.device), :length] = layer.k[src, :length].clone()
             layer.v[index.to(layer.v.device), :length] = layer.v[src, :length].clone()
+        if layer.routes is not None:
+            layer.routes[index.to(layer.routes.device), :length] = layer.routes[src, :length].clone()
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,6 +5,7 @@ whether the engine is in its process or behind HTTP. Standard library only (``ur
 environment are not used. Not responsible for starting servers, retrying, or tokenization.
 """
 
+import base64
 import dataclasses
 import json
 import time
@@ -12,6 +13,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from league.engine.request import GenerateOutput, SamplingParams, SpecStats
 
@@ -38,20 +41,27 @@ class EngineClient:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, n: int = 1
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+        routed_experts_start_len: int | None = None,
     ) -> list[GenerateOutput]:
         """Generate for every prompt (n samples each, consecutive in the result), as ``LLMEngine.generate``."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        routes = {} if routed_experts_start_len is None else {"return_routed_experts": True}
+        routes |= {"routed_experts_start_len": routed_experts_start_len} if routes else {}
         bodies = [
-            {"input_ids": list(p), "sampling_params": _sampling_json(sp, n), "return_logprob": True}
+            {"input_ids": list(p), "sampling_params": _sampling_json(sp, n), "return_logprob": True} | routes
             for p, sp in zip(prompts, params_list)
         ]
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(bodies)))) as pool:
             answers = list(pool.map(lambda body: self._request("POST", "/generate", body), bodies))
+        layers = self.model_info()["model_args"]["num_layers"] if routes else 1
         return [
-            _output(result, prompt)
+            _output(result, prompt, routed_experts_start_len or 0, layers)
             for prompt, answer in zip(prompts, answers)
             for result in (answer if isinstance(answer, list) else [answer])
         ]
@@ -115,7 +125,7 @@ def _error_message(raw: bytes) -> str:
         return raw.decode(errors="replace")
 
 
-def _output(result: dict, prompt: list[int]) -> GenerateOutput:
+def _output(result: dict, prompt: list[int], routes_start: int = 0, layers: int = 1) -> GenerateOutput:
     meta = result["meta_info"]
     verify_steps = meta.get("spec_verify_ct", 0)
     spec = SpecStats(
@@ -132,4 +142,15 @@ def _output(result: dict, prompt: list[int]) -> GenerateOutput:
         finish_reason=meta["finish_reason"]["type"],
         text=result.get("text"),
         spec=spec,
+        routed_experts=_routes(meta, len(prompt) + len(result["output_ids"]), routes_start, layers),
     )
+
+
+def _routes(meta: dict, num_tokens: int, start: int, layers: int) -> torch.Tensor | None:
+    """SGLang's base64 int32 routed experts as ``[rows, layers, top_k]`` (rows: positions ``start`` to the one
+    before the last token)."""
+    if "routed_experts" not in meta:
+        return None
+    flat = torch.frombuffer(bytearray(base64.b64decode(meta["routed_experts"])), dtype=torch.int32)
+    rows = num_tokens - 1 - start
+    return flat.view(rows, layers, -1) if rows > 0 else flat.view(0, layers, 0)

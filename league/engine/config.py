@@ -62,6 +62,9 @@ class EngineConfig:
     schedules (a request that stops on a token of step k has already run one more row in step k + 1, which is
     dropped; a request that will reach its length limit does not). Without speculation only; the tokens are the
     same either way."""
+    enable_return_routed_experts: bool = False
+    """Keep the experts each MoE layer chose for every token (an int32 ``[slots, context, layers, top_k]`` buffer),
+    so that a request may ask for them (``return_routed_experts``: routing replay in the trainer)."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
     the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify

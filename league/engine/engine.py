@@ -18,7 +18,7 @@ import torch
 from league.engine import sampler
 from league.engine.config import EngineConfig
 from league.engine.model_runner import ModelRunner
-from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, check_request
+from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, check_request, check_routes_asked
 from league.engine.scheduler import Scheduler
 from league.models.qwen3_5_moe import Transformer
 from league.ops.logprob import token_logprobs
@@ -92,12 +92,16 @@ class LLMEngine:
         rid: str | None = None,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
+        routed_experts_start_len: int | None = None,
     ) -> list[str]:
         """Queue a prompt; returns the ids of its ``n`` samples (``rid`` or a generated id, ``-i`` suffixed when
         n > 1). Sample i of a seeded request uses seed ``seed + i``. ``top_logprobs_num`` keeps that many most likely
         tokens at each position whose log-prob is returned; ``logprob_start_len`` >= 0 also returns the log-probs of
-        the prompt's tokens from that position on. Raises ValueError naming the field for anything out of range."""
+        the prompt's tokens from that position on; ``routed_experts_start_len`` (an engine with
+        ``enable_return_routed_experts``) returns the experts chosen at each position from that one on. Raises
+        ValueError naming the field for anything out of range."""
         params = params or SamplingParams()
+        check_routes_asked(routed_experts_start_len, len(prompt_ids), self.config.enable_return_routed_experts)
         check_request(prompt_ids, params, n, top_logprobs_num, logprob_start_len, self.args.vocab_size)
         if len(prompt_ids) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}")
@@ -116,6 +120,7 @@ class LLMEngine:
                 seed=seed,
                 top_logprobs_num=top_logprobs_num,
                 logprob_start_len=logprob_start_len,
+                routed_experts_start_len=routed_experts_start_len,
             )
             for i, seed in enumerate(seeds)
         ]
@@ -144,11 +149,20 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, n: int = 1
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+        routed_experts_start_len: int | None = None,
     ) -> list[GenerateOutput]:
-        """Generate for every prompt (n samples each, consecutive in the result)."""
+        """Generate for every prompt (n samples each, consecutive in the result); ``routed_experts_start_len`` as
+        :meth:`add_request`."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        order = [rid for p, sp in zip(prompts, params_list) for rid in self.add_request(p, sp, n=n)]
+        order = [
+            rid
+            for p, sp in zip(prompts, params_list)
+            for rid in self.add_request(p, sp, n=n, routed_experts_start_len=routed_experts_start_len)
+        ]
         done: dict[str, GenerateOutput] = {}
         while len(done) < len(order):
             for out in self.step():
@@ -169,6 +183,9 @@ class LLMEngine:
                 self._decode_speculative(decoding)
             elif decoding or self.in_flight is not None:
                 self._decode(decoding)
+        for r in self.scheduler.running:  # before their slots are freed
+            if r.finish_reason is not None and r.routed_experts_start_len is not None and r.slot is not None:
+                r.routed_experts = self.runner.routed_experts(r)
         return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:

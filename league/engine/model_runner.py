@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from league.engine import sampler
-from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot
+from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot, routes_of
 from league.engine.config import EngineConfig
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import Request
@@ -62,6 +62,7 @@ class ModelRunner:
             max_rows=config.max_running_requests if steps else 0,
             max_steps=steps,
             state_dtype=self.state_dtype,
+            routes=config.enable_return_routed_experts,
         )
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
         self.released: dict[str, list] = {}
@@ -76,6 +77,13 @@ class ModelRunner:
                 config.max_running_requests,
                 numerics,
             )
+
+    def routed_experts(self, r: Request) -> torch.Tensor:
+        """The experts the trunk's MoE layers chose at each of a request's positions from its
+        ``routed_experts_start_len`` to the one before its last token (the last never ran through the model):
+        int32 ``[rows, layers, top_k]``, SGLang's layout."""
+        end = len(r.prompt_ids) + len(r.output_ids) - 1
+        return routes_of(self.cache, r.slot, r.routed_experts_start_len, end)
 
     def release_memory(self, tags: set[str]) -> int:
         """Free the memory of ``tags`` (``MEMORY_TAGS``), keeping every tensor object, so that a colocated trainer can
@@ -125,7 +133,9 @@ class ModelRunner:
             return self.config.max_running_requests
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.mem_fraction_static - (total - free)
-        per_slot = cache_bytes_per_slot(self.model.args, self.slot_len, self.dtype, self.state_dtype)
+        per_slot = cache_bytes_per_slot(
+            self.model.args, self.slot_len, self.dtype, self.state_dtype, self.config.enable_return_routed_experts
+        )
         fit = int(budget // per_slot) - self.use_graphs  # the scratch slot of captured batches
         if fit < 1:
             raise ValueError(

@@ -6,6 +6,7 @@ prompt and ``max_new_tokens`` fit in the context) and leave the rest to ``Sampli
 tokenization (text arrives encoded and leaves decoded through the callables the server passes in).
 """
 
+import base64
 import dataclasses
 import uuid
 from collections.abc import Callable
@@ -34,6 +35,7 @@ null / empty / ``stream_interval`` 1, is accepted)."""
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
 GENERATE_FIELDS |= {"logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "return_prompt_token_ids"}
+GENERATE_FIELDS |= {"return_routed_experts", "routed_experts_start_len"}
 GENERATE_INERT = frozenset(
     {"log_metrics", "no_logs", "custom_labels", "conversation_id", "external_trace_header", "received_time"}
     | {"http_worker_ipc", "lora_id", "modalities", "extra_key", "cache_salt"}
@@ -63,8 +65,6 @@ GENERATE_UNSUPPORTED = {
     "return_flat_raw_top_logprobs": "`top_logprobs_num` (nested lists)",
     "return_flat_raw_top_logprobs_b64": "`top_logprobs_num` (nested lists)",
     "return_hidden_states": "`league score` for teacher-forced passes",
-    "return_routed_experts": "the trainer's own routing",
-    "routed_experts_start_len": "the trainer's own routing",
     "return_indexer_topk": "nothing: the model has no sparse-attention indexer",
     "return_entropy": "`return_logprob` with `top_logprobs_num`",
     "return_bytes": "`text` or `output_ids`",
@@ -90,7 +90,22 @@ GENERATE_UNSUPPORTED = {
 }
 """SGLang /generate fields league does not implement -> what to use instead. A value that asks for nothing (null,
 false, 0, empty, or a batch of such) is accepted; any other is a 400 naming the field."""
-UNSUPPORTED_DEFAULTS = {"routed_experts_start_len": 0}
+UNSUPPORTED_DEFAULTS: dict[str, Any] = {}
+
+
+def parse_routed_experts(body: dict) -> int | None:
+    """``routed_experts_start_len`` when ``return_routed_experts`` asks for the routing (None otherwise); the engine
+    checks it against the prompt."""
+    start = body.get("routed_experts_start_len")
+    start = 0 if start is None else start
+    if not is_int(start) or start < 0:
+        raise ValueError(f"`routed_experts_start_len` must be an integer >= 0, got {start!r}")
+    return start if flag(body, "return_routed_experts") else None
+
+
+def encode_routes(routes) -> str:
+    """SGLang's encoding of routed experts: base64 of the raw bytes of an int32 ``[rows, layers, top_k]`` array."""
+    return base64.b64encode(routes.contiguous().numpy().tobytes()).decode()
 
 
 def asks_nothing(value: Any, default: Any = None) -> bool:
@@ -333,6 +348,8 @@ def generate_result(
         if logprobs.top_logprobs_num:
             meta["input_top_logprobs"] = [tops(pairs) for pairs in out.input_top_logprobs]
             meta["output_top_logprobs"] = [tops(pairs) for pairs in out.output_top_logprobs]
+    if finished and out.routed_experts is not None:
+        meta["routed_experts"] = encode_routes(out.routed_experts)
     answer = {"text": text, "output_ids": out.output_ids, "meta_info": meta}
     if served.prompt_token_ids:
         answer["prompt_token_ids"] = out.prompt_ids

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from league.checks import SEED_MAX as MAX_SEED
 
 SEED_RANGE = f"an integer in [0, {MAX_SEED}] (a 64-bit seed)"
@@ -184,6 +186,9 @@ class GenerateOutput:
     """Log-probs of the prompt's tokens from ``logprob_start_len`` on (None for the first prompt token)."""
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     """The most likely tokens at each of those prompt positions (with ``top_logprobs_num``)."""
+    routed_experts: torch.Tensor | None = None
+    """int32 ``[rows, layers, top_k]``: the experts of each position from ``routed_experts_start_len`` to the one
+    before the last token, when asked for (routing replay)."""
 
 
 TopLogprobs = list[tuple[float, int]]
@@ -221,6 +226,10 @@ class Request:
     """Keep this many most likely tokens, with their log-probs, at each output (and returned input) position."""
     logprob_start_len: int = -1
     """Return the log-probs of the prompt's tokens from this position on; -1: none."""
+    routed_experts_start_len: int | None = None
+    """Return the experts chosen at each position from this one on (None: not asked)."""
+    routed_experts: torch.Tensor | None = None
+    """Read from the cache when the request finishes (with ``routed_experts_start_len``)."""
     output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
@@ -247,6 +256,7 @@ class Request:
             output_top_logprobs=list(self.output_top_logprobs),
             input_logprobs=list(prefilled.input_logprobs),
             input_top_logprobs=list(prefilled.input_top_logprobs),
+            routed_experts=self.routed_experts,
         )
 
 
@@ -277,3 +287,14 @@ def check_request(
         raise ValueError(f"sampling_params.logit_bias has token ids outside [0, {vocab_size})")
     if params.seed is not None and params.seed + n - 1 > MAX_SEED:
         raise ValueError(f"sampling_params.seed ({params.seed}) + n - 1 must be <= {MAX_SEED} (sample i uses seed + i)")
+
+
+def check_routes_asked(start: int | None, prompt_len: int, kept: bool) -> None:
+    """A request for the routed experts (``start``: the first position returned; None: not asked) needs an engine
+    that keeps them, and a start within the prompt."""
+    if start is None:
+        return
+    if not kept:
+        raise ValueError("return_routed_experts needs an engine started with --enable-return-routed-experts")
+    if not is_int(start) or not 0 <= start <= prompt_len:
+        raise ValueError(f"routed_experts_start_len must be in [0, {prompt_len}] (the prompt's length), got {start!r}")

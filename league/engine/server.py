@@ -200,13 +200,16 @@ class _Handler(control.ControlRoutes, JSONHandler):
         stream=False,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
+        routed_experts_start_len: int | None = None,
     ) -> Submission:
         context_length = self.server.engine.context_length
         params = [protocol.params_for(options, len(p), context_length, field) for p in prompts]
         if params[0].stop and self.server.tokenizer is None:
             raise ValueError("sampling_params.stop (strings) needs a tokenizer; this server has none")
         rids = rids or protocol.parse_rids(None, len(prompts), True)
-        return self.server.worker.submit(prompts, params, options.n, rids, stream, top_logprobs_num, logprob_start_len)
+        return self.server.worker.submit(
+            prompts, params, options.n, rids, stream, top_logprobs_num, logprob_start_len, routed_experts_start_len
+        )
 
     def _text(
         self, sub: Submission, i: int, out: GenerateOutput, options: protocol.SamplingOptions, finished: bool = True
@@ -228,7 +231,10 @@ class _Handler(control.ControlRoutes, JSONHandler):
         options = protocol.parse_sampling(body.get("sampling_params") or {}, "sampling_params", 128)
         logprobs, stream = protocol.parse_logprob_options(body), protocol.flag(body, "stream")
         rids = protocol.parse_rids(body.get("rid"), len(prompts), batched)
-        sub = self._submit(prompts, options, field, rids, stream, logprobs.top_logprobs_num, logprobs.logprob_start_len)
+        routes = protocol.parse_routed_experts(body)
+        sub = self._submit(
+            prompts, options, field, rids, stream, logprobs.top_logprobs_num, logprobs.logprob_start_len, routes
+        )
 
         prompt_ids = protocol.flag(body, "return_prompt_token_ids")
 

@@ -50,6 +50,7 @@ class Submission:
     stream: bool
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    routed_experts_start_len: int | None = None
     members: list[str] = field(default_factory=list)
     """Engine request ids, prompt-major (n consecutive samples per prompt)."""
     arrived: float = field(default_factory=time.monotonic)
@@ -144,6 +145,7 @@ class EngineWorker:
         stream: bool = False,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
+        routed_experts_start_len: int | None = None,
     ) -> Submission:
         """Queue prompts (n samples each, under the given distinct rids) after the engine's own checks.
 
@@ -159,6 +161,7 @@ class EngineWorker:
             stream=stream,
             top_logprobs_num=top_logprobs_num,
             logprob_start_len=logprob_start_len,
+            routed_experts_start_len=routed_experts_start_len,
         )
         self.call(lambda: self._add(sub))
         return sub
@@ -268,7 +271,15 @@ class EngineWorker:
         try:
             for prompt, params, rid in zip(sub.prompts, sub.params, sub.rids):
                 added.extend(
-                    self.engine.add_request(prompt, params, sub.n, rid, sub.top_logprobs_num, sub.logprob_start_len)
+                    self.engine.add_request(
+                        prompt,
+                        params,
+                        sub.n,
+                        rid,
+                        sub.top_logprobs_num,
+                        sub.logprob_start_len,
+                        sub.routed_experts_start_len,
+                    )
                 )
         except ValueError as e:
             for rid in added:

@@ -163,6 +163,8 @@ class PackedBatch:
         rollout_logprobs_R (torch.Tensor): ``[R]`` fp32 engine log-probs of the response tokens.
         sample_of_R (torch.Tensor): ``[R]`` long index (0..N-1, in this batch) of each token's sample.
         response_lengths (list[int]): response tokens of each sample.
+        routed_experts (torch.Tensor, Optional): ``[T, layers, top_k]`` long, the rollout's experts of each position
+            (-1 at each sample's last token, which the rollout never ran), when every sample has them. Default: None.
     """
 
     tokens_T: torch.Tensor
@@ -177,6 +179,7 @@ class PackedBatch:
     rollout_logprobs_R: torch.Tensor
     sample_of_R: torch.Tensor
     response_lengths: list[int]
+    routed_experts: torch.Tensor | None = None
 
 
 def pack_samples(samples: Sequence[Sample], device: torch.device | str = "cpu") -> PackedBatch:
@@ -211,6 +214,12 @@ def pack_samples(samples: Sequence[Sample], device: torch.device | str = "cpu") 
         return torch.tensor(x, dtype=torch.float32, device=device)
 
     response_index_R = long(response_index)
+    routes = None
+    if samples and all(s.routed_experts is not None for s in samples):
+        parts = [
+            torch.cat([s.routed_experts.long(), torch.full_like(s.routed_experts[:1].long(), -1)]) for s in samples
+        ]
+        routes = torch.cat(parts).to(device)
     return PackedBatch(
         tokens_T=long(tokens),
         cu_seqlens=long([0, *seq_lens]).cumsum(0),
@@ -224,4 +233,5 @@ def pack_samples(samples: Sequence[Sample], device: torch.device | str = "cpu") 
         rollout_logprobs_R=fp32(rollout),
         sample_of_R=torch.repeat_interleave(long(list(range(len(samples)))), long(response_lengths)),
         response_lengths=response_lengths,
+        routed_experts=routes,
     )

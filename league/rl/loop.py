@@ -96,7 +96,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
             batch = [prompts[i] for i in sampler.next_batch()]
             params = [rollout_params(job, step, i) for i in range(len(batch))]
             my_batch, my_params = ranks.block(batch), ranks.block(params)
-            outputs = engine.generate([p.prompt_ids for p in my_batch], my_params, n=n)
+            routes = 0 if job.algo.use_rollout_routing_replay else None  # the experts of every position (R3)
+            outputs = engine.generate([p.prompt_ids for p in my_batch], my_params, n=n, routed_experts_start_len=routes)
             t1 = time.perf_counter()
             # 2. reward; then every rank has the whole rollout, in order
             result = setup.score(tokenizer, reward, my_batch, outputs, n)
@@ -120,6 +121,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
                     index=k,
                     label=batch[k // n].label,
                     metadata=batch[k // n].metadata,
+                    routed_experts=o.routed_experts,
                 )
                 for k, (o, r, a) in enumerate(zip(outputs, result.rewards, advantages))
             ]

@@ -208,6 +208,11 @@ def check_job(job: JobConfig) -> ParallelDims:
             "each rollout step trains on whole global batches"
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
+    if job.algo.use_rollout_routing_replay and dims.tp * dims.cp * dims.pp > 1:
+        raise ValueError(
+            f"`--use-rollout-routing-replay` runs with data and expert parallelism only (FSDP2, `--ep`, `--etp`); "
+            f"this layout has --tp {dims.tp} --cp {dims.cp} --pp {dims.pp}"
+        )
     if dims.dp * dims.tp * dims.cp * dims.pp > 1:
         check_data_parallel(job, dims.dp * dims.tp * dims.cp * dims.pp, dims.dp)
     if job.eval.eval_interval and job.eval.eval_prompt_data:

@@ -11,6 +11,8 @@ Not responsible for generating, rewarding, normalising rewards or packing sample
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 STATUSES = ("completed", "truncated", "aborted")
 
 
@@ -34,6 +36,8 @@ class Sample:
         metadata (dict): anything the dataset row carried along. Default: empty.
         spec_stats (dict[str, int]): speculative-decoding counters of this response (``draft_tokens``,
             ``accepted_tokens``, ``verify_steps``). Default: empty.
+        routed_experts (torch.Tensor, Optional): int32 ``[num_tokens - 1, layers, top_k]``, the experts the rollout's
+            MoE layers chose at each position but the last (routing replay). Default: None.
     """
 
     prompt_ids: list[int]
@@ -48,6 +52,7 @@ class Sample:
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     spec_stats: dict[str, int] = field(default_factory=dict)
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -61,6 +66,12 @@ class Sample:
             )
         if self.loss_mask is not None and len(self.loss_mask) != num:
             raise ValueError(f"sample {self.index}: `loss_mask` has {len(self.loss_mask)} entries for {num} tokens")
+        rows = len(self.prompt_ids) + num - 1
+        if self.routed_experts is not None and (self.routed_experts.dim() != 3 or len(self.routed_experts) != rows):
+            raise ValueError(
+                f"sample {self.index}: `routed_experts` has shape {list(self.routed_experts.shape)}; expected "
+                f"[{rows}, layers, top_k] (every position but the last)"
+            )
 
     @property
     def num_tokens(self) -> int:

@@ -318,7 +318,10 @@ def build_engine(job: JobConfig, model: Transformer, tokenizer):
         from league.engine.client import EngineClient
 
         return EngineClient(job.rollout.rollout_engine)
-    return LLMEngine(model, job.engine, tokenizer)
+    config = job.engine
+    if job.algo.use_rollout_routing_replay:  # the engine keeps its routing for the trainer to replay
+        config = dataclasses.replace(config, enable_return_routed_experts=True)
+    return LLMEngine(model, config, tokenizer)
 
 
 def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None = None) -> None:

@@ -62,6 +62,10 @@ class AlgorithmConfig:
     """Train the MTP head alongside the policy (its loss reaches only MTP parameters)."""
     mtp_loss_scaling_factor: float = 0.2
     """Weight of the MTP loss."""
+    use_rollout_routing_replay: bool = False
+    """Routing replay (R3): every forward of the trainer routes each token to the experts the rollout chose for it
+    (the router's probabilities of them still weight the experts and get the gradient), so training and rollout
+    agree on the experts. The engine keeps its routing for this (``--enable-return-routed-experts``, implied)."""
 
     def __post_init__(self) -> None:
         if self.advantage_estimator != "grpo":
@@ -238,7 +242,12 @@ class Trainer:
             micro.append(
                 MicroBatch(
                     packed=packed,
-                    batch=ForwardBatch.training(packed.seq_lens, self.device, self.numerics),
+                    batch=ForwardBatch.training(
+                        packed.seq_lens,
+                        self.device,
+                        self.numerics,
+                        packed.routed_experts if self.algo.use_rollout_routing_replay else None,
+                    ),
                     indices=list(group),
                 )
             )

@@ -310,3 +310,26 @@ def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", *args, "--no-tensorboard"])
     assert result.exit_code == 1 and result.stderr == "error: No space left on device: __0_0.distcp\n"
     assert list((tmp_path / "ckpt").iterdir()) == []  # the half-written checkpoint is gone
+
+
+def test_routing_replay_uses_the_rollouts_experts_and_changes_nothing_where_they_agree(tmp_path, monkeypatch):
+    """``--use-rollout-routing-replay``: every trainer forward gets the rollout's experts of each token; in fp32 on
+    the CPU the trainer would have chosen the same ones, so the run's metrics equal the run without replay."""
+    from league.models.qwen3_5_moe import ForwardBatch
+
+    replayed = []
+    original = ForwardBatch.training.__func__
+
+    def training(cls, seq_lens, device="cpu", numerics=None, routed_experts=None, **kw):
+        replayed.append(routed_experts is not None and bool((routed_experts >= 0).any()))
+        return original(
+            cls, seq_lens, device, *(() if numerics is None else (numerics,)), routed_experts=routed_experts
+        )
+
+    monkeypatch.setattr(ForwardBatch, "training", classmethod(training))
+    with_replay = read_metrics(train(tiny_job(tmp_path, "r3", num_rollout=2, use_rollout_routing_replay=True)))
+    assert replayed and all(replayed)
+    replayed.clear()
+    without = read_metrics(train(tiny_job(tmp_path, "plain", num_rollout=2)))
+    assert not any(replayed)
+    assert [comparable(r) for r in with_replay] == [comparable(r) for r in without]

@@ -23,6 +23,9 @@ class AttentionCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    routes: torch.Tensor | None = None
+    """``[slots, max_len, top_k]`` int32: the experts this layer's MoE chose at each cached position (when the engine
+    keeps them); None otherwise."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +43,8 @@ class GDNCache:
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    routes: torch.Tensor | None = None
+    """As ``AttentionCache.routes``."""
     conv_steps: torch.Tensor | None = None
     verify_mixed: torch.Tensor | None = None
     verify_a: torch.Tensor | None = None
@@ -71,6 +76,8 @@ class ForwardBatch:
             decode parity, under which a whole-sequence forward runs the token mixers as decode runs them: the
             recurrent GDN kernel over each sequence, ``ops.gdn.parity``, and the decode attention kernel,
             ``attention.varlen_causal_attention_as_decode``). Default: ``FAST``.
+        routed_experts (torch.Tensor, Optional): ``[T, layers, top_k]`` experts each trunk MoE layer uses for each
+            token instead of its own choice (routing replay); a row of -1 routes that token as usual. Default: None.
 
     The remaining fields are device copies that :meth:`packed` fills in one host-to-device transfer, so the
     forward itself never synchronises with the host (a CUDA graph can capture it): ``seq_lens_t`` ``[N]``,
@@ -86,6 +93,7 @@ class ForwardBatch:
     cache_lens: list[int] | None = None
     record_states: bool = False
     numerics: Numerics = FAST
+    routed_experts: torch.Tensor | None = None
     seq_lens_t: torch.Tensor | None = None
     slots_t: torch.Tensor | None = None
     cache_lens_t: torch.Tensor | None = None
@@ -139,10 +147,17 @@ class ForwardBatch:
 
     @classmethod
     def training(
-        cls, seq_lens: list[int], device: torch.device | str = "cpu", numerics: Numerics = FAST
+        cls,
+        seq_lens: list[int],
+        device: torch.device | str = "cpu",
+        numerics: Numerics = FAST,
+        routed_experts: torch.Tensor | None = None,
     ) -> "ForwardBatch":
-        """Whole sequences from position 0 and no cache: the trainer's, the scorer's and the reference's forward."""
-        return cls.packed(seq_lens, device, numerics=numerics)
+        """Whole sequences from position 0 and no cache: the trainer's, the scorer's and the reference's forward
+        (``routed_experts``: replay these experts, see the class)."""
+        batch = cls.packed(seq_lens, device, numerics=numerics)
+        batch.routed_experts = routed_experts
+        return batch
 
     @classmethod
     def prefill(

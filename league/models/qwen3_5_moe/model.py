@@ -9,6 +9,7 @@ Legend: T packed tokens, N sequences, D model dim, V vocabulary, H query heads, 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from league.models.qwen3_5_moe.gated_deltanet import GatedDeltaNet
 from league.ops.activations import add_gated, sigmoid, silu_mul
 from league.ops.attention import cached_attention, varlen_causal_attention, varlen_causal_attention_as_decode
 from league.ops.linear import join_rows, linear, linear_joined
-from league.ops.moe import route_topk, swiglu_experts
+from league.ops.moe import renormalised_weights, route_topk, swiglu_experts
 from league.ops.norm import rms_norm
 from league.ops.numerics import FAST, Numerics
 from league.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -132,13 +133,27 @@ class MoE(nn.Module):
         self.shared = SwiGLU(args.dim, args.shared_expert_intermediate_size)
         self.shared_gate = nn.Linear(args.dim, 1, bias=False)
 
-    def forward(self, x_TD: torch.Tensor, numerics: Numerics = FAST) -> torch.Tensor:
-        """The dense projections (router, shared expert and its gate) run as the numerics run dense projections."""
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        numerics: Numerics = FAST,
+        replay_TA: torch.Tensor | None = None,
+        record: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The dense projections (router, shared expert and its gate) run as the numerics run dense projections.
+        ``replay_TA``: experts to use instead of the router's top-k (rows of -1: the router's), weighted by the
+        router's renormalised probabilities of them (so the router still gets its gradient); ``record`` receives
+        the experts used."""
         shared = self.shared
         router_TE, shared_gate_TI, shared_up_TI, gate_T1 = linear_joined(
             x_TD, (self.router.weight, shared.w_gate.weight, shared.w_up.weight, self.shared_gate.weight), numerics
         )
         weights, experts = route_topk(router_TE, self.top_k)
+        if replay_TA is not None:
+            experts = torch.where(replay_TA >= 0, replay_TA.to(experts.dtype), experts)
+            weights = renormalised_weights(router_TE, experts)
+        if record is not None:
+            record(experts)
         routed = self.experts(x_TD, weights, experts, numerics)
         shared_TD = linear(silu_mul(shared_gate_TI, shared_up_TI, numerics), shared.w_down.weight, numerics)
         return add_gated(routed, gate_T1, shared_TD, numerics)
@@ -147,9 +162,11 @@ class MoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: token mixer (gated attention or Gated DeltaNet) then the MoE, each with a residual."""
 
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, index: int | None = None):
         super().__init__()
         self.layer_type = layer_type
+        self.index = index
+        """Position among the trunk's layers (None in the MTP head): which column of routing replay is its."""
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         if layer_type == "full_attention":
             self.attn = GatedAttention(args)
@@ -170,7 +187,14 @@ class DecoderLayer(nn.Module):
             x_TD = x_TD + self.attn(h, batch, rope, cache)
         else:
             x_TD = x_TD + self.gdn(h, batch, cache)
-        return x_TD + self.moe(self.ffn_norm(x_TD), batch.numerics)
+        replay = None if batch.routed_experts is None or self.index is None else batch.routed_experts[:, self.index]
+        record = None
+        if cache is not None and cache.routes is not None:
+
+            def record(experts_TA: torch.Tensor) -> None:
+                cache.routes[batch.token_slots, batch.positions] = experts_TA.to(cache.routes.dtype)
+
+        return x_TD + self.moe(self.ffn_norm(x_TD), batch.numerics, replay, record)
 
 
 class MTP(nn.Module):
@@ -210,7 +234,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DecoderLayer(args, kind) for kind in args.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(args, kind, i) for i, kind in enumerate(args.layer_types))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.mtp = MTP(args) if args.mtp_num_layers > 0 else None
