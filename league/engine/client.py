@@ -11,11 +11,13 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from league.engine import weight_sync
 from league.engine.request import GenerateOutput, SamplingParams, SpecStats
 
 
@@ -84,6 +86,62 @@ class EngineClient:
 
     def model_info(self) -> dict:
         return self._request("GET", "/get_model_info")
+
+    def update_weights(
+        self,
+        named: Iterable[tuple[str, torch.Tensor]],
+        version: str | None = None,
+        bucket_bytes: int = weight_sync.BUCKET_BYTES,
+    ) -> None:
+        """Hand ``(name, tensor)`` pairs (Hugging Face or league names) to the server by reference, in flattened
+        buckets (``/update_weights_from_tensor``: shared memory on the CPU, CUDA IPC on the GPU; the server must run
+        on this machine); then, with ``version``, name the weights so."""
+        for bucket in weight_sync.buckets(named, bucket_bytes):
+            payload = weight_sync.serialize(weight_sync.flatten_bucket(bucket))
+            body = {"serialized_named_tensors": [payload], "load_format": "flattened_bucket", "flush_cache": False}
+            self._request("POST", "/update_weights_from_tensor", body)
+        if version is not None:
+            self.update_weight_version(version)
+
+    def join_weight_group(
+        self, master_address: str, master_port: int, backend: str = "gloo", group_name: str = "weight_update_group"
+    ):
+        """A broadcast group of this process (rank 0) and the server (rank 1), for :meth:`broadcast_weights`."""
+        body = {"master_address": master_address, "master_port": master_port, "rank_offset": 1, "world_size": 2}
+        body |= {"backend": backend, "group_name": group_name}
+        with ThreadPoolExecutor(1) as pool:  # the server joins while this process hosts the store
+            joined = pool.submit(self._request, "POST", "/init_weights_update_group", body)
+            group = weight_sync.new_group(master_address, master_port, 0, 2, backend)
+            joined.result()
+        return group
+
+    def broadcast_weights(
+        self,
+        group,
+        named: Iterable[tuple[str, torch.Tensor]],
+        version: str | None = None,
+        group_name: str = "weight_update_group",
+        bucket_bytes: int = weight_sync.BUCKET_BYTES,
+    ) -> None:
+        """Send ``(name, tensor)`` pairs to the server over a group of :meth:`join_weight_group`, in buckets
+        (``/update_weights_from_distributed``: the metadata by HTTP, the tensors by broadcast)."""
+        for bucket in weight_sync.buckets(named, bucket_bytes):
+            body = {
+                "names": [name for name, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": group_name,
+                "flush_cache": False,
+            }
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(self._request, "POST", "/update_weights_from_distributed", body)
+                weight_sync.broadcast(group, [t.detach().contiguous() for _, t in bucket])
+                answer.result()
+        if version is not None:
+            self.update_weight_version(version)
+
+    def update_weight_version(self, version: str) -> dict:
+        return self._request("POST", "/update_weight_version", {"new_version": version, "abort_all_requests": False})
 
     def update_weights_from_disk(self, path: str) -> dict:
         """Have the server load a Hugging Face checkpoint folder (between two engine steps)."""

@@ -17,6 +17,7 @@ import base64
 import datetime
 import io
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
@@ -74,6 +75,24 @@ def unflatten_bucket(bucket: dict) -> list[tuple[str, torch.Tensor]]:
             )
         out.append((meta.name, piece.view(meta.shape)))
     return out
+
+
+BUCKET_BYTES = 512 << 20
+"""Tensor bytes per update by default (the reference system's ``--update-weight-buffer-size``)."""
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int = BUCKET_BYTES):
+    """``(name, tensor)`` pairs in order, grouped into lists of at most ``max_bytes`` (a larger tensor alone)."""
+    bucket, size = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 def serialize(obj: object) -> str:

@@ -325,25 +325,23 @@ def build_engine(job: JobConfig, model: Transformer, tokenizer):
 
 
 def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None = None) -> None:
-    """Colocated: nothing to copy (the engine holds the same module). A whole replica beside sharded ranks: each
-    parameter gathered (every rank in the same order; with pipeline stages, each stage's from its ranks to the
-    pipeline's) and copied in. Remote: save and ask it to reload."""
-    if isinstance(engine, LLMEngine):
-        if engine.model is not model:
-            from league.parallel.parallelize import full_parameters, pipeline_parameters
-
-            ranks = ranks or Ranks()
-            whole = full_parameters(model)
-            if ranks.pp_group is not None:
-                whole = pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, engine.device)
-            for name, tensor in whole:
-                engine.update_weights([(name, tensor)])
+    """The trained weights into the engine, one way for every engine: nothing to do when it holds the same module
+    (colocated); otherwise each parameter, whole (gathered from the ranks that shard it; with pipeline stages, each
+    stage's from its ranks to the pipeline's), goes through ``engine.update_weights``: copied in place by an
+    in-process replica, handed over by reference to a served engine (``/update_weights_from_tensor``)."""
+    if isinstance(engine, LLMEngine) and engine.model is model:
         return
-    from league.checkpoint.hf import save_hf
+    from league.parallel.parallelize import full_parameters, pipeline_parameters
 
-    folder = run_dir / "weights_for_engine"
-    save_hf(model, folder, force=True)
-    engine.update_weights_from_disk(str(folder.resolve()))
+    ranks = ranks or Ranks()
+    whole = full_parameters(model)
+    if ranks.pp_group is not None:
+        whole = pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, engine.device)
+    if isinstance(engine, LLMEngine):
+        for name, tensor in whole:  # one at a time: a replica beside sharded ranks holds no second copy
+            engine.update_weights([(name, tensor)])
+        return
+    engine.update_weights((name, tensor.detach()) for name, tensor in whole)
 
 
 def score(tokenizer, reward, prompts: list[Prompt], outputs, n: int):

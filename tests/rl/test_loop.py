@@ -333,3 +333,32 @@ def test_routing_replay_uses_the_rollouts_experts_and_changes_nothing_where_they
     without = read_metrics(train(tiny_job(tmp_path, "plain", num_rollout=2)))
     assert not any(replayed)
     assert [comparable(r) for r in with_replay] == [comparable(r) for r in without]
+
+
+def test_a_served_engine_gets_the_trained_weights_through_the_tensor_route(tmp_path):
+    """``--rollout-engine URL``: rollouts come from a `league serve`, and each step's weights reach it through
+    ``/update_weights_from_tensor`` (the same ``update_weights`` call an in-process replica gets): after the run the
+    served model holds the trainer's final weights exactly."""
+    from league.checkpoint.init import init_checkpoint
+    from league.engine.config import EngineConfig
+    from league.engine.server import build_server
+    from league.rl import loop
+
+    init_checkpoint("tiny", tmp_path / "start", seed=5)
+    server = build_server(str(tmp_path / "start"), "127.0.0.1", 0, EngineConfig(context_length=512), "cpu").start()
+    trained = {}
+    original = setup.sync_weights
+
+    def sync_and_keep(engine, model, run_dir, ranks=None):
+        original(engine, model, run_dir, ranks)
+        trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loop.setup, "sync_weights", sync_and_keep)
+            records = read_metrics(train(tiny_job(tmp_path, "remote", num_rollout=2, rollout_engine=server.url)))
+        assert len(records) == 2 and server.worker.weight_version == "default"
+        served = server.engine.model.state_dict()
+        assert trained and all(torch.equal(served[k], v) for k, v in trained.items())
+    finally:
+        server.shutdown()
