@@ -42,6 +42,10 @@ run-to-run nondeterminism). Writes ``benchmarks/results/logprob_agreement_gpu.js
 With ``--decode-parity``, the engine's prompt prefill, the prefill pass and the trainer run with
 decode parity (their token mixers computed as decode computes them; see ``ops.numerics``).
 
+With ``--routing-replay``, each results block also has ``routing_replay``: the rollout/trainer gap and the mean
+low_var_kl (trainer vs rollout) without and with the trainer replaying the rollout's experts
+(``--use-rollout-routing-replay``).
+
 With ``--attribute``, each results block also has ``attribution``: the decode gap split by layer and sublayer, on
 the first ``--attribute-batch`` samples (default 8). The engine decodes their sampled tokens teacher-forced, one
 token per step, as ``LLMEngine._decode`` builds its batch but without CUDA graphs (after a batched prefill of the
@@ -79,6 +83,7 @@ from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import DECODE_PARITY, FAST
+from league.rl.algorithms import approx_kl
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer, response_logprobs
@@ -92,12 +97,20 @@ def rollout(model: Transformer, prompts: list[list[int]], opts) -> tuple[LLMEngi
         context_length=len(prompts[0]) + opts.new_tokens + 8,
         mamba_ssm_dtype=opts.mamba_ssm_dtype,
         numerics="decode_parity" if opts.decode_parity else "fast",
+        enable_return_routed_experts=opts.routing_replay,
     )
     engine = LLMEngine(model, config)
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
-    outputs = engine.generate(prompts, params)
+    outputs = engine.generate(prompts, params, routed_experts_start_len=0 if opts.routing_replay else None)
     samples = [
-        Sample(prompt_ids=prompt, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, advantage=0.0, index=i)
+        Sample(
+            prompt_ids=prompt,
+            response_ids=o.output_ids,
+            rollout_logprobs=o.output_logprobs,
+            advantage=0.0,
+            index=i,
+            routed_experts=o.routed_experts,
+        )
         for i, (prompt, o) in enumerate(zip(prompts, outputs))
     ]
     return engine, samples
@@ -247,6 +260,23 @@ def attribute(engine: LLMEngine, samples: list[Sample]) -> dict:
     }
 
 
+def routing_replay(trainer: Trainer, samples: list[Sample], train: list, rollout_lp: list) -> dict:
+    """The train/rollout gap and KL (low_var_kl, trainer vs rollout, mean over response tokens) without and with
+    routing replay (``--use-rollout-routing-replay``: the trainer's forward uses the rollout's experts)."""
+    trainer.algo.use_rollout_routing_replay = True
+    replayed = trainer.compute_logprobs(samples)
+    trainer.algo.use_rollout_routing_replay = False
+
+    def kl(logprobs: list[torch.Tensor]) -> float:
+        logp, rollout = torch.cat([t.float().cpu() for t in logprobs]), torch.cat(rollout_lp).float()
+        return approx_kl(logp, rollout, "low_var_kl").mean().item()
+
+    return {
+        "without": {"rollout_vs_trainer": gap(train, rollout_lp), "kl_low_var": kl(train)},
+        "with": {"rollout_vs_trainer": gap(replayed, rollout_lp), "kl_low_var": kl(replayed)},
+    }
+
+
 def gap(first: list[torch.Tensor], second: list[torch.Tensor]) -> dict:
     """Statistics of ``first - second`` over all response tokens (equal-length responses, ``[B, N]``)."""
     diffs = torch.stack([a.float().cpu() - b.float().cpu() for a, b in zip(first, second)])
@@ -284,6 +314,8 @@ def measure(args, opts, init_std: float, prompts: list[list[int]]) -> dict:
         rel_err = (torch.cat(prefill_hidden).float() - h_train).norm(dim=-1) / h_train.norm(dim=-1)
     rollout_lp = [torch.tensor(s.rollout_logprobs) for s in samples]
     attribution = {"attribution": attribute(engine, samples[: opts.attribute_batch])} if opts.attribute else {}
+    if opts.routing_replay:
+        attribution["routing_replay"] = routing_replay(trainer, samples, train, rollout_lp)
     return {
         "init_std": init_std,
         "tokens": sum(len(s.response_ids) for s in samples),
@@ -313,6 +345,9 @@ def main() -> None:
         help="engine prefill and trainer compute the token mixers as decode does (--numerics decode_parity)",
     )
     parser.add_argument("--attribute", action="store_true", help="add the per-layer, per-sublayer attribution")
+    parser.add_argument(
+        "--routing-replay", action="store_true", help="also the gap and KL with the rollout's experts replayed (R3)"
+    )
     parser.add_argument("--attribute-batch", type=int, default=8, help="sequences (the first ones) it runs on")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
