@@ -11,44 +11,30 @@ sampled and when it is trained on. Not responsible for tokenising prompts, HTTP,
 """
 
 import itertools
-from dataclasses import dataclass, field
 
 import torch
 
 from league.engine import sampler
 from league.engine.config import EngineConfig
 from league.engine.model_runner import ModelRunner
-from league.engine.request import GenerateOutput, Request, SamplingParams, SpecStats, check_request, check_routes_asked
+from league.engine.request import (
+    EngineStats,
+    GenerateOutput,
+    InFlight,
+    Request,
+    SamplingParams,
+    SpecStats,
+    check_request,
+    check_routes_asked,
+    ends_by_length,
+    finish_reason,
+)
 from league.engine.scheduler import Scheduler
 from league.models.qwen3_5_moe import Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
 
 __all__ = ["EngineConfig", "EngineStats", "LLMEngine"]
-
-
-@dataclass(kw_only=True, slots=True)
-class InFlight:
-    """A decode step launched and not yet read back: its requests in row order, their sampled tokens on the device
-    (the inputs of the next step), and host copies of the tokens, log-probs and top log-probs (when asked for),
-    complete once ``ready`` has passed (None: already complete)."""
-
-    reqs: list[Request]
-    tokens: torch.Tensor
-    host: list[torch.Tensor]
-    ready: torch.cuda.Event | None
-
-
-@dataclass(kw_only=True, slots=True)
-class EngineStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    forward_passes: int = 0
-    prefill_passes: int = 0
-    """Forward passes that prefilled prompt chunks (the rest decoded or verified)."""
-    verify_passes: int = 0
-    """Forward passes that verified drafts (speculative steps)."""
-    spec: SpecStats = field(default_factory=SpecStats)
 
 
 class LLMEngine:
@@ -183,9 +169,7 @@ class LLMEngine:
                 self._decode_speculative(decoding)
             elif decoding or self.in_flight is not None:
                 self._decode(decoding)
-        for r in self.scheduler.running:  # before their slots are freed
-            if r.finish_reason is not None and r.routed_experts_start_len is not None and r.slot is not None:
-                r.routed_experts = self.runner.routed_experts(r)
+        self.runner.keep_routes(r for r in self.scheduler.running if r.finish_reason is not None)  # slots still held
         return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
@@ -236,7 +220,9 @@ class LLMEngine:
         ``previous`` step (not yet read back) takes that step's token from the device, one position further on;
         one whose next token ends it by length is left out."""
         row_of = {id(r): i for i, r in enumerate(previous.reqs)} if previous is not None else {}
-        reqs = [r for r in reqs if not (id(r) in row_of and self._ends_by_length(r, len(r.output_ids) + 1))]
+        reqs = [
+            r for r in reqs if not (id(r) in row_of and ends_by_length(r, len(r.output_ids) + 1, self.context_length))
+        ]
         if not reqs:
             return None
         lag = [int(id(r) in row_of) for r in reqs]  # tokens of the request still on the device
@@ -304,24 +290,10 @@ class LLMEngine:
                 r.output_top_logprobs.append(top)
             r.pending_token = token
             self.stats.generated_tokens += 1
-            reason = self._finish_reason(r, token)
+            reason = finish_reason(r, token, self.eos_ids, self.context_length, self.tokenizer)
             if reason:
                 r.finish_reason = reason
                 return
-
-    def _ends_by_length(self, r: Request, num_output: int) -> bool:
-        """Whether ``num_output`` generated tokens reach the request's max_new_tokens or the context length."""
-        return num_output >= r.params.max_new_tokens or len(r.prompt_ids) + num_output >= self.context_length
-
-    def _finish_reason(self, r: Request, token: int) -> str | None:
-        p = r.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if len(r.output_ids) < p.min_new_tokens:
-            return "length" if self._ends_by_length(r, len(r.output_ids)) else None
-        if p.stop and self.tokenizer is not None and any(s in self.tokenizer.decode(r.output_ids) for s in p.stop):
-            return "stop"
-        return "length" if self._ends_by_length(r, len(r.output_ids)) else None
 
     def _text(self, r: Request) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(r.output_ids)

@@ -78,6 +78,12 @@ class ModelRunner:
                 numerics,
             )
 
+    def keep_routes(self, finished) -> None:
+        """Before finished requests free their slots: the routed experts of those that asked for them."""
+        for r in finished:
+            if r.routed_experts_start_len is not None and r.slot is not None:
+                r.routed_experts = self.routed_experts(r)
+
     def routed_experts(self, r: Request) -> torch.Tensor:
         """The experts the trunk's MoE layers chose at each of a request's positions from its
         ``routed_experts_start_len`` to the one before its last token (the last never ran through the model):

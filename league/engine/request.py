@@ -298,3 +298,45 @@ def check_routes_asked(start: int | None, prompt_len: int, kept: bool) -> None:
         raise ValueError("return_routed_experts needs an engine started with --enable-return-routed-experts")
     if not is_int(start) or not 0 <= start <= prompt_len:
         raise ValueError(f"routed_experts_start_len must be in [0, {prompt_len}] (the prompt's length), got {start!r}")
+
+
+def ends_by_length(r: Request, num_output: int, context_length: int) -> bool:
+    """Whether ``num_output`` generated tokens reach the request's max_new_tokens or the context length."""
+    return num_output >= r.params.max_new_tokens or len(r.prompt_ids) + num_output >= context_length
+
+
+def finish_reason(r: Request, token: int, eos_ids: set[int], context_length: int, tokenizer=None) -> str | None:
+    """Why ``r`` ends with ``token`` just appended (``stop``: EOS, a stop token or stop string; ``length``), or
+    None; no stop before ``min_new_tokens``."""
+    p = r.params
+    if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        return "stop"
+    if len(r.output_ids) < p.min_new_tokens:
+        return "length" if ends_by_length(r, len(r.output_ids), context_length) else None
+    if p.stop and tokenizer is not None and any(s in tokenizer.decode(r.output_ids) for s in p.stop):
+        return "stop"
+    return "length" if ends_by_length(r, len(r.output_ids), context_length) else None
+
+
+@dataclass(kw_only=True, slots=True)
+class InFlight:
+    """A decode step launched and not yet read back: its requests in row order, their sampled tokens on the device
+    (the inputs of the next step), and host copies of the tokens, log-probs and top log-probs (when asked for),
+    complete once ``ready`` has passed (None: already complete)."""
+
+    reqs: list[Request]
+    tokens: torch.Tensor
+    host: list[torch.Tensor]
+    ready: torch.cuda.Event | None
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    prefill_passes: int = 0
+    """Forward passes that prefilled prompt chunks (the rest decoded or verified)."""
+    verify_passes: int = 0
+    """Forward passes that verified drafts (speculative steps)."""
+    spec: SpecStats = field(default_factory=SpecStats)

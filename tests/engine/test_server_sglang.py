@@ -110,8 +110,9 @@ def test_fields_that_ask_nothing_pass_and_the_rest_are_named(server):
     assert post(server, "/generate", base | inert)[0] == 200
     sampling = base["sampling_params"] | {"json_schema": None, "stream_interval": 1, "custom_params": None}
     assert post(server, "/generate", base | {"sampling_params": sampling})[0] == 200
+    status, answer = post(server, "/generate", base | {"return_routed_experts": True})  # needs the engine option
+    assert status == 400 and "--enable-return-routed-experts" in answer["error"]["message"]
     for field, value in (
-        ("return_routed_experts", True),
         ("return_indexer_topk", True),
         ("lora_path", "adapter"),
         ("image_data", ["x.png"]),
