@@ -7,6 +7,7 @@ of torch and the library happen inside the commands so that ``league --help`` st
 responsible for any logic: that lives in the function each command calls.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,13 +15,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.table import Table
 
 from league.cli_convert import convert_app
 from league.cli_output import stderr, stdout, user_errors
 from league.engine.config import EngineConfig
 
+
+class _ReferenceSpelling(typer.core.TyperGroup):
+    """Takes the reference system's spelling of a command line before parsing it (``flags.reference_argv``):
+    ``--sglang-<name>`` engine options and space-separated list values."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in ("train", "eval", "serve", "generate", "bench"):
+            from league.flags import reference_argv
+
+            fields = {f.name for f in dataclasses.fields(EngineConfig)}
+            lists = {"--cuda-graph-bs", "--eval-prompt-data"}
+            with user_errors():
+                args = [args[0], *reference_argv(args[1:], fields, lists)]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_ReferenceSpelling,
     name="league",
     help="GRPO post-training for Qwen3.5 / Qwen3.6 MoE models (Gated DeltaNet + MoE + MTP), with its own engine.",
     no_args_is_help=True,

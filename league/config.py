@@ -78,9 +78,18 @@ class RolloutConfig:
     """Top-k of rollouts (-1: off)."""
     rollout_engine: str | None = None
     """URL of a running `league serve` to generate with (default: an in-process engine on the policy)."""
+    rollout_num_gpus_per_engine: int = 1
+    """GPUs one rollout engine spans (the reference's name). league runs one engine per rank, each in its process:
+    values above 1 are refused for now."""
 
     def __post_init__(self) -> None:
-        for name in ("num_rollout", "rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len"):
+        for name in (
+            "num_rollout",
+            "rollout_batch_size",
+            "n_samples_per_prompt",
+            "rollout_max_response_len",
+            "rollout_num_gpus_per_engine",
+        ):
             check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
         check_number("--rollout-temperature", self.rollout_temperature, 0, low_open=True)
         check_number("--rollout-top-p", self.rollout_top_p, 0, 1, low_open=True)

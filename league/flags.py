@@ -237,3 +237,40 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
         "run folder."
     )
     return command
+
+
+SGLANG_PENDING = {
+    "mamba_scheduler_strategy": "the engine's prefix cache, which its GDN state snapshots serve, is not built yet; "
+    "leave it out (league reuses nothing across requests, as `no_buffer` without a cache)",
+}
+"""SGLang engine options (``--sglang-<name>``) that league will implement, and why they are refused now."""
+
+
+def reference_argv(args: list[str], engine_fields: set[str], list_options: set[str]) -> list[str]:
+    """A command line in the reference system's spelling, as league's parser takes it: ``--sglang-<name>`` becomes
+    league's engine option ``--<name>`` (a ValueError names an SGLang option league's engine does not have), and a
+    list option's space-separated values (``--cuda-graph-bs 1 2 4``, argparse's ``nargs='+'``) are joined with
+    commas. Other arguments pass through unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token.startswith("--sglang-"):
+            name, eq, value = token[len("--sglang-") :].partition("=")
+            key = name.replace("-", "_")
+            if key in SGLANG_PENDING:
+                raise ValueError(f"`{token}` is not supported yet: {SGLANG_PENDING[key]}")
+            if key not in engine_fields:
+                known = ", ".join(f"--sglang-{f.replace('_', '-')}" for f in sorted(engine_fields))
+                raise ValueError(f"`--sglang-{name}`: league's engine has no option `{key}`; it takes {known}")
+            token = f"--{name}{eq}{value}"
+        out.append(token)
+        if token in list_options:
+            values = []
+            while i < len(args) and not args[i].startswith("--"):
+                values.append(args[i])
+                i += 1
+            if values:
+                out.append(",".join(values))
+    return out

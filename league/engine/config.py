@@ -65,6 +65,11 @@ class EngineConfig:
     enable_return_routed_experts: bool = False
     """Keep the experts each MoE layer chose for every token (an int32 ``[slots, context, layers, top_k]`` buffer),
     so that a request may ask for them (``return_routed_experts``: routing replay in the trainer)."""
+    tp_size: int = 1
+    """GPUs the engine splits its attention and GDN heads over (SGLang's ``--tp-size``). league's engine runs in one
+    process: values above 1 are refused (a run with several ranks has one engine per rank)."""
+    ep_size: int = 1
+    """GPUs the engine splits its experts over (SGLang's ``--ep-size``); as ``tp_size``, 1 only for now."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
     the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify
@@ -88,6 +93,8 @@ class EngineConfig:
             check_int("num_slots", self.num_slots, 1)
         check_seed("random_seed", self.random_seed)
         check_int("speculative_num_steps", self.speculative_num_steps, 1)
+        check_int("tp_size", self.tp_size, 1)
+        check_int("ep_size", self.ep_size, 1)
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
             raise ValueError(f"`cuda_graph_bs` must be batch sizes >= 1, got {self.cuda_graph_bs}")
         if self.speculative_algorithm is not None:
@@ -103,6 +110,15 @@ class EngineConfig:
                     f"`speculative_num_draft_tokens` ({self.speculative_num_draft_tokens}) must be "
                     f"speculative_num_steps + 1 ({expected}) with topk 1"
                 )
+
+    def check_one_process(self, tp_flag: str = "--tp-size", ep_flag: str = "--ep-size") -> None:
+        """What the engine runs on today: one process (a ValueError naming the flags otherwise)."""
+        if self.tp_size > 1 or self.ep_size > 1:
+            raise ValueError(
+                f"`{tp_flag}` {self.tp_size} / `{ep_flag}` {self.ep_size}: league's engine runs in one process, so "
+                "an engine over several GPUs is not available yet; use 1 (a run with several ranks has one engine "
+                "per rank)"
+            )
 
     @property
     def num_spec_steps(self) -> int:

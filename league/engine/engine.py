@@ -48,6 +48,7 @@ class LLMEngine:
 
     def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer=None):
         self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
+        self.config.check_one_process()
         self.args = model.args
         if self.config.num_spec_steps and model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP head (mtp_num_hidden_layers >= 1)")

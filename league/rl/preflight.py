@@ -208,6 +208,12 @@ def check_job(job: JobConfig) -> ParallelDims:
             "each rollout step trains on whole global batches"
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
+    if rollout.rollout_num_gpus_per_engine > 1:
+        raise ValueError(
+            f"`--rollout-num-gpus-per-engine` {rollout.rollout_num_gpus_per_engine}: league's engine runs in one "
+            "process, so one engine over several GPUs is not available yet; use 1 (each rank runs its own engine)"
+        )
+    job.engine.check_one_process("--sglang-tp-size", "--sglang-ep-size")
     if job.algo.use_rollout_routing_replay and dims.tp * dims.cp * dims.pp > 1:
         raise ValueError(
             f"`--use-rollout-routing-replay` runs with data and expert parallelism only (FSDP2, `--ep`, `--etp`); "
