@@ -32,10 +32,24 @@ class _ReferenceSpelling(typer.core.TyperGroup):
             from league.flags import reference_argv
 
             fields = {f.name for f in dataclasses.fields(EngineConfig)}
-            lists = {"--cuda-graph-bs", "--eval-prompt-data"}
+            lists = {"--cuda-graph-bs", "--eval-prompt-data", "--spec"}
             with user_errors():
                 args = [args[0], *reference_argv(args[1:], fields, lists)]
         return super().parse_args(ctx, args)
+
+
+class _GroupedOptions(typer.core.TyperCommand):
+    """Plain help with the options in sections, one per group (``rich_help_panel``), in the order they appear."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
 
 
 app = typer.Typer(
@@ -488,8 +502,8 @@ def _with_engine_config(run, defaults: dict | None = None):
 
 app.command("generate")(_with_engine_config(generate))
 app.command("serve")(_with_engine_config(serve, {"max_running_requests": 256}))
-app.command("train")(_command_entry(_run_train, None))
-app.command("eval")(
+app.command("train", cls=_GroupedOptions)(_command_entry(_run_train, None))
+app.command("eval", cls=_GroupedOptions)(
     _command_entry(
         _run_eval,
         "Evaluate a policy: the avg@k reward on --eval-prompt-data NAME,PATH sets, scored as league train's "

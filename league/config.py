@@ -13,6 +13,7 @@ from typing import Any
 
 from league.checks import check_int, check_number, check_seed, check_top_k
 from league.engine.config import EngineConfig
+from league.models.qwen3_5_moe.megatron_args import MegatronModelArgs
 from league.parallel.dims import ParallelConfig
 from league.rl.data import DataConfig
 from league.rl.optim import OptimConfig
@@ -189,6 +190,7 @@ COMPONENTS = (
     "eval",
     "checkpoint",
     "run",
+    "architecture",
 )
 
 
@@ -210,6 +212,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    architecture: MegatronModelArgs = field(default_factory=MegatronModelArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,6 +240,7 @@ def component_classes() -> dict[str, type]:
         "eval": EvalConfig,
         "checkpoint": CheckpointConfig,
         "run": RunConfig,
+        "architecture": MegatronModelArgs,
     }
 
 

@@ -89,7 +89,27 @@ def config_flags(cls: type, component: str = "") -> list[Flag]:
     return flags
 
 
-def option_parameter(flag: Flag, help_text: str, default_shown: bool = False) -> inspect.Parameter:
+PANELS = {
+    "model": "Model",
+    "architecture": "Model: the reference's architecture arguments (checked against the checkpoint)",
+    "data": "Data",
+    "rollout": "Rollout",
+    "engine": "Engine (SGLang's names; the reference's --sglang-<name> too)",
+    "algo": "Algorithm",
+    "train": "Training",
+    "optim": "Optimizer",
+    "parallel": "Parallel layout",
+    "reward": "Reward",
+    "eval": "Evaluation",
+    "checkpoint": "Checkpoints",
+    "run": "Run and logging",
+}
+"""``league train --help``'s group of each component's options."""
+
+
+def option_parameter(
+    flag: Flag, help_text: str, default_shown: bool = False, panel: str | None = None
+) -> inspect.Parameter:
     """The Typer keyword parameter of a flag: ``--x/--no-x`` for booleans, comma-separated text for lists, else
     the field's type; its default is None (the option left out)."""
     import typer
@@ -104,7 +124,7 @@ def option_parameter(flag: Flag, help_text: str, default_shown: bool = False) ->
         names, annotation = (flag.option,), typing.Optional[base]  # noqa: UP045
     if default_shown and flag.default is not None:
         help_text += f" [default: {flag.default}]"
-    option = typer.Option(None, *names, help=help_text, show_default=False)
+    option = typer.Option(None, *names, help=help_text, show_default=False, rich_help_panel=panel)
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 
@@ -215,7 +235,9 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
     flags = all_flags()
     for flag in flags:
         shown = getattr(getattr(tiny, flag.component), flag.name)
-        params.append(option_parameter(flag, f"{flag.help} [{flag.component}; tiny recipe: {shown!r}]"))
+        also = f" (also --sglang-{flag.name.replace('_', '-')})" if flag.component == "engine" else ""
+        help_text = f"{flag.help}{also} [tiny recipe: {shown!r}]"
+        params.append(option_parameter(flag, help_text, panel=PANELS.get(flag.component, flag.component)))
     by_name = {flag.name: flag for flag in flags}
 
     def command(recipe: str, mode: str | None, dry_run: bool, **given: Any) -> None:

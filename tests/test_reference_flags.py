@@ -3,6 +3,7 @@ space-separated lists reach league's config (no value lost), SGLang options leag
 them, and what the engine cannot do yet (several GPUs per engine) is refused at start with the flag's name."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -91,3 +92,59 @@ def test_reference_argv():
     assert reference_argv(["--cuda-graph-bs", "1,2", "--x"], fields, lists) == ["--cuda-graph-bs", "1,2", "--x"]
     with pytest.raises(ValueError, match="no option `tp_sizes`"):
         reference_argv(["--sglang-tp-sizes", "2"], fields, lists)
+
+
+MODEL = (
+    "--spec miles_plugins.models.qwen3_5 get_qwen3_5_spec --disable-bias-linear --qk-layernorm "
+    "--group-query-attention --num-attention-heads 16 --num-query-groups 2 --kv-channels 256 "
+    "--num-layers 40 --hidden-size 2048 --ffn-hidden-size 512 --normalization RMSNorm "
+    "--apply-layernorm-1p --position-embedding-type rope --norm-epsilon 1e-6 --rotary-percent 0.25 "
+    "--swiglu --untie-embeddings-and-output-weights --vocab-size 248320 --rotary-base 10000000 "
+    "--moe-ffn-hidden-size 512 --moe-shared-expert-intermediate-size 512 "
+    "--moe-router-score-function softmax --moe-token-dispatcher-type alltoall --moe-router-topk 8 "
+    "--moe-layer-freq [1]*40 --num-experts 256 --moe-grouped-gemm --moe-token-drop-policy probs "
+    "--moe-router-dtype fp32 --moe-permute-fusion --moe-aux-loss-coeff 0 --attention-output-gate "
+    "--moe-shared-expert-gate --mtp-num-layers 1"
+).split()
+
+
+def test_the_reference_model_arguments_agree_with_the_architecture():
+    """The reference's model file, as it is, passes the checks against the policy's architecture (here the preset
+    its checkpoint is planned from); all lists together reach the run's own start-up error."""
+    result, config = dry_run("--ep", "1", *MODEL)
+    # the checks pass; what stops this machine's dry run is the checkpoint it does not have
+    assert config is not None and "`--hf-checkpoint`" in result.stderr and "no such folder" in result.stderr
+    arch = config["architecture"]
+    assert arch["num_layers"] == 40 and arch["spec"] == ["miles_plugins.models.qwen3_5", "get_qwen3_5_spec"]
+    assert arch["rotary_base"] == 1e7 and arch["moe_layer_freq"] == "[1]*40" and arch["swiglu"] is True
+    result, config = dry_run(*MODEL, *ALGORITHM, *SGLANG)
+    assert config is not None and result.exit_code == 1 and "start a multiple of 8 processes" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-layers", "48"], "`--num-layers` 48 differs from the policy's architecture: 40 in the preset"),
+        (["--rotary-base", "1000000"], "`--rotary-base` 1000000.0 differs from the policy's architecture: 10000000.0"),
+        (["--moe-aux-loss-coeff", "0.001"], "`--moe-aux-loss-coeff` 0.001 differs"),
+        (["--no-swiglu"], "`--swiglu` False differs"),
+        (["--normalization", "LayerNorm"], "`--normalization` 'LayerNorm' differs"),
+        (["--moe-layer-freq", "[1]*20"], "every layer of the preset qwen3.6-35b-a3b"),
+    ],
+)
+def test_a_model_argument_that_differs_is_named_with_both_values(args, message):
+    result, config = dry_run("--ep", "1", *args)
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_train_help_groups_the_options_and_names_the_reference_spelling():
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    text = re.sub(r"(?<=\w)- (?=[a-z])", "-", " ".join(result.output.split()))  # the wrapped help, one line
+    titles = ["Model:", "Data:", "Rollout:", "Engine (SGLang's names", "Algorithm:", "Optimizer:", "Parallel layout:"]
+    titles += ["Checkpoints:", "Run and logging:", "Model: the reference's architecture arguments"]
+    positions = [text.index(title) for title in titles]
+    assert positions[:-1] == sorted(positions[:-1])
+    engine = text[text.index("Engine (SGLang's names") : text.index("Algorithm:")]
+    assert "--cuda-graph-bs" in engine and "(also --sglang-cuda-graph-bs)" in engine
+    assert "--eps-clip-high" in text[text.index("Algorithm:") : text.index("Training:")]
+    assert "--rotary-base" in text[positions[-1] :]

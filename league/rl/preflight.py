@@ -16,6 +16,7 @@ import torch
 from league.checks import SEED_MAX, check_writable
 from league.config import JobConfig
 from league.models.qwen3_5_moe import ModelArgs
+from league.models.qwen3_5_moe.megatron_args import check_architecture
 from league.parallel.dims import ParallelDims
 
 BUILTIN = "builtin:"
@@ -208,6 +209,7 @@ def check_job(job: JobConfig) -> ParallelDims:
             "each rollout step trains on whole global batches"
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
+    check_architecture(job.architecture, *policy_architecture(job))
     if rollout.rollout_num_gpus_per_engine > 1:
         raise ValueError(
             f"`--rollout-num-gpus-per-engine` {rollout.rollout_num_gpus_per_engine}: league's engine runs in one "
