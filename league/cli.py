@@ -34,7 +34,10 @@ class _ReferenceSpelling(typer.core.TyperGroup):
             fields = {f.name for f in dataclasses.fields(EngineConfig)}
             lists = {"--cuda-graph-bs", "--eval-prompt-data", "--spec"}
             with user_errors():
-                args = [args[0], *reference_argv(args[1:], fields, lists)]
+                rest = reference_argv(args[1:], fields, lists)
+            if args[0] in ("serve", "generate", "bench"):  # SGLang's launch_server name of the model folder
+                rest = ["--model" if a == "--model-path" else a for a in rest]
+            args = [args[0], *rest]
         return super().parse_args(ctx, args)
 
 
@@ -173,7 +176,7 @@ def score(
 
 
 def generate(
-    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
+    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder (SGLang's --model-path is taken too).")],
     prompt: Annotated[str | None, typer.Option(help="A text prompt (needs the checkpoint's tokenizer).")] = None,
     input_ids: Annotated[str | None, typer.Option(help="A prompt as comma-separated token ids, e.g. 1,2,3.")] = None,
     input_file: Annotated[
@@ -240,7 +243,7 @@ def generate(
 
 
 def serve(
-    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder.")],
+    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint folder (SGLang's --model-path is taken too).")],
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0 picks a free one).")] = 30000,
     served_model_name: Annotated[

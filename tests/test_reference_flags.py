@@ -148,3 +148,18 @@ def test_train_help_groups_the_options_and_names_the_reference_spelling():
     assert "--cuda-graph-bs" in engine and "(also --sglang-cuda-graph-bs)" in engine
     assert "--eps-clip-high" in text[text.index("Algorithm:") : text.index("Training:")]
     assert "--rotary-base" in text[positions[-1] :]
+
+
+def test_serve_and_generate_take_sglangs_launch_names(tmp_path):
+    """SGLang's launch_server spelling (``--model-path``, ``--tp-size``, space-separated ``--cuda-graph-bs``) reaches
+    the same options as league's."""
+    from league.checkpoint.init import init_checkpoint
+
+    folder = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
+    args = ["generate", "--model-path", str(folder), "--input-ids", "5,6", "--max-new-tokens", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--tp-size", "1", "--cuda-graph-bs", "1", "2"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*args, "--tp-size", "2"])
+    assert (
+        result.exit_code == 1 and "`--tp-size` 2 / `--ep-size` 1: league's engine runs in one process" in result.stderr
+    )
