@@ -30,7 +30,8 @@ from league.models.qwen3_5_moe import ModelArgs
 from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
 from league.ops.gdn import fast
 from league.ops.numerics import DECODE_PARITY, FAST
-from league.parallel.parallelize import apply_ac
+from league.parallel.parallelize import held_layers
+from league.parallel.recompute import Recompute, apply_recompute
 from league.rl.optim import OptimConfig
 from league.rl.sample import Sample
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
@@ -83,7 +84,7 @@ def sync(device: str) -> None:
 def measure(opts, args: ModelArgs, recompute: bool) -> dict:
     model = random_model(args, opts.device, getattr(torch, opts.dtype)).train()
     if recompute:
-        apply_ac(model)
+        apply_recompute(held_layers(model), Recompute())
     trainer = Trainer(
         model,
         TrainConfig(global_batch_size=opts.global_batch_size, max_tokens_per_gpu=opts.max_tokens_per_gpu),

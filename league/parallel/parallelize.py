@@ -6,7 +6,6 @@ shards everything with FSDP2 (the dense weights over the stage's ranks, the expe
 expert shards); the model code itself never changes (it imports nothing of torch.distributed).
 """
 
-import functools
 import logging
 from collections.abc import Iterator
 
@@ -16,7 +15,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from league.models.qwen3_5_moe import Transformer
 from league.parallel.blocks import in_blocks
@@ -24,20 +22,13 @@ from league.parallel.dims import ParallelDims
 from league.parallel.expert import apply_ep
 from league.parallel.heads import apply_head_parallel
 from league.parallel.pipeline import Stage
+from league.parallel.recompute import Recompute, apply_recompute
 
 
 def held_layers(model: Transformer) -> list[nn.Module]:
     """The decoder layers this rank holds: its trunk layers (all, or a pipeline stage's) and the MTP head's."""
     trunk = [layer for layer in model.layers if layer is not None]
     return trunk + (list(model.mtp.layers) if model.mtp is not None else [])
-
-
-def apply_ac(model: Transformer) -> None:
-    """Full activation recompute, one decoder layer per checkpoint (trunk and MTP head).
-
-    The layers' ``forward`` is wrapped in place, so parameter names do not change."""
-    for layer in held_layers(model):
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=False)
 
 
 def apply_fsdp(
@@ -79,7 +70,7 @@ def apply_fsdp(
 def parallelize_qwen3_5_moe(
     model: Transformer,
     dims: ParallelDims,
-    recompute: bool,
+    recompute: "bool | Recompute",
     mesh: DeviceMesh | None = None,
     expert_mesh: DeviceMesh | None = None,
     token_group: dist.ProcessGroup | None = None,
@@ -105,7 +96,7 @@ def parallelize_qwen3_5_moe(
             raise ValueError(f"expert-parallel sizes ep {dims.ep} x etp {dims.etp} need an expert mesh")
         apply_ep(model, expert_mesh)
     if recompute:
-        apply_ac(model)
+        apply_recompute(held_layers(model), Recompute() if recompute is True else recompute)
     if mesh is not None and mesh.size() > 1:
         apply_fsdp(model, mesh, expert_mesh if experts_split else None, root=root)
     return model if root is None else root

@@ -48,7 +48,8 @@ class PlanSettings:
 
     Args:
         dtype (torch.dtype): the parameters' dtype in training.
-        recompute (bool): full activation recompute, one layer per checkpoint.
+        recompute (bool): full activation recompute, one layer per checkpoint (the estimate of any other recompute
+            is that of none: an upper bound; ``recompute_label`` says which).
         max_tokens (int): tokens of the largest micro-batch (``--max-tokens-per-gpu``), shared by a token group.
         optimizer_cpu_offload (bool): the optimizer's state on the host.
         kl_reference (bool): a frozen reference, sharded like the policy (``--use-kl-loss``).
@@ -66,6 +67,7 @@ class PlanSettings:
 
     dtype: torch.dtype
     recompute: bool
+    recompute_label: str | None = None
     max_tokens: int
     optimizer_cpu_offload: bool
     kl_reference: bool
@@ -397,7 +399,7 @@ def format_plan(plan: MemoryPlan, source: str) -> str:
             "activations (an estimate)",
             acts.total,
             f"a micro-batch of {settings.max_tokens} tokens (--max-tokens-per-gpu), {acts.rows} rows a rank, "
-            + ("recompute" if settings.recompute else "no recompute")
+            + (settings.recompute_label or ("recompute" if settings.recompute else "no recompute"))
             + f": kept {acts.kept / scale:.2f} + a layer 2 x {acts.layer / scale:.2f} + output head "
             f"{acts.head / scale:.2f}",
         ),

@@ -128,6 +128,14 @@ def policy_architecture(job: JobConfig) -> tuple[ModelArgs, str]:
     return args, source
 
 
+def recompute_label(policy) -> str | None:
+    """How the memory plan names a recompute it estimates as none (an upper bound); None for full or none."""
+    if policy is None or policy.every_layer:
+        return None
+    what = "selective" if policy.granularity == "selective" else f"block of {policy.num_layers} layers"
+    return f"{what} recompute (estimated as none: an upper bound)"
+
+
 def memory_plan(job: JobConfig) -> str | None:
     """The job's memory plan at its world size (``parallel.plan``: every rank's bytes from the real placement of the
     policy on the meta device), as lines to print; None in one process. Raises the run's own error for a layout
@@ -156,7 +164,8 @@ def memory_plan(job: JobConfig) -> str | None:
         min_slots = max(min_slots, job.eval.n_samples_per_eval_prompt)
     settings = PlanSettings(
         dtype=dtype,
-        recompute=job.train.recompute,
+        recompute=job.train.recompute_policy is not None and job.train.recompute_policy.every_layer,
+        recompute_label=recompute_label(job.train.recompute_policy),
         max_tokens=job.train.max_tokens_per_gpu,
         optimizer_cpu_offload=job.optim.optimizer_cpu_offload,
         kl_reference=job.algo.use_kl_loss,

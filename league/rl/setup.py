@@ -265,7 +265,7 @@ def place_policy(
     from league.parallel.pipeline import Pipeline
 
     if ranks.world == 1:
-        parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute)
+        parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute_policy or False)
         return Placement(model, None)
     on_meta = model.inv_freq.is_meta
     if on_meta:
@@ -279,7 +279,7 @@ def place_policy(
         engine_model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
     meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
-    stage = parallelize_qwen3_5_moe(model, dims, job.train.recompute, *meshes, stage=ranks.stage)
+    stage = parallelize_qwen3_5_moe(model, dims, job.train.recompute_policy or False, *meshes, stage=ranks.stage)
     ref_stage = None
     if ref_model is not None:
         ref_stage = parallelize_qwen3_5_moe(ref_model, dims, False, *meshes, stage=ranks.stage)

@@ -19,6 +19,7 @@ from league.checks import check_int, check_number
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import entropy, linear_token_logprobs, linear_token_logprobs_entropy, token_logprobs
 from league.ops.numerics import FAST, Numerics
+from league.parallel.recompute import Recompute
 from league.rl import algorithms as algo
 from league.rl.batching import PackedBatch, pack_by_token_budget, pack_samples
 from league.rl.optim import OptimConfig, Optimizer, lr_at
@@ -97,9 +98,24 @@ class TrainConfig:
     log_probs_max_tokens_per_gpu: int | None = None
     """Token budget of the forward-only log-prob passes (default: max_tokens_per_gpu)."""
     recompute: bool = True
-    """Full activation recompute, one layer per checkpoint (``--no-recompute`` keeps activations)."""
+    """Activation recompute as the three options below say (``--no-recompute`` keeps every activation)."""
+    recompute_granularity: str = "full"
+    """``full`` (whole decoder layers) or ``selective`` (each layer's attention / GDN mixer only)."""
+    recompute_method: str = "uniform"
+    """With ``full``: ``uniform`` (every layer, ``recompute_num_layers`` 1) or ``block`` (the first
+    ``recompute_num_layers`` layers of each rank's part)."""
+    recompute_num_layers: int = 1
+    """Layers per unit (uniform: 1) or layers recomputed (block)."""
+
+    @property
+    def recompute_policy(self) -> "Recompute | None":
+        """The recompute to apply, or None (``--no-recompute``)."""
+        if not self.recompute:
+            return None
+        return Recompute(self.recompute_granularity, self.recompute_method, self.recompute_num_layers)
 
     def __post_init__(self) -> None:
+        Recompute(self.recompute_granularity, self.recompute_method, self.recompute_num_layers)
         for name in ("global_batch_size", "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
             if getattr(self, name) is not None:
                 check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
