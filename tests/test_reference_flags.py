@@ -163,3 +163,12 @@ def test_serve_and_generate_take_sglangs_launch_names(tmp_path):
     assert (
         result.exit_code == 1 and "`--tp-size` 2 / `--ep-size` 1: league's engine runs in one process" in result.stderr
     )
+
+
+def test_the_reference_optimizer_flags():
+    result, config = dry_run("--ep", "1", "--optimizer-cpu-offload", "--use-precision-aware-optimizer")
+    assert config["optim"]["optimizer_cpu_offload"] is True and config["optim"]["use_precision_aware_optimizer"] is True
+    assert "no such folder" in result.stderr  # the checks pass; this machine lacks the checkpoint
+    result, config = dry_run("--ep", "1", "--overlap-cpu-optimizer-d2h-h2d")
+    assert config["optim"]["overlap_cpu_optimizer_d2h_h2d"] is True
+    assert result.exit_code == 1 and "`--overlap-cpu-optimizer-d2h-h2d` is not available yet" in result.stderr

@@ -45,6 +45,22 @@ class OptimConfig:
     """Global L2 gradient-norm clip (0 disables)."""
     optimizer_cpu_offload: bool = False
     """Keep fp32 master weights and Adam states on the CPU and step there."""
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    """With the CPU-offloaded optimizer, stream gradients to the host and parameters back on side streams during the
+    backward (the reference's name). Not available yet: the run refuses it (the copies run after the backward)."""
+    use_precision_aware_optimizer: bool = False
+    """Megatron's precision-aware optimizer: low-precision (bf16) parameters stepped through fp32 master weights,
+    gradients and Adam moments, at the precisions the four dtype options below name. league's optimizer always keeps
+    fp32 masters, gradients and moments for bf16 parameters (on the host with offload), which is this flag with its
+    defaults; it lets the dtype options be given, as in the reference."""
+    main_grads_dtype: str = "fp32"
+    """dtype of the gradients the optimizer reads (Megatron's name): fp32 (the only one league offers)."""
+    main_params_dtype: str = "fp32"
+    """dtype of the master weights: fp32 (the only one league offers)."""
+    exp_avg_dtype: str = "fp32"
+    """dtype of Adam's first moment: fp32 (the only one league offers)."""
+    exp_avg_sq_dtype: str = "fp32"
+    """dtype of Adam's second moment: fp32 (the only one league offers)."""
 
     def __post_init__(self) -> None:
         if self.optimizer != "adam":
@@ -59,6 +75,16 @@ class OptimConfig:
         check_int("--lr-warmup-iters", self.lr_warmup_iters, 0)
         if self.lr_decay_iters is not None:
             check_int("--lr-decay-iters", self.lr_decay_iters, 1)
+        for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value == "fp32":
+                continue
+            if not self.use_precision_aware_optimizer:
+                raise ValueError(f"`{flag}` {value} needs `--use-precision-aware-optimizer` (as in the reference)")
+            raise ValueError(
+                f"`{flag}` {value}: league's optimizer keeps fp32 masters, gradients and moments; lower-precision "
+                "optimizer state is not available (leave it at fp32)"
+            )
 
 
 def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:

@@ -219,6 +219,11 @@ def check_job(job: JobConfig) -> ParallelDims:
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
     check_architecture(job.architecture, *policy_architecture(job))
+    if job.optim.overlap_cpu_optimizer_d2h_h2d:
+        raise ValueError(
+            "`--overlap-cpu-optimizer-d2h-h2d` is not available yet: league's offloaded optimizer copies gradients to "
+            "the host and parameters back after the backward, not overlapped with it; leave it out"
+        )
     if rollout.rollout_num_gpus_per_engine > 1:
         raise ValueError(
             f"`--rollout-num-gpus-per-engine` {rollout.rollout_num_gpus_per_engine}: league's engine runs in one "

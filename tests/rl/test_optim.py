@@ -142,3 +142,25 @@ def test_step_equals_for_each_adamw_on_fp32_masters(device, fused):
         else:
             torch.testing.assert_close(master, ref, rtol=2**-21, atol=1e-2 * 2**-21)
             assert torch.equal(p.detach(), master.to(p.dtype))
+
+
+def test_precision_aware_optimizer_is_fp32_adam_on_masters():
+    """``--use-precision-aware-optimizer`` with the reference's dtypes (all fp32): bf16 parameters step as fp32
+    AdamW on fp32 masters does, rounded (bitwise on the CPU); lower-precision state is refused by name."""
+    params, grads = adamw_inputs("cpu")
+    config = OptimConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0, use_precision_aware_optimizer=True)
+    lrs = [1e-2] * len(grads)
+    ref_masters, ref_params = reference_adamw(params, grads, config, lrs)
+    named = [(f"p{i}", torch.nn.Parameter(p.clone())) for i, p in enumerate(params)]
+    opt = Optimizer(named, config)
+    for step_grads, lr in zip(grads, lrs):
+        for (_, p), g in zip(named, step_grads):
+            p.grad = None if g is None else g.clone()
+        opt.step(lr)
+    assert all(s.dtype == torch.float32 for state in opt.inner.state.values() for s in state.values() if s.ndim)
+    assert all(torch.equal(m, r) for m, r in zip(opt.masters, ref_masters))
+    assert all(torch.equal(p.detach(), r) for (_, p), r in zip(named, ref_params))
+    with pytest.raises(ValueError, match="`--exp-avg-dtype` bf16: league's optimizer keeps fp32"):
+        OptimConfig(use_precision_aware_optimizer=True, exp_avg_dtype="bf16")
+    with pytest.raises(ValueError, match="needs `--use-precision-aware-optimizer`"):
+        OptimConfig(main_grads_dtype="bf16")
