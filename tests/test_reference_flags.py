@@ -117,8 +117,14 @@ def test_the_reference_model_arguments_agree_with_the_architecture():
     arch = config["architecture"]
     assert arch["num_layers"] == 40 and arch["spec"] == ["miles_plugins.models.qwen3_5", "get_qwen3_5_spec"]
     assert arch["rotary_base"] == 1e7 and arch["moe_layer_freq"] == "[1]*40" and arch["swiglu"] is True
-    result, config = dry_run(*MODEL, *ALGORITHM, *SGLANG)
+    optimizer = ["--optimizer-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d", "--use-precision-aware-optimizer"]
+    recompute = "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1".split()
+    result, config = dry_run(*MODEL, *ALGORITHM, *SGLANG, *optimizer, *recompute)
     assert config is not None and result.exit_code == 1 and "start a multiple of 8 processes" in result.stderr
+    assert config["engine"]["cuda_graph_bs"] == GRAPH_SIZES and config["architecture"]["moe_router_topk"] == 8
+    assert config["optim"]["overlap_cpu_optimizer_d2h_h2d"] and config["optim"]["use_precision_aware_optimizer"]
+    assert (config["train"]["recompute_method"], config["train"]["recompute_num_layers"]) == ("uniform", 1)
+    assert config["algo"]["eps_clip_high"] == 0.28 and config["rollout"]["rollout_num_gpus_per_engine"] == 8
 
 
 @pytest.mark.parametrize(
