@@ -175,6 +175,12 @@ class EngineWorker:
         first with ``abort_all``), then call the weights ``version`` (if given). Returns the requests in flight."""
 
         def run() -> int:
+            released = sorted(self.engine.runner.released.keys() & {"weights", "weights_drafter"})
+            if released:
+                raise ValueError(
+                    f"the engine's {' and '.join(released)} are released (/release_memory_occupation): resume them "
+                    "first (/resume_memory_occupation)"
+                )
             if abort_all:
                 self.abort_and_collect()
             load(self.engine)

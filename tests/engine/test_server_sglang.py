@@ -295,6 +295,9 @@ def test_release_and_resume_memory_leave_outputs_unchanged(server, model):
     assert generate(server, {"input_ids": PROMPT, "sampling_params": GREEDY_JSON})["output_ids"] == expected
     cache_layer = server.engine.runner.cache.layers[0]
     assert post(server, "/release_memory_occupation", {"tags": None}) == (200, None)
+    bucket = weight_sync.serialize(hf_named(model)[:1])
+    status, answer = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": [bucket]})
+    assert status == 400 and "released" in answer["error"]["message"]  # nothing is written into freed weights
     assert cache_layer.conv.untyped_storage().nbytes() == 0
     assert all(p.untyped_storage().nbytes() == 0 for p in server.engine.model.parameters())
     thread, results = in_thread(server, {"input_ids": PROMPT, "sampling_params": GREEDY_JSON})
