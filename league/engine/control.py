@@ -281,22 +281,27 @@ class ControlRoutes:
         tags = parse_tags(body)
         worker = self.server.worker
 
-        def release() -> int:
+        def release() -> int:  # on the engine thread: no step runs between the release and the hold
             if worker.engine.has_unfinished():
                 raise ValueError("requests are in flight: abort them (/pause_generation) or let them finish first")
-            return worker.engine.runner.release_memory(tags)
+            freed = worker.engine.runner.release_memory(tags)
+            worker.hold("released", True, wait=False)
+            return freed
 
         freed = worker.call(release)
-        worker.hold("released", True)
         log.info("released %s: %.1f MiB", sorted(tags), freed / 2**20)
         self._send_json(200, None)
 
     def _resume_memory(self, body: dict) -> None:
         tags = parse_tags(body)
         worker = self.server.worker
-        worker.call(lambda: worker.engine.runner.resume_memory(tags))
-        if not worker.engine.runner.released:
-            worker.hold("released", False)
+
+        def resume() -> None:  # on the engine thread: steps resume once nothing is released
+            worker.engine.runner.resume_memory(tags)
+            if not worker.engine.runner.released:
+                worker.hold("released", False)
+
+        worker.call(resume)
         self._send_json(200, None)
 
     def _server_info(self, body: dict) -> None:

@@ -205,13 +205,14 @@ class EngineWorker:
             sub.version_marks.append((i, running.get(rid, 0), version))
         self.weight_version = version
 
-    def hold(self, reason: str, on: bool) -> None:
-        """Stop stepping the engine for ``reason`` (returning once the step under way, if any, has ended), or stop
-        holding for it; steps resume once no hold is left."""
+    def hold(self, reason: str, on: bool, wait: bool = True) -> None:
+        """Stop stepping the engine for ``reason`` (returning once the step under way, if any, has ended; on the
+        engine thread itself, between two steps, pass ``wait=False``), or stop holding for it; steps resume once no
+        hold is left."""
         with self._cond:
             (self.holds.add if on else self.holds.discard)(reason)
             self._cond.notify()
-        if on:
+        if on and wait:
             self.call(lambda: None)
 
     def abort_and_collect(self) -> int:
