@@ -117,7 +117,10 @@ def init(
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
     dtype: Annotated[
         str | None,
-        typer.Option(help="float32, bfloat16 or float16. Default: the preset's (tiny float32, 35B bfloat16)."),
+        typer.Option(
+            help="float32, bfloat16 or float16; fp8: bf16 with the projections in block-quantised FP8 (the FP8 "
+            "release's layout). Default: the preset's (tiny float32, 35B bfloat16)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is not empty.")] = False,
 ) -> None:

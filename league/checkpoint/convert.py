@@ -98,7 +98,12 @@ def hf_to_dcp(
     if mtp_num_layers == 0:
         args = args.replace(mtp_num_layers=0)
     params = dict(meta_model(args, torch.float32).named_parameters())
-    plan, _ = plan_hf_load(source, params, args)
+    plan, report = plan_hf_load(source, params, args)
+    if report.scales:
+        raise ValueError(
+            f"{source} holds FP8 weights with block scales; converting them to DCP is not available: train from it "
+            "with --hf-checkpoint (dequantised as it loads)"
+        )
     parts: dict[str, list[tuple[TensorInfo, Target]]] = {name: [] for name in params}
     for info, target in plan:
         parts[target.name].append((info, target))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from league.checkpoint.fp8 import FP8_NAMES, SCALE_SUFFIX, dequantize
 from league.checkpoint.qwen3_5_moe import (
     MULTIMODAL_PREFIX,
     TEXT_PREFIX,
@@ -83,6 +84,8 @@ class LoadReport:
     """``mtp.*`` tensors skipped because the model has no MTP head."""
     unexpected: list[str] = field(default_factory=list)
     """Tensors that are not part of the model (ignored, with a warning)."""
+    scales: dict[str, TensorInfo] = field(default_factory=dict)
+    """The block scales of each FP8 weight to load, by the weight's name (``checkpoint.fp8``)."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -186,6 +189,9 @@ def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False
     with torch.no_grad():
         for info, tensor in iter_tensors(info for info, _ in plan):
             target = targets[info.name]
+            if info.name in report.scales:  # FP8: dequantised (to the parameter's dtype below)
+                _, scale_inv = next(iter_tensors([report.scales[info.name]]))
+                tensor = dequantize(tensor, scale_inv)
             value = to_league_tensor(target, tensor)
             param = params[target.name]
             if target.expert is None:
@@ -213,6 +219,11 @@ def plan_hf_load(
             a per-expert layout; with ``strict``, when a dtype is not floating point or a tensor is not a parameter.
     """
     listing = list_tensors(folder)
+    scales = {n.removesuffix(SCALE_SUFFIX): info for n, info in listing.items() if n.endswith(SCALE_SUFFIX)}
+    listing = {n: info for n, info in listing.items() if not n.endswith(SCALE_SUFFIX)}
+    for name, info in listing.items():
+        if info.dtype in FP8_NAMES and name not in scales:
+            raise ValueError(f"{info.file}: FP8 tensor {name} has no block scales ({name}{SCALE_SUFFIX})")
     if strict:
         _check_float_dtypes(listing, folder)
     has_mtp = any(name.startswith("mtp.") for name in params)
@@ -237,6 +248,8 @@ def plan_hf_load(
             raise ValueError(f"{info.file}: tensor {hf_name} duplicates weights already given for {target.name}")
         covered[target.name].add(part)
         plan.append((info, target))
+        if info.dtype in FP8_NAMES:
+            report.scales[hf_name] = scales[hf_name]
     _check_complete(covered, params, args, report)
     if report.num_skipped_visual:
         logger.info("%s: skipped %d vision-tower tensors (model.visual.*)", folder, report.num_skipped_visual)
@@ -254,8 +267,8 @@ def plan_hf_load(
     return plan, report
 
 
-FLOAT_DTYPES = ("F32", "BF16", "F16")
-"""safetensors dtypes that convert to a parameter's dtype without scales."""
+FLOAT_DTYPES = ("F32", "BF16", "F16", *FP8_NAMES)
+"""safetensors dtypes a parameter can be loaded from (FP8 with its block scales)."""
 
 
 def _check_same_architecture(found: ModelArgs, expected: ModelArgs, folder: Path) -> None:

@@ -18,6 +18,7 @@ MULTIMODAL_MODEL_TYPES = ("qwen3_5_moe",)
 # keys a Hugging Face text config may carry that do not change the text model's math
 _IGNORED_KEYS = {
     "architectures",
+    "quantization_config",  # FP8 weights: dequantised as they load (checkpoint.fp8)
     "transformers_version",
     "model_type",
     "torch_dtype",
