@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -29,10 +30,10 @@ class _ReferenceSpelling(typer.core.TyperGroup):
 
     def parse_args(self, ctx, args):
         if args and args[0] in ("train", "eval", "serve", "generate", "bench"):
-            from league.flags import reference_argv
+            from league.flags import all_flags, base_type, reference_argv
 
             fields = {f.name for f in dataclasses.fields(EngineConfig)}
-            lists = {"--cuda-graph-bs", "--eval-prompt-data", "--spec"}
+            lists = {f.option for f in all_flags() if typing.get_origin(base_type(f.annotation)) is list}
             with user_errors():
                 rest = reference_argv(args[1:], fields, lists)
             if args[0] in ("serve", "generate", "bench"):  # SGLang's launch_server name of the model folder

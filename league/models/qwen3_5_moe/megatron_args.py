@@ -9,7 +9,8 @@ value; flags that choose an implementation without changing the result (grouped 
 dispatcher, the model spec module) are accepted with any value. Not responsible for building the model.
 """
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from league.models.qwen3_5_moe.args import ModelArgs
@@ -122,22 +123,16 @@ def architecture_values(args: ModelArgs) -> dict[str, Any]:
 
 def check_architecture(given: MegatronModelArgs, args: ModelArgs, source: str) -> None:
     """Every flag given agrees with the architecture (a ValueError naming the first that does not)."""
-    expected = architecture_values(args)
-    for f in fields(given):
-        value = getattr(given, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if value is None or f.name not in expected and f.name != "moe_layer_freq":
-            continue
-        if f.name == "moe_layer_freq":
-            every = value.replace(" ", "") in ("1", f"[1]*{args.num_layers}")
-            if not every:
-                raise ValueError(f"`{flag}` {value!r}: every layer of the {source} is MoE (`[1]*{args.num_layers}`)")
-            continue
-        want = expected[f.name]
-        same = (
-            abs(float(value) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
-            if isinstance(want, float)
-            else (value == want)
+    every_layer = ("1", f"[1]*{args.num_layers}")
+    if given.moe_layer_freq is not None and given.moe_layer_freq.replace(" ", "") not in every_layer:
+        raise ValueError(
+            f"`--moe-layer-freq` {given.moe_layer_freq!r}: every layer of the {source} is MoE (`[1]*{args.num_layers}`)"
         )
+    for name, want in architecture_values(args).items():
+        value = getattr(given, name)
+        if value is None:
+            continue
+        same = math.isclose(value, want, rel_tol=1e-12) if isinstance(want, float) else value == want
         if not same:
+            flag = "--" + name.replace("_", "-")
             raise ValueError(f"`{flag}` {value!r} differs from the policy's architecture: {want!r} in the {source}")
