@@ -57,11 +57,23 @@ def test_the_reference_lists_resolve_into_the_config(lists):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--rollout-num-gpus-per-engine", "8"], "`--rollout-num-gpus-per-engine` 8: league's engine runs in one"),
-        (["--sglang-ep-size", "8"], "`--sglang-tp-size` 1 / `--sglang-ep-size` 8: league's engine runs in one"),
+        (
+            ["--rollout-num-gpus-per-engine", "8"],
+            "an engine over 8 ranks (`--rollout-num-gpus-per-engine` 8, `--sglang-tp-size` 8, `--sglang-ep-size` 1) "
+            "needs a multiple of 8 ranks; the run has 1",
+        ),
+        (
+            ["--sglang-ep-size", "8"],
+            "an engine over 8 ranks (`--rollout-num-gpus-per-engine` 1, `--sglang-tp-size` 1, `--sglang-ep-size` 8) "
+            "needs a multiple of 8 ranks; the run has 1",
+        ),
+        (
+            ["--rollout-num-gpus-per-engine", "4", "--sglang-ep-size", "8"],
+            "`--rollout-num-gpus-per-engine` 4 with the engine's `--sglang-tp-size` 1 and `--sglang-ep-size` 8",
+        ),
     ],
 )
-def test_an_engine_over_several_gpus_is_refused_by_name(args, message):
+def test_an_engine_layout_the_ranks_cannot_hold_is_refused_by_name(args, message):
     result, config = dry_run("--ep", "1", *args)
     assert config is not None and result.exit_code == 1 and message in result.stderr
 
@@ -166,9 +178,9 @@ def test_serve_and_generate_take_sglangs_launch_names(tmp_path):
     result = CliRunner().invoke(app, [*args, "--tp-size", "1", "--cuda-graph-bs", "1", "2"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, [*args, "--tp-size", "2"])
-    assert (
-        result.exit_code == 1 and "`--tp-size` 2 / `--ep-size` 1: league's engine runs in one process" in result.stderr
-    )
+    assert result.exit_code == 1
+    assert "`--tp-size` 2 / `--ep-size` 1 ask for an engine over 2 ranks" in result.stderr
+    assert "start 2 processes (`--nproc-per-node 2` or torchrun)" in result.stderr
 
 
 def test_the_reference_optimizer_flags():

@@ -161,7 +161,7 @@ def load_model(
     return model
 
 
-def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False) -> LoadReport:
+def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False, layout=None) -> LoadReport:
     """Copy a checkpoint folder's tensors into ``model``'s parameters in place, one tensor at a time.
 
     Each tensor is converted to its parameter's dtype and device. ``model.visual.*`` is skipped (one log
@@ -179,12 +179,14 @@ def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False
     Raises:
         ValueError: before any parameter is changed, as :func:`plan_hf_load` says; with ``strict``, also when the
             architecture differs (naming the first differences).
+        layout (EngineLayout, Optional): the model is an engine's, laid out over its ranks
+            (``parallel.inference``): each rank reads every tensor and keeps its part. Default: None (whole).
     """
     folder = Path(folder)
     if strict and (folder / "config.json").is_file():
         _check_same_architecture(ModelArgs.from_dir(folder), model.args, folder)
     params = dict(model.named_parameters())
-    plan, report = plan_hf_load(folder, params, model.args, strict)
+    plan, report = plan_hf_load(folder, whole_parameters(model, layout), model.args, strict)
     targets = {info.name: target for info, target in plan}
     with torch.no_grad():
         for info, tensor in iter_tensors(info for info, _ in plan):
@@ -192,14 +194,32 @@ def load_hf_weights(model: Transformer, folder: str | Path, strict: bool = False
             if info.name in report.scales:  # FP8: dequantised (to the parameter's dtype below)
                 _, scale_inv = next(iter_tensors([report.scales[info.name]]))
                 tensor = dequantize(tensor, scale_inv)
-            value = to_league_tensor(target, tensor)
-            param = params[target.name]
-            if target.expert is None:
-                param.copy_(value)
-            else:
-                param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
+            copy_into(params, target, to_league_tensor(target, tensor), model.args, layout)
             report.num_loaded += 1
     return report
+
+
+def whole_parameters(model: Transformer, layout=None) -> dict[str, torch.Tensor]:
+    """``model``'s parameters by name, whole: the model's own, or, laid out over an engine's ranks (``layout``
+    sharding anything), a meta model's of the same architecture (for names and shapes)."""
+    params = dict(model.named_parameters())
+    if layout is None or (layout.tp == 1 and layout.ep == 1):
+        return params
+    with torch.device("meta"):
+        whole = dict(Transformer(model.args).named_parameters())
+    return {name: whole[name] for name in params}
+
+
+def copy_into(params: dict[str, torch.Tensor], target: Target, value: torch.Tensor, args: ModelArgs, layout=None):
+    """Copy a whole parameter's value, or one expert's part of a fused one, into its parameter in place; with an
+    engine ``layout``, this rank's part of it (nothing when another rank holds that expert)."""
+    param = params[target.name]
+    if target.expert is None:
+        param.copy_(value if layout is None else layout.local_part(args, target.name, value))
+        return
+    expert = target.expert if layout is None else layout.local_expert(args, target.expert)
+    if expert is not None:
+        param[expert_slice(dataclasses.replace(target, expert=expert), args.moe_intermediate_size)].copy_(value)
 
 
 def plan_hf_load(
@@ -453,12 +473,13 @@ def copy_files(source: Path, folder: Path, names: tuple[str, ...]) -> list[str]:
     return found
 
 
-def load_named_tensors(model: Transformer, named: list[tuple[str, torch.Tensor]]) -> int:
+def load_named_tensors(model: Transformer, named: list[tuple[str, torch.Tensor]], layout=None) -> int:
     """Copy ``(name, tensor)`` pairs into ``model``'s parameters in place: names as in a Hugging Face checkpoint
-    (per-expert or fused experts, ``mtp.*``; the vision tower's are skipped) or league's own parameter names.
-    Every pair is checked (name, shape, floating-point dtype) before the first copy, so a bad update changes
-    nothing. Returns the number of tensors copied."""
-    params = dict(model.named_parameters())
+    (per-expert or fused experts, ``mtp.*``; the vision tower's are skipped) or league's own parameter names, whole
+    tensors (an engine laid out over ranks, ``layout``, keeps its part of each). Every pair is checked (name, shape,
+    floating-point dtype) before the first copy, so a bad update changes nothing. Returns the number of tensors
+    copied."""
+    params = whole_parameters(model, layout)
     prefix = detect_text_prefix(name for name, _ in named)
     plan = []
     for name, tensor in named:
@@ -477,12 +498,8 @@ def load_named_tensors(model: Transformer, named: list[tuple[str, torch.Tensor]]
         if target.expert is not None and target.expert >= model.args.num_experts:
             raise ValueError(f"{name} is expert {target.expert}, but the model has {model.args.num_experts} experts")
         plan.append((target, tensor, native))
+    held = dict(model.named_parameters())
     with torch.no_grad():
         for target, tensor, native in plan:
-            value = tensor if native else to_league_tensor(target, tensor)
-            param = params[target.name]
-            if target.expert is None:
-                param.copy_(value)
-            else:
-                param[expert_slice(target, model.args.moe_intermediate_size)].copy_(value)
+            copy_into(held, target, tensor if native else to_league_tensor(target, tensor), model.args, layout)
     return len(plan)

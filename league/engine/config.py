@@ -66,10 +66,12 @@ class EngineConfig:
     """Keep the experts each MoE layer chose for every token (an int32 ``[slots, context, layers, top_k]`` buffer),
     so that a request may ask for them (``return_routed_experts``: routing replay in the trainer)."""
     tp_size: int = 1
-    """GPUs the engine splits its attention and GDN heads over (SGLang's ``--tp-size``). league's engine runs in one
-    process: values above 1 are refused (a run with several ranks has one engine per rank)."""
+    """Ranks the engine splits its attention and GDN heads over (SGLang's ``--tp-size``); each gathers the heads'
+    outputs and projects them whole (``parallel.inference``). An engine spans max(tp_size, ep_size) ranks, started
+    by ``--nproc-per-node`` or torchrun."""
     ep_size: int = 1
-    """GPUs the engine splits its experts over (SGLang's ``--ep-size``); as ``tp_size``, 1 only for now."""
+    """Ranks the engine splits its routed experts over (SGLang's ``--ep-size``), each holding a block of them; the
+    smaller of tp_size and ep_size divides the larger."""
     mamba_ssm_dtype: str = "float32"
     """dtype of the cached GDN recurrent states, ``float32`` or ``bfloat16`` (half the state memory and traffic;
     the recurrence still computes in fp32). With bfloat16, decode rounds the state after every token but verify
@@ -111,13 +113,15 @@ class EngineConfig:
                     f"speculative_num_steps + 1 ({expected}) with topk 1"
                 )
 
-    def check_one_process(self, tp_flag: str = "--tp-size", ep_flag: str = "--ep-size") -> None:
-        """What the engine runs on today: one process (a ValueError naming the flags otherwise)."""
-        if self.tp_size > 1 or self.ep_size > 1:
+    def check_layout(self, tp: int, ep: int, tp_flag: str = "--tp-size", ep_flag: str = "--ep-size") -> None:
+        """The engine's ranks are laid out as these settings ask (``tp`` x ``ep`` as placed): a ValueError naming
+        the flags otherwise."""
+        if (self.tp_size, self.ep_size) != (tp, ep):
+            size = max(self.tp_size, self.ep_size)
             raise ValueError(
-                f"`{tp_flag}` {self.tp_size} / `{ep_flag}` {self.ep_size}: league's engine runs in one process, so "
-                "an engine over several GPUs is not available yet; use 1 (a run with several ranks has one engine "
-                "per rank)"
+                f"`{tp_flag}` {self.tp_size} / `{ep_flag}` {self.ep_size} ask for an engine over {size} ranks, but "
+                f"this engine's model is laid out as tp {tp}, ep {ep}"
+                + (f"; start {size} processes (`--nproc-per-node {size}` or torchrun)" if size > max(tp, ep) else "")
             )
 
     @property

@@ -33,6 +33,7 @@ from league.engine.scheduler import Scheduler
 from league.models.qwen3_5_moe import Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
+from league.parallel.inference import EngineLayout
 
 __all__ = ["EngineConfig", "EngineStats", "LLMEngine"]
 
@@ -44,16 +45,22 @@ class LLMEngine:
         model (Transformer): the model, read in place (colocated with a trainer, nothing is copied).
         config (EngineConfig): sizes, numerics and speculative decoding.
         tokenizer (Optional): for stop strings and output text. Default: None.
+        layout (EngineLayout, Optional): this rank's place in an engine over several ranks, its model already laid
+            out (``parallel.inference.place_engine_model``); every rank of the engine makes the same calls in the
+            same order (``engine.lockstep`` for a served engine). Default: one process.
     """
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer=None):
+    def __init__(
+        self, model: Transformer, config: EngineConfig | None = None, tokenizer=None, layout: EngineLayout | None = None
+    ):
         self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
-        self.config.check_one_process()
+        self.layout = layout or EngineLayout()
+        self.config.check_layout(self.layout.tp, self.layout.ep)
         self.args = model.args
         if self.config.num_spec_steps and model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP head (mtp_num_hidden_layers >= 1)")
         self.numerics = Numerics(self.config.numerics)
-        self.runner = ModelRunner(model, self.config, self.numerics)
+        self.runner = ModelRunner(model, self.config, self.numerics, self.layout)
         self.device, self.dtype, self.context_length = self.runner.device, self.runner.dtype, self.runner.context_length
         self.scheduler = Scheduler(
             num_slots=self.runner.num_slots,
@@ -306,8 +313,6 @@ class LLMEngine:
         self.runner.update_weights_from_disk(path)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Copy tensors named as in a Hugging Face checkpoint or as league's parameters into the model in place
-        (``checkpoint.hf.load_named_tensors``: all checked before the first copy). Returns how many were copied."""
-        from league.checkpoint.hf import load_named_tensors
-
-        return load_named_tensors(self.model, named_tensors)
+        """``ModelRunner.update_weights``: whole tensors under Hugging Face or league names, all checked before the
+        first copy, in place. Returns how many were copied."""
+        return self.runner.update_weights(named_tensors)

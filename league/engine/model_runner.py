@@ -22,6 +22,7 @@ from league.engine.speculative import SpeculativeStep, accept_on_device
 from league.models.qwen3_5_moe import ForwardBatch, Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
+from league.parallel.inference import EngineLayout
 
 
 class ModelRunner:
@@ -31,10 +32,16 @@ class ModelRunner:
         model (Transformer): the model, read in place (colocated with a trainer, nothing is copied).
         config (EngineConfig): sizes and speculative decoding.
         numerics (Numerics): how every forward computes.
+        layout (EngineLayout, Optional): the model laid out over an engine's ranks (``parallel.inference``): the
+            cache holds this rank's heads, weight updates keep this rank's part. Default: one process.
     """
 
-    def __init__(self, model: Transformer, config: EngineConfig, numerics: Numerics):
+    def __init__(
+        self, model: Transformer, config: EngineConfig, numerics: Numerics, layout: EngineLayout | None = None
+    ):
         self.model, self.config, self.numerics = model, config, numerics
+        self.layout = layout or EngineLayout()
+        self.cache_args = self.layout.cache_args(model.args)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.context_length = min(config.context_length, model.args.max_position_embeddings)
@@ -54,7 +61,7 @@ class ModelRunner:
         self.scratch_slot = self.num_slots  # the padding rows of captured batches (with graphs)
         steps = self.num_spec_steps + 1 if self.num_spec_steps else 0
         self.cache = allocate_cache(
-            model.args,
+            self.cache_args,
             self.num_slots + self.use_graphs,
             self.slot_len,
             self.dtype,
@@ -140,7 +147,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.mem_fraction_static - (total - free)
         per_slot = cache_bytes_per_slot(
-            self.model.args, self.slot_len, self.dtype, self.state_dtype, self.config.enable_return_routed_experts
+            self.cache_args, self.slot_len, self.dtype, self.state_dtype, self.config.enable_return_routed_experts
         )
         fit = int(budget // per_slot) - self.use_graphs  # the scratch slot of captured batches
         if fit < 1:
@@ -301,29 +308,21 @@ class ModelRunner:
         return results
 
     def update_weights_from_disk(self, path: str) -> None:
-        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head). The whole checkpoint
-        is checked against the running model first (architecture, tensor names, shapes, dtypes): on a mismatch
-        nothing changes and the ValueError names the first differences."""
+        """Load a Hugging Face checkpoint folder into the model in place (trunk and MTP head; laid out over ranks,
+        each keeps its part). The whole checkpoint is checked against the running model first (architecture,
+        tensor names, shapes, dtypes): on a mismatch nothing changes and the ValueError names the first
+        differences."""
         from league.checkpoint.hf import load_hf_weights
 
-        load_hf_weights(self.model, path, strict=True)
+        load_hf_weights(self.model, path, strict=True, layout=self.layout)
 
-    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors given under league parameter names into the model in place. All are checked (names,
-        shapes, floating-point dtypes) before the first copy, so a bad update changes nothing."""
-        params = dict(self.model.named_parameters())
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise ValueError(f"update_weights: no parameter named {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise ValueError(f"update_weights: {name} has dtype {tensor.dtype}; a floating-point tensor is needed")
-        with torch.no_grad():
-            for name, tensor in named_tensors:
-                params[name].copy_(tensor)
+    def update_weights(self, named_tensors) -> int:
+        """Copy whole tensors named as in a Hugging Face checkpoint or as league's parameters into the model in
+        place (``checkpoint.hf.load_named_tensors``: all checked before the first copy; laid out over ranks, each
+        keeps its part). Returns how many were copied."""
+        from league.checkpoint.hf import load_named_tensors
+
+        return load_named_tensors(self.model, list(named_tensors), self.layout)
 
 
 MEMORY_TAGS = ("kv_cache", "weights", "weights_drafter", "cuda_graph")

@@ -80,7 +80,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         pipeline=placed.pipeline,
         ref_pipeline=placed.ref_pipeline,
     )
-    engine = setup.build_engine(job, placed.engine_model, tokenizer)
+    layout = setup.engine_layout(job, ranks, model.args, device.type)
+    engine = setup.build_engine(job, placed.engine_model, tokenizer, layout)
     if sharded_load:  # the engine's copy was allocated empty
         setup.sync_weights(engine, model, run_dir, ranks)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
@@ -92,16 +93,16 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         for step in range(start, job.rollout.num_rollout):
             t0 = time.perf_counter()
             # 1. rollout: n samples of each prompt, with per-request seeds fixed by (run seed, step, prompt); across
-            # ranks each rank generates (and scores) a block of the prompts
+            # ranks each engine (one rank's, or several ranks' in lock-step) generates a block of the prompts
             batch = [prompts[i] for i in sampler.next_batch()]
             params = [rollout_params(job, step, i) for i in range(len(batch))]
-            my_batch, my_params = ranks.block(batch), ranks.block(params)
+            my_batch, my_params = setup.engine_block(batch, layout), setup.engine_block(params, layout)
             routes = 0 if job.algo.use_rollout_routing_replay else None  # the experts of every position (R3)
             outputs = engine.generate([p.prompt_ids for p in my_batch], my_params, n=n, routed_experts_start_len=routes)
             t1 = time.perf_counter()
-            # 2. reward; then every rank has the whole rollout, in order
-            result = setup.score(tokenizer, reward, my_batch, outputs, n)
-            outputs, result = setup.gather_scored(outputs, result, ranks)
+            # 2. reward (by each engine's leading rank); then every rank has the whole rollout, in order
+            result = setup.score(tokenizer, reward, my_batch, outputs, n) if layout.leads else None
+            outputs, result = setup.gather_scored(outputs, result, ranks, layout)
             t2 = time.perf_counter()
             # 3. advantages: group-normalised rewards, broadcast to every response token
             advantages = algo.grpo_advantages(
@@ -136,7 +137,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
             last = step + 1 == job.rollout.num_rollout
             eval_metrics = {}
             if eval_sets and job.eval.eval_interval and ((step + 1) % job.eval.eval_interval == 0 or last):
-                eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step, ranks)
+                eval_metrics = setup.evaluate(engine, tokenizer, reward, eval_sets, job, step, ranks, layout)
             t5 = time.perf_counter()
             interval = job.checkpoint.save_interval
             if job.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
@@ -149,7 +150,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
                 "perf/rollout_time": t1 - t0,
                 "perf/reward_time": t2 - t1,
                 "perf/train_time": t3 - t2,
-                "perf/sync_time": t4 - t3,
+                "perf/weight_sync_s": t4 - t3,
                 "perf/eval_time": t5 - t4,
                 "perf/step_time": time.perf_counter() - t0,
                 "perf/rollout_tokens_per_s": sum(len(o.output_ids) for o in outputs) / max(t1 - t0, 1e-9),

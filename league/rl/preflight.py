@@ -104,6 +104,27 @@ def check_policy(job: JobConfig) -> None:
         raise ValueError("`--speculative-algorithm` needs the policy's MTP layer, which this run has none of")
 
 
+def check_engine(job: JobConfig, world: int) -> tuple[int, int]:
+    """The rollout engine's ``(tp, ep)`` over the run's ``world`` ranks (``parallel.inference.resolve_engine_sizes``),
+    checked against the policy's head and expert counts; a remote engine (``--rollout-engine``) keeps its own."""
+    from league.parallel.inference import check_engine_layout, resolve_engine_sizes
+
+    rollout, engine = job.rollout, job.engine
+    tp, ep = resolve_engine_sizes(rollout.rollout_num_gpus_per_engine, engine.tp_size, engine.ep_size, world)
+    if max(tp, ep) > 1 and rollout.rollout_engine:
+        raise ValueError(
+            f"`--rollout-engine` {rollout.rollout_engine} generates with the server's own layout; leave out "
+            "`--rollout-num-gpus-per-engine`, `--sglang-tp-size` and `--sglang-ep-size`"
+        )
+    try:
+        check_engine_layout(policy_architecture(job)[0], tp, ep)
+    except ValueError as e:
+        raise ValueError(
+            str(e).replace("`--tp-size`", "`--sglang-tp-size`").replace("`--ep-size`", "`--sglang-ep-size`")
+        ) from None
+    return tp, ep
+
+
 def policy_architecture(job: JobConfig) -> tuple[ModelArgs, str]:
     """The policy's architecture as the run builds it, and where it comes from: ``--load``'s checkpoint, the
     ``--hf-checkpoint`` folder's config.json, or the preset. A folder that is not there (yet) gives way to the preset,
@@ -224,12 +245,7 @@ def check_job(job: JobConfig) -> ParallelDims:
             "`--overlap-cpu-optimizer-d2h-h2d` is not available yet: league's offloaded optimizer copies gradients to "
             "the host and parameters back after the backward, not overlapped with it; leave it out"
         )
-    if rollout.rollout_num_gpus_per_engine > 1:
-        raise ValueError(
-            f"`--rollout-num-gpus-per-engine` {rollout.rollout_num_gpus_per_engine}: league's engine runs in one "
-            "process, so one engine over several GPUs is not available yet; use 1 (each rank runs its own engine)"
-        )
-    job.engine.check_one_process("--sglang-tp-size", "--sglang-ep-size")
+    check_engine(job, dims.dp * dims.tp * dims.cp * dims.pp)
     if job.algo.use_rollout_routing_replay and dims.tp * dims.cp * dims.pp > 1:
         raise ValueError(
             f"`--use-rollout-routing-replay` runs with data and expert parallelism only (FSDP2, `--ep`, `--etp`); "

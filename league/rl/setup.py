@@ -24,6 +24,7 @@ from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import Transformer
 from league.parallel.dims import ParallelDims
+from league.parallel.inference import EngineLayout
 from league.parallel.launch import Ranks
 from league.rl.metrics import METRICS_FILE
 from league.rl.preflight import BUILTIN
@@ -313,15 +314,43 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
             sub.inv_freq.copy_(rope_inv_freq(sub.args.rotary_dim, sub.args.rope_theta))
 
 
-def build_engine(job: JobConfig, model: Transformer, tokenizer):
+def engine_layout(job: JobConfig, ranks: Ranks, args, device_type: str) -> EngineLayout:
+    """This rank's place among the run's rollout engines: one per rank, or engines over several ranks
+    (``--rollout-num-gpus-per-engine``, ``--sglang-tp-size``, ``--sglang-ep-size``; ``parallel.inference``). Every
+    rank calls it together."""
+    from league.parallel.inference import make_engine_layout
+    from league.rl.preflight import check_engine
+
+    tp, ep = check_engine(job, ranks.world)
+    if ranks.world == 1:
+        return EngineLayout()
+    return make_engine_layout(args, tp, ep, device_type, ranks.group)
+
+
+def build_engine(job: JobConfig, model: Transformer, tokenizer, layout: EngineLayout | None = None):
+    """The rollout engine: a client of ``--rollout-engine``, or an engine on ``model`` (the policy itself in one
+    process, else a whole copy, laid out here over the engine's ranks)."""
     if job.rollout.rollout_engine:
         from league.engine.client import EngineClient
 
         return EngineClient(job.rollout.rollout_engine)
-    config = job.engine
+    layout = layout or EngineLayout()
+    config = dataclasses.replace(job.engine, tp_size=layout.tp, ep_size=layout.ep)
     if job.algo.use_rollout_routing_replay:  # the engine keeps its routing for the trainer to replay
         config = dataclasses.replace(config, enable_return_routed_experts=True)
-    return LLMEngine(model, config, tokenizer)
+    if layout.world > 1:
+        from league.parallel.inference import place_engine_model
+
+        place_engine_model(model, layout)
+    return LLMEngine(model, config, tokenizer, layout)
+
+
+def engine_block(items: list, layout: EngineLayout) -> list:
+    """The block of ``items`` that this rank's engine serves (every rank of an engine the same block)."""
+    from league.parallel.launch import block_bounds
+
+    start, stop = block_bounds(len(items), layout.engine, layout.num_engines)
+    return list(items[start:stop])
 
 
 def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None = None) -> None:
@@ -351,13 +380,15 @@ def score(tokenizer, reward, prompts: list[Prompt], outputs, n: int):
     return reward.score(texts, labels, [p.metadata for p in prompts for _ in range(n)])
 
 
-def gather_scored(outputs, result, ranks: Ranks):
-    """Every rank's block of outputs and rewards, joined in rank order (one process: unchanged)."""
+def gather_scored(outputs, result, ranks: Ranks, layout: EngineLayout | None = None):
+    """Every engine's block of outputs and rewards (``result`` None on the ranks that do not lead an engine, whose
+    outputs are their leader's), joined in engine order (one process: unchanged)."""
     if ranks.world == 1:
         return outputs, result
     from league.rl.rewards.pool import RewardResult
 
-    blocks = ranks.gather_blocks([(outputs, result)])
+    leads = layout is None or layout.leads
+    blocks = [b for b in ranks.gather_blocks([(outputs, result) if leads else None]) if b is not None]
     joined = RewardResult(
         rewards=[r for _, res in blocks for r in res.rewards],
         failures=sum(res.failures for _, res in blocks),
@@ -368,10 +399,18 @@ def gather_scored(outputs, result, ranks: Ranks):
 
 
 def evaluate(
-    engine, tokenizer, reward, eval_sets: dict[str, list[Prompt]], job: JobConfig, step: int, ranks: Ranks | None = None
+    engine,
+    tokenizer,
+    reward,
+    eval_sets: dict[str, list[Prompt]],
+    job: JobConfig,
+    step: int,
+    ranks: Ranks | None = None,
+    layout: EngineLayout | None = None,
 ):
-    """avg@k reward of each evaluation set (across ranks, each rank generates and scores a block of its prompts)."""
-    ranks = ranks or Ranks()
+    """avg@k reward of each evaluation set (across ranks, each engine generates a block of the prompts and its
+    leading rank scores it)."""
+    ranks, layout = ranks or Ranks(), layout or EngineLayout()
     config, metrics = job.eval, {}
     temperature = job.rollout.rollout_temperature if config.eval_temperature is None else config.eval_temperature
     for name, prompts in eval_sets.items():
@@ -382,9 +421,10 @@ def evaluate(
             seed=job.run.seed + step,
         )
         k = config.n_samples_per_eval_prompt
-        mine = ranks.block(prompts)
+        mine = engine_block(prompts, layout)
         outs = engine.generate([p.prompt_ids for p in mine], params, n=k)
-        outs, result = gather_scored(outs, score(tokenizer, reward, mine, outs, k), ranks)
+        result = score(tokenizer, reward, mine, outs, k) if layout.leads else None
+        outs, result = gather_scored(outs, result, ranks, layout)
         metrics[f"eval/{name}/reward_mean"] = statistics.fmean(result.rewards)
         metrics[f"eval/{name}/response_len_mean"] = statistics.fmean(len(o.output_ids) for o in outs)
     if len(eval_sets) == 1:

@@ -62,7 +62,11 @@ class GatedDeltaNet(nn.Module):
         self.wo = nn.Linear(self.value_dim, args.dim, bias=False)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
-        num_tokens, proj = x_TD.shape[0], batch.linear
+        return batch.linear(self.heads(x_TD, batch, cache), self.wo.weight)
+
+    def heads(self, x_TD: torch.Tensor, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
+        """The value heads' gated, normed outputs, ``[T, Hv * V]`` head by head: what ``wo`` projects."""
+        num_tokens = x_TD.shape[0]
         # a_TH, b_TH: the gates' projections; gates.gdn_gates makes the gates of them (inside the decode kernel on
         # the GPU)
         mixed_TC, z_TV, a_TH, b_TH = batch.linears(
@@ -71,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         o_THV = self._mix(mixed_TC, a_TH, b_TH, batch, cache)
         z_THV = z_TV.view(num_tokens, self.num_v_heads, self.v_dim)
         y_THV = gated_rms_norm(o_THV, z_THV, self.norm_weight, self.norm_eps, batch.numerics)
-        return proj(y_THV.reshape(num_tokens, self.value_dim), self.wo.weight)
+        return y_THV.reshape(num_tokens, self.value_dim)
 
     def _split(self, conv_out_TC: torch.Tensor):
         q, k, v = conv_out_TC.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)

@@ -59,7 +59,17 @@ class GatedAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        num_tokens, numerics, proj = x_TD.shape[0], batch.numerics, batch.linear
+        return batch.linear(self.heads(x_TD, batch, rope, cache), self.wo.weight)
+
+    def heads(
+        self,
+        x_TD: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: AttentionCache | None,
+    ) -> torch.Tensor:
+        """The gated heads' outputs, ``[T, H * K]`` head by head: what ``wo`` projects."""
+        num_tokens, numerics = x_TD.shape[0], batch.numerics
         q_and_gate, k_TG, v_TG = batch.linears(x_TD, self.wq.weight, self.wk.weight, self.wv.weight)
         q_THK, gate_THK = q_and_gate.view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k_TGK = k_TG.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -91,8 +101,7 @@ class GatedAttention(nn.Module):
                 max_kv,
                 numerics=numerics,
             )
-        out_TD = out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), numerics)
-        return proj(out_TD, self.wo.weight)
+        return out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), numerics)
 
 
 class Experts(nn.Module):

@@ -53,16 +53,19 @@ def causal_attention(
 
 
 def _row_by_row(q_THK, k_SGK, v_SGK, scale: float, groups: int) -> torch.Tensor:
+    """Each query row over its visible keys, head by head along the leading dim (scores ``[H, S]``, softmax over
+    the last dim), so that a head's numbers are also the same whatever the number of heads (a head-parallel engine
+    computes a share of them)."""
     acc = torch.promote_types(q_THK.dtype, torch.float32)
     num_q, num_k = q_THK.shape[0], k_SGK.shape[0]
-    k_SHK = k_SGK.repeat_interleave(groups, dim=1).to(acc)
-    v_SHK = v_SGK.repeat_interleave(groups, dim=1).to(acc)
+    k_HSK = k_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).to(acc)
+    v_HSK = v_SGK.repeat_interleave(groups, dim=1).transpose(0, 1).to(acc)
     rows = []
     for i in range(num_q):
         visible = num_k - num_q + i + 1
-        scores_SH = (q_THK[i].to(acc)[None] * k_SHK[:visible]).sum(-1) * scale
-        probs_SH = scores_SH.softmax(0)
-        rows.append((probs_SH[..., None] * v_SHK[:visible]).sum(0))
+        scores_HS = (q_THK[i].to(acc)[:, None] * k_HSK[:, :visible]).sum(-1) * scale
+        probs_HS = scores_HS.softmax(-1)
+        rows.append((probs_HS[..., None] * v_HSK[:, :visible]).sum(1))
     return torch.stack(rows).to(q_THK.dtype) if rows else q_THK.clone()
 
 
