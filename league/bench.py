@@ -26,6 +26,7 @@ from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.ops.rope import rope_inv_freq
+from league.parallel.inference import EngineLayout
 
 H200_BYTES_PER_S = 4.8e12  # the datasheet's HBM bandwidth of the reference job's GPU
 
@@ -73,6 +74,14 @@ def random_model(args: ModelArgs, device: str = "cuda", dtype: torch.dtype = tor
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-size fp32 copy on the device
+    return fill_random(model, seed)
+
+
+def fill_random(model: Transformer, seed: int = 0) -> Transformer:
+    """:func:`random_model`'s values drawn into ``model``'s allocated parameters, in place (an engine's part of the
+    model too: the ranks of an engine, drawing from the same seed, hold the same values where they hold the same
+    parameters)."""
+    args, device = model.args, next(model.parameters()).device
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -98,12 +107,18 @@ def bench_model(
     mtp_num_layers: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
-) -> Transformer:
-    """The model to time: a checkpoint folder, or a preset's architecture (``num_layers`` and ``mtp_num_layers``
-    overriding its own) with :func:`random_model` weights; on ``device`` (default cuda when available) in ``dtype``
-    (default bfloat16 on a GPU, float32 on the CPU)."""
-    from league.checkpoint.hf import load_model, resolve_device_dtype
+    tp: int = 1,
+    ep: int = 1,
+    world: int = 1,
+) -> tuple[Transformer, EngineLayout]:
+    """The model to time and its engine layout: a checkpoint folder, or a preset's architecture (``num_layers`` and
+    ``mtp_num_layers`` overriding its own) with :func:`random_model` weights; on ``device`` (default cuda when
+    available) in ``dtype`` (default bfloat16 on a GPU, float32 on the CPU). ``world`` > 1: this process's part of
+    one engine over that many processes (``tp`` heads, ``ep`` experts; a preset's part is made on the device
+    directly, never whole)."""
+    from league.checkpoint.hf import meta_model, resolve_device_dtype
     from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
+    from league.parallel.inference import laid_out_model, make_engine_layout, place_engine_model, serving_sizes
 
     if (model_dir is None) == (preset is None):
         raise ValueError("give exactly one of --model (a checkpoint folder) and --preset (random weights)")
@@ -111,7 +126,8 @@ def bench_model(
     if model_dir is not None:
         if num_layers is not None or mtp_num_layers is not None:
             raise ValueError("--num-layers and --mtp-num-layers apply to --preset only")
-        return load_model(model_dir, device=torch_device, dtype=torch_dtype).eval()
+        model, layout, _ = laid_out_model(model_dir, torch_device, torch_dtype, tp, ep, world)
+        return model, layout
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     args = PRESETS[preset]
@@ -121,8 +137,13 @@ def bench_model(
         args = with_num_layers(args, num_layers)
     if mtp_num_layers is not None:
         args = args.replace(mtp_num_layers=mtp_num_layers)
-    check_fits(args, torch_device, torch_dtype)
-    return random_model(args, str(torch_device), torch_dtype).eval()
+    if world == 1:
+        check_fits(args, torch_device, torch_dtype)
+        return random_model(args, str(torch_device), torch_dtype).eval(), EngineLayout()
+    tp, ep = serving_sizes(tp, ep, world)
+    layout = make_engine_layout(args, tp, ep, torch_device.type)
+    model = place_engine_model(meta_model(args, torch_dtype), layout).to_empty(device=torch_device)
+    return fill_random(model).eval(), layout
 
 
 def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
@@ -178,10 +199,12 @@ def roofline_tokens_per_s(args: ModelArgs, settings: BenchSettings, weight_bytes
     return settings.batch / (moved / settings.memory_bytes_per_s)
 
 
-def rollout_rates(model: Transformer, settings: BenchSettings) -> dict[str, float]:
-    """Time a rollout of ``settings`` on ``model`` (see the module doc): seconds, prefill seconds, tokens/s (all
-    new tokens over the whole call), decode tokens/s, the roofline and the decode rate's fraction of it, and the
-    tokens per verify step under speculation."""
+def rollout_rates(model: Transformer, settings: BenchSettings, layout: EngineLayout | None = None) -> dict[str, float]:
+    """Time a rollout of ``settings`` on ``model`` (see the module doc; ``layout``: this rank's part of an engine
+    over several, every rank calling this together): seconds, prefill seconds, tokens/s (all new tokens over the
+    whole call), decode tokens/s, the roofline of the whole model's step and the decode rate's fraction of it, and
+    the tokens per verify step under speculation."""
+    layout = layout or EngineLayout()
     args = model.args
     settings.check(args)
     device = next(model.parameters()).device
@@ -198,8 +221,10 @@ def rollout_rates(model: Transformer, settings: BenchSettings) -> dict[str, floa
         mamba_ssm_dtype=settings.mamba_ssm_dtype,
         disable_overlap_schedule=not settings.overlap,
         numerics=settings.numerics,
+        tp_size=layout.tp,
+        ep_size=layout.ep,
     )
-    engine = LLMEngine(model, config)
+    engine = LLMEngine(model, config, layout=layout)
     temperature = settings.temperature
 
     def run(new_tokens: int) -> float:

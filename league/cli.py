@@ -74,6 +74,31 @@ NUMERICS_HELP = (
     "log-probs equal the sampled ones). Default: fast."
 )
 NumericsOption = Annotated[str | None, typer.Option(help=NUMERICS_HELP)]
+NprocOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Processes to run one engine over (torchrun on this machine; one GPU each), laid out by --tp-size and "
+        "--ep-size (both left at 1: the heads split over all of them). Under torchrun: 1 or torchrun's count.",
+    ),
+]
+
+
+def on_engine_ranks(nproc_per_node: int, device: str | None):
+    """The ranks of an engine command (``generate``, ``serve``, ``bench``): with ``--nproc-per-node`` N > 1 outside
+    torchrun, this process becomes torchrun running the same command in N processes; otherwise a
+    context of the process group (a one-process ``Ranks`` without torchrun)."""
+    from league.checkpoint.hf import resolve_device_dtype
+    from league.parallel.launch import become_torchrun, distributed, run_world_size, under_torchrun
+
+    if nproc_per_node > 1 and not under_torchrun():
+        become_torchrun(nproc_per_node, sys.argv[1:])
+    with user_errors():
+        run_world_size(nproc_per_node)
+        device_type = resolve_device_dtype(device, None)[0].type
+    return distributed(device_type)
+
+
 BatchInvariantAlias = Annotated[
     bool, typer.Option("--batch-invariant", help="Alias of --numerics batch_invariant.", show_default=False)
 ]
@@ -200,6 +225,7 @@ def generate(
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
+    nproc_per_node: NprocOption = 1,
     config: EngineConfig = None,
 ) -> None:
     """Generate from a checkpoint with league's engine (continuous batching, optional MTP speculation),
@@ -207,7 +233,6 @@ def generate(
     with user_errors():
         from league.checks import check_seed
         from league.engine.request import SamplingParams
-        from league.generate import generate as run
 
         if seed is not None:
             check_seed("--seed", seed)
@@ -220,7 +245,15 @@ def generate(
             seed=seed,
             ignore_eos=ignore_eos,
         )
-        report, tokenizer = run(model, prompt, input_ids, input_file, params, n, config, device, dtype, chat)
+    with on_engine_ranks(nproc_per_node, device) as ranks:
+        with user_errors():
+            from league.generate import generate as run
+
+            report, _ = run(
+                model, prompt, input_ids, input_file, params, n, config, device, dtype, chat, world=ranks.world
+            )
+    if not ranks.main:  # every rank has the outputs; one prints them
+        return
     for out in report.outputs:
         if json_lines:
             record = {
@@ -266,11 +299,12 @@ def serve(
     dtype: Annotated[
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
+    nproc_per_node: NprocOption = 1,
     config: EngineConfig = None,
 ) -> None:
     """Serve a checkpoint over HTTP with SGLang's /generate API and the OpenAI API (/v1/completions,
     /v1/chat/completions, /v1/models). Every engine option has SGLang's server-argument name."""
-    with user_errors():
+    with on_engine_ranks(nproc_per_node, device) as ranks, user_errors():
         from league.engine.server import serve as run
 
         run(
@@ -282,6 +316,7 @@ def serve(
             dtype=dtype,
             served_model_name=served_model_name,
             api_key=api_key,
+            world=ranks.world,
         )
 
 
@@ -343,6 +378,9 @@ def bench(
         str | None, typer.Option(help="Parameter dtype. Default: bfloat16 on GPU, float32 on CPU.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the settings and results to this JSON file.")] = None,
+    tp_size: Annotated[int, typer.Option(min=1, help="Ranks the engine splits its heads over (SGLang's name).")] = 1,
+    ep_size: Annotated[int, typer.Option(min=1, help="Ranks the engine splits its experts over (SGLang's name).")] = 1,
+    nproc_per_node: NprocOption = 1,
 ) -> None:
     """Time the engine's rollout at the RL shape (B random prompts, N new tokens each, EOS ignored): prefill,
     tokens/s and decode tokens/s, beside the memory roofline of a decode step (the bytes it must move at
@@ -378,12 +416,17 @@ def bench(
             )
             for b in batches
         ]
-        net = bench_model(model, preset, num_layers, mtp_num_layers, device, dtype)
+    with on_engine_ranks(nproc_per_node, device) as ranks, user_errors():
+        net, layout = bench_model(
+            model, preset, num_layers, mtp_num_layers, device, dtype, tp_size, ep_size, ranks.world
+        )
         for settings in runs:
             settings.check(net.args)
         results = {}
         for settings in runs:
-            results[settings.batch] = rollout_rates(net, settings)
+            results[settings.batch] = rollout_rates(net, settings, layout)
+    if not ranks.main:
+        return
     table = Table("batch", "prefill s", "total s", "tok/s", "decode tok/s", "roofline tok/s", "fraction")
     spec = speculative_num_steps > 0
     if spec:
@@ -414,6 +457,9 @@ def bench(
                 "mamba_ssm_dtype": mamba_ssm_dtype,
                 "numerics": mode,
                 "memory_bandwidth_tb_per_s": memory_bandwidth,
+                "tp_size": layout.tp,
+                "ep_size": layout.ep,
+                "processes": ranks.world,
             },
             "results": {f"b{b}": r for b, r in results.items()},
         }

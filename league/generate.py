@@ -67,10 +67,15 @@ def generate(
     device: str | None = None,
     dtype: str | None = None,
     chat: bool = False,
+    world: int = 1,
 ) -> tuple[GenerateReport, Any]:
-    """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance."""
+    """Load ``model_dir``, generate for the given prompts, and return the outputs with timing and acceptance.
+    ``world`` > 1: this is one of that many processes (torchrun), which run one engine laid out over them
+    (``parallel.inference``) and all make the same calls."""
+    import dataclasses
 
-    from league.checkpoint.hf import load_model, resolve_device_dtype
+    from league.checkpoint.hf import resolve_device_dtype
+    from league.parallel.inference import laid_out_model
     from league.tokenizer import load_tokenizer
 
     given = [x is not None for x in (prompt, input_ids, input_file)]
@@ -81,7 +86,9 @@ def generate(
         if params.seed + n - 1 > SEED_MAX:
             raise ValueError(f"`--seed` {params.seed} + `--n` {n} - 1 exceeds 2**63 - 1 (sample i uses seed + i)")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = load_model(model_dir, device=torch_device, dtype=torch_dtype).eval()
+    tp, ep = engine_config.tp_size, engine_config.ep_size
+    model, layout, (tp, ep) = laid_out_model(model_dir, torch_device, torch_dtype, tp, ep, world)
+    engine_config = dataclasses.replace(engine_config, tp_size=tp, ep_size=ep)
     tokenizer = load_tokenizer(model_dir)
     vocab = model.args.vocab_size
     if prompt is not None:
@@ -97,7 +104,7 @@ def generate(
         prompts = [token_ids(parse_ids(input_ids), vocab, "--input-ids")]
     else:
         prompts = read_prompt_file(Path(input_file), tokenizer, vocab)
-    engine = LLMEngine(model, engine_config, tokenizer)
+    engine = LLMEngine(model, engine_config, tokenizer, layout)
     start = time.perf_counter()
     outputs = engine.generate(prompts, params, n=n)
     report = GenerateReport(

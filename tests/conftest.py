@@ -1,10 +1,12 @@
 """Shared fixtures: tiny Qwen3.5-MoE configurations built with transformers' own config class."""
 
+import json
 import os
 import warnings
 
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
@@ -88,3 +90,22 @@ def randomize_vectors(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def demo_metrics(tmp_path_factory, worker_id) -> list[dict]:
+    """The metrics of the embedded default (`league train`'s tiny recipe) in one process, from one run per test
+    session: the first pytest-xdist worker to ask runs it, the others wait for its metrics (the demo's own test and
+    the runs across ranks compared with it share them)."""
+    from league.config import apply_overrides
+    from league.recipes import get_recipe
+    from league.rl.loop import train
+    from league.rl.metrics import read_metrics
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    results = shared / "demo_metrics.json"
+    with FileLock(f"{results}.lock"):
+        if not results.is_file():
+            overrides = {"run_dir": str(shared / "demo_run"), "tensorboard": False, "reward_num_workers": 1}
+            results.write_text(json.dumps(read_metrics(train(apply_overrides(get_recipe("tiny"), overrides)))))
+        return json.loads(results.read_text())

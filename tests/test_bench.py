@@ -41,7 +41,7 @@ def per_request(args, context: float) -> float:
 
 
 def test_a_tiny_rollout_is_timed_beside_its_roofline():
-    model = bench_model(preset="tiny", num_layers=2, device="cpu", dtype="float32")
+    model, _ = bench_model(preset="tiny", num_layers=2, device="cpu", dtype="float32")
     assert model.args.num_layers == 2
     settings = BenchSettings(batch=2, prompt_len=4, new_tokens=3, temperature=0.0, memory_bytes_per_s=1e9)
     record = rollout_rates(model, settings)
@@ -59,7 +59,7 @@ def test_a_tiny_rollout_is_timed_beside_its_roofline():
 
 def test_speculation_reports_its_acceptance():
     torch.manual_seed(0)
-    model = bench_model(preset="tiny", num_layers=2, mtp_num_layers=1, device="cpu", dtype="float32")
+    model, _ = bench_model(preset="tiny", num_layers=2, mtp_num_layers=1, device="cpu", dtype="float32")
     record = rollout_rates(model, BenchSettings(batch=2, prompt_len=3, new_tokens=5, temperature=0.0, spec_steps=2))
     assert 1.0 <= record["spec_accept_length"] <= 3.0
 

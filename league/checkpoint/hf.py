@@ -473,13 +473,15 @@ def copy_files(source: Path, folder: Path, names: tuple[str, ...]) -> list[str]:
     return found
 
 
-def load_named_tensors(model: Transformer, named: list[tuple[str, torch.Tensor]], layout=None) -> int:
+def load_named_tensors(
+    model: Transformer, named: list[tuple[str, torch.Tensor]], layout=None, whole: dict | None = None
+) -> int:
     """Copy ``(name, tensor)`` pairs into ``model``'s parameters in place: names as in a Hugging Face checkpoint
     (per-expert or fused experts, ``mtp.*``; the vision tower's are skipped) or league's own parameter names, whole
     tensors (an engine laid out over ranks, ``layout``, keeps its part of each). Every pair is checked (name, shape,
     floating-point dtype) before the first copy, so a bad update changes nothing. Returns the number of tensors
-    copied."""
-    params = whole_parameters(model, layout)
+    copied. ``whole``: :func:`whole_parameters` of the model, when the caller keeps it."""
+    params = whole if whole is not None else whole_parameters(model, layout)
     prefix = detect_text_prefix(name for name, _ in named)
     plan = []
     for name, tensor in named:

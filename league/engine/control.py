@@ -284,7 +284,7 @@ class ControlRoutes:
         def release() -> int:  # on the engine thread: no step runs between the release and the hold
             if worker.engine.has_unfinished():
                 raise ValueError("requests are in flight: abort them (/pause_generation) or let them finish first")
-            freed = worker.engine.runner.release_memory(tags)
+            freed = worker.engine.release_memory(tags)
             worker.hold("released", True, wait=False)
             return freed
 
@@ -297,7 +297,7 @@ class ControlRoutes:
         worker = self.server.worker
 
         def resume() -> None:  # on the engine thread: steps resume once nothing is released
-            worker.engine.runner.resume_memory(tags)
+            worker.engine.resume_memory(tags)
             if not worker.engine.runner.released:
                 worker.hold("released", False)
 

@@ -23,8 +23,11 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 25
 def graphs_apply(config, numerics: Numerics, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an engine with ``config`` (an ``EngineConfig``) decodes (or drafts and verifies) through captured
     graphs: not disabled, numerics not row by row, and a forward with no host synchronisation, which needs the
-    grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell)."""
-    return not config.disable_cuda_graph and not numerics.row_by_row and grouped_mm_is_native(dtype, device)
+    grouped-GEMM MoE's own kernel (bf16 on Hopper or Blackwell) and the experts on this rank (an engine with
+    ``ep_size`` > 1 finds the pairs of its block of experts on the host: ``parallel.inference``)."""
+    if config.disable_cuda_graph or numerics.row_by_row or config.ep_size > 1:
+        return False
+    return grouped_mm_is_native(dtype, device)
 
 
 def default_batch_sizes(max_running_requests: int) -> list[int]:

@@ -312,6 +312,14 @@ class LLMEngine:
         """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place."""
         self.runner.update_weights_from_disk(path)
 
+    def release_memory(self, tags: set[str]) -> int:
+        """``ModelRunner.release_memory``: free the memory of ``tags`` for a colocated trainer; returns the bytes."""
+        return self.runner.release_memory(tags)
+
+    def resume_memory(self, tags: set[str]) -> None:
+        """``ModelRunner.resume_memory``: bring back what :meth:`release_memory` freed."""
+        self.runner.resume_memory(tags)
+
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """``ModelRunner.update_weights``: whole tensors under Hugging Face or league names, all checked before the
         first copy, in place. Returns how many were copied."""

@@ -43,6 +43,8 @@ class ModelRunner:
         self.layout = layout or EngineLayout()
         self.cache_args = self.layout.cache_args(model.args)
         param = next(model.parameters())
+        if param.is_meta:
+            raise ValueError("the engine's model is on the meta device: allocate its weights first (to_empty, load)")
         self.device, self.dtype = param.device, param.dtype
         self.context_length = min(config.context_length, model.args.max_position_embeddings)
         self.state_dtype = getattr(torch, config.mamba_ssm_dtype)
@@ -52,7 +54,7 @@ class ModelRunner:
         if config.cuda_graph_bs and not self.use_graphs:
             warnings.warn(
                 "cuda_graph_bs is ignored: CUDA graphs serve a bf16 model on a Hopper or Blackwell GPU, "
-                "with numerics other than batch_invariant",
+                "with numerics other than batch_invariant and ep_size 1",
                 stacklevel=3,
             )
         self.num_spec_steps = config.num_spec_steps
@@ -72,6 +74,7 @@ class ModelRunner:
             routes=config.enable_return_routed_experts,
         )
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
+        self._whole: dict[str, torch.Tensor] | None = None
         self.released: dict[str, list] = {}
         """Memory given back by :meth:`release_memory`, by tag."""
         self.spec_step = None
@@ -320,9 +323,11 @@ class ModelRunner:
         """Copy whole tensors named as in a Hugging Face checkpoint or as league's parameters into the model in
         place (``checkpoint.hf.load_named_tensors``: all checked before the first copy; laid out over ranks, each
         keeps its part). Returns how many were copied."""
-        from league.checkpoint.hf import load_named_tensors
+        from league.checkpoint.hf import load_named_tensors, whole_parameters
 
-        return load_named_tensors(self.model, list(named_tensors), self.layout)
+        if self._whole is None:  # names and whole shapes, made once (a meta model when laid out over ranks)
+            self._whole = whole_parameters(self.model, self.layout)
+        return load_named_tensors(self.model, list(named_tensors), self.layout, self._whole)
 
 
 MEMORY_TAGS = ("kv_cache", "weights", "weights_drafter", "cuda_graph")

@@ -433,6 +433,26 @@ _Handler.routes = {
 }
 
 
+def load_engine(
+    model_dir: str,
+    engine_config: EngineConfig,
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer_dir: str | None = None,
+    world: int = 1,
+) -> LLMEngine:
+    """A checkpoint folder's engine (``world`` > 1: this process's part of one engine over that many processes,
+    laid out by ``--tp-size`` / ``--ep-size``; every process calls this together)."""
+    from league.checkpoint.hf import resolve_device_dtype
+    from league.parallel.inference import laid_out_model
+
+    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    tp, ep = engine_config.tp_size, engine_config.ep_size
+    model, layout, (tp, ep) = laid_out_model(model_dir, torch_device, torch_dtype, tp, ep, world)
+    engine_config = dataclasses.replace(engine_config, tp_size=tp, ep_size=ep)
+    return LLMEngine(model, engine_config, load_tokenizer(tokenizer_dir or model_dir), layout)
+
+
 def build_server(
     model_dir: str,
     host: str,
@@ -443,6 +463,7 @@ def build_server(
     tokenizer_dir: str | None = None,
     served_model_name: str | None = None,
     api_key: str | None = None,
+    engine: LLMEngine | None = None,
 ) -> EngineServer:
     """Load a checkpoint folder into an engine behind a bound server (``start()`` or ``serve_forever()`` it).
 
@@ -456,20 +477,16 @@ def build_server(
         tokenizer_dir (str, Optional): where the tokenizer is. Default: ``model_dir`` (none if it has none).
         served_model_name (str, Optional): the model's name in the OpenAI API. Default: ``model_dir``.
         api_key (str, Optional): the key every route but the health checks needs. Default: None (none).
+        engine (LLMEngine, Optional): the engine, already loaded (``load_engine``). Default: loaded here.
     """
-    from league.checkpoint.hf import load_model, resolve_device_dtype
-
     check_address(host, port)
-    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = load_model(model_dir, torch_device, torch_dtype).eval()
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    engine = LLMEngine(model, engine_config, tokenizer)
+    engine = engine or load_engine(model_dir, engine_config, device, dtype, tokenizer_dir)
     return EngineServer(
         engine,
         host,
         port,
         model_path=model_dir,
-        tokenizer=tokenizer,
+        tokenizer=engine.tokenizer,
         served_model_name=served_model_name,
         api_key=api_key,
     )
@@ -485,17 +502,33 @@ def serve(
     tokenizer_dir: str | None = None,
     served_model_name: str | None = None,
     api_key: str | None = None,
+    world: int = 1,
 ) -> None:
-    """``build_server`` with the same arguments, then serve in this thread until Ctrl-C or SIGTERM."""
+    """``build_server`` with the same arguments, then serve in this thread until Ctrl-C or SIGTERM. ``world`` > 1:
+    this is one of that many processes (torchrun) running one engine; the first serves and sends its engine calls
+    to the others (``engine.lockstep``), which make them until it stops."""
+    from league.engine.lockstep import LeadingEngine, follow
+
+    check_address(host, port)
+    engine = load_engine(model_dir, engine_config, device, dtype, tokenizer_dir, world)
+    if not engine.layout.leads:  # stops when the leading rank does (which a signal to the job stops first)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        follow(engine, engine.layout)
+        return
+    served = engine if world == 1 else LeadingEngine(engine, engine.layout)
     server = build_server(
-        model_dir, host, port, engine_config, device, dtype, tokenizer_dir, served_model_name, api_key
+        model_dir, host, port, engine_config, served_model_name=served_model_name, api_key=api_key, engine=served
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"league serve: {model_dir} on {server.url}" + (" (API key required)" if api_key else ""), flush=True)
+    ranks = f" over {world} processes" if world > 1 else ""
+    print(f"league serve: {model_dir} on {server.url}{ranks}" + (" (API key required)" if api_key else ""), flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         server.shutdown()
+        if world > 1:
+            served.close()

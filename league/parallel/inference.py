@@ -23,6 +23,7 @@ does not change: a mixer is replaced by the same module class built for its shar
 (``engine.lockstep``) or for which prompts an engine serves (the loop, the server).
 """
 
+import datetime
 import functools
 import types
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from league.models.qwen3_5_moe.model import Experts, GatedAttention
 from league.ops.moe import swiglu_experts
 from league.ops.numerics import FAST, Numerics
 from league.parallel.heads import HeadShare, attention_share, check_head_split, gdn_share
+
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
+"""How long a served engine's other ranks wait for the next call (a server may idle for days)."""
 
 
 def check_engine_layout(args: ModelArgs, tp: int, ep: int) -> int:
@@ -89,7 +93,8 @@ class EngineLayout:
             the heads' outputs (None when tp is 1).
         ep (int): ranks sharing the experts; ``ep_rank`` this rank's block, ``ep_group`` the ranks summing the pair
             outputs (None when ep is 1).
-        group (ProcessGroup): every rank of this engine (None: one process).
+        group (ProcessGroup): every rank of this engine (None: one process); ``control_group`` the same ranks over
+            gloo with no practical timeout, for the calls a served engine's leading rank sends (``engine.lockstep``).
         rank (int): this rank's place in its engine (0 drives a served engine).
         engine (int): which engine this rank belongs to (data-parallel engines); ``num_engines`` of them.
     """
@@ -101,6 +106,7 @@ class EngineLayout:
     tp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
     group: dist.ProcessGroup | None = None
+    control_group: dist.ProcessGroup | None = None
     rank: int = 0
     engine: int = 0
     num_engines: int = 1
@@ -189,6 +195,10 @@ def make_engine_layout(
                 g = dist.new_group(members[start : start + width], use_local_synchronization=False)
                 if first == engine * size and start <= place < start + width:
                     mine[kind] = g
+        if size > 1:
+            control = dist.new_group(members, backend="gloo", timeout=CONTROL_TIMEOUT)
+            if first == engine * size:
+                mine["control"] = control
     return EngineLayout(
         tp=tp,
         ep=ep,
@@ -197,6 +207,7 @@ def make_engine_layout(
         tp_group=mine.get("tp"),
         ep_group=mine.get("ep"),
         group=mine.get("engine"),
+        control_group=mine.get("control"),
         rank=place,
         engine=engine,
         num_engines=world // size,
@@ -243,7 +254,8 @@ def _gathered_forward(group: dist.ProcessGroup, mixer: nn.Module, x_TD: torch.Te
     heads_TF = mixer.heads(x_TD, batch, *rest)
     size, (num_tokens, width) = dist.get_world_size(group), heads_TF.shape
     gathered = heads_TF.new_empty(size * num_tokens, width)
-    dist.all_gather_into_tensor(gathered, heads_TF.contiguous(), group=group)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(gathered, heads_TF.contiguous(), group=group)
     whole_TF = gathered.view(size, num_tokens, width).transpose(0, 1).reshape(num_tokens, size * width)
     return batch.linear(whole_TF, mixer.wo.weight)
 
@@ -282,3 +294,31 @@ def sum_in_expert_order(y_TAD: torch.Tensor, experts_TA: torch.Tensor) -> torch.
     for a in range(sorted_TAD.shape[1]):
         total_TD = total_TD + sorted_TAD[:, a]
     return total_TD
+
+
+def serving_sizes(tp: int, ep: int, world: int) -> tuple[int, int]:
+    """The ``(tp, ep)`` of an engine over all ``world`` processes of ``league serve`` / ``generate`` / ``bench``:
+    as given when the larger is ``world``; with neither given, the heads split over all of them (SGLang's
+    ``--tp-size`` is its GPU count). A ValueError naming the flags otherwise."""
+    if world > 1 and tp == ep == 1:
+        tp = world
+    if max(tp, ep) != world:
+        raise ValueError(
+            f"`--tp-size` {tp} / `--ep-size` {ep} ask for an engine over {max(tp, ep)} ranks, but {world} processes "
+            f"were started; start {max(tp, ep)} (`--nproc-per-node {max(tp, ep)}` or torchrun)"
+        )
+    return tp, ep
+
+
+def laid_out_model(model_dir, device: torch.device, dtype: torch.dtype, tp: int, ep: int, world: int):
+    """A checkpoint folder's model for an engine over ``world`` processes (every one calls it together): this rank's
+    part of it on ``device`` (read whole into host memory, then laid out), its :class:`EngineLayout` and ``(tp,
+    ep)``. One process: the whole model, one-process layout."""
+    from league.checkpoint.hf import load_model
+
+    if world == 1:
+        return load_model(model_dir, device, dtype).eval(), EngineLayout(), (tp, ep)
+    tp, ep = serving_sizes(tp, ep, world)
+    model = load_model(model_dir, torch.device("cpu"), dtype).eval()
+    layout = make_engine_layout(model.args, tp, ep, device.type)
+    return place_engine_model(model, layout).to(device), layout, (tp, ep)

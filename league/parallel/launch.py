@@ -215,6 +215,7 @@ def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:
         f"--nproc-per-node={nproc_per_node}",
         "-m",
         "league",
+        "--",  # the rest is league's: torchrun's parser would take `--n` for an abbreviation of one of its options
         *args,
     ]
 
@@ -225,6 +226,18 @@ def relaunch(nproc_per_node: int, args: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     return subprocess.run(torchrun_command(nproc_per_node, args), env=env, check=False).returncode
+
+
+def become_torchrun(nproc_per_node: int, args: list[str]) -> None:
+    """Replace this process by torchrun running ``league <args>`` in ``nproc_per_node`` processes (so that a signal
+    to this process, a server's SIGTERM, reaches torchrun, which passes it to the ranks). CPU threads shared out as
+    :func:`relaunch` does. Does not return."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = torchrun_command(nproc_per_node, args)
+    os.execve(command[0], command, env)
 
 
 def run_world_size(nproc_per_node: int) -> int:

@@ -28,6 +28,7 @@ from league.engine.cache import cache_bytes_per_slot
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.parallel.activations import ActivationEstimate, activation_estimate
 from league.parallel.dims import ParallelDims
+from league.parallel.inference import EngineLayout
 from league.parallel.launch import make_ranks
 from league.parallel.parallelize import parallelize_qwen3_5_moe
 
@@ -63,6 +64,8 @@ class PlanSettings:
         sharded_load (bool): the policy comes from a DCP checkpoint (``--load``) across ranks: it is placed on the
             meta device and each rank reads only its shards, so a start-up holds no whole policy but the engine's
             copy. Default: ``False`` (built whole on every rank, then sharded).
+        engine_tp, engine_ep (int): how the rollout engine's weights and cache are split over its ranks
+            (``parallel.inference``). Default: 1 (each rank's engine holds the whole policy).
     """
 
     dtype: torch.dtype
@@ -79,6 +82,8 @@ class PlanSettings:
     mem_fraction_static: float
     ranks_per_node: int
     sharded_load: bool = False
+    engine_tp: int = 1
+    engine_ep: int = 1
 
 
 @contextmanager
@@ -246,11 +251,11 @@ class MemoryPlan:
             reduce-scatter at its end) and the largest other unit's.
         reference (int): the frozen KL reference (sharded like the policy; 0 without ``--use-kl-loss``).
         optimizer (int): the optimizer's state of the rank's shards (on the host with offload).
-        replica (int): the engine's whole copy of the policy (each rank's own engine; none in one process, where the
-            engine reads the policy).
-        engine_slot (int): one cache slot of the engine.
-        startup (int): the start of a run: the policy is built whole on every rank and copied whole for the engine
-            (above one rank) and the reference before it is sharded.
+        replica (int): the rank's part of its engine's copy of the policy (laid out by ``engine_tp`` /
+            ``engine_ep``; none in one process, where the engine reads the policy).
+        engine_slot (int): one cache slot of the engine on this rank (its heads' part).
+        startup (int): the start of a run: the policy is built whole on every rank and copied whole for the
+            reference before it is sharded, beside the engine's part.
     """
 
     args: ModelArgs
@@ -318,8 +323,11 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
     # in one process the trainer keeps the reference as a whole copy and the engine reads the policy
     whole = counts.numel * s
     reference = (counts.padded * s if world > 1 else whole) if settings.kl_reference else 0
-    replica = whole if world > 1 else 0
-    slot = cache_bytes_per_slot(args, settings.engine_slot_len, settings.dtype, settings.engine_state_dtype)
+    layout = EngineLayout(tp=settings.engine_tp, ep=settings.engine_ep)
+    replica = engine_part_numel(args, layout) * s if world > 1 else 0
+    slot = cache_bytes_per_slot(
+        layout.cache_args(args), settings.engine_slot_len, settings.dtype, settings.engine_state_dtype
+    )
     group = dims.tp * dims.cp
     return MemoryPlan(
         args=args,
@@ -339,6 +347,13 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
         if settings.sharded_load and world > 1
         else whole + replica + (whole if settings.kl_reference else 0),
     )
+
+
+def engine_part_numel(args: ModelArgs, layout: EngineLayout) -> int:
+    """Elements of one rank's part of an engine laid out as ``layout`` (rank 0's; every rank's is the same size)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return sum(layout.local_part(args, name, p).numel() for name, p in model.named_parameters())
 
 
 def format_plan(plan: MemoryPlan, source: str) -> str:
@@ -390,9 +405,9 @@ def format_plan(plan: MemoryPlan, source: str) -> str:
         ),
         (
             "GPU",
-            "engine replica",
+            "engine weights",
             plan.replica,
-            "each rank's engine holds a whole copy of the policy" if world > 1 else "none: the engine reads the policy",
+            engine_note(settings) if world > 1 else "none: the engine reads the policy",
         ),
         (
             "GPU",
@@ -441,6 +456,13 @@ def elements(count: int) -> str:
     return str(count)
 
 
+def engine_note(settings: PlanSettings) -> str:
+    tp, ep = settings.engine_tp, settings.engine_ep
+    if tp == ep == 1:
+        return "each rank's engine holds a whole copy of the policy"
+    return f"this rank's part of an engine over {max(tp, ep)} ranks (heads over tp {tp}, experts over ep {ep})"
+
+
 def describe_fit(plan: MemoryPlan, fit: Fit) -> str:
     """One line: whether training and the start of the run fit the GPU, and why not."""
     training = "fits" if fit.slots >= fit.min_slots and fit.peak <= fit.capacity else "does not fit"
@@ -451,11 +473,10 @@ def describe_fit(plan: MemoryPlan, fit: Fit) -> str:
             f"{plan.settings.mem_fraction_static} x {fit.capacity / GiB:.0f} GiB it fills, and a rollout needs "
             f"{fit.min_slots} slots"
         )
-    copies = [c for c, on in (("its engine", plan.replica), ("the reference", plan.settings.kl_reference)) if on]
-    built = "the whole policy built on each rank" + (f", copied for {' and '.join(copies)}" if copies else "")
-    built += ", then sharded"
+    built = "the whole policy built on each rank" + (", copied for the reference" if plan.settings.kl_reference else "")
+    built += ", then sharded" + (", beside the engine's part" if plan.replica else "")
     if plan.settings.sharded_load and plan.replica:
-        built = "--load: each rank reads its shards of the policy and the reference, beside the engine's whole copy"
+        built = "--load: each rank reads its shards of the policy and the reference, beside the engine's part"
     startup = "fits" if fit.startup <= fit.capacity else "does not fit"
     return (
         f"{fit.gpu}, {fit.capacity / GiB:.0f} GiB usable: training {training} ({why}); start-up "

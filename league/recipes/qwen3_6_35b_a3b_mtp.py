@@ -50,8 +50,10 @@ def recipe(mode: str | None = None) -> JobConfig:
             rollout_max_response_len=max_len,
             rollout_temperature=1.0,
             rollout_top_p=1.0,
+            rollout_num_gpus_per_engine=8,
         ),
         engine=EngineConfig(
+            ep_size=8,  # one engine over the 8 GPUs, experts split 8 ways (the reference's --sglang-ep-size 8)
             max_running_requests=256,
             mem_fraction_static=0.7,
             context_length=max_len + 4096,

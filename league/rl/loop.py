@@ -58,8 +58,9 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
     sampler = setup.make_sampler(job.data, len(prompts), job.rollout.rollout_batch_size)
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
     reward = setup.build_reward(job.reward)
-    if job.model.sft_warmup_steps and not load:
-        setup.warmup(model, tokenizer, job, console)
+    if job.model.sft_warmup_steps and not load and ranks.main:  # the other ranks get its weights when placed
+        with setup.threads_of_waiting_ranks(ranks, next(model.parameters()).device.type):
+            setup.warmup(model, tokenizer, job, console)
     # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
     # shards (taken before sharding) across ranks
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
@@ -81,8 +82,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         ref_pipeline=placed.ref_pipeline,
     )
     layout = setup.engine_layout(job, ranks, model.args, device.type)
-    engine = setup.build_engine(job, placed.engine_model, tokenizer, layout)
-    if sharded_load:  # the engine's copy was allocated empty
+    engine = setup.build_engine(job, placed.engine_model, tokenizer, layout, device)
+    if ranks.world > 1:  # the engine's copy was allocated empty
         setup.sync_weights(engine, model, run_dir, ranks)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
     start = checkpoints.resume(load, trainer, sampler, ranks, unsafe_pickle) if load else 0

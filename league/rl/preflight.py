@@ -161,6 +161,7 @@ def memory_plan(job: JobConfig) -> str | None:
     """The job's memory plan at its world size (``parallel.plan``: every rank's bytes from the real placement of the
     policy on the meta device), as lines to print; None in one process. Raises the run's own error for a layout
     that does not divide the world or the model."""
+    from league.parallel.inference import resolve_engine_sizes
     from league.parallel.launch import run_world_size, under_torchrun
     from league.parallel.plan import PlanSettings, format_plan, plan_memory
 
@@ -180,6 +181,12 @@ def memory_plan(job: JobConfig) -> str | None:
     else:  # as resolve_device_dtype picks it, without asking for this machine's GPU
         on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         dtype = torch.bfloat16 if on_gpu else torch.float32
+    try:  # the engine's layout as the run would make it (a layout it refuses is reported by the checks after)
+        engine_tp, engine_ep = resolve_engine_sizes(
+            job.rollout.rollout_num_gpus_per_engine, engine.tp_size, engine.ep_size, world
+        )
+    except ValueError:
+        engine_tp, engine_ep = 1, 1
     min_slots = job.rollout.n_samples_per_prompt
     if job.eval.eval_interval and job.eval.eval_prompt_data:
         min_slots = max(min_slots, job.eval.n_samples_per_eval_prompt)
@@ -198,6 +205,8 @@ def memory_plan(job: JobConfig) -> str | None:
         mem_fraction_static=engine.mem_fraction_static,
         ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)) if under_torchrun() else world,
         sharded_load=bool(job.checkpoint.load),
+        engine_tp=engine_tp,
+        engine_ep=engine_ep,
     )
     return format_plan(plan_memory(args, dims, settings), source)
 

@@ -6,6 +6,7 @@ checkpoints (``rl.checkpoints``) nor for the math of any step.
 """
 
 import dataclasses
+import os
 import random
 import shutil
 import statistics
@@ -104,6 +105,20 @@ def build_policy(
     if config.mtp_num_layers == 0:
         model.mtp, model.args = None, model.args.replace(mtp_num_layers=0)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def threads_of_waiting_ranks(ranks: Ranks, device_type: str) -> Iterator[None]:
+    """On CPU, while only this rank works and this machine's other ranks wait for it (the warm-up), its operators
+    run on their threads too."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    threads = torch.get_num_threads()
+    if local > 1 and device_type == "cpu":
+        torch.set_num_threads(min(threads * local, os.cpu_count() or threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def builtin_problems(spec: str, seed: int):
@@ -240,7 +255,8 @@ class Placement(NamedTuple):
     """Where the policy's parts live once placed for the ranks (:func:`place_policy`)."""
 
     engine_model: Transformer
-    """The engine's model: the policy itself in one process, else a whole copy."""
+    """The engine's model: the policy itself in one process, else an empty copy on the meta device, which
+    :func:`build_engine` lays out for the engine's ranks and allocates and the first :func:`sync_weights` fills."""
     ref_model: Transformer | None
     """The frozen KL reference (None without a KL term; the trainer then copies the policy in one process)."""
     pipeline: Any = None
@@ -255,11 +271,12 @@ def place_policy(
     """Prepare the policy for training on ``dims`` (``parallelize_qwen3_5_moe``).
 
     One process: the engine reads the policy in place. Across ranks the policy is sharded (and with pipeline stages,
-    each rank keeps its stage's part), so the engine gets a whole copy (kept in step by :func:`sync_weights`) and the
+    each rank keeps its stage's part), so the engine gets its own copy (on the meta device here: laid out for the
+    engine's ranks and allocated by :func:`build_engine`, filled and kept in step by :func:`sync_weights`) and the
     reference is a copy placed like the policy. A policy built whole is copied before it is placed, every rank
     starting from rank 0's weights. A policy on the meta device (``--load`` across ranks) is placed there, then each
     rank allocates its shards on ``device`` and reads them from the checkpoint (policy and reference), never holding
-    the whole model; the engine's copy is allocated empty and filled by the first :func:`sync_weights`."""
+    the whole model."""
     import copy
 
     from league.parallel.parallelize import parallelize_qwen3_5_moe
@@ -268,16 +285,14 @@ def place_policy(
     if ranks.world == 1:
         parallelize_qwen3_5_moe(model, dims, recompute=job.train.recompute_policy or False)
         return Placement(model, None)
-    on_meta = model.inv_freq.is_meta
-    if on_meta:
-        from league.checkpoint.hf import empty_model
+    from league.checkpoint.hf import meta_model
 
-        engine_model = empty_model(model.args, device, next(model.parameters()).dtype)
-    else:
+    on_meta = model.inv_freq.is_meta
+    if not on_meta:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 torch.distributed.broadcast(tensor, src=0, group=ranks.group)
-        engine_model = copy.deepcopy(model)
+    engine_model = meta_model(model.args, next(model.parameters()).dtype)
     ref_model = copy.deepcopy(model).requires_grad_(False) if job.algo.use_kl_loss else None
     meshes = (ranks.stage_mesh, ranks.expert_mesh, ranks.token_group)
     stage = parallelize_qwen3_5_moe(model, dims, job.train.recompute_policy or False, *meshes, stage=ranks.stage)
@@ -327,9 +342,16 @@ def engine_layout(job: JobConfig, ranks: Ranks, args, device_type: str) -> Engin
     return make_engine_layout(args, tp, ep, device_type, ranks.group)
 
 
-def build_engine(job: JobConfig, model: Transformer, tokenizer, layout: EngineLayout | None = None):
+def build_engine(
+    job: JobConfig,
+    model: Transformer,
+    tokenizer,
+    layout: EngineLayout | None = None,
+    device: torch.device | None = None,
+):
     """The rollout engine: a client of ``--rollout-engine``, or an engine on ``model`` (the policy itself in one
-    process, else a whole copy, laid out here over the engine's ranks)."""
+    process; across ranks a copy on the meta device, laid out here over the engine's ranks and allocated on
+    ``device``, for :func:`sync_weights` to fill)."""
     if job.rollout.rollout_engine:
         from league.engine.client import EngineClient
 
@@ -338,10 +360,10 @@ def build_engine(job: JobConfig, model: Transformer, tokenizer, layout: EngineLa
     config = dataclasses.replace(job.engine, tp_size=layout.tp, ep_size=layout.ep)
     if job.algo.use_rollout_routing_replay:  # the engine keeps its routing for the trainer to replay
         config = dataclasses.replace(config, enable_return_routed_experts=True)
-    if layout.world > 1:
+    if model.inv_freq.is_meta:  # the copy of a run across ranks: laid out, then allocated (weights synced next)
         from league.parallel.inference import place_engine_model
 
-        place_engine_model(model, layout)
+        materialize(place_engine_model(model, layout), device)
     return LLMEngine(model, config, tokenizer, layout)
 
 

@@ -236,7 +236,7 @@ def sharded_load(world: int, **sizes) -> dict:
     from league.engine.config import EngineConfig
     from league.engine.engine import LLMEngine
     from league.recipes import get_recipe
-    from league.rl.setup import build_policy, place_policy, sync_weights
+    from league.rl.setup import build_policy, materialize, place_policy, sync_weights
 
     ranks, dims = layout(world, **sizes)
     root = shared_folder(ranks)
@@ -249,6 +249,7 @@ def sharded_load(world: int, **sizes) -> dict:
     model, _ = build_policy(job.model, 0, job.checkpoint.load, on_meta=True)
     on_meta = all(p.is_meta for p in model.parameters())
     placed = place_policy(model, job, dims, ranks, torch.device("cpu"))
+    materialize(placed.engine_model, torch.device("cpu"))  # the engine's copy, made on the meta device: allocated
     engine = LLMEngine(placed.engine_model, EngineConfig(max_running_requests=4, context_length=64, num_slots=4))
     sync_weights(engine, model, None, ranks)
     policy, ref = whole_parameters(model, ranks), whole_parameters(placed.ref_model, ranks)

@@ -49,7 +49,8 @@ def test_torchrun_command_runs_league_standalone():
     command = torchrun_command(4, ["train", "--num-rollout", "2"])
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in command and "--nproc-per-node=4" in command
-    assert command[-5:] == ["-m", "league", "train", "--num-rollout", "2"]
+    # `--` first: torchrun's parser would take an abbreviation of one of its options (`--n`) for its own
+    assert command[-6:] == ["-m", "league", "--", "train", "--num-rollout", "2"]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from league.cli import app
+from league.engine.cache import cache_bytes_per_slot
 from league.models.qwen3_5_moe import Transformer
 from league.models.qwen3_5_moe.presets import PRESETS
 from league.ops.logprob import linear_token_logprobs
@@ -176,11 +177,46 @@ def test_dry_run_prints_the_plan_of_the_35b_recipe_at_8_ranks():
         return next(line for line in lines if words in line)
 
     assert "8.27  4.438B elements: 4.127B of routed experts (32 of 256 a layer)" in line("parameters, FSDP2 shards")
-    assert "66.13  each rank's engine holds a whole copy of the policy" in line("GPU  engine replica")
+    # the recipe's engine spans the 8 ranks with its experts split 8 ways: each holds the dense part and 32 experts
+    # of every layer (35.51B - 33.02B dense, 33.02B / 8 experts: 6.617B elements in bf16)
+    engine = "12.32  this rank's part of an engine over 8 ranks (heads over tp 1, experts over ep 8)"
+    assert engine in line("GPU  engine weights")
     assert "66.13  16 B an element of the rank's shards" in line("host optimizer")
     assert "host: the optimizer of a node of 8 ranks: 529.08 GiB" in plan
-    assert "H200 141GB, 139 GiB usable: training fits (peak 121.26 GiB with 87 cache slots); start-up 198.40" in plan
-    assert "H100 80GB, 78 GiB usable: training does not fit (peak 106.69 GiB with 0 cache slots" in plan
+    assert "H200 141GB, 139 GiB usable: training fits (peak 95.75 GiB with 256 cache slots); start-up 144.59" in plan
+    assert "H100 80GB, 78 GiB usable: training does not fit (peak 78.50 GiB with 153 cache slots" in plan
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_the_engine_part_and_cache_slot_by_hand(tp, ep):
+    """A rank's part of an engine laid out tp x ep holds 1/ep of the experts, its heads' rows of the mixers'
+    projections, gates, conv and per-head parameters, and the rest whole (``wo`` included); its cache slot holds
+    its heads' keys, values, conv windows and states."""
+    dims = ParallelConfig(ep=2).resolve(4)
+    plan = plan_memory(UNEVEN, dims, settings(engine_tp=tp, engine_ep=ep))
+    with torch.device("meta"):
+        params = dict(Transformer(UNEVEN).named_parameters())
+    per_head = ("w_qkv", "conv_weight", "w_z", "w_b", "w_a", "dt_bias", "A_log", "wq", "wk", "wv")
+    expected = 0
+    for name, p in params.items():
+        if ".experts." in name:
+            expected += p.numel() // ep
+        elif any(f".{key}" in name for key in per_head) and (".gdn." in name or ".attn." in name):
+            expected += p.numel() // tp  # ARGS' head counts split evenly (4 query and KV heads, 4 and 8 GDN heads)
+        else:
+            expected += p.numel()
+    assert plan.replica == expected * 4
+    assert plan.engine_slot == cache_bytes_per_slot(
+        UNEVEN.replace(
+            num_heads=UNEVEN.num_heads // tp,
+            num_kv_heads=UNEVEN.num_kv_heads // tp,
+            linear_num_key_heads=UNEVEN.linear_num_key_heads // tp,
+            linear_num_value_heads=UNEVEN.linear_num_value_heads // tp,
+        ),
+        128,
+        torch.float32,
+        torch.float32,
+    )
 
 
 def test_startup_from_load_holds_the_shards_beside_the_engines_copy():

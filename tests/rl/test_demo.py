@@ -6,20 +6,12 @@ a few minutes on 2 cores.
 
 import statistics
 
-from league.config import apply_overrides
-from league.recipes import get_recipe
-from league.rl.loop import train
-from league.rl.metrics import read_metrics
-
 # the target of the embedded default: the last 5 rollouts average at least 0.3 more reward than the first 5
 MIN_REWARD_GAIN = 0.3
 
 
-def test_embedded_default_learns(tmp_path):
-    job = apply_overrides(
-        get_recipe("tiny"), {"run_dir": str(tmp_path / "run"), "tensorboard": False, "reward_num_workers": 1}
-    )
-    records = read_metrics(train(job))
+def test_embedded_default_learns(demo_metrics):
+    records = demo_metrics
     rewards = [r["rollout/reward_mean"] for r in records]
     first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
     assert last - first >= MIN_REWARD_GAIN, rewards
