@@ -80,8 +80,16 @@ class RolloutConfig:
     rollout_engine: str | None = None
     """URL of a running `league serve` to generate with (default: an in-process engine on the policy)."""
     rollout_num_gpus_per_engine: int = 1
-    """GPUs one rollout engine spans (the reference's name). league runs one engine per rank, each in its process:
-    values above 1 are refused for now."""
+    """Ranks one rollout engine spans (the reference's name): its heads split over `--sglang-tp-size` and its
+    experts over `--sglang-ep-size` (the larger is this; with neither set, the heads split over all of them); the
+    run's ranks form data-parallel engines of this size."""
+    offload_rollout: bool | None = None
+    """Give back the in-process engine's memory while the trainer runs (`--offload-rollout-level` says what) and take
+    it again for the next rollout (the reference's name). Default: on when the engine is on a GPU."""
+    offload_rollout_level: list[str] = field(default_factory=lambda: ["kv_cache", "weight"])
+    """What `--offload-rollout` gives back: `kv_cache` (the cache slots and captured graphs) and `weight` (the
+    engine's copy of the weights, across ranks; rewritten by the weight sync after the step, so not kept; in one
+    process the engine reads the policy, whose weights stay)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -95,6 +103,9 @@ class RolloutConfig:
         check_number("--rollout-temperature", self.rollout_temperature, 0, low_open=True)
         check_number("--rollout-top-p", self.rollout_top_p, 0, 1, low_open=True)
         check_top_k("--rollout-top-k", self.rollout_top_k)
+        unknown = sorted(set(self.offload_rollout_level) - {"kv_cache", "weight"})
+        if unknown or not self.offload_rollout_level:
+            raise ValueError(f"`--offload-rollout-level` {self.offload_rollout_level}: expected kv_cache and/or weight")
 
 
 @dataclass(kw_only=True, slots=True)

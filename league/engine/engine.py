@@ -312,9 +312,9 @@ class LLMEngine:
         """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place."""
         self.runner.update_weights_from_disk(path)
 
-    def release_memory(self, tags: set[str]) -> int:
+    def release_memory(self, tags: set[str], discard: set[str] = frozenset()) -> int:
         """``ModelRunner.release_memory``: free the memory of ``tags`` for a colocated trainer; returns the bytes."""
-        return self.runner.release_memory(tags)
+        return self.runner.release_memory(tags, discard)
 
     def resume_memory(self, tags: set[str]) -> None:
         """``ModelRunner.resume_memory``: bring back what :meth:`release_memory` freed."""

@@ -101,18 +101,18 @@ class ModelRunner:
         end = len(r.prompt_ids) + len(r.output_ids) - 1
         return routes_of(self.cache, r.slot, r.routed_experts_start_len, end)
 
-    def release_memory(self, tags: set[str]) -> int:
+    def release_memory(self, tags: set[str], discard: set[str] = frozenset()) -> int:
         """Free the memory of ``tags`` (``MEMORY_TAGS``), keeping every tensor object, so that a colocated trainer can
         use it; :meth:`resume_memory` brings it back. ``kv_cache``: the cache slots' storages (their contents are
         lost: no request may be running); ``weights`` / ``weights_drafter``: the trunk's / the MTP layer's
-        parameters, kept in host memory meanwhile; ``cuda_graph``: the captured steps (captured again when next
-        needed; freeing the cache or the weights drops them too, as they read those addresses). Returns the bytes
-        freed."""
+        parameters, kept in host memory meanwhile, unless their tag is in ``discard`` (a weight sync will rewrite
+        them: they come back zeroed); ``cuda_graph``: the captured steps (captured again when next needed; freeing
+        the cache or the weights drops them too, as they read those addresses). Returns the bytes freed."""
         freed = 0
         for tag in sorted(tags - self.released.keys()):
             if tag == "cuda_graph":
                 continue
-            keep = tag != "kv_cache"
+            keep = tag != "kv_cache" and tag not in discard
             stored = [_release(storage, keep) for storage in _storages(self._tensors_of(tag))]
             self.released[tag] = stored
             freed += sum(nbytes for _, nbytes, _ in stored)

@@ -59,8 +59,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
     eval_sets = setup.load_eval_sets(job.eval, job.data, tokenizer, job.run.seed)
     reward = setup.build_reward(job.reward)
     if job.model.sft_warmup_steps and not load and ranks.main:  # the other ranks get its weights when placed
-        with setup.threads_of_waiting_ranks(ranks, next(model.parameters()).device.type):
-            setup.warmup(model, tokenizer, job, console)
+        setup.warmup(model, tokenizer, job, console)
     # the engine's and the reference's weights: the policy itself in one process; whole copies beside the ranks'
     # shards (taken before sharding) across ranks
     device, _ = resolve_device_dtype(job.model.device, job.model.dtype)
@@ -87,6 +86,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         setup.sync_weights(engine, model, run_dir, ranks)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now
     start = checkpoints.resume(load, trainer, sampler, ranks, unsafe_pickle) if load else 0
+    offload = setup.offloaded_tags(job, engine, model)  # given back by the engine while the trainer runs
     logger = MetricsLogger(run_dir, tensorboard=job.run.tensorboard, console=console) if ranks.main else None
     n = job.rollout.n_samples_per_prompt
     with progress_bar(console, "league train") as progress:
@@ -127,11 +127,15 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
                 )
                 for k, (o, r, a) in enumerate(zip(outputs, result.rewards, advantages))
             ]
-            # 4. train: log-prob passes, loss, backward, optimizer step(s); each rank its part of every step
+            # 4. train: log-prob passes, loss, backward, optimizer step(s); each rank its part of every step; the
+            # engine's cache (and its own weights) given back meanwhile (--offload-rollout)
+            freed = engine.release_memory(offload, discard=offload) if offload else 0
             train_metrics = trainer.train(ranks.step_share(samples, job.train.global_batch_size))
             t3 = time.perf_counter()
-            # 5. weight sync: the in-process engine reads the trained parameters in place; a replica beside sharded
-            # ranks copies them whole; a remote engine reloads
+            # 5. weight sync: the in-process engine reads the trained parameters in place; an engine beside sharded
+            # ranks copies its part of each; a remote engine reloads
+            if offload:
+                engine.resume_memory(offload)
             setup.sync_weights(engine, model, run_dir, ranks)
             t4 = time.perf_counter()
             # 6. eval and checkpoint
@@ -152,6 +156,7 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
                 "perf/reward_time": t2 - t1,
                 "perf/train_time": t3 - t2,
                 "perf/weight_sync_s": t4 - t3,
+                **({"perf/offloaded_gib": freed / 2**30} if offload else {}),
                 "perf/eval_time": t5 - t4,
                 "perf/step_time": time.perf_counter() - t0,
                 "perf/rollout_tokens_per_s": sum(len(o.output_ids) for o in outputs) / max(t1 - t0, 1e-9),

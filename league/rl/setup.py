@@ -6,7 +6,6 @@ checkpoints (``rl.checkpoints``) nor for the math of any step.
 """
 
 import dataclasses
-import os
 import random
 import shutil
 import statistics
@@ -105,20 +104,6 @@ def build_policy(
     if config.mtp_num_layers == 0:
         model.mtp, model.args = None, model.args.replace(mtp_num_layers=0)
     return model.eval(), tokenizer
-
-
-@contextmanager
-def threads_of_waiting_ranks(ranks: Ranks, device_type: str) -> Iterator[None]:
-    """On CPU, while only this rank works and this machine's other ranks wait for it (the warm-up), its operators
-    run on their threads too."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
-    threads = torch.get_num_threads()
-    if local > 1 and device_type == "cpu":
-        torch.set_num_threads(min(threads * local, os.cpu_count() or threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def builtin_problems(spec: str, seed: int):
@@ -365,6 +350,24 @@ def build_engine(
 
         materialize(place_engine_model(model, layout), device)
     return LLMEngine(model, config, tokenizer, layout)
+
+
+def offloaded_tags(job: JobConfig, engine, model: Transformer) -> set[str]:
+    """What the in-process engine gives back while the trainer runs (``--offload-rollout``, by default on a GPU):
+    the memory tags of ``--offload-rollout-level`` (``weight``: only an engine with its own copy, whose weights
+    the sync after the step rewrites); none for a served engine."""
+    if not isinstance(engine, LLMEngine):
+        return set()
+    on = job.rollout.offload_rollout
+    if on is None:
+        on = engine.device.type == "cuda"
+    if not on:
+        return set()
+    levels = set(job.rollout.offload_rollout_level)
+    tags = {"kv_cache", "cuda_graph"} if "kv_cache" in levels else set()
+    if "weight" in levels and engine.model is not model:
+        tags |= {"weights", "weights_drafter"}
+    return tags
 
 
 def engine_block(items: list, layout: EngineLayout) -> list:

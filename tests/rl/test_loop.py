@@ -362,3 +362,27 @@ def test_a_served_engine_gets_the_trained_weights_through_the_tensor_route(tmp_p
         assert trained and all(torch.equal(served[k], v) for k, v in trained.items())
     finally:
         server.shutdown()
+
+
+def test_offload_rollout_gives_the_cache_back_during_training_and_changes_nothing(tmp_path, monkeypatch):
+    """`--offload-rollout` (the reference's name; on by default on a GPU): the engine's cache slots go while the
+    trainer runs and come back zeroed for the next rollout; in one process its weights are the policy's and stay.
+    The run's metrics are those of a run without it."""
+    calls = []
+    release, resume = setup.LLMEngine.release_memory, setup.LLMEngine.resume_memory
+
+    def released(engine, *args, **kwargs):
+        calls.append(("release", *args, *kwargs.values()))
+        return release(engine, *args, **kwargs)
+
+    monkeypatch.setattr(setup.LLMEngine, "release_memory", released)
+    monkeypatch.setattr(setup.LLMEngine, "resume_memory", lambda e, *a: calls.append(("resume", *a)) or resume(e, *a))
+    plain = read_metrics(train(tiny_job(tmp_path, "plain", num_rollout=2)))
+    assert calls == []  # off by default on the CPU
+    offloaded = read_metrics(train(tiny_job(tmp_path, "offloaded", num_rollout=2, offload_rollout=True)))
+    tags = {"kv_cache", "cuda_graph"}
+    assert calls == [("release", tags, tags), ("resume", tags)] * 2
+    assert [comparable(r) for r in offloaded] == [comparable(r) for r in plain]
+    assert all(r["perf/offloaded_gib"] > 0 for r in offloaded)
+    with pytest.raises(ValueError, match="`--offload-rollout-level` \\['cache'\\]: expected kv_cache and/or weight"):
+        tiny_job(tmp_path, "bad", offload_rollout_level=["cache"])
