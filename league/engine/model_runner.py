@@ -75,6 +75,9 @@ class ModelRunner:
         )
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
         self._whole: dict[str, torch.Tensor] | None = None
+        self.shared: set[str] = set()
+        """Parameters that are views of a colocated trainer's own tensors (``parallel.inference.shared_expert_blocks``):
+        never released, and left out of weight syncs."""
         self.released: dict[str, list] = {}
         """Memory given back by :meth:`release_memory`, by tag."""
         self.spec_step = None
@@ -137,7 +140,8 @@ class ModelRunner:
             values = [getattr(c, f.name) for c in layers for f in dataclasses.fields(c)]
             return [t for t in values if isinstance(t, torch.Tensor)]
         drafter = tag == "weights_drafter"
-        return [p for name, p in self.model.named_parameters() if name.startswith("mtp.") == drafter]
+        params = self.model.named_parameters()
+        return [p for name, p in params if name.startswith("mtp.") == drafter and name not in self.shared]
 
     def _drop_graphs(self) -> None:
         self.graphs = None

@@ -322,3 +322,35 @@ def laid_out_model(model_dir, device: torch.device, dtype: torch.dtype, tp: int,
     model = load_model(model_dir, torch.device("cpu"), dtype).eval()
     layout = make_engine_layout(model.args, tp, ep, device.type)
     return place_engine_model(model, layout).to(device), layout, (tp, ep)
+
+
+def shared_expert_blocks(engine_model: Transformer, policy: nn.Module, layout: EngineLayout) -> list[str]:
+    """Where the trainer and the engine lay the experts out alike, make the engine read the trainer's blocks in
+    place: each engine expert weight becomes a view of the policy's local shard (a DTensor sharded by expert over
+    the same ep ranks, whole over the rest: FSDP2's ``edp`` of one rank, no ``etp``), when its shape, dtype and
+    device are the engine's block's. Returns the names shared (a weight sync leaves them: the optimizer step has
+    already written them). Every rank calls it with the same layouts, so every rank shares the same names."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if layout.ep == 1:
+        return []
+    policy_params = dict(policy.named_parameters())
+    shared = []
+    with torch.no_grad():
+        for name, param in engine_model.named_parameters():
+            trained = policy_params.get(name)
+            if not (name.split(".")[-2:-1] == ["experts"] and isinstance(trained, DTensor)):
+                continue
+            mesh, placements = trained.device_mesh, trained.placements
+            by_expert = [i for i, p in enumerate(placements) if p == Shard(0) and mesh.size(i) == layout.ep]
+            others = [i for i in range(mesh.ndim) if i not in by_expert]
+            if len(by_expert) != 1 or any(mesh.size(i) != 1 for i in others):
+                continue
+            local = trained.to_local()
+            if mesh.get_local_rank(by_expert[0]) != layout.ep_rank:
+                continue
+            if (local.shape, local.dtype, local.device) != (param.shape, param.dtype, param.device):
+                continue
+            param.data = local.detach()
+            shared.append(name)
+    return shared

@@ -7,7 +7,7 @@ expert shards); the model code itself never changes (it imports nothing of torch
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -103,15 +103,18 @@ def parallelize_qwen3_5_moe(
 
 
 @torch.no_grad()
-def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, whole tensor)`` of each parameter, in ``named_parameters`` order: a sharded one (a DTensor) is
-    gathered (laid out in blocks first: ``blocks.in_blocks``), so every rank must walk the whole model together.
+def full_parameters(model: nn.Module, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, whole tensor)`` of each parameter but those named in ``skip``, in ``named_parameters`` order: a
+    sharded one (a DTensor) is gathered (laid out in blocks first: ``blocks.in_blocks``), so every rank must walk
+    the whole model together (with the same ``skip``).
 
     An expert weight sharded over several mesh dims (FSDP over ``edp``, experts over ``ep`` and ``etp``) is gathered
     by one all-gather per dim, which DTensor warns about on every call; the warning is held back here, where it is
     expected."""
     redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
     for name, param in model.named_parameters():
+        if name in skip:
+            continue
         if not isinstance(param, DTensor):
             yield name, param.detach()
             continue

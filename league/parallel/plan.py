@@ -324,7 +324,9 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
     whole = counts.numel * s
     reference = (counts.padded * s if world > 1 else whole) if settings.kl_reference else 0
     layout = EngineLayout(tp=settings.engine_tp, ep=settings.engine_ep)
-    replica = engine_part_numel(args, layout) * s if world > 1 else 0
+    # expert blocks laid out alike on both sides are the trainer's own tensors (inference.shared_expert_blocks)
+    shared = engine_shares_experts(dims, settings)
+    replica = engine_part_numel(args, layout, with_experts=not shared) * s if world > 1 else 0
     slot = cache_bytes_per_slot(
         layout.cache_args(args), settings.engine_slot_len, settings.dtype, settings.engine_state_dtype
     )
@@ -349,11 +351,20 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
     )
 
 
-def engine_part_numel(args: ModelArgs, layout: EngineLayout) -> int:
-    """Elements of one rank's part of an engine laid out as ``layout`` (rank 0's; every rank's is the same size)."""
+def engine_part_numel(args: ModelArgs, layout: EngineLayout, with_experts: bool = True) -> int:
+    """Elements of one rank's part of an engine laid out as ``layout`` (rank 0's; every rank's is the same size),
+    its routed experts' included or not."""
     with torch.device("meta"):
         model = Transformer(args)
-    return sum(layout.local_part(args, name, p).numel() for name, p in model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if with_experts or ".experts." not in n]
+    return sum(layout.local_part(args, name, p).numel() for name, p in params)
+
+
+def engine_shares_experts(dims: ParallelDims, settings: PlanSettings) -> bool:
+    """Whether the engine reads its expert blocks from the trainer's shards (``inference.shared_expert_blocks``):
+    the same ep over the ranks, each expert shard whole on its rank (no FSDP2 split over ``edp``, no ``etp``), no
+    pipeline stages."""
+    return dims.ep > 1 and settings.engine_ep == dims.ep and dims.edp == dims.etp == dims.pp == 1
 
 
 def format_plan(plan: MemoryPlan, source: str) -> str:
@@ -407,7 +418,7 @@ def format_plan(plan: MemoryPlan, source: str) -> str:
             "GPU",
             "engine weights",
             plan.replica,
-            engine_note(settings) if world > 1 else "none: the engine reads the policy",
+            engine_note(plan) if world > 1 else "none: the engine reads the policy",
         ),
         (
             "GPU",
@@ -456,11 +467,14 @@ def elements(count: int) -> str:
     return str(count)
 
 
-def engine_note(settings: PlanSettings) -> str:
-    tp, ep = settings.engine_tp, settings.engine_ep
+def engine_note(plan: "MemoryPlan") -> str:
+    tp, ep = plan.settings.engine_tp, plan.settings.engine_ep
     if tp == ep == 1:
         return "each rank's engine holds a whole copy of the policy"
-    return f"this rank's part of an engine over {max(tp, ep)} ranks (heads over tp {tp}, experts over ep {ep})"
+    note = f"this rank's part of an engine over {max(tp, ep)} ranks (heads over tp {tp}, experts over ep {ep})"
+    if engine_shares_experts(plan.dims, plan.settings):
+        note += "; its experts are the trainer's shards, read in place"
+    return note
 
 
 def describe_fit(plan: MemoryPlan, fit: Fit) -> str:

@@ -81,7 +81,8 @@ def run_steps(job: JobConfig, dims: ParallelDims, run_dir: Path, ranks: Ranks | 
         ref_pipeline=placed.ref_pipeline,
     )
     layout = setup.engine_layout(job, ranks, model.args, device.type)
-    engine = setup.build_engine(job, placed.engine_model, tokenizer, layout, device)
+    policy = model if ranks.world > 1 and dims.pp == 1 else None  # its expert shards, where the engine's are alike
+    engine = setup.build_engine(job, placed.engine_model, tokenizer, layout, device, policy)
     if ranks.world > 1:  # the engine's copy was allocated empty
         setup.sync_weights(engine, model, run_dir, ranks)
     # the policy's weights came with it; the rest of the train state (none in a converted checkpoint) now

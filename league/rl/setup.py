@@ -333,10 +333,12 @@ def build_engine(
     tokenizer,
     layout: EngineLayout | None = None,
     device: torch.device | None = None,
+    policy: Transformer | None = None,
 ):
     """The rollout engine: a client of ``--rollout-engine``, or an engine on ``model`` (the policy itself in one
     process; across ranks a copy on the meta device, laid out here over the engine's ranks and allocated on
-    ``device``, for :func:`sync_weights` to fill)."""
+    ``device``, for :func:`sync_weights` to fill). With the sharded ``policy`` (no pipeline stages), expert blocks
+    laid out alike on both sides are read from the policy in place (``parallel.inference.shared_expert_blocks``)."""
     if job.rollout.rollout_engine:
         from league.engine.client import EngineClient
 
@@ -349,7 +351,12 @@ def build_engine(
         from league.parallel.inference import place_engine_model
 
         materialize(place_engine_model(model, layout), device)
-    return LLMEngine(model, config, tokenizer, layout)
+    engine = LLMEngine(model, config, tokenizer, layout)
+    if policy is not None:
+        from league.parallel.inference import shared_expert_blocks
+
+        engine.runner.shared = set(shared_expert_blocks(model, policy, layout))
+    return engine
 
 
 def offloaded_tags(job: JobConfig, engine, model: Transformer) -> set[str]:
@@ -388,7 +395,8 @@ def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None 
     from league.parallel.parallelize import full_parameters, pipeline_parameters
 
     ranks = ranks or Ranks()
-    whole = full_parameters(model)
+    shared = engine.runner.shared if isinstance(engine, LLMEngine) else set()  # read in place: nothing to copy
+    whole = full_parameters(model, shared)
     if ranks.pp_group is not None:
         whole = pipeline_parameters(model, ranks.stage, ranks.pp_size, ranks.pp_group, engine.device)
     if isinstance(engine, LLMEngine):

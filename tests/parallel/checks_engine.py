@@ -162,3 +162,52 @@ def sync_fsdp2_ep2_to_engine_tp2(world: int) -> dict:
             not torch.equal(tensor, dict(build().named_parameters())[name]) for name, tensor in full_parameters(model)
         ),
     }
+
+
+@check(2)
+def engine_ep2_reads_fsdp2_ep2_experts_in_place(world: int) -> dict:
+    """An engine at ep2 beside a trainer at FSDP2 + ep2 (FSDP2's expert unit over one rank): its expert blocks are
+    the trainer's shards, read in place (``shared_expert_blocks``), so a sync copies only the rest; after a training
+    step and a sync its log-probs equal the trainer's."""
+    from league.parallel.inference import shared_expert_blocks
+
+    ranks, _ = layout(world, ep=2)
+    model, _ = sharded_policy(world, ep=2)
+    trainer = Trainer(
+        model,
+        TrainConfig(global_batch_size=GBS, max_tokens_per_gpu=4096, recompute=False),
+        AlgorithmConfig(eps_clip_high=0.28, enable_mtp_training=True),
+        OptimConfig(lr=1e-2, adam_eps=1e-3),
+        total_steps=2,
+        numerics=Numerics("batch_invariant"),
+        group=ranks.data_group,
+        shard_group=ranks.group,
+    )
+    engine_layout = make_engine_layout(ARGS, 1, 2, "cpu")
+    engine_model = place_engine_model(build(seed=9), engine_layout)
+    config = EngineConfig(numerics="batch_invariant", ep_size=2, max_running_requests=8, context_length=64)
+    engine = LLMEngine(engine_model, config, layout=engine_layout)
+    engine.runner.shared = set(shared_expert_blocks(engine_model, model, engine_layout))
+    setup.sync_weights(engine, model, None, ranks)
+    trainer.train(ranks.step_share(make_samples(GBS, ARGS.vocab_size, seed=5), GBS))
+    setup.sync_weights(engine, model, None, ranks)
+    trained = dict(model.named_parameters())
+    same_storage = all(
+        p.data_ptr() == trained[n].to_local().data_ptr()
+        for n, p in engine_model.named_parameters()
+        if n in engine.runner.shared
+    )
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    samples = [
+        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, index=i)
+        for i, o in enumerate(outs)
+    ]
+    engine_lp = torch.tensor([lp for o in outs for lp in o.output_logprobs], dtype=torch.float64)
+    trainer_lp = torch.cat(trainer.compute_logprobs(samples)).double()
+    experts = {n for n, _ in engine_model.named_parameters() if ".experts." in n}
+    return {
+        "shared": sorted(engine.runner.shared),
+        "all_experts_shared": engine.runner.shared == experts and bool(experts),
+        "same_storage_after_step": same_storage,
+        "max_engine_trainer_diff": float((engine_lp - trainer_lp).abs().max()),
+    }

@@ -39,3 +39,10 @@ def test_sync_from_fsdp2_ep2_trainer_into_tp2_engine(world2):
         assert rank["step_changed_weights"]
         assert rank["tokens_equal_one_process"] and rank["logprobs_equal_one_process"]
         assert rank["max_engine_trainer_diff"] <= 1e-6
+
+
+def test_an_engine_laid_out_as_the_trainer_reads_its_expert_shards_in_place(world2):
+    for rank in checked(world2, "engine_ep2_reads_fsdp2_ep2_experts_in_place"):
+        assert rank["all_experts_shared"], rank["shared"]
+        assert rank["same_storage_after_step"]  # still the trainer's tensors after its optimizer step
+        assert rank["max_engine_trainer_diff"] <= 1e-6

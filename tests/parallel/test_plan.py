@@ -177,14 +177,27 @@ def test_dry_run_prints_the_plan_of_the_35b_recipe_at_8_ranks():
         return next(line for line in lines if words in line)
 
     assert "8.27  4.438B elements: 4.127B of routed experts (32 of 256 a layer)" in line("parameters, FSDP2 shards")
-    # the recipe's engine spans the 8 ranks with its experts split 8 ways: each holds the dense part and 32 experts
-    # of every layer (35.51B - 33.02B dense, 33.02B / 8 experts: 6.617B elements in bf16)
-    engine = "12.32  this rank's part of an engine over 8 ranks (heads over tp 1, experts over ep 8)"
+    # the recipe's engine spans the 8 ranks with its experts split 8 ways, as the trainer's: its 32 experts of every
+    # layer are the trainer's shards, so each rank adds the dense part alone (35.51B - 33.02B = 2.487B in bf16)
+    engine = "4.63  this rank's part of an engine over 8 ranks (heads over tp 1, experts over ep 8); its experts are"
     assert engine in line("GPU  engine weights")
     assert "66.13  16 B an element of the rank's shards" in line("host optimizer")
     assert "host: the optimizer of a node of 8 ranks: 529.08 GiB" in plan
-    assert "H200 141GB, 139 GiB usable: training fits (peak 95.75 GiB with 256 cache slots); start-up 144.59" in plan
-    assert "H100 80GB, 78 GiB usable: training does not fit (peak 78.50 GiB with 153 cache slots" in plan
+    assert "H200 141GB, 139 GiB usable: training fits (peak 88.06 GiB with 256 cache slots); start-up 136.90" in plan
+    assert "H100 80GB, 78 GiB usable: training does not fit (peak 78.51 GiB with 199 cache slots" in plan
+
+
+def test_an_engine_laid_out_as_the_trainer_adds_no_experts():
+    """At ep 4 over 4 ranks (FSDP2's expert unit over one rank) an engine at ep 4 reads the trainer's expert shards:
+    its part is the rest of the model; at ep 2 (experts split over 2 edp ranks by FSDP2) it holds its own blocks."""
+    with torch.device("meta"):
+        params = dict(Transformer(UNEVEN).named_parameters())
+    dense = sum(p.numel() for n, p in params.items() if ".experts." not in n)
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    alike = plan_memory(UNEVEN, ParallelConfig(ep=4).resolve(4), settings(engine_ep=4))
+    assert alike.replica == dense * 4
+    apart = plan_memory(UNEVEN, ParallelConfig(ep=2).resolve(4), settings(engine_ep=2))
+    assert apart.replica == (dense + experts // 2) * 4
 
 
 @pytest.mark.parametrize(("tp", "ep"), [(1, 1), (1, 2), (2, 1), (2, 2)])
