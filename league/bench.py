@@ -118,7 +118,13 @@ def bench_model(
     directly, never whole)."""
     from league.checkpoint.hf import meta_model, resolve_device_dtype
     from league.models.qwen3_5_moe.presets import PRESETS, with_num_layers
-    from league.parallel.inference import laid_out_model, make_engine_layout, place_engine_model, serving_sizes
+    from league.parallel.inference import (
+        SERVE_FLAGS,
+        laid_out_model,
+        make_engine_layout,
+        place_engine_model,
+        resolve_engine_sizes,
+    )
 
     if (model_dir is None) == (preset is None):
         raise ValueError("give exactly one of --model (a checkpoint folder) and --preset (random weights)")
@@ -140,7 +146,7 @@ def bench_model(
     if world == 1:
         check_fits(args, torch_device, torch_dtype)
         return random_model(args, str(torch_device), torch_dtype).eval(), EngineLayout()
-    tp, ep = serving_sizes(tp, ep, world)
+    tp, ep = resolve_engine_sizes(None, tp, ep, world, SERVE_FLAGS)
     layout = make_engine_layout(args, tp, ep, torch_device.type)
     model = place_engine_model(meta_model(args, torch_dtype), layout).to_empty(device=torch_device)
     return fill_random(model).eval(), layout

@@ -23,6 +23,8 @@ SGLANG = (
     "--sglang-speculative-num-draft-tokens 3 --sglang-max-running-requests 256"
 ).split()
 GRAPH_SIZES = [1, 2, 4, 8, *range(16, 129, 8)]
+ONE_RANK = ("--ep", "1", "--rollout-num-gpus-per-engine", "1", "--sglang-ep-size", "1")
+"""The recipe brought to one process: its trainer's EP8 and its engine over 8 ranks set back to one rank."""
 
 
 def dry_run(*args: str):
@@ -74,7 +76,7 @@ def test_the_reference_lists_resolve_into_the_config(lists):
     ],
 )
 def test_an_engine_layout_the_ranks_cannot_hold_is_refused_by_name(args, message):
-    result, config = dry_run("--ep", "1", *args)
+    result, config = dry_run(*ONE_RANK, *args)
     assert config is not None and result.exit_code == 1 and message in result.stderr
 
 
@@ -123,7 +125,7 @@ MODEL = (
 def test_the_reference_model_arguments_agree_with_the_architecture():
     """The reference's model file, as it is, passes the checks against the policy's architecture (here the preset
     its checkpoint is planned from); all lists together reach the run's own start-up error."""
-    result, config = dry_run("--ep", "1", *MODEL)
+    result, config = dry_run(*ONE_RANK, *MODEL)
     # the checks pass; what stops this machine's dry run is the checkpoint it does not have
     assert config is not None and "`--hf-checkpoint`" in result.stderr and "no such folder" in result.stderr
     arch = config["architecture"]
@@ -151,7 +153,7 @@ def test_the_reference_model_arguments_agree_with_the_architecture():
     ],
 )
 def test_a_model_argument_that_differs_is_named_with_both_values(args, message):
-    result, config = dry_run("--ep", "1", *args)
+    result, config = dry_run(*ONE_RANK, *args)
     assert result.exit_code == 1 and message in result.stderr, result.stderr
 
 
@@ -184,9 +186,9 @@ def test_serve_and_generate_take_sglangs_launch_names(tmp_path):
 
 
 def test_the_reference_optimizer_flags():
-    result, config = dry_run("--ep", "1", "--optimizer-cpu-offload", "--use-precision-aware-optimizer")
+    result, config = dry_run(*ONE_RANK, "--optimizer-cpu-offload", "--use-precision-aware-optimizer")
     assert config["optim"]["optimizer_cpu_offload"] is True and config["optim"]["use_precision_aware_optimizer"] is True
     assert "no such folder" in result.stderr  # the checks pass; this machine lacks the checkpoint
-    result, config = dry_run("--ep", "1", "--overlap-cpu-optimizer-d2h-h2d")
+    result, config = dry_run(*ONE_RANK, "--overlap-cpu-optimizer-d2h-h2d")
     assert config["optim"]["overlap_cpu_optimizer_d2h_h2d"] is True
     assert result.exit_code == 1 and "`--overlap-cpu-optimizer-d2h-h2d` is not available yet" in result.stderr

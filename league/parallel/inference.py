@@ -61,25 +61,39 @@ def check_engine_layout(args: ModelArgs, tp: int, ep: int) -> int:
     return large
 
 
-def resolve_engine_sizes(gpus_per_engine: int, tp: int, ep: int, world: int) -> tuple[int, int]:
-    """The engine's ``(tp, ep)`` for ``--rollout-num-gpus-per-engine`` ``gpus_per_engine`` over ``world`` ranks:
-    as given when the larger of them is the engine's size (or the engine's size is left at 1); an engine of several
-    ranks with neither set splits its heads over all of them (SGLang's engine is tensor-parallel over its GPUs). A
-    ValueError naming the flags otherwise, or when the ranks do not split into such engines."""
-    if gpus_per_engine > 1 and tp == ep == 1:
-        tp = gpus_per_engine
-    size = max(tp, ep)
-    if gpus_per_engine not in (1, size):
+TRAIN_FLAGS = ("`--sglang-tp-size`", "`--sglang-ep-size`")
+"""How ``league train`` names the engine's sizes (the reference's spelling)."""
+SERVE_FLAGS = ("`--tp-size`", "`--ep-size`")
+"""How ``league serve`` / ``generate`` / ``bench`` name them (SGLang's)."""
+
+
+def resolve_engine_sizes(
+    gpus_per_engine: int | None, tp: int, ep: int, world: int, flags: tuple[str, str] = TRAIN_FLAGS
+) -> tuple[int, int]:
+    """The engine's ``(tp, ep)``: as given when the larger of them is the engine's size; an engine of several ranks
+    with neither set splits its heads over all of them (SGLang's engine is tensor-parallel over its GPUs). The
+    engine's size is ``gpus_per_engine`` (``--rollout-num-gpus-per-engine``; 1 leaves it to ``tp`` and ``ep``) and
+    the ``world`` ranks form engines of that size; None: one engine over all ``world`` processes (``league serve``,
+    ``generate``, ``bench``). A ValueError naming the ``flags`` otherwise."""
+    size = world if gpus_per_engine is None else gpus_per_engine
+    if size > 1 and tp == ep == 1:
+        tp = size
+    tp_flag, ep_flag = flags
+    if gpus_per_engine is None and max(tp, ep) != world:
         raise ValueError(
-            f"`--rollout-num-gpus-per-engine` {gpus_per_engine} with the engine's `--sglang-tp-size` {tp} and "
-            f"`--sglang-ep-size` {ep}: an engine spans the larger of the two; make it {gpus_per_engine} (or leave "
-            "both at 1: the heads are split over the engine's GPUs)"
+            f"{tp_flag} {tp} / {ep_flag} {ep} ask for an engine over {max(tp, ep)} ranks, but {world} processes "
+            f"were started; start {max(tp, ep)} (`--nproc-per-node {max(tp, ep)}` or torchrun)"
         )
-    if world % size:
+    if size not in (1, max(tp, ep)):
         raise ValueError(
-            f"an engine over {size} ranks (`--rollout-num-gpus-per-engine` {gpus_per_engine}, `--sglang-tp-size` "
-            f"{tp}, `--sglang-ep-size` {ep}) needs a multiple of {size} ranks; the run has {world} "
-            "(`--nproc-per-node`)"
+            f"`--rollout-num-gpus-per-engine` {size} with the engine's {tp_flag} {tp} and {ep_flag} {ep}: an engine "
+            f"spans the larger of the two; make it {size} (or leave both at 1: the heads are split over the engine's "
+            "GPUs)"
+        )
+    if world % max(tp, ep):
+        raise ValueError(
+            f"an engine over {max(tp, ep)} ranks (`--rollout-num-gpus-per-engine` {size}, {tp_flag} {tp}, {ep_flag} "
+            f"{ep}) needs a multiple of {max(tp, ep)} ranks; the run has {world} (`--nproc-per-node`)"
         )
     return tp, ep
 
@@ -296,20 +310,6 @@ def sum_in_expert_order(y_TAD: torch.Tensor, experts_TA: torch.Tensor) -> torch.
     return total_TD
 
 
-def serving_sizes(tp: int, ep: int, world: int) -> tuple[int, int]:
-    """The ``(tp, ep)`` of an engine over all ``world`` processes of ``league serve`` / ``generate`` / ``bench``:
-    as given when the larger is ``world``; with neither given, the heads split over all of them (SGLang's
-    ``--tp-size`` is its GPU count). A ValueError naming the flags otherwise."""
-    if world > 1 and tp == ep == 1:
-        tp = world
-    if max(tp, ep) != world:
-        raise ValueError(
-            f"`--tp-size` {tp} / `--ep-size` {ep} ask for an engine over {max(tp, ep)} ranks, but {world} processes "
-            f"were started; start {max(tp, ep)} (`--nproc-per-node {max(tp, ep)}` or torchrun)"
-        )
-    return tp, ep
-
-
 def laid_out_model(model_dir, device: torch.device, dtype: torch.dtype, tp: int, ep: int, world: int):
     """A checkpoint folder's model for an engine over ``world`` processes (every one calls it together): this rank's
     part of it on ``device`` (read whole into host memory, then laid out), its :class:`EngineLayout` and ``(tp,
@@ -318,7 +318,7 @@ def laid_out_model(model_dir, device: torch.device, dtype: torch.dtype, tp: int,
 
     if world == 1:
         return load_model(model_dir, device, dtype).eval(), EngineLayout(), (tp, ep)
-    tp, ep = serving_sizes(tp, ep, world)
+    tp, ep = resolve_engine_sizes(None, tp, ep, world, SERVE_FLAGS)
     model = load_model(model_dir, torch.device("cpu"), dtype).eval()
     layout = make_engine_layout(model.args, tp, ep, device.type)
     return place_engine_model(model, layout).to(device), layout, (tp, ep)
