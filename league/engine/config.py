@@ -68,7 +68,7 @@ class EngineConfig:
     tp_size: int = 1
     """Ranks the engine splits its attention and GDN heads over (SGLang's ``--tp-size``); each gathers the heads'
     outputs and projects them whole (``parallel.inference``). An engine spans max(tp_size, ep_size) ranks, started
-    by ``--nproc-per-node`` or torchrun."""
+    by --nproc-per-node or torchrun."""
     ep_size: int = 1
     """Ranks the engine splits its routed experts over (SGLang's ``--ep-size``), each holding a block of them; the
     smaller of tp_size and ep_size divides the larger."""
