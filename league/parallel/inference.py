@@ -312,16 +312,22 @@ def sum_in_expert_order(y_TAD: torch.Tensor, experts_TA: torch.Tensor) -> torch.
 
 def laid_out_model(model_dir, device: torch.device, dtype: torch.dtype, tp: int, ep: int, world: int):
     """A checkpoint folder's model for an engine over ``world`` processes (every one calls it together): this rank's
-    part of it on ``device`` (read whole into host memory, then laid out), its :class:`EngineLayout` and ``(tp,
-    ep)``. One process: the whole model, one-process layout."""
-    from league.checkpoint.hf import load_model
+    part of it on ``device`` (laid out on the meta device, allocated, and filled tensor by tensor from the folder,
+    each rank keeping its part: the whole model is never held), its :class:`EngineLayout` and ``(tp, ep)``. One
+    process: the whole model, one-process layout."""
+    from league.checkpoint.hf import load_hf_weights, load_model, meta_model, parse_dtype
+    from league.ops.rope import rope_inv_freq
 
     if world == 1:
         return load_model(model_dir, device, dtype).eval(), EngineLayout(), (tp, ep)
     tp, ep = resolve_engine_sizes(None, tp, ep, world, SERVE_FLAGS)
-    model = load_model(model_dir, torch.device("cpu"), dtype).eval()
-    layout = make_engine_layout(model.args, tp, ep, device.type)
-    return place_engine_model(model, layout).to(device), layout, (tp, ep)
+    args = ModelArgs.from_dir(model_dir)
+    layout = make_engine_layout(args, tp, ep, device.type)
+    model = place_engine_model(meta_model(args, parse_dtype(dtype or args.dtype)), layout).to_empty(device=device)
+    with torch.no_grad():
+        model.inv_freq.copy_(rope_inv_freq(args.rotary_dim, args.rope_theta))
+    load_hf_weights(model, model_dir, layout=layout)
+    return model.eval(), layout, (tp, ep)
 
 
 def shared_expert_blocks(engine_model: Transformer, policy: nn.Module, layout: EngineLayout) -> list[str]:
