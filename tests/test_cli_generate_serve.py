@@ -3,8 +3,6 @@ log-probs equal to ``league score``, speculative flags, JSONL input, bad input, 
 
 import json
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,11 +11,11 @@ from typer.testing import CliRunner
 
 from league.checkpoint.hf import load_model
 from league.cli import app
-from league.engine.client import EngineClient
 from league.engine.config import EngineConfig
 from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
 from league.engine.server import EngineServer
+from tests.engine.servers import league_serve
 
 runner = CliRunner()
 
@@ -111,35 +109,8 @@ def test_generate_bad_input(tiny_dir, args, message):
 
 
 def test_league_serve_process_answers_like_the_engine(tiny_dir):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "league.cli",
-            "serve",
-            "--model",
-            str(tiny_dir),
-            "--port",
-            "0",
-            "--context-length",
-            "64",
-            "--device",
-            "cpu",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        line = ""
-        for _ in range(200):
-            line = proc.stdout.readline()
-            if "league serve:" in line or not line:
-                break
-        assert "league serve:" in line, line
-        url = line.strip().rsplit(" on ", 1)[1]
-        client = EngineClient(url, timeout=120)
-        client.wait_until_healthy(30)
+    args = ["--model", str(tiny_dir), "--port", "0", "--context-length", "64", "--device", "cpu"]
+    with league_serve(args) as (_, client):
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 80, (int(n),), generator=gen).tolist() for n in torch.randint(2, 12, (64,))]
         params = [
@@ -149,9 +120,6 @@ def test_league_serve_process_answers_like_the_engine(tiny_dir):
         engine = LLMEngine(load_model(tiny_dir), EngineConfig(max_running_requests=64, context_length=64))
         expected = engine.generate(prompts, params)
         assert [o.output_ids for o in outs] == [o.output_ids for o in expected]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_serve_on_a_port_in_use_or_a_bad_host_is_one_error_line(tiny_dir):

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from league.checkpoint.hf import load_model
 from league.checkpoint.init import init_checkpoint
 from league.cli import app
-from league.engine.client import EngineClient
 from league.engine.config import EngineConfig
 from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
+from tests.engine.servers import league_serve
 
 EXACT = ["--numerics", "batch_invariant", "--device", "cpu", "--context-length", "64"]
 
@@ -47,18 +47,9 @@ def test_generate_over_two_processes_equals_one_process(checkpoints, tmp_path):
 
 def test_serve_over_two_processes_answers_as_one_process(checkpoints):
     first, second = checkpoints
-    command = [sys.executable, "-m", "league", "serve", "--model", str(first), "--port", "0", *EXACT]
-    command += ["--nproc-per-node", "2", "--ep-size", "2", "--tp-size", "2", "--max-running-requests", "16"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        for _ in range(400):
-            line = proc.stdout.readline()
-            if "league serve:" in line or not line:
-                break
-        assert "league serve:" in line and "over 2 processes" in line, line
-        client = EngineClient(line.strip().rsplit(" on ", 1)[1].split(" ")[0], timeout=120)
-        client.wait_until_healthy(60)
+    args = ["--model", str(first), "--port", "0", *EXACT, "--nproc-per-node", "2", "--ep-size", "2", "--tp-size", "2"]
+    with league_serve([*args, "--max-running-requests", "16"]) as (proc, client):
+        assert "over 2 processes" in proc.start_line
         prompts = [[5 + i, 6, 7 + 2 * i][: 2 + i % 2] for i in range(8)]
         params = [
             SamplingParams(max_new_tokens=6, temperature=[0.0, 1.0][i % 2], seed=i, ignore_eos=True) for i in range(8)
@@ -81,11 +72,10 @@ def test_serve_over_two_processes_answers_as_one_process(checkpoints):
         client._request("POST", "/release_memory_occupation", {})  # every rank's caches and weights
         client._request("POST", "/resume_memory_occupation", {})
         assert served() == expected(first)
-    finally:
-        proc.terminate()  # torchrun's: it passes the signal to the ranks; the leading one stops the other
-        out, _ = proc.communicate(timeout=60)
-    # torchrun reports the signal with its own traceback; no rank failed, and none is left
-    assert not [line for line in out.splitlines() if line.strip().startswith("File") and "/league/" in line], out
+    # a SIGTERM to torchrun reaches the ranks; the leading one stops the other. torchrun reports the signal with its
+    # own traceback; no rank failed, and none is left
+    lines = proc.output.splitlines()
+    assert not [line for line in lines if line.strip().startswith("File") and "/league/" in line], proc.output
     assert not running(str(first))
 
 

@@ -4,8 +4,6 @@
 a sequence equal the trainer's."""
 
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from league.checkpoint.init import init_checkpoint
 from league.engine.client import EngineClient
 from league.models.qwen3_5_moe import ForwardBatch
 from league.ops.logprob import token_logprobs
+from tests.engine.servers import league_serve
 
 SEQUENCE = [5, 9, 14, 3, 22, 7, 31, 8, 2, 40]
 
@@ -22,22 +21,9 @@ SEQUENCE = [5, 9, 14, 3, 22, 7, 31, 8, 2, 40]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = init_checkpoint("tiny", tmp_path_factory.mktemp("start") / "tiny", seed=1)
-    command = [sys.executable, "-m", "league.cli", "serve", "--model", str(folder), "--port", "0"]
-    command += ["--context-length", "64", "--device", "cpu", "--dtype", "float32"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        for _ in range(200):
-            line = proc.stdout.readline()
-            if "league serve:" in line or not line:
-                break
-        assert "league serve:" in line, line
-        client = EngineClient(line.strip().rsplit(" on ", 1)[1], timeout=120)
-        client.wait_until_healthy(60)
+    args = ["--model", str(folder), "--port", "0", "--context-length", "64", "--device", "cpu", "--dtype", "float32"]
+    with league_serve(args) as (_, client):
         yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def trainer_model(tmp_path, seed: int):

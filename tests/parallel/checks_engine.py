@@ -113,37 +113,55 @@ def engine_dp2_tp2_ep2(world: int) -> dict:
     return engine_equals_one_process(tp=2, ep=2)
 
 
-@check(2)
-def sync_fsdp2_ep2_to_engine_tp2(world: int) -> dict:
-    """A training step with the policy sharded by FSDP2 over both ranks and its experts over ep2, its weights synced
-    into an engine at tp2 (``setup.sync_weights``): the engine's greedy tokens' log-probs against the trainer's for
-    the same tokens, and against a one-process engine loaded with the same whole weights (bitwise)."""
+def stepped_trainer(world: int):
+    """A trainer of the policy sharded by FSDP2 over both ranks with its experts over ep2 (batch-invariant numerics),
+    before its step; and the ranks."""
     ranks, _ = layout(world, ep=2)
-    model, ref = sharded_policy(world, ep=2)
-    numerics = Numerics("batch_invariant")
+    model, _ = sharded_policy(world, ep=2)
     trainer = Trainer(
         model,
         TrainConfig(global_batch_size=GBS, max_tokens_per_gpu=4096, recompute=False),
         AlgorithmConfig(eps_clip_high=0.28, enable_mtp_training=True),
         OptimConfig(lr=1e-2, adam_eps=1e-3),
         total_steps=2,
-        numerics=numerics,
+        numerics=Numerics("batch_invariant"),
         group=ranks.data_group,
         shard_group=ranks.group,
     )
+    return trainer, ranks
+
+
+def step(trainer: Trainer, ranks) -> None:
     trainer.train(ranks.step_share(make_samples(GBS, ARGS.vocab_size, seed=5), GBS))
+
+
+def greedy_against_trainer(engine: LLMEngine, trainer: Trainer) -> tuple[list, float]:
+    """The engine's greedy outputs of ``PROMPTS`` and the largest difference between their log-probs and the
+    trainer's for the same tokens."""
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    samples = [
+        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, index=i)
+        for i, o in enumerate(outs)
+    ]
+    engine_lp = torch.tensor([lp for o in outs for lp in o.output_logprobs], dtype=torch.float64)
+    trainer_lp = torch.cat(trainer.compute_logprobs(samples)).double()
+    return outs, float((engine_lp - trainer_lp).abs().max())
+
+
+@check(2)
+def sync_fsdp2_ep2_to_engine_tp2(world: int) -> dict:
+    """A training step with the policy sharded by FSDP2 over both ranks and its experts over ep2, its weights synced
+    into an engine at tp2 (``setup.sync_weights``): the engine's greedy tokens' log-probs against the trainer's for
+    the same tokens, and against a one-process engine loaded with the same whole weights (bitwise)."""
+    trainer, ranks = stepped_trainer(world)
+    model = trainer.model
+    step(trainer, ranks)
     engine_layout = make_engine_layout(ARGS, 2, 1, "cpu")
     engine_model = place_engine_model(build(seed=9), engine_layout)  # other weights: the sync must replace them
     config = EngineConfig(numerics="batch_invariant", tp_size=2, max_running_requests=8, context_length=64)
     engine = LLMEngine(engine_model, config, layout=engine_layout)
     setup.sync_weights(engine, model, None, ranks)
-    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    outs = engine.generate(PROMPTS, greedy)
-    samples = [
-        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, index=i)
-        for i, o in enumerate(outs)
-    ]
-    trained = trainer.compute_logprobs(samples)
+    outs, diff = greedy_against_trainer(engine, trainer)
     # one process: an engine on the whole trained weights
     whole = copy.deepcopy(build())
     with torch.no_grad():
@@ -151,11 +169,9 @@ def sync_fsdp2_ep2_to_engine_tp2(world: int) -> dict:
         for name, tensor in full_parameters(model):
             params[name].copy_(tensor)
     single = LLMEngine(whole, EngineConfig(numerics="batch_invariant", max_running_requests=8, context_length=64))
-    single_outs = single.generate(PROMPTS, greedy)
-    engine_lp = torch.tensor([lp for o in outs for lp in o.output_logprobs], dtype=torch.float64)
-    trainer_lp = torch.cat(trained).double()
+    single_outs = single.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
     return {
-        "max_engine_trainer_diff": float((engine_lp - trainer_lp).abs().max()),
+        "max_engine_trainer_diff": diff,
         "tokens_equal_one_process": [o.output_ids for o in outs] == [o.output_ids for o in single_outs],
         "logprobs_equal_one_process": [o.output_logprobs for o in outs] == [o.output_logprobs for o in single_outs],
         "step_changed_weights": any(
@@ -171,43 +187,23 @@ def engine_ep2_reads_fsdp2_ep2_experts_in_place(world: int) -> dict:
     step and a sync its log-probs equal the trainer's."""
     from league.parallel.inference import shared_expert_blocks
 
-    ranks, _ = layout(world, ep=2)
-    model, _ = sharded_policy(world, ep=2)
-    trainer = Trainer(
-        model,
-        TrainConfig(global_batch_size=GBS, max_tokens_per_gpu=4096, recompute=False),
-        AlgorithmConfig(eps_clip_high=0.28, enable_mtp_training=True),
-        OptimConfig(lr=1e-2, adam_eps=1e-3),
-        total_steps=2,
-        numerics=Numerics("batch_invariant"),
-        group=ranks.data_group,
-        shard_group=ranks.group,
-    )
+    trainer, ranks = stepped_trainer(world)
+    model = trainer.model
     engine_layout = make_engine_layout(ARGS, 1, 2, "cpu")
     engine_model = place_engine_model(build(seed=9), engine_layout)
     config = EngineConfig(numerics="batch_invariant", ep_size=2, max_running_requests=8, context_length=64)
     engine = LLMEngine(engine_model, config, layout=engine_layout)
     engine.runner.shared = set(shared_expert_blocks(engine_model, model, engine_layout))
     setup.sync_weights(engine, model, None, ranks)
-    trainer.train(ranks.step_share(make_samples(GBS, ARGS.vocab_size, seed=5), GBS))
+    step(trainer, ranks)
     setup.sync_weights(engine, model, None, ranks)
     trained = dict(model.named_parameters())
-    same_storage = all(
-        p.data_ptr() == trained[n].to_local().data_ptr()
-        for n, p in engine_model.named_parameters()
-        if n in engine.runner.shared
-    )
-    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
-    samples = [
-        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, index=i)
-        for i, o in enumerate(outs)
-    ]
-    engine_lp = torch.tensor([lp for o in outs for lp in o.output_logprobs], dtype=torch.float64)
-    trainer_lp = torch.cat(trainer.compute_logprobs(samples)).double()
+    shared = [(p, trained[n]) for n, p in engine_model.named_parameters() if n in engine.runner.shared]
+    _, diff = greedy_against_trainer(engine, trainer)
     experts = {n for n, _ in engine_model.named_parameters() if ".experts." in n}
     return {
         "shared": sorted(engine.runner.shared),
         "all_experts_shared": engine.runner.shared == experts and bool(experts),
-        "same_storage_after_step": same_storage,
-        "max_engine_trainer_diff": float((engine_lp - trainer_lp).abs().max()),
+        "same_storage_after_step": all(p.data_ptr() == t.to_local().data_ptr() for p, t in shared),
+        "max_engine_trainer_diff": diff,
     }
