@@ -24,6 +24,25 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def write_record(name: str, device: torch.device, opts, dtype: torch.dtype, results) -> None:
+    """``opts.out`` as a benchmark record: the benchmark, the device, versions, the commit, the settings (the
+    script's options and ``dtype``) and ``results``."""
+    import json
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {
+        "benchmark": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": versions(),
+        "commit": commit,
+        "settings": vars(opts) | {"out": str(opts.out), "dtype": str(dtype)},
+        "results": results,
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(record, indent=1))
+
+
 def _version(name: str) -> str | None:
     try:
         return getattr(__import__(name), "__version__", "unknown")

@@ -15,13 +15,11 @@ tokens as before. Writes ``benchmarks/results/memory_release_gpu.json``.
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-from common import versions
+from common import write_record
 
 from league.bench import random_model
 from league.engine.config import EngineConfig
@@ -91,17 +89,7 @@ def main() -> None:
             }
         )
         print(json.dumps(results[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {
-        "benchmark": "memory_release_gpu",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": versions(),
-        "commit": commit,
-        "settings": vars(opts) | {"out": str(opts.out), "dtype": str(dtype)},
-        "results": results,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(record, indent=1))
+    write_record("memory_release_gpu", device, opts, dtype, results)
 
 
 if __name__ == "__main__":
