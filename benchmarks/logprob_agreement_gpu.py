@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from common import random_model, rel_err, teacher_forced_batches, widen
 
 import league
+from league.engine.cache import allocate_cache
 from league.engine.config import EngineConfig
 from league.engine.engine import LLMEngine
 from league.engine.request import SamplingParams
@@ -153,15 +154,24 @@ def trainer_pass(trainer: Trainer, samples: list[Sample]) -> tuple[list[torch.Te
 
 
 @torch.no_grad()
+def slot_cache(engine: LLMEngine, num_slots: int):
+    """A cache of ``num_slots`` slots laid out by slot, each of the engine's context, in the engine's dtypes (the
+    engine's own is paged, its blocks handed out by its scheduler)."""
+    runner = engine.runner
+    return allocate_cache(
+        runner.cache_args, num_slots, runner.slot_len, runner.dtype, runner.device, state_dtype=runner.state_dtype
+    )
+
+
 def prefill_pass(engine: LLMEngine, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The engine's forward over each whole sequence from a fresh cache slot, and its head's response log-probs;
     also the final hidden states at the positions that predict the response tokens, ``[R_i, D]``."""
     model, device = engine.model, engine.device
-    logprobs, hidden = [], []
+    logprobs, hidden, cache = [], [], slot_cache(engine, 1)
     for s in samples:
         tokens = torch.tensor(s.prompt_ids + s.response_ids, device=device)
         batch = ForwardBatch.packed([len(tokens)], device=device, cache_lens=[0], slots=[0], numerics=engine.numerics)
-        hidden_RD = model(tokens, batch, engine.runner.cache)[len(s.prompt_ids) - 1 : -1]
+        hidden_RD = model(tokens, batch, cache)[len(s.prompt_ids) - 1 : -1]
         logprobs.append(engine_head(model, hidden_RD, tokens[len(s.prompt_ids) :], LOGIT_ROWS))
         hidden.append(hidden_RD)
     return logprobs, hidden
@@ -202,14 +212,15 @@ def teacher_forced_decode(
     model, device = engine.model, engine.device
     prompts = torch.tensor([t for s in seqs for t in s[:prompt_len]], device=device)
     prefill, steps = teacher_forced_batches(len(seqs), prompt_len, len(seqs[0]) - 1, device, engine.numerics)
-    model(prompts, prefill, engine.runner.cache)
+    cache = slot_cache(engine, len(seqs))
+    model(prompts, prefill, cache)
     given = None if inputs_SBD is None else {}
     handles = hook(sublayers(model), outputs, given=given)
     hidden = []
     for step, (p, batch) in enumerate(steps):
         if given is not None:
             given.update({key: x_SBD[step] for key, x_SBD in inputs_SBD.items()})
-        hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, engine.runner.cache))
+        hidden.append(model(torch.tensor([s[p] for s in seqs], device=device), batch, cache))
     for h in handles:
         h.remove()
     return torch.stack(hidden, dim=1)

@@ -261,13 +261,6 @@ def train_command(run: typing.Callable[[JobConfig, bool], None]) -> typing.Calla
     return command
 
 
-SGLANG_PENDING = {
-    "mamba_scheduler_strategy": "the engine's prefix cache, which its GDN state snapshots serve, is not built yet; "
-    "leave it out (league reuses nothing across requests, as `no_buffer` without a cache)",
-}
-"""SGLang engine options (``--sglang-<name>``) that league will implement, and why they are refused now."""
-
-
 def reference_argv(args: list[str], engine_fields: set[str], list_options: set[str]) -> list[str]:
     """A command line in the reference system's spelling, as league's parser takes it: ``--sglang-<name>`` becomes
     league's engine option ``--<name>`` (a ValueError names an SGLang option league's engine does not have), and a
@@ -281,8 +274,6 @@ def reference_argv(args: list[str], engine_fields: set[str], list_options: set[s
         if token.startswith("--sglang-"):
             name, eq, value = token[len("--sglang-") :].partition("=")
             key = name.replace("-", "_")
-            if key in SGLANG_PENDING:
-                raise ValueError(f"`{token}` is not supported yet: {SGLANG_PENDING[key]}")
             if key not in engine_fields:
                 known = ", ".join(f"--sglang-{f.replace('_', '-')}" for f in sorted(engine_fields))
                 raise ValueError(f"`--sglang-{name}`: league's engine has no option `{key}`; it takes {known}")

@@ -20,7 +20,8 @@ SGLANG = (
     "--rollout-num-gpus-per-engine 8 --sglang-mem-fraction-static 0.7 --sglang-ep-size 8 "
     "--sglang-cuda-graph-bs 1 2 4 8 16 24 32 40 48 56 64 72 80 88 96 104 112 120 128 "
     "--sglang-speculative-algorithm EAGLE --sglang-speculative-num-steps 2 --sglang-speculative-eagle-topk 1 "
-    "--sglang-speculative-num-draft-tokens 3 --sglang-max-running-requests 256"
+    "--sglang-speculative-num-draft-tokens 3 --sglang-max-running-requests 256 "
+    "--sglang-mamba-scheduler-strategy extra_buffer"
 ).split()
 GRAPH_SIZES = [1, 2, 4, 8, *range(16, 129, 8)]
 ONE_RANK = ("--ep", "1", "--rollout-num-gpus-per-engine", "1", "--sglang-ep-size", "1")
@@ -51,6 +52,7 @@ def test_the_reference_lists_resolve_into_the_config(lists):
         assert engine["ep_size"] == 8 and engine["max_running_requests"] == 256
         assert engine["speculative_algorithm"] == "EAGLE" and engine["speculative_num_steps"] == 2
         assert engine["speculative_eagle_topk"] == 1 and engine["speculative_num_draft_tokens"] == 3
+        assert engine["mamba_scheduler_strategy"] == "extra_buffer" and engine["disable_radix_cache"] is False
         assert config["rollout"]["rollout_num_gpus_per_engine"] == 8
     # then the run's own start-up error: the recipe's EP8 needs 8 processes
     assert result.exit_code == 1 and "start a multiple of 8 processes" in result.stderr
@@ -84,12 +86,24 @@ def test_an_engine_layout_the_ranks_cannot_hold_is_refused_by_name(args, message
     ("flag", "message"),
     [
         ("--sglang-chunked-prefill-size", "league's engine has no option `chunked_prefill_size`"),
-        ("--sglang-mamba-scheduler-strategy", "is not supported yet: the engine's prefix cache"),
     ],
 )
 def test_sglang_options_league_lacks_are_errors_naming_them(flag, message):
     result = CliRunner().invoke(app, ["train", "--dry-run", flag, "4"])
     assert result.exit_code == 1 and message in result.stderr and flag in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sglang-mamba-scheduler-strategy", "ping_pong"], "`mamba_scheduler_strategy` 'ping_pong'"),
+        (["--sglang-mamba-scheduler-strategy", "no_buffer"], "needs `page_size` 1 (got 16)"),
+        (["--sglang-mamba-track-interval", "100"], "must be a multiple of `page_size` (16)"),
+    ],
+)
+def test_prefix_cache_settings_are_checked_by_name(args, message):
+    result, _ = dry_run(*args)
+    assert result.exit_code != 0 and message in result.output + result.stderr
 
 
 def test_reference_argv():

@@ -157,6 +157,10 @@ class EngineClient:
     def flush_cache(self) -> dict:
         return self._request("POST", "/flush_cache", {})
 
+    def server_info(self) -> dict:
+        """``/get_server_info``: the engine's options and state (``internal_states``: requests, prefix cache)."""
+        return self._request("GET", "/get_server_info")
+
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         url = self.base_url + path
         data = None if body is None else json.dumps(body).encode()
@@ -201,6 +205,8 @@ def _output(result: dict, prompt: list[int], routes_start: int = 0, layers: int 
         text=result.get("text"),
         spec=spec,
         routed_experts=_routes(meta, len(prompt) + len(result["output_ids"]), routes_start, layers),
+        cached_tokens=meta.get("cached_tokens", 0),
+        num_retractions=meta.get("num_retractions", 0),
     )
 
 

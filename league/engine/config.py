@@ -25,9 +25,33 @@ class EngineConfig:
     context_length: int = 4096
     """Prompt plus generated tokens a request may reach (capped by the model's max_position_embeddings)."""
     num_slots: int | None = None
-    """Cache slots to allocate; default: from mem_fraction_static on a GPU, max_running_requests on CPU."""
+    """State slots of running requests (GDN states and a row of the block table each); default:
+    max_running_requests."""
     mem_fraction_static: float = 0.7
-    """Fraction of GPU memory for weights plus cache slots."""
+    """Fraction of GPU memory for weights plus caches (on a GPU, the KV pool takes what the weights and the GDN
+    states leave)."""
+    page_size: int = 16
+    """Positions per block of the paged KV cache (attention keys and values, trunk and MTP, and routed experts)."""
+    max_total_tokens: int | None = None
+    """Positions the KV pool holds (rounded up to whole blocks). Default: on a GPU what mem_fraction_static leaves;
+    elsewhere every running request's whole context. Requests reserve blocks as they grow; when none are left the
+    prefix cache is evicted, then the newest requests are preempted (computed again later, their outputs
+    unchanged)."""
+    disable_radix_cache: bool = False
+    """Turn off the prefix cache (a radix tree of cached prompt and output blocks, with GDN state snapshots) by
+    which a request reuses the longest cached prefix it can resume from."""
+    mamba_scheduler_strategy: str = "extra_buffer"
+    """Where the prefix cache keeps GDN state snapshots (a prefix is reusable only up to a snapshot), as SGLang's:
+    ``extra_buffer``: a prompt's prefill stops to snapshot at the last multiple of mamba_track_interval before its
+    last token and where it leaves the cached prefixes (a branch point), and decoding snapshots at every multiple of
+    the interval (without speculation); works with speculation and the overlap schedule. ``no_buffer``: a snapshot
+    at the end of each prompt and of each request only, no extra prefill stops; needs page_size 1 and no
+    speculation."""
+    mamba_track_interval: int = 256
+    """Tokens between GDN snapshots under extra_buffer (a multiple of page_size)."""
+    max_mamba_cache_size: int | None = None
+    """GDN state snapshots the prefix cache may hold (each the size of a running request's states). Default: a
+    quarter of max_running_requests, at least 1 (none with disable_radix_cache)."""
     speculative_algorithm: str | None = None
     """``EAGLE`` or ``NEXTN`` (both: the model's own MTP head) or None."""
     speculative_num_steps: int = 2
@@ -93,6 +117,32 @@ class EngineConfig:
             raise ValueError(f"`speculative_max_batch` must be >= 1, got {self.speculative_max_batch}")
         if self.num_slots is not None:
             check_int("num_slots", self.num_slots, 1)
+        check_int("page_size", self.page_size, 1)
+        check_int("mamba_track_interval", self.mamba_track_interval, 1)
+        for name in ("max_total_tokens", "max_mamba_cache_size"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.mamba_scheduler_strategy not in ("extra_buffer", "no_buffer"):
+            raise ValueError(
+                f"`mamba_scheduler_strategy` {self.mamba_scheduler_strategy!r}: expected extra_buffer or no_buffer"
+            )
+        if self.mamba_track_interval % self.page_size:
+            raise ValueError(
+                f"`mamba_track_interval` ({self.mamba_track_interval}) must be a multiple of `page_size` "
+                f"({self.page_size}): snapshots are taken at block boundaries"
+            )
+        if self.mamba_scheduler_strategy == "no_buffer" and not self.disable_radix_cache:
+            if self.page_size != 1:
+                raise ValueError(
+                    f"`mamba_scheduler_strategy` no_buffer snapshots where prompts and requests end, which needs "
+                    f"`page_size` 1 (got {self.page_size}); use extra_buffer, or page_size 1"
+                )
+            if self.speculative_algorithm is not None:
+                raise ValueError(
+                    "speculative decoding needs `mamba_scheduler_strategy` extra_buffer with the prefix cache "
+                    "(no_buffer snapshots states the MTP layer has not caught up with); use extra_buffer, or "
+                    "disable_radix_cache"
+                )
         check_seed("random_seed", self.random_seed)
         check_int("speculative_num_steps", self.speculative_num_steps, 1)
         check_int("tp_size", self.tp_size, 1)
@@ -123,6 +173,13 @@ class EngineConfig:
                 f"this engine's model is laid out as tp {tp}, ep {ep}"
                 + (f"; start {size} processes (`--nproc-per-node {size}` or torchrun)" if size > max(tp, ep) else "")
             )
+
+    @property
+    def num_snapshots(self) -> int:
+        """Slots of GDN state snapshots the prefix cache holds (``max_mamba_cache_size``)."""
+        if self.disable_radix_cache:
+            return 0
+        return self.max_mamba_cache_size or max(1, self.max_running_requests // 4)
 
     @property
     def num_spec_steps(self) -> int:

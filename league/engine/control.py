@@ -133,6 +133,7 @@ def server_info(server) -> dict:
                 "paused": sorted(worker.holds),
                 "released_memory": sorted(engine.runner.released),
                 "failed_steps": worker.num_failed_steps,
+                **engine.cache_metrics(),
             }
         ],
     }

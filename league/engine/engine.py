@@ -29,7 +29,7 @@ from league.engine.request import (
     ends_by_length,
     finish_reason,
 )
-from league.engine.scheduler import Scheduler
+from league.engine.scheduler import Paging, Scheduler
 from league.models.qwen3_5_moe import Transformer
 from league.ops.logprob import token_logprobs
 from league.ops.numerics import Numerics
@@ -62,17 +62,30 @@ class LLMEngine:
         self.numerics = Numerics(self.config.numerics)
         self.runner = ModelRunner(model, self.config, self.numerics, self.layout)
         self.device, self.dtype, self.context_length = self.runner.device, self.runner.dtype, self.runner.context_length
+        runner = self.runner
+        self.paging = Paging(
+            page_size=runner.page_size,
+            num_blocks=runner.num_blocks,
+            radix=not self.config.disable_radix_cache,
+            strategy=self.config.mamba_scheduler_strategy,
+            track_interval=self.config.mamba_track_interval,
+            snapshot_slots=runner.snapshot_slots,
+        )
         self.scheduler = Scheduler(
-            num_slots=self.runner.num_slots,
+            num_slots=runner.num_slots,
             max_running=self.config.max_running_requests,
             token_budget=self.config.max_num_batched_tokens,
             admission_batch=self.config.admission_batch,
+            paging=self.paging,
+            memory=runner,
         )
         self.eos_ids = set(self.args.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.stats = EngineStats()
         self.in_flight: InFlight | None = None
+        self._pending_snapshots: list[tuple[Request, int, int]] = []
+        """GDN snapshots taken, waiting to enter the prefix cache: (request, length, snapshot slot)."""
         self._seeds = torch.Generator().manual_seed(self.config.random_seed)
         self._ids = itertools.count()
 
@@ -101,6 +114,12 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}")
         if n > self.scheduler.max_running or n > self.scheduler.pool.num_slots:
             raise ValueError(f"n ({n}) exceeds max_running_requests / cache slots ({self.scheduler.max_running})")
+        needed = self.scheduler.admission_blocks(len(prompt_ids), n)
+        if needed > self.paging.num_blocks:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) and n ({n}) need {needed} cache blocks of "
+                f"{self.paging.page_size} tokens; the engine has {self.paging.num_blocks} (max_total_tokens)"
+            )
         base = rid if rid is not None else f"req-{next(self._ids)}"
         seeds = [
             params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
@@ -132,6 +151,9 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.in_flight = None
+        for _, _, slot in self._pending_snapshots:
+            self.scheduler.radix.snapshots.release(slot)
+        self._pending_snapshots = []
         self.scheduler.drop_running()
         return {m.rid for leader in self.scheduler.waiting for m in leader.group}
 
@@ -171,24 +193,42 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if plan.prefill:
                 self._prefill(plan.prefill)
-            decoding = [r for r in self.scheduler.running if r.finish_reason is None and r.pending_token is not None]
+            decoding = [
+                r
+                for r in self.scheduler.running
+                if r.finish_reason is None and r.pending_token is not None and r.prefill_done
+            ]
             limit = self.config.speculative_max_batch
             if decoding and self.runner.spec_step is not None and (limit is None or len(decoding) <= limit):
                 self._decode_speculative(decoding)
             elif decoding or self.in_flight is not None:
                 self._decode(decoding)
-        self.runner.keep_routes(r for r in self.scheduler.running if r.finish_reason is not None)  # slots still held
+        finished = [r for r in self.scheduler.running if r.finish_reason is not None]
+        self.runner.keep_routes(finished)  # slots still held
+        self._cache_finished(finished)
+        self._cache_snapshots()
         return [r.to_output(self._text(r)) for r in self.scheduler.collect_finished()]
 
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
         hidden, batch = self.runner.prefill(chunks)
         self.stats.forward_passes += 1
         self.stats.prefill_passes += 1
-        if any(r.logprob_start_len >= 0 for r, _, _ in chunks):
-            self.runner.prompt_logprobs(chunks, hidden, batch.sequences())
+        self.stats.prefill_tokens += sum(e - s for _, s, e in chunks)
+        asked = [(c, seq) for c, seq in zip(chunks, batch.sequences()) if c[0].logprob_start_len >= 0]
+        asked = [(c, seq) for c, seq in asked if not c[0].resumed]  # a resumed request has its prompt's already
+        if asked:
+            self.runner.prompt_logprobs([c for c, _ in asked], hidden, [seq for _, seq in asked])
         for r, _, e in chunks:
             r.num_prefilled = e
-        finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.prompt_ids)]
+            if e in r.snapshot_points or e == len(r.fill_ids):  # where the prefill stops, or the prompt ends
+                self._snapshot(r, e)
+        finishing = [(r, end) for (r, _, e), (_, _, end) in zip(chunks, batch.sequences()) if e == len(r.fill_ids)]
+        if not finishing:
+            return
+        resumed = [(r, end) for r, end in finishing if r.resumed]
+        for r, end in resumed:  # preempted and prefilled again: its pending token is already drawn
+            self.runner.start_sample(r, r, hidden[end - 1], r.pending_token)
+        finishing = [(r, end) for r, end in finishing if not r.resumed]
         if not finishing:
             return
         logits = self.runner.logits(hidden[[end - 1 for _, end in finishing]])
@@ -198,6 +238,9 @@ class LLMEngine:
                     member.finish_reason = member.finish_reason or "length"
                     continue
                 member.num_prefilled = leader.num_prefilled
+                if member is not leader:
+                    member.cached_tokens = leader.cached_tokens
+                    self.scheduler.share_prompt(leader, member)
                 penalized = sampler.penalized([member], row[None], self.eos_ids)
                 token = int(sampler.sample_batch([member], penalized, [0])[0])
                 self.runner.start_sample(leader, member, hidden[end - 1], token)
@@ -205,23 +248,108 @@ class LLMEngine:
                 tops = sampler.top_pairs([member], sampler.top_tensors([member], row[None]))
                 self._append(member, [token], logprob.tolist(), tops)
 
+    # the prefix cache's GDN snapshots -------------------------------------------------------------------------
+
+    def _snapshot(self, r: Request, length: int) -> int | None:
+        """Copy ``r``'s GDN states (which are after its first ``length`` tokens) into a snapshot slot now (on the
+        device, behind the forward that made them); the prefix cache takes them with ``r``'s first ``length`` tokens
+        once those are all on the host and every MTP row before them is computed (:meth:`_cache_snapshots`). Returns
+        the slot (None: no cache, not at a block boundary, or no slot to be had)."""
+        if self.scheduler.radix is None or length % self.paging.page_size or length == 0:
+            return None
+        slot = self.scheduler.take_snapshot_slot()
+        if slot is not None:
+            self.runner.copy_states(r.slot, [slot])
+            self._pending_snapshots.append((r, length, slot))
+        return slot
+
+    def _cache_snapshots(self) -> None:
+        """Hand the prefix cache the snapshots that are ready (see :meth:`_snapshot`); give back those of requests
+        that ended or lost their blocks first."""
+        waiting = []
+        for r, length, slot in self._pending_snapshots:
+            known = len(r.prompt_ids) + len(r.output_ids) >= length
+            drafted = not r.mtp_tokens or r.mtp_start >= length  # the MTP rows before it are in the cache
+            if r.slot is not None and known and drafted:
+                self.scheduler.cache_prefix(r, length, slot)
+            elif r.slot is None or r.finish_reason is not None:
+                self.scheduler.radix.snapshots.release(slot)
+            else:
+                waiting.append((r, length, slot))
+        self._pending_snapshots = waiting
+
+    def _cache_finished(self, finished: list[Request]) -> None:
+        """A finished request leaves the prefix cache the blocks of every position it ran (whose keys, and MTP
+        rows when speculating, are all computed), so that later requests find where they branch off; under
+        ``no_buffer`` with its GDN states after them."""
+        if self.scheduler.radix is None:
+            return
+        in_flight = {id(r) for r in self.in_flight.reqs} if self.in_flight is not None else set()
+        page = self.paging.page_size
+        for r in finished:
+            if r.slot is None or not r.output_ids or r.finish_reason == "abort" or not r.prefill_done:
+                continue
+            length = r.num_cached + (id(r) in in_flight)  # a step in flight ran its last token too
+            if self.paging.strategy == "no_buffer":
+                self._snapshot(r, length)
+                continue
+            if self.runner.spec_step is not None and r.mtp_tokens:
+                length = min(length, r.mtp_start)
+            self.scheduler.cache_prefix(r, length // page * page, None)
+
+    def _tracks(self) -> bool:
+        """Whether decoding snapshots the GDN states at multiples of the tracking interval (extra_buffer)."""
+        return self.scheduler.radix is not None and self.paging.strategy == "extra_buffer"
+
+    # decoding ----------------------------------------------------------------------------------------------
+
     def _decode(self, reqs: list[Request]) -> None:
         """Decode one token for each of ``reqs``; with the overlap schedule, read back the previous step's tokens
         after this step is launched, and this step's in the next call. In a speculating engine (a step over
         ``speculative_max_batch``), the MTP layer first takes the rows the requests owe and the step is read back at
-        once."""
+        once. Each request's blocks for the new position are reserved first (preempting others if they run out, the
+        step in flight read back first)."""
         previous, self.in_flight = self.in_flight, None
         speculating = self.runner.spec_step is not None
+
+        def settle() -> None:
+            nonlocal previous
+            if previous is not None:
+                self._land(previous)
+                previous = None
+
+        def spans(rs: list[Request]) -> list[tuple[int, int]]:
+            lag = self._lags(rs, previous)
+            return [self._write_span(r, r.num_cached + a, r.num_cached + a + 1) for r, a in zip(rs, lag)]
+
+        reqs = self.scheduler.reserve_or_preempt(reqs, spans(reqs), settle)
         if speculating:
             self.runner.mtp_catch_up(reqs)
         launched = self._launch_decode(reqs, previous)
+        if launched is not None and self._tracks():  # a step ending at a multiple of the interval: its states
+            interval = self.paging.track_interval
+            for r, a in zip(launched.reqs, self._lags(launched.reqs, previous)):
+                if (r.num_cached + a + 1) % interval == 0:
+                    self._snapshot(r, r.num_cached + a + 1)
         if self.config.disable_overlap_schedule or speculating:
             if launched is not None:
                 self._land(launched)
-            return
-        self.in_flight = launched
-        if previous is not None:
-            self._land(previous)
+        else:
+            self.in_flight = launched
+            if previous is not None:
+                self._land(previous)
+
+    @staticmethod
+    def _lags(reqs: list[Request], previous: InFlight | None) -> list[int]:
+        """1 for a request whose last token is still on the device (in ``previous``), else 0."""
+        rows = {id(r) for r in previous.reqs} if previous is not None else set()
+        return [int(id(r) in rows) for r in reqs]
+
+    def _write_span(self, r: Request, start: int, end: int) -> tuple[int, int]:
+        """The positions a step writes for ``r`` (from ``start`` to ``end``), widened to the MTP rows it owes."""
+        if self.runner.spec_step is not None and r.mtp_tokens:
+            start = min(start, r.mtp_start)
+        return start, end
 
     def _launch_decode(self, reqs: list[Request], previous: InFlight | None) -> InFlight | None:
         """Run the decode forward and sampling for ``reqs`` without waiting for the device. A request in the
@@ -270,8 +398,13 @@ class LLMEngine:
                 self._append(r, [token], [logprob], [top])
 
     def _decode_speculative(self, reqs: list[Request]) -> None:
-        num_steps, committed = self.config.num_spec_steps, [r.num_cached for r in reqs]
+        num_steps = self.config.num_spec_steps
+        spans = [self._write_span(r, r.num_cached, r.num_cached + num_steps + 1) for r in reqs]
+        reqs = self.scheduler.reserve_or_preempt(reqs, spans, lambda: None)
+        committed = [r.num_cached for r in reqs]
+        crossing = self._copy_before_crossing(reqs)
         results = self.runner.speculative_step(reqs, self.eos_ids)
+        self._snapshot_crossings(reqs, crossing, committed, [num_accepted for num_accepted, *_ in results])
         self.stats.forward_passes += 1
         self.stats.verify_passes += 1
         for r, start, (num_accepted, emitted, logprobs, tops) in zip(reqs, committed, results):
@@ -286,6 +419,33 @@ class LLMEngine:
             # the next step's MTP rows: this verify's hidden states (kept by the step) with the emitted tokens
             r.mtp_start, r.mtp_tokens = start, emitted
             self._append(r, emitted, logprobs, tops)
+
+    def _copy_before_crossing(self, reqs: list[Request]) -> list[tuple[int, int, int]]:
+        """extra_buffer: for each request whose verify may pass a multiple of the tracking interval, a copy of its
+        states before the verify, in a snapshot slot: ``(row, multiple, slot)``."""
+        if not self._tracks():
+            return []
+        interval, width, crossing = self.paging.track_interval, self.config.num_spec_steps + 1, []
+        for row, r in enumerate(reqs):
+            boundary = (r.num_cached // interval + 1) * interval
+            if boundary <= r.num_cached + width and (slot := self.scheduler.take_snapshot_slot()) is not None:
+                self.runner.copy_states(r.slot, [slot])
+                crossing.append((row, boundary, slot))
+        return crossing
+
+    def _snapshot_crossings(self, reqs: list[Request], crossing, committed: list[int], accepted: list[int]) -> None:
+        """After the verify: where a request's accepted tokens passed the multiple, its states there (the copy from
+        before the verify stepped over the tokens up to it) wait for the prefix cache; the other copies go back."""
+        rows, slots, counts = [], [], []
+        for row, boundary, slot in crossing:
+            if committed[row] + accepted[row] + 1 >= boundary:
+                rows.append(row), slots.append(slot), counts.append(boundary - committed[row] - 1)
+            else:
+                self.scheduler.radix.snapshots.release(slot)
+        if rows:
+            self.runner.commit_part(rows, slots, counts)
+        for row, slot, count in zip(rows, slots, counts):
+            self._pending_snapshots.append((reqs[row], committed[row] + count + 1, slot))
 
     # appending and stopping ------------------------------------------------------------------------------
 
@@ -309,11 +469,43 @@ class LLMEngine:
     # weights -------------------------------------------------------------------------------------------------
 
     def update_weights_from_disk(self, path: str) -> None:
-        """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place."""
+        """``ModelRunner.update_weights_from_disk``: the whole checkpoint checked first, in place; the prefix cache
+        (computed with the old weights) is flushed."""
         self.runner.update_weights_from_disk(path)
+        self.flush_cache()
+
+    def flush_cache(self) -> None:
+        """Empty the prefix cache (its blocks and snapshots are freed once no running request holds them)."""
+        self.scheduler.flush_cache()
+
+    def cache_metrics(self) -> dict:
+        """The prefix cache and the KV pool: hit rate, tokens reused, blocks in use, preemptions."""
+        sched, paging = self.scheduler, self.paging
+        radix = sched.radix
+        stats = radix.stats if radix is not None else None
+        used = paging.num_blocks - sched.blocks.num_free
+        return {
+            "page_size": paging.page_size,
+            "max_total_tokens": paging.num_blocks * paging.page_size,
+            "blocks_total": paging.num_blocks,
+            "blocks_in_use": used,
+            "radix_cache": radix is not None,
+            "cache_blocks": radix.num_blocks if radix is not None else 0,
+            "cache_snapshots": radix.num_snapshots if radix is not None else 0,
+            "cache_queries": stats.queries if stats else 0,
+            "cache_hit_rate": stats.hits / stats.queries if stats and stats.queries else 0.0,
+            "cache_token_hit_rate": stats.reused_tokens / stats.query_tokens if stats and stats.query_tokens else 0.0,
+            "cached_tokens": stats.reused_tokens if stats else 0,
+            "snapshots_taken": stats.snapshots if stats else 0,
+            "evicted_blocks": stats.evicted_blocks if stats else 0,
+            "preemptions": sched.preemptions,
+        }
 
     def release_memory(self, tags: set[str], discard: set[str] = frozenset()) -> int:
-        """``ModelRunner.release_memory``: free the memory of ``tags`` for a colocated trainer; returns the bytes."""
+        """``ModelRunner.release_memory``: free the memory of ``tags`` for a colocated trainer; returns the bytes.
+        Freeing the KV cache flushes the prefix cache (its contents are lost)."""
+        if "kv_cache" in tags:
+            self.flush_cache()
         return self.runner.release_memory(tags, discard)
 
     def resume_memory(self, tags: set[str]) -> None:
@@ -322,5 +514,7 @@ class LLMEngine:
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """``ModelRunner.update_weights``: whole tensors under Hugging Face or league names, all checked before the
-        first copy, in place. Returns how many were copied."""
-        return self.runner.update_weights(named_tensors)
+        first copy, in place; the prefix cache is flushed. Returns how many were copied."""
+        count = self.runner.update_weights(named_tensors)
+        self.flush_cache()
+        return count

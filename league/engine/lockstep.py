@@ -33,6 +33,7 @@ CALLS = (
     "update_weights_from_disk",
     "release_memory",
     "resume_memory",
+    "flush_cache",
 )
 """The engine's methods that change its state: what the leading rank sends before making them."""
 

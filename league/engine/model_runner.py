@@ -1,6 +1,6 @@
-"""ModelRunner: runs the model for the engine. It owns the cache slots, builds the forward batches of prefill, decode
-and verify (with the engine's numerics), and owns the captured CUDA graphs and the speculative step, so that the
-engine decides only what runs.
+"""ModelRunner: runs the model for the engine. It owns the caches (state slots, KV blocks and the block table, GDN
+snapshot slots), builds the forward batches of prefill, decode and verify (with the engine's numerics), and owns the
+captured CUDA graphs and the speculative step, so that the engine decides only what runs.
 
 Not responsible for which requests run (``scheduler``), for how a row is drawn (``sampler``, which it calls) or for
 requests' bookkeeping (``engine``).
@@ -14,7 +14,15 @@ import warnings
 import torch
 
 from league.engine import sampler
-from league.engine.cache import allocate_cache, cache_bytes_per_slot, copy_slot, routes_of
+from league.engine.cache import (
+    allocate_cache,
+    copy_blocks,
+    copy_states,
+    kv_bytes_per_token,
+    pages_of,
+    routes_of,
+    state_bytes_per_slot,
+)
 from league.engine.config import EngineConfig
 from league.engine.cuda_graph import DecodeGraphs, default_batch_sizes, graphs_apply
 from league.engine.request import Request
@@ -59,12 +67,16 @@ class ModelRunner:
             )
         self.num_spec_steps = config.num_spec_steps
         self.slot_len = self.context_length + self.num_spec_steps + 1
-        self.num_slots = config.num_slots or self._slots_that_fit()
+        self.page_size = config.page_size
+        self.num_slots, self.num_snapshots, self.num_blocks = self._sizes()
         self.scratch_slot = self.num_slots  # the padding rows of captured batches (with graphs)
+        first = self.num_slots + self.use_graphs
+        self.snapshot_slots = range(first, first + self.num_snapshots)
+        """State slots of the prefix cache's GDN snapshots (after the running requests' and the scratch slot)."""
         steps = self.num_spec_steps + 1 if self.num_spec_steps else 0
         self.cache = allocate_cache(
             self.cache_args,
-            self.num_slots + self.use_graphs,
+            first + self.num_snapshots,
             self.slot_len,
             self.dtype,
             self.device,
@@ -72,7 +84,11 @@ class ModelRunner:
             max_steps=steps,
             state_dtype=self.state_dtype,
             routes=config.enable_return_routed_experts,
+            page_size=self.page_size,
+            num_blocks=self.num_blocks,
         )
+        self.pages = pages_of(self.cache)
+        self._table_rows: dict[int, list[int]] = {}
         self.graphs: DecodeGraphs | None = None  # captured at the first decode
         self._whole: dict[str, torch.Tensor] | None = None
         self.shared: set[str] = set()
@@ -86,7 +102,7 @@ class ModelRunner:
                 model,
                 self.cache,
                 self.num_spec_steps,
-                self.num_slots + self.use_graphs,
+                first + self.num_snapshots,
                 config.max_running_requests,
                 numerics,
             )
@@ -148,21 +164,66 @@ class ModelRunner:
         if self.spec_step is not None:
             self.spec_step.graphs, self.spec_step.pool = {}, None
 
-    def _slots_that_fit(self) -> int:
-        if self.device.type != "cuda":
-            return self.config.max_running_requests
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.mem_fraction_static - (total - free)
-        per_slot = cache_bytes_per_slot(
-            self.cache_args, self.slot_len, self.dtype, self.state_dtype, self.config.enable_return_routed_experts
-        )
-        fit = int(budget // per_slot) - self.use_graphs  # the scratch slot of captured batches
-        if fit < 1:
+    def _sizes(self) -> tuple[int, int, int]:
+        """``(state slots of running requests, snapshot slots, KV blocks)``: on a GPU what ``mem_fraction_static``
+        leaves once the weights are in (unless set), elsewhere what the settings say (default: every slot's whole
+        context in blocks)."""
+        config, page = self.config, self.page_size
+        slots = config.num_slots or config.max_running_requests
+        snapshots = config.num_snapshots
+        per_slot = -(-self.slot_len // page)
+        if config.max_total_tokens is not None:
+            blocks = -(-config.max_total_tokens // page)
+        elif self.device.type != "cuda":
+            blocks = slots * per_slot
+        else:  # the GDN states of the running requests and the snapshots, then KV blocks in what is left
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * config.mem_fraction_static - (total - free)
+            state = state_bytes_per_slot(self.cache_args, self.dtype, self.state_dtype)
+            block = page * kv_bytes_per_token(self.cache_args, self.dtype, config.enable_return_routed_experts)
+            fixed = (self.use_graphs + snapshots) * state + (per_slot + 1) * block  # one whole context, the scratch
+            if config.num_slots is None:  # as many running requests as asked for, or as fit beside one context
+                slots = max(0, min(slots, int((budget - fixed) // state)))
+            if slots < 1:
+                raise ValueError(
+                    f"mem_fraction_static {config.mem_fraction_static} leaves no room for one running request of "
+                    f"context_length {self.context_length} beside {snapshots} GDN snapshots "
+                    f"({(snapshots * state + per_slot * block) / 2**30:.2f} GiB): lower max_mamba_cache_size or "
+                    "context_length, or raise mem_fraction_static"
+                )
+            blocks = int((budget - (slots + self.use_graphs + snapshots) * state) // block) - 1
+        if blocks < per_slot:
             raise ValueError(
-                f"mem_fraction_static {self.config.mem_fraction_static} leaves no room for one cache "
-                f"slot of {per_slot / 2**20:.0f} MiB (context_length {self.context_length})"
+                f"max_total_tokens {blocks * page} cannot hold one request of context_length {self.context_length} "
+                f"({per_slot * page} tokens with the speculative rows): raise it or lower context_length"
             )
-        return min(fit, self.config.max_running_requests)
+        return slots, snapshots, blocks
+
+    # the caches, as the scheduler hands them out (scheduler.Memory) -------------------------------------------
+
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """Slot ``slot``'s row of the block table is ``blocks`` (written to the device before the next forward)."""
+        self._table_rows[slot] = list(blocks)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        copy_blocks(self.cache, src, dst)
+
+    def copy_states(self, src: int, dsts: list[int]) -> None:
+        copy_states(self.cache, src, dsts)
+
+    def _write_table(self) -> None:
+        """The block-table rows changed since the last forward, in one transfer."""
+        if not self._table_rows:
+            return
+        slots, cols, blocks = [], [], []
+        for slot, row in self._table_rows.items():
+            slots.extend([slot] * len(row))
+            cols.extend(range(len(row)))
+            blocks.extend(row)
+        self._table_rows = {}
+        if blocks:
+            index = torch.tensor([slots, cols, blocks], dtype=torch.long).to(self.device, non_blocking=True)
+            self.pages.table[index[0], index[1]] = index[2]
 
     def _batch(self, seq_lens: list[int], cache_lens: list[int], slots: list[int]) -> ForwardBatch:
         return ForwardBatch.prefill(seq_lens, cache_lens, slots, self.device, self.numerics)
@@ -173,7 +234,8 @@ class ModelRunner:
     def prefill(self, chunks: list[tuple[Request, int, int]]) -> tuple[torch.Tensor, ForwardBatch]:
         """The forward of prompt chunks ``(request, start, end)`` into their slots (and, speculating, the MTP rows of
         the prompt positions whose next token is known); returns the hidden states and the batch."""
-        tokens = torch.tensor([t for r, s, e in chunks for t in r.prompt_ids[s:e]], device=self.device)
+        self._write_table()
+        tokens = torch.tensor([t for r, s, e in chunks for t in r.fill_ids[s:e]], device=self.device)
         batch = self._batch([e - s for _, s, e in chunks], [s for _, s, _ in chunks], [r.slot for r, _, _ in chunks])
         hidden = self.model(tokens, batch, self.cache)
         if self.spec_step is not None:
@@ -208,23 +270,24 @@ class ModelRunner:
             logprobs, tops = logprobs[count:], tops[count:]
 
     def start_sample(self, leader: Request, member: Request, hidden_D: torch.Tensor, token: int) -> None:
-        """A prompt's last position sampled ``token`` for ``member`` (a copy of ``leader``'s slot first, for the
-        other samples of a group); speculating, the MTP row of that position waits for the next step."""
+        """A prefill's last position gave ``token`` to ``member`` (for the other samples of a group, a copy of
+        ``leader``'s GDN states first; the scheduler shares its blocks); speculating, the MTP row of that position
+        waits for the next step."""
         if member is not leader:
-            copy_slot(self.cache, leader.slot, [member.slot], len(leader.prompt_ids))
+            copy_states(self.cache, leader.slot, [member.slot])
         if self.spec_step is not None:
             self.spec_step.hidden[member.slot, 0] = hidden_D
-            member.mtp_start, member.mtp_tokens = len(leader.prompt_ids) - 1, [token]
+            member.mtp_start, member.mtp_tokens = len(leader.fill_ids) - 1, [token]
 
     def _mtp_extend_prompt(self, chunks, hidden: torch.Tensor, batch: ForwardBatch) -> None:
         """MTP rows for prompt positions whose next token is known (all but the last prompt position)."""
         rows, tokens, lens, starts, slots = [], [], [], [], []
         for (r, s, e), (_, start, _end) in zip(chunks, batch.sequences()):
-            known_end = min(e, len(r.prompt_ids) - 1)
+            known_end = min(e, len(r.fill_ids) - 1)
             if known_end <= s:
                 continue
             rows.append(hidden[start : start + known_end - s])
-            tokens.extend(r.prompt_ids[s + 1 : known_end + 1])
+            tokens.extend(r.fill_ids[s + 1 : known_end + 1])
             lens.append(known_end - s)
             starts.append(s)
             slots.append(r.slot)
@@ -235,6 +298,7 @@ class ModelRunner:
         """The MTP layer over rows of several requests (``lens[i]`` rows from position ``starts[i]`` in slot
         ``slots[i]``, row j pairing the trunk's hidden state at j with the token after it), for the keys and values
         it caches; its outputs are not needed."""
+        self._write_table()
         batch = self._batch(lens, starts, slots)
         self.model.mtp_forward(hidden, torch.tensor(tokens, device=self.device), batch, self.cache)
 
@@ -255,6 +319,7 @@ class ModelRunner:
         """One token for each of B requests (``tokens_B`` on the device, ``positions`` = tokens already cached), by a
         captured graph where one fits; returns the ``[B, V]`` logits without waiting for the device. Speculating, each
         request's new MTP row (the trunk's hidden state at its new token) waits in the speculative step's buffer."""
+        self._write_table()
         if self.use_graphs and self.graphs is None:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
             self.graphs = DecodeGraphs(self.model, self.cache, sizes, self.scratch_slot, self.numerics)
@@ -271,6 +336,7 @@ class ModelRunner:
     def speculate(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """The draft chain and one verify for ``reqs`` (their MTP rows first): ``([B, N] drafts, [B, N + 1, V] verify
         logits)`` on the device, nothing read back."""
+        self._write_table()
         step = self.spec_step
         if self.use_graphs and not step.graphs:
             sizes = self.config.cuda_graph_bs or default_batch_sizes(self.config.max_running_requests)
@@ -285,6 +351,13 @@ class ModelRunner:
     def commit_verified(self, slots_B: torch.Tensor, accepted_B: torch.Tensor) -> None:
         """Commit each verified request's accepted prefix into its slot (``Transformer.commit_verified``)."""
         self.model.commit_verified(self.cache, slots_B, accepted_B, self.numerics)
+
+    def commit_part(self, rows: list[int], slots: list[int], accepted: list[int]) -> None:
+        """After a speculative step: the first ``accepted[i] + 1`` tokens of the last verify's row ``rows[i]``
+        committed into slot ``slots[i]``, which holds a copy of that row's states from before the verify (a snapshot
+        part-way through the tokens the step accepted)."""
+        rows_B, slots_B, accepted_B = torch.tensor([rows, slots, accepted]).to(self.device).unbind(0)
+        self.model.commit_verified(self.cache, slots_B, accepted_B, self.numerics, rows_B)
 
     def speculative_step(self, reqs: list[Request], eos_ids: set[int]) -> list[tuple[int, list[int], list, list]]:
         """Draft, verify, accept (the requests' penalties applied to the verify's logits) and commit each request's

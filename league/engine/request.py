@@ -189,6 +189,10 @@ class GenerateOutput:
     routed_experts: torch.Tensor | None = None
     """int32 ``[rows, layers, top_k]``: the experts of each position from ``routed_experts_start_len`` to the one
     before the last token, when asked for (routing replay)."""
+    cached_tokens: int = 0
+    """Prompt tokens the prefix cache supplied (not computed again)."""
+    num_retractions: int = 0
+    """Times the request was preempted (its cache taken back, computed again later), SGLang's retractions."""
 
 
 TopLogprobs = list[tuple[float, int]]
@@ -208,8 +212,22 @@ class Request:
     """Siblings that share this request's prefill (n samples); filled on the group's leader only."""
     leader: "Request | None" = None
     slot: int | None = None
+    """The request's GDN states and row of the block table."""
+    blocks: list[int] = field(default_factory=list)
+    """The cache blocks holding its positions, in order (some shared with other requests or the prefix cache)."""
+    fill_ids: list[int] = field(default_factory=list)
+    """The tokens its prefill runs: the prompt, or after a preemption the prompt and every output token but the
+    last (which is still pending)."""
     num_prefilled: int = 0
-    """Prompt tokens already run through the model (the cache holds them)."""
+    """Tokens of ``fill_ids`` already in the cache (reused from the prefix cache or run through the model)."""
+    resumed_outputs: int = 0
+    """Output tokens that ``fill_ids`` holds (0 until a preemption)."""
+    cached_tokens: int = 0
+    """Prompt tokens reused from the prefix cache at the first admission (SGLang's ``cached_tokens``)."""
+    snapshot_points: list[int] = field(default_factory=list)
+    """Positions where the prefill stops to leave a GDN snapshot for the prefix cache."""
+    num_retractions: int = 0
+    """Times it was preempted."""
     pending_token: int | None = None
     """The last sampled token, not yet run through the model (the bonus token under speculation)."""
     output_ids: list[int] = field(default_factory=list)
@@ -234,14 +252,41 @@ class Request:
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.fill_ids = self.fill_ids or self.prompt_ids
+
     @property
     def num_cached(self) -> int:
         """Tokens whose KV and GDN state are committed in the slot."""
-        return self.num_prefilled + max(len(self.output_ids) - 1, 0) if self.output_ids else self.num_prefilled
+        decoded = max(len(self.output_ids) - 1 - self.resumed_outputs, 0) if self.prefill_done else 0
+        return self.num_prefilled + decoded
 
     @property
     def prefill_done(self) -> bool:
-        return self.num_prefilled >= len(self.prompt_ids)
+        return self.num_prefilled >= len(self.fill_ids)
+
+    @property
+    def resumed(self) -> bool:
+        """Prefilled again after a preemption (its first token was sampled before)."""
+        return bool(self.output_ids) and self.fill_ids is not self.prompt_ids
+
+    def preempt(self) -> None:
+        """Forget the cache (its blocks and slot were taken back): the next prefill runs the prompt and the outputs
+        but the last, which stays pending. A sample of a group becomes a request of its own, keeping the prompt's
+        log-probs its leader computed."""
+        if self.leader is not None:
+            self.input_logprobs, self.input_top_logprobs = self.leader.input_logprobs, self.leader.input_top_logprobs
+            self.leader = None
+        for member in self.group:  # the samples of a preempted leader go on as requests of their own
+            if member is not self:
+                member.input_logprobs, member.input_top_logprobs = self.input_logprobs, self.input_top_logprobs
+                member.leader, member.group = None, [member]
+        self.group = [self]
+        self.resumed_outputs = max(len(self.output_ids) - 1, 0)
+        self.fill_ids = self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
+        self.num_prefilled, self.snapshot_points = 0, []
+        self.mtp_tokens = []
+        self.num_retractions += 1
 
     def to_output(self, text: str | None = None) -> GenerateOutput:
         prefilled = self.leader or self  # the group's prompt log-probs are its leader's
@@ -257,6 +302,8 @@ class Request:
             input_logprobs=list(prefilled.input_logprobs),
             input_top_logprobs=list(prefilled.input_top_logprobs),
             routed_experts=self.routed_experts,
+            cached_tokens=self.cached_tokens,
+            num_retractions=self.num_retractions,
         )
 
 
@@ -337,6 +384,9 @@ class EngineStats:
     forward_passes: int = 0
     prefill_passes: int = 0
     """Forward passes that prefilled prompt chunks (the rest decoded or verified)."""
+    prefill_tokens: int = 0
+    """Tokens those passes ran (prompt tokens the prefix cache did not supply, and those prefilled again after a
+    preemption)."""
     verify_passes: int = 0
     """Forward passes that verified drafts (speculative steps)."""
     spec: SpecStats = field(default_factory=SpecStats)

@@ -407,7 +407,9 @@ class _Handler(control.ControlRoutes, JSONHandler):
         self._send_json(200, {"object": "list", "data": models})
 
     def _flush_cache(self, body: dict) -> None:
-        self._send_json(200, {"success": True, "message": "league keeps no prefix cache; there is nothing to flush"})
+        """Empty the prefix cache between two engine steps (running requests keep the blocks they hold)."""
+        self.server.worker.call(self.server.engine.flush_cache)
+        self._send_json(200, {"success": True, "message": "the prefix cache is empty"})
 
     def _abort_request(self, body: dict) -> None:
         protocol.check_fields(body, {"rid", "abort_all"}, "the body")

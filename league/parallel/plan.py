@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-from league.engine.cache import cache_bytes_per_slot
+from league.engine.cache import cache_bytes_per_slot, state_bytes_per_slot
 from league.models.qwen3_5_moe import ModelArgs, Transformer
 from league.parallel.activations import ActivationEstimate, activation_estimate
 from league.parallel.dims import ParallelDims
@@ -66,6 +66,8 @@ class PlanSettings:
             copy. Default: ``False`` (built whole on every rank, then sharded).
         engine_tp, engine_ep (int): how the rollout engine's weights and cache are split over its ranks
             (``parallel.inference``). Default: 1 (each rank's engine holds the whole policy).
+        engine_snapshots (int): GDN state snapshots the engine's prefix cache holds (``--max-mamba-cache-size``),
+            each the size of one slot's states. Default: 0.
     """
 
     dtype: torch.dtype
@@ -84,6 +86,7 @@ class PlanSettings:
     sharded_load: bool = False
     engine_tp: int = 1
     engine_ep: int = 1
+    engine_snapshots: int = 0
 
 
 @contextmanager
@@ -254,6 +257,7 @@ class MemoryPlan:
         replica (int): the rank's part of its engine's copy of the policy (laid out by ``engine_tp`` /
             ``engine_ep``; none in one process, where the engine reads the policy).
         engine_slot (int): one cache slot of the engine on this rank (its heads' part).
+        engine_snapshots (int): the engine's prefix-cache GDN snapshots on this rank.
         startup (int): the start of a run: the policy is built whole on every rank and copied whole for the
             reference before it is sharded, beside the engine's part.
     """
@@ -272,6 +276,7 @@ class MemoryPlan:
     replica: int
     engine_slot: int
     startup: int
+    engine_snapshots: int = 0
 
     @property
     def world(self) -> int:
@@ -301,11 +306,11 @@ class MemoryPlan:
         counting what is in use when it is built (``engine.model_runner``), at most the slots it asks for (all of
         them with ``--num-slots``)."""
         settings = self.settings
-        budget = settings.mem_fraction_static * capacity - self.before_engine
+        budget = settings.mem_fraction_static * capacity - self.before_engine - self.engine_snapshots
         slots = settings.engine_slots
         if not settings.engine_slots_fixed:
             slots = max(0, min(slots, int(budget // self.engine_slot)))
-        peak = self.gpu_total + slots * self.engine_slot
+        peak = self.gpu_total + self.engine_snapshots + slots * self.engine_slot
         return Fit(gpu, capacity, slots, peak, self.startup, settings.engine_min_slots)
 
 
@@ -330,6 +335,9 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
     slot = cache_bytes_per_slot(
         layout.cache_args(args), settings.engine_slot_len, settings.dtype, settings.engine_state_dtype
     )
+    snapshots = settings.engine_snapshots * state_bytes_per_slot(
+        layout.cache_args(args), settings.dtype, settings.engine_state_dtype
+    )
     group = dims.tp * dims.cp
     return MemoryPlan(
         args=args,
@@ -345,6 +353,7 @@ def plan_memory(args: ModelArgs, dims: ParallelDims, settings: PlanSettings) -> 
         optimizer=max(counts.local) * per_element,
         replica=replica,
         engine_slot=slot,
+        engine_snapshots=snapshots,
         startup=replica + counts.padded * s + reference
         if settings.sharded_load and world > 1
         else whole + replica + (whole if settings.kl_reference else 0),
@@ -451,6 +460,11 @@ def format_plan(plan: MemoryPlan, source: str) -> str:
         f"  engine cache: {slot / 2**20:.1f} MiB a slot ({settings.engine_slot_len} tokens), {wanted} slots "
         f"{wanted * slot / scale:.2f} {unit}; {taken}; a rollout needs {settings.engine_min_slots} (a prompt's samples)"
     )
+    if settings.engine_snapshots:
+        lines.append(
+            f"  engine prefix cache: {settings.engine_snapshots} GDN state snapshots "
+            f"{plan.engine_snapshots / scale:.2f} {unit} (--max-mamba-cache-size), taken before the slots"
+        )
     if offload:
         node = settings.ranks_per_node
         lines.append(f"  host: the optimizer of a node of {node} ranks: {node * plan.optimizer / scale:.2f} {unit}")

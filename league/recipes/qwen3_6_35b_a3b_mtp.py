@@ -62,6 +62,10 @@ def recipe(mode: str | None = None) -> JobConfig:
             speculative_num_steps=2,
             speculative_eagle_topk=1,
             speculative_num_draft_tokens=3,
+            mamba_scheduler_strategy="extra_buffer",
+            # a rollout's prompts share little beyond the template, and each weight sync empties the prefix cache:
+            # a few GDN snapshots (62 MiB each here) serve it
+            max_mamba_cache_size=16,
         ),
         algo=AlgorithmConfig(
             advantage_estimator="grpo",

@@ -207,6 +207,7 @@ def memory_plan(job: JobConfig) -> str | None:
         sharded_load=bool(job.checkpoint.load),
         engine_tp=engine_tp,
         engine_ep=engine_ep,
+        engine_snapshots=engine.num_snapshots,
     )
     return format_plan(plan_memory(args, dims, settings), source)
 

@@ -391,6 +391,7 @@ def sync_weights(engine, model: Transformer, run_dir: Path, ranks: Ranks | None 
     stage's from its ranks to the pipeline's), goes through ``engine.update_weights``: copied in place by an
     in-process replica, handed over by reference to a served engine (``/update_weights_from_tensor``)."""
     if isinstance(engine, LLMEngine) and engine.model is model:
+        engine.flush_cache()  # its prefix cache holds keys of the old weights
         return
     from league.parallel.parallelize import full_parameters, pipeline_parameters
 
@@ -477,6 +478,11 @@ def rollout_metrics(outputs, result, engine) -> dict[str, float]:
         "rollout/truncated_ratio": statistics.fmean(o.finish_reason == "length" for o in outputs),
         "rollout/reward_failures": result.failures,
         "rollout/reward_timeouts": result.timeouts,
+        # the prefix cache's share of the prompts (a prompt's samples share its prefill: counted once each), and
+        # requests preempted when the engine's KV pool ran out
+        "rollout/cached_tokens_ratio": sum(o.cached_tokens for o in outputs)
+        / max(1, sum(len(o.prompt_ids) for o in outputs)),
+        "rollout/preemptions": sum(o.num_retractions for o in outputs),
     }
     if spec_steps:
         metrics["rollout/spec_accept_length"] = sum(o.spec.verified_output_tokens for o in outputs) / spec_steps

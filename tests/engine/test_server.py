@@ -256,7 +256,12 @@ def test_health_model_info_flush_cache(server, client):
     info = client.model_info()
     assert info["model_path"] == "tiny-model" and info["is_generation"] is True
     assert info["model_args"]["vocab_size"] == 96 and info["context_length"] == 128
-    assert "no prefix cache" in client.flush_cache()["message"]
+    client.generate([[5, 6, 7, 8] * 10], SamplingParams(max_new_tokens=4, temperature=0))
+    before = client.server_info()["internal_states"][0]
+    assert before["radix_cache"] and before["cache_blocks"] > 0 and before["blocks_total"] > 0
+    assert "empty" in client.flush_cache()["message"]
+    after = client.server_info()["internal_states"][0]
+    assert after["cache_blocks"] == 0 and after["blocks_in_use"] == 0
     status, models_answer = post(server, "/v1/models", b"", method="GET")
     assert status == 200 and models_answer["data"][0]["max_model_len"] == 128
     assert not EngineClient("http://127.0.0.1:1", timeout=5).health()

@@ -176,3 +176,48 @@ def test_triton_cached_attention_half_precision():
     ref = cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 256**-0.5, 37, 87)
     out = kernel(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 256**-0.5, 37)
     assert out.dtype == torch.float16 and (out.float() - ref.float()).abs().max().item() < 2e-3
+
+
+def paged_copy(k_cache, v_cache, page, seed=0):
+    """The slot-laid-out caches ``[slots, L, G, K]`` moved into blocks of ``page`` positions in a shuffled order
+    (junk in the blocks no slot uses): ``(k_blocks, v_blocks, table)``."""
+    num_slots, max_len = k_cache.shape[:2]
+    per_slot = -(-max_len // page)
+    order = torch.randperm(num_slots * per_slot + 3, generator=torch.Generator().manual_seed(seed))
+    table = order[: num_slots * per_slot].view(num_slots, per_slot)
+    k_blocks = torch.randn(len(order), page, *k_cache.shape[2:], generator=torch.Generator().manual_seed(seed + 1))
+    v_blocks = torch.randn_like(k_blocks)
+    for slot in range(num_slots):
+        for i in range(per_slot):
+            rows = slice(i * page, min((i + 1) * page, max_len))
+            n = rows.stop - rows.start
+            k_blocks[table[slot, i], :n], v_blocks[table[slot, i], :n] = k_cache[slot, rows], v_cache[slot, rows]
+    return k_blocks, v_blocks, table
+
+
+@pytest.mark.parametrize("page", [1, 5, 16, 96])
+@pytest.mark.parametrize("numerics", [FAST, BATCH_INVARIANT], ids=["fast", "batch_invariant"])
+def test_paged_reference_equals_the_slot_layout(page, numerics):
+    """Keys read through a block table give bitwise the attention of the same keys laid out by slot."""
+    from league.models.qwen3_5_moe import Pages
+
+    q_lens, kv_lens, slots = [1, 4, 37, 0], [70, 33, 87, 0], [5, 0, 3, 7]
+    q, k_cache, v_cache, cu, slots_N, kv_lens_N = cache_batch(q_lens, kv_lens, slots, 4, 2, 32)
+    want = cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics)
+    k_blocks, v_blocks, table = paged_copy(k_cache, v_cache, page)
+    pages = Pages(table=table, size=page)
+    got = cached_attention(q, k_blocks, v_blocks, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics, pages)
+    assert torch.equal(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("page", [1, 16, 24, 128])
+def test_triton_paged_attention_equals_the_slot_layout(page):
+    """The kernel reading blocks through a table (tiles of keys spanning several blocks, or blocks longer than a
+    tile) computes bitwise what it computes over the same keys laid out by slot."""
+    q_lens, kv_lens, slots = [1, 4, 37, 20, 1], [70, 33, 87, 20, 1], [5, 0, 3, 6, 2]
+    q, k_cache, v_cache, cu, slots_N, kv_lens_N = cache_batch(q_lens, kv_lens, slots, 8, 2, 32)
+    k_blocks, v_blocks, table = paged_copy(k_cache, v_cache, page)
+    want = kernel(*to_device(q, k_cache, v_cache, cu, slots_N, kv_lens_N), 32**-0.5, 37)
+    got = kernel(*to_device(q, k_blocks, v_blocks, cu, slots_N, kv_lens_N), 32**-0.5, 37, table.to(DEVICE), page)
+    assert torch.equal(got, want)

@@ -183,8 +183,9 @@ def test_dry_run_prints_the_plan_of_the_35b_recipe_at_8_ranks():
     assert engine in line("GPU  engine weights")
     assert "66.13  16 B an element of the rank's shards" in line("host optimizer")
     assert "host: the optimizer of a node of 8 ranks: 529.08 GiB" in plan
-    assert "H200 141GB, 139 GiB usable: training fits (peak 88.06 GiB with 256 cache slots); start-up 136.90" in plan
-    assert "H100 80GB, 78 GiB usable: training does not fit (peak 78.51 GiB with 199 cache slots" in plan
+    assert "H200 141GB, 139 GiB usable: training fits (peak 89.02 GiB with 256 cache slots); start-up 136.90" in plan
+    assert "H100 80GB, 78 GiB usable: training does not fit (peak 78.47 GiB with 193 cache slots" in plan
+    assert "engine prefix cache: 16 GDN state snapshots 0.96 GiB (--max-mamba-cache-size)" in plan
 
 
 def test_an_engine_laid_out_as_the_trainer_adds_no_experts():

@@ -1,6 +1,6 @@
 """What a forward of the model is given besides its tokens: the batch's metadata (``ForwardBatch``: sequences,
 positions, cache slots, numerics) and the layouts of the caches it reads and writes (``ModelCache``: attention KV
-and Gated DeltaNet states per slot, the verify's scratch rows).
+in blocks found through each slot's block table, Gated DeltaNet states per slot, the verify's scratch rows).
 
 These are the model's interface to whoever runs it (the trainer passes a batch and no cache; the engine's model
 runner passes both). Not responsible for allocating caches or choosing slots (``engine.cache``, ``engine.scheduler``).
@@ -18,14 +18,40 @@ from league.ops.numerics import FAST, Numerics
 
 
 @dataclass(kw_only=True, slots=True)
+class Pages:
+    """Where each slot's positions lie in the paged per-position caches (attention KV, routed experts): position p of
+    slot s is row ``p % size`` of block ``table[s, p // size]``. One table serves every layer.
+
+    Args:
+        table (torch.Tensor): ``[slots, max_blocks]`` long block ids (on the caches' device).
+        size (int): positions per block (the page size).
+    """
+
+    table: torch.Tensor
+    size: int
+
+    @classmethod
+    def contiguous(cls, num_slots: int, max_len: int, device: torch.device | str) -> "Pages":
+        """One block of ``max_len`` positions per slot, block s for slot s: a cache laid out by slot."""
+        return cls(table=torch.arange(num_slots, device=device)[:, None], size=max_len)
+
+    def rows(self, slots_T: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """``[T]`` rows of the caches flattened to ``[blocks * size, ...]`` that hold these (slot, position) pairs
+        (device tensors; nothing is read on the host)."""
+        return self.table[slots_T, positions_T // self.size] * self.size + positions_T % self.size
+
+
+@dataclass(kw_only=True, slots=True)
 class AttentionCache:
-    """Keys (after k_norm and RoPE) and values of one full-attention layer, ``[slots, max_len, G, K]``."""
+    """Keys (after k_norm and RoPE) and values of one full-attention layer, ``[blocks, page, G, K]``, found through
+    ``pages``."""
 
     k: torch.Tensor
     v: torch.Tensor
+    pages: Pages
     routes: torch.Tensor | None = None
-    """``[slots, max_len, top_k]`` int32: the experts this layer's MoE chose at each cached position (when the engine
-    keeps them); None otherwise."""
+    """``[blocks, page, top_k]`` int32: the experts this layer's MoE chose at each cached position (when the engine
+    keeps them), paged as the keys; None otherwise."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +69,8 @@ class GDNCache:
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    pages: Pages
+    """Where the per-position ``routes`` lie (the states themselves are per slot)."""
     routes: torch.Tensor | None = None
     """As ``AttentionCache.routes``."""
     conv_steps: torch.Tensor | None = None

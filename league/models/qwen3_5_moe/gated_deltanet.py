@@ -177,19 +177,27 @@ class GatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def commit_verified(
-        self, cache: GDNCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, numerics: Numerics = FAST
+        self,
+        cache: GDNCache,
+        slots_B: torch.Tensor,
+        accepted_B: torch.Tensor,
+        numerics: Numerics = FAST,
+        rows_B: torch.Tensor | None = None,
     ) -> None:
         """After a verify of B rows (batch row b in slot ``slots_B[b]``, in the verify's row order), commit each row's
         first ``accepted_B[b] + 1`` tokens: the conv window after them copied from ``conv_steps``, the recurrent
         state stepped over them again from the slot's state, from the inputs the verify kept, by the recurrence the
         verify ran (the steps past them padded with -inf gate projections, which leave a state as it is), so it
-        equals the verify's state after that token. ``numerics`` must be the verify's."""
+        equals the verify's state after that token. ``numerics`` must be the verify's. ``rows_B``: the verify's rows
+        to commit, into ``slots_B`` (a copy of their states, for a snapshot part-way; default: every row, in
+        order)."""
         num_rows, steps = slots_B.shape[0], cache.verify_a.shape[1]
-        rows = torch.arange(num_rows, device=slots_B.device)
+        rows = torch.arange(num_rows, device=slots_B.device) if rows_B is None else rows_B
+        pick = slice(num_rows) if rows_B is None else rows_B
         copy_rows(cache.conv, slots_B, cache.conv_steps.flatten(0, 1), rows * steps + accepted_B)
         dropped = (torch.arange(steps, device=slots_B.device) > accepted_B[:, None])[..., None]  # [B, steps, 1]
-        a, b = (x[:num_rows].masked_fill(dropped, float("-inf")) for x in (cache.verify_a, cache.verify_b))
-        q, k, v = self._split(cache.verify_mixed[:num_rows])
+        a, b = (x[pick].masked_fill(dropped, float("-inf")) for x in (cache.verify_a, cache.verify_b))
+        q, k, v = self._split(cache.verify_mixed[pick])
         if states_in_slots(q):  # as the verify ran: in the kernel, on the slots' states, its gates but row by row
             if numerics.row_by_row:
                 g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, numerics)

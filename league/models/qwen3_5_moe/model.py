@@ -78,9 +78,10 @@ class GatedAttention(nn.Module):
         q_THK = apply_rope(self.q_norm(q_THK), cos, sin)
         k_TGK = apply_rope(self.k_norm(k_TGK), cos, sin)
         scale = self.head_dim**-0.5
-        if cache is not None:  # a token's cache row is its position
-            cache.k[batch.token_slots, batch.positions] = k_TGK.to(cache.k.dtype)
-            cache.v[batch.token_slots, batch.positions] = v_TGK.to(cache.v.dtype)
+        if cache is not None:  # a token's cache row: its position in its slot's blocks
+            rows_T = cache.pages.rows(batch.token_slots, batch.positions)
+            cache.k.flatten(0, 1)[rows_T] = k_TGK.to(cache.k.dtype)
+            cache.v.flatten(0, 1)[rows_T] = v_TGK.to(cache.v.dtype)
         fresh = cache is None or not any(batch.cache_lens)
         if fresh and not numerics.as_decode:  # fresh sequences: their own keys are all the keys
             out_THK = varlen_causal_attention(q_THK, k_TGK, v_TGK, batch.cu_seqlens, batch.max_seqlen, scale, numerics)
@@ -100,6 +101,7 @@ class GatedAttention(nn.Module):
                 batch.max_seqlen,
                 max_kv,
                 numerics=numerics,
+                pages=cache.pages,
             )
         return out_THK.reshape(num_tokens, -1) * sigmoid(gate_THK.reshape(num_tokens, -1), numerics)
 
@@ -201,7 +203,8 @@ class DecoderLayer(nn.Module):
         if cache is not None and cache.routes is not None:
 
             def record(experts_TA: torch.Tensor) -> None:
-                cache.routes[batch.token_slots, batch.positions] = experts_TA.to(cache.routes.dtype)
+                rows_T = cache.pages.rows(batch.token_slots, batch.positions)
+                cache.routes.flatten(0, 1)[rows_T] = experts_TA.to(cache.routes.dtype)
 
         return x_TD + self.moe(self.ffn_norm(x_TD), batch.numerics, replay, record)
 
@@ -287,15 +290,21 @@ class Transformer(nn.Module):
         return x_TD
 
     def commit_verified(
-        self, cache: ModelCache, slots_B: torch.Tensor, accepted_B: torch.Tensor, numerics: Numerics = FAST
+        self,
+        cache: ModelCache,
+        slots_B: torch.Tensor,
+        accepted_B: torch.Tensor,
+        numerics: Numerics = FAST,
+        rows_B: torch.Tensor | None = None,
     ) -> None:
         """After a verify forward (``ForwardBatch.record_states``) of B rows, commit each row's GDN conv windows and
         states at its last accepted token ``accepted_B[b]`` (0 keeps the first token) into slot ``slots_B[b]``
         (``[B]`` long tensors on the cache's device; nothing is read back). Attention caches need no commit: keys
-        past a sequence's length are never read and are overwritten."""
+        past a sequence's length are never read and are overwritten. ``rows_B``: only these rows of the verify
+        (``GatedDeltaNet.commit_verified``)."""
         for layer, layer_cache in zip(self.layers, cache.layers):
             if layer.layer_type != "full_attention":
-                layer.gdn.commit_verified(layer_cache, slots_B, accepted_B, numerics)
+                layer.gdn.commit_verified(layer_cache, slots_B, accepted_B, numerics, rows_B)
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight

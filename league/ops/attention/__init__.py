@@ -130,11 +130,14 @@ def cached_attention(
     max_q: int,
     max_kv: int,
     numerics: Numerics = FAST,
+    pages=None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens of N sequences over the keys in their cache slots. Inference only.
 
     Sequence i has ``q_len_i = cu[i+1] - cu[i]`` new tokens, the last ``q_len_i`` of its ``kv_lens_N[i]``
-    positions, whose keys and values (new ones included) are at ``k_cache[slots_N[i], :kv_lens_N[i]]``. One
+    positions, whose keys and values (new ones included) are at positions ``0 .. kv_lens_N[i] - 1`` of slot
+    ``slots_N[i]``: in blocks of ``pages.size`` positions, position p in block ``pages.table[slot, p // size]``
+    (``models.qwen3_5_moe.Pages``; without ``pages``, the cache is laid out by slot: ``k_cache[slot, p]``). One
     call covers chunked prefill, decode (q_len 1) and speculative verify (q_len 2..8), mixed in a batch. A
     sequence with q_len 0 (padding) is skipped.
 
@@ -145,7 +148,7 @@ def cached_attention(
 
     Args:
         q_THK (torch.Tensor): ``[T, H, K]`` queries of the new tokens, packed.
-        k_cache, v_cache (torch.Tensor): ``[num_slots, L, G, K]``.
+        k_cache, v_cache (torch.Tensor): ``[num_blocks, page, G, K]`` (``[num_slots, L, G, K]`` without ``pages``).
         cu_seqlens_q_N1 (torch.Tensor): ``[N + 1]`` integer offsets of each sequence's queries in q.
         slots_N (torch.Tensor): ``[N]`` integer cache slot of each sequence.
         kv_lens_N (torch.Tensor): ``[N]`` integer key count of each sequence (cached + new), ``<= L``.
@@ -155,16 +158,20 @@ def cached_attention(
         max_kv (int): upper bound of the kv_lens_N (host int). The kernels here loop to each sequence's own
             length and do not need it; it is part of the signature for backends that size work from it.
         numerics (Numerics): row by row: the reference, row by row (see ``causal_attention``). Default: ``FAST``.
+        pages (Pages, Optional): the block table and page size. Default: laid out by slot.
 
     Returns:
         ``[T, H, K]`` in the dtype of q.
     """
+    table, page = (None, None) if pages is None else (pages.table, pages.size)
     if use_kernel(q_THK, numerics, op="cached_attention"):
         from league.ops.attention.triton import cached_attention_fwd
 
-        return cached_attention_fwd(q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q)
+        return cached_attention_fwd(
+            q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, table, page
+        )
     return cached_attention_reference(
-        q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, numerics
+        q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, numerics, table, page
     )
 
 
@@ -179,14 +186,20 @@ def cached_attention_reference(
     max_q: int,
     max_kv: int,
     numerics: Numerics = FAST,
+    table: torch.Tensor | None = None,
+    page: int | None = None,
 ) -> torch.Tensor:
-    """``cached_attention`` as a loop of ``causal_attention`` over each sequence's slot (reads the index tensors
-    on the host). Same arguments."""
+    """``cached_attention`` as a loop of ``causal_attention`` over each sequence's keys, gathered from its blocks
+    (reads the index tensors on the host). Same arguments, the pages as their ``[slots, max_blocks]`` block
+    ``table`` and ``page`` size (default: one block per slot)."""
     bounds, slots, kv_lens = cu_seqlens_q_N1.tolist(), slots_N.tolist(), kv_lens_N.tolist()
+    page = page or k_cache.shape[1]
     out_THK = torch.empty_like(q_THK)
     for start, end, slot, kv_len in zip(bounds[:-1], bounds[1:], slots, kv_lens):
         if end > start:
-            keys, values = k_cache[slot, :kv_len], v_cache[slot, :kv_len]
+            blocks = table[slot, : -(-kv_len // page)] if table is not None else torch.tensor([slot])
+            blocks = blocks.to(k_cache.device)
+            keys, values = k_cache[blocks].flatten(0, 1)[:kv_len], v_cache[blocks].flatten(0, 1)[:kv_len]
             out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, numerics)
     return out_THK
 
@@ -237,7 +250,10 @@ def attention_as_decode_kernel(
     def kernel(q, k, v):
         starts_N, lens_N = cu_seqlens_N1[:-1], cu_seqlens_N1[1:] - cu_seqlens_N1[:-1]
         k_cache, v_cache = _as_slots(k, max_seqlen), _as_slots(v, max_seqlen)
-        return cached_attention_fwd(q, k_cache, v_cache, cu_seqlens_N1, starts_N, lens_N, scale, max_seqlen)
+        seqs_N = torch.arange(starts_N.shape[0], device=q.device)  # sequence i's one block starts at row cu[i]
+        return cached_attention_fwd(
+            q, k_cache, v_cache, cu_seqlens_N1, seqs_N, lens_N, scale, max_seqlen, starts_N[:, None], max_seqlen
+        )
 
     def reference(q, k, v):
         return varlen_causal_attention(q, k, v, cu_seqlens_N1, max_seqlen, scale)

@@ -1,10 +1,10 @@
 """Triton kernel of ``attention.cached_attention``: causal GQA attention of new query tokens over keys read in
-place from per-sequence cache slots (no gather copy). It neither writes the cache nor decides which sequences
-share a batch; ``attention.cached_attention_reference`` defines its result.
+place from the cache's blocks through each sequence's block table (no gather copy). It neither writes the cache nor
+decides which sequences share a batch; ``attention.cached_attention_reference`` defines its result.
 
 Imported only when Triton is installed. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
 
-Legend: T query tokens, N sequences, H query heads, G KV heads, K head dim, L cache length per slot;
+Legend: T query tokens, N sequences, H query heads, G KV heads, K head dim, P positions per block;
 inside the kernel M rows of a tile (query x head of one group), N keys of a block, D padded head dim.
 """
 
@@ -24,7 +24,10 @@ def _cached_attention_kernel(
     cu_q_ptr,
     slots_ptr,
     kv_lens_ptr,
+    table_ptr,
     scale_log2,
+    stride_table,
+    page,
     stride_qt,
     stride_qh,
     stride_ks,
@@ -69,8 +72,9 @@ def _cached_attention_kernel(
         mask=row_ok_M[:, None] & dim_ok_D[None, :],
         other=0.0,
     )
-    k_base = k_ptr + slot * stride_ks + kv_head * stride_kg
-    v_base = v_ptr + slot * stride_vs + kv_head * stride_vg
+    blocks_base = table_ptr + slot * stride_table
+    k_base = k_ptr + kv_head * stride_kg
+    v_base = v_ptr + kv_head * stride_vg
 
     m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_M = tl.zeros([BLOCK_M], tl.float32)
@@ -81,8 +85,12 @@ def _cached_attention_kernel(
     for kv_first in range(0, kv_end, BLOCK_N):
         keys_N = kv_first + tl.arange(0, BLOCK_N)
         key_ok_N = keys_N < kv_len
+        # each key's block and row in it (a tile of keys may span blocks)
+        block_N = tl.load(blocks_base + keys_N // page, mask=key_ok_N, other=0).to(tl.int64)
+        k_off_N = block_N * stride_ks + (keys_N % page) * stride_kl
+        v_off_N = block_N * stride_vs + (keys_N % page) * stride_vl
         k_DN = tl.load(
-            k_base + keys_N[None, :] * stride_kl + dims_D[:, None],
+            k_base + k_off_N[None, :] + dims_D[:, None],
             mask=key_ok_N[None, :] & dim_ok_D[:, None],
             other=0.0,
         )
@@ -94,7 +102,7 @@ def _cached_attention_kernel(
         p_MN = tl.exp2(s_MN - m_new_M[:, None])
         l_M = l_M * alpha_M + tl.sum(p_MN, 1)
         v_ND = tl.load(
-            v_base + keys_N[:, None] * stride_vl + dims_D[None, :],
+            v_base + v_off_N[:, None] + dims_D[None, :],
             mask=key_ok_N[:, None] & dim_ok_D[None, :],
             other=0.0,
         )
@@ -117,6 +125,8 @@ def cached_attention_fwd(
     kv_lens_N: torch.Tensor,
     scale: float,
     max_q: int,
+    table: torch.Tensor | None = None,
+    page: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel over a grid of (N, ceil(max_q / BLOCK_Q), G); reads no device value on the host.
 
@@ -125,18 +135,25 @@ def cached_attention_fwd(
 
     Args:
         q_THK (torch.Tensor): ``[T, H, K]``.
-        k_cache, v_cache (torch.Tensor): ``[num_slots, L, G, K]``, last dim contiguous.
+        k_cache, v_cache (torch.Tensor): ``[num_blocks, P, G, K]``, last dim contiguous.
         cu_seqlens_q_N1 (torch.Tensor): ``[N + 1]`` query offsets.
         slots_N, kv_lens_N (torch.Tensor): ``[N]`` slot and key count of each sequence.
         scale (float): score scale.
         max_q (int): upper bound of the per-sequence query counts.
+        table (torch.Tensor, Optional): ``[slots, max_blocks]`` block ids: position p of slot s is row ``p % P`` of
+            block ``table[s, p // P]``. Default: block s for slot s (a cache laid out by slot).
+        page (int, Optional): P, positions per block. Default: the cache's second dim.
 
     Returns:
         ``[T, H, K]`` in the dtype of q.
     """
+    if table is None:
+        table = torch.arange(k_cache.shape[0], device=k_cache.device)[:, None]
+    page = page or k_cache.shape[1]
     num_tokens, num_heads, head_dim = q_THK.shape
     num_kv_heads = k_cache.shape[2]
     assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert table.shape[1] == 1 or table.stride(1) == 1
     q_THK = q_THK if q_THK.stride(-1) == 1 else q_THK.contiguous()
     out_THK = torch.empty(q_THK.shape, dtype=q_THK.dtype, device=q_THK.device)
     num_seqs = slots_N.shape[0]
@@ -156,7 +173,10 @@ def cached_attention_fwd(
         cu_seqlens_q_N1,
         slots_N,
         kv_lens_N,
+        table,
         scale * _LOG2E,
+        table.stride(0),
+        page,
         q_THK.stride(0),
         q_THK.stride(1),
         k_cache.stride(0),
