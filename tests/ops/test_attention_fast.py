@@ -67,15 +67,41 @@ def test_varlen_reference_equals_per_sequence_calls(numerics):
 def test_cached_reference_equals_per_sequence_calls(numerics):
     q_lens, kv_lens, slots = [1, 4, 37, 0], [70, 33, 87, 0], [5, 0, 3, 7]
     q, k_cache, v_cache, cu, slots_N, kv_lens_N = cache_batch(q_lens, kv_lens, slots, 4, 2, 32)
-    out = cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics)
-    assert torch.equal(
-        out,
-        cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics),
-    )
+    out = cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics)
+    if numerics.row_by_row:  # the dispatcher runs the reference
+        assert torch.equal(
+            out, cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, numerics)
+        )
     bounds = cu.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         keys, values = k_cache[slots[i], : kv_lens[i]], v_cache[slots[i], : kv_lens[i]]
         assert torch.equal(out[start:end], causal_attention(q[start:end], keys, values, 32**-0.5, numerics))
+
+
+@pytest.mark.parametrize("page", [None, 1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_attention_equals_the_reference(page, dtype):
+    """The CPU's batched form (every sequence's keys gathered and padded, one masked softmax) against the per-sequence
+    reference: decode, verify, chunked prefill and an empty padding sequence in one batch, through a block table."""
+    from league.models.qwen3_5_moe import Pages
+    from league.ops.attention import cached_attention_padded, padded_fits
+
+    q_lens, kv_lens, slots = [1, 4, 37, 0, 1], [70, 33, 87, 0, 1], [5, 0, 3, 7, 2]
+    q, k_cache, v_cache, cu, slots_N, kv_lens_N = cache_batch(q_lens, kv_lens, slots, 8, 2, 32)
+    q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+    pages = None
+    if page is not None:
+        k_cache, v_cache, table = paged_copy(k_cache, v_cache, page)
+        pages = Pages(table=table, size=page)
+    table_args = (pages.table, page) if pages else ()
+    ref = cached_attention_reference(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, FAST, *table_args)
+    out = cached_attention_padded(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 37, 87, *table_args)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert padded_fits(q, FAST) and not padded_fits(q, BATCH_INVARIANT)
+    # the dispatcher reads the batch's true bounds (a continuing batch passes placeholders)
+    dispatched = cached_attention(q, k_cache, v_cache, cu, slots_N, kv_lens_N, 32**-0.5, 1, 2, FAST, pages)
+    assert torch.equal(dispatched, out)
 
 
 def test_fresh_cache_equals_varlen():

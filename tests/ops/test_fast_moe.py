@@ -68,10 +68,12 @@ def test_grouped_is_deterministic():
     assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
 
-def test_dispatch_keeps_reference_on_cpu_and_in_batch_invariant_mode():
+def test_dispatch_on_cpu_and_in_batch_invariant_mode():
+    """On CPU a few experts run densely (close to the reference; ``test_moe_dense``); batch-invariant numerics keep
+    the reference."""
     x, w_gate_up, w_down, weights, experts = (t.detach() for t in make_inputs(9, 24, 4, 8, 2, 4))
     ref = swiglu_experts_reference(x, w_gate_up, w_down, weights, experts)
-    assert torch.equal(swiglu_experts(x, w_gate_up, w_down, weights, experts), ref)
+    torch.testing.assert_close(swiglu_experts(x, w_gate_up, w_down, weights, experts), ref, atol=1e-6, rtol=1e-5)
     assert torch.equal(
         swiglu_experts_reference(x, w_gate_up, w_down, weights, experts, BATCH_INVARIANT),
         swiglu_experts(x, w_gate_up, w_down, weights, experts, BATCH_INVARIANT),

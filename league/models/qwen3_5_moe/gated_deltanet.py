@@ -140,15 +140,20 @@ class GatedDeltaNet(nn.Module):
                 mixed_NTC, self.conv_weight, cache.conv, batch.slots_t, fresh, batch.seq_lens_t, window_steps
             )
             return conv_NTC, None
-        windows = mixed_NTC.new_zeros(mixed_NTC.shape[0], mixed_NTC.shape[2], self.conv_weight.shape[1] - 1)
-        if cache is not None:
-            resume = batch.cache_lens_t > 0
-            windows = torch.where(resume[:, None, None], cache.conv[batch.slots_t].to(windows.dtype), windows)
+        if cache is not None and all(batch.cache_lens):  # every sequence continues (decode, verify): its window
+            windows = cache.conv[batch.slots_t].to(mixed_NTC.dtype)
+        else:
+            windows = mixed_NTC.new_zeros(mixed_NTC.shape[0], mixed_NTC.shape[2], self.conv_weight.shape[1] - 1)
+            if cache is not None:
+                resume = batch.cache_lens_t > 0
+                windows = torch.where(resume[:, None, None], cache.conv[batch.slots_t].to(windows.dtype), windows)
         return causal_conv1d_batched(mixed_NTC, self.conv_weight, windows, batch.numerics)
 
     def _initial_states(self, mixed_TC, batch: ForwardBatch, cache: GDNCache | None) -> torch.Tensor:
         """``[N, Hv, K, V]`` states to start from: the slots' (resumed sequences) or zeros, in fp32 (fp64 for fp64)."""
         acc = torch.promote_types(mixed_TC.dtype, torch.float32)
+        if cache is not None and all(batch.cache_lens):  # every sequence continues: its slot's state
+            return cache.ssm[batch.slots_t].to(acc)
         states = mixed_TC.new_zeros(len(batch.seq_lens), self.num_v_heads, self.k_dim, self.v_dim, dtype=acc)
         if cache is None:
             return states

@@ -164,6 +164,13 @@ def cached_attention(
         ``[T, H, K]`` in the dtype of q.
     """
     table, page = (None, None) if pages is None else (pages.table, pages.size)
+    if padded_fits(q_THK, numerics):
+        # on the host here: the batch's own bounds (a continuing batch's host lengths are placeholders)
+        max_q, max_kv = int((cu_seqlens_q_N1[1:] - cu_seqlens_q_N1[:-1]).max()), int(kv_lens_N.max())
+        if len(slots_N) * q_THK.shape[1] * max_q * max_kv <= PADDED_MAX_SCORES:
+            return cached_attention_padded(
+                q_THK, k_cache, v_cache, cu_seqlens_q_N1, slots_N, kv_lens_N, scale, max_q, max_kv, table, page
+            )
     if use_kernel(q_THK, numerics, op="cached_attention"):
         from league.ops.attention.triton import cached_attention_fwd
 
@@ -201,6 +208,66 @@ def cached_attention_reference(
             blocks = blocks.to(k_cache.device)
             keys, values = k_cache[blocks].flatten(0, 1)[:kv_len], v_cache[blocks].flatten(0, 1)[:kv_len]
             out_THK[start:end] = causal_attention(q_THK[start:end], keys, values, scale, numerics)
+    return out_THK
+
+
+PADDED_MAX_SCORES = 1 << 22
+"""Most scores (sequences x heads x queries x keys) :func:`cached_attention_padded` computes at once."""
+
+
+def padded_fits(q_THK: torch.Tensor, numerics: Numerics) -> bool:
+    """Whether :func:`cached_attention` may run :func:`cached_attention_padded`: on CPU (no kernel there, and the
+    batch's bounds are read on the host), numerics not row by row, no gradient; it then does where the batch's padded
+    scores stay under :data:`PADDED_MAX_SCORES`."""
+    return not (q_THK.is_cuda or numerics.row_by_row or (torch.is_grad_enabled() and q_THK.requires_grad))
+
+
+def cached_attention_padded(
+    q_THK: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q_N1: torch.Tensor,
+    slots_N: torch.Tensor,
+    kv_lens_N: torch.Tensor,
+    scale: float,
+    max_q: int,
+    max_kv: int,
+    table: torch.Tensor | None = None,
+    page: int | None = None,
+) -> torch.Tensor:
+    """:func:`cached_attention` of all N sequences at once: each sequence's keys gathered from its blocks and padded to
+    ``max_kv``, its queries padded to ``max_q``, one batched softmax attention with the causal and length masks (fp32
+    scores, as :func:`causal_attention`). Reads no device value on the host: ``max_q`` and ``max_kv`` must be the
+    batch's true bounds. Same arguments as :func:`cached_attention_reference`; equal to it to fp32 rounding (the sums
+    are batched)."""
+    num_seqs, (num_tokens, num_heads, dim) = slots_N.shape[0], q_THK.shape
+    num_kv_heads, device = k_cache.shape[2], q_THK.device
+    page = page or k_cache.shape[1]
+    if table is None:
+        table = torch.arange(k_cache.shape[0], device=device)[:, None]
+    acc = torch.promote_types(q_THK.dtype, torch.float32)
+    keys_L = torch.arange(max_kv, device=device)
+    blocks_NL = table[slots_N][:, keys_L // page]  # each key's block (keys past a sequence's length are masked)
+    rows_NL = blocks_NL * page + keys_L % page
+    k_NLGK, v_NLGK = k_cache.flatten(0, 1)[rows_NL], v_cache.flatten(0, 1)[rows_NL]
+    q_lens_N = cu_seqlens_q_N1[1:] - cu_seqlens_q_N1[:-1]
+    # the packed queries in [N, max_q] rows: query i of sequence n is packed row cu[n] + i
+    queries_Q = torch.arange(max_q, device=device)
+    valid_NQ = queries_Q[None] < q_lens_N[:, None]
+    rows_NQ = torch.where(valid_NQ, cu_seqlens_q_N1[:-1, None] + queries_Q[None], 0)
+    q_NQHK = q_THK[rows_NQ]
+    groups = num_heads // num_kv_heads
+    q_NGHQK = q_NQHK.view(num_seqs, max_q, num_kv_heads, groups, dim).permute(0, 2, 3, 1, 4).to(acc)
+    k_NGKL = k_NLGK.permute(0, 2, 3, 1).to(acc)[:, :, None]
+    scores = (q_NGHQK @ k_NGKL) * scale  # [N, G, groups, Q, L]
+    last_NQ = kv_lens_N[:, None] - q_lens_N[:, None] + queries_Q[None]  # the last key each query sees
+    visible_NQL = keys_L[None, None] <= last_NQ[:, :, None]
+    scores = scores.masked_fill(~visible_NQL[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num_(0.0)  # padding queries see no key
+    out_NGHQK = probs @ v_NLGK.permute(0, 2, 1, 3).to(acc)[:, :, None]
+    out_NQHK = out_NGHQK.permute(0, 3, 1, 2, 4).reshape(num_seqs, max_q, num_heads, dim)
+    out_THK = q_THK.new_empty(num_tokens, num_heads, dim)
+    out_THK[rows_NQ[valid_NQ]] = out_NQHK[valid_NQ].to(q_THK.dtype)
     return out_THK
 
 

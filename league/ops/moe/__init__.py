@@ -118,7 +118,47 @@ def swiglu_experts(
         return grouped_swiglu_experts_triton(*args, sort_pairs(experts_TA, w_gate_up_E2ID.shape[0]) if large else None)
     if fast and grouped_mm_fits(x_TD, w_gate_up_E2ID, w_down_EDI):
         return grouped_swiglu_experts(*args)
+    if dense_experts_fit(*args, numerics):
+        return swiglu_experts_dense(*args)
     return swiglu_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, weights_TA, experts_TA, numerics)
+
+
+DENSE_MAX_OVERHEAD = 4
+"""The most experts a token runs in :func:`swiglu_experts_dense` for each one it chose (E / A)."""
+
+
+def dense_experts_fit(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    weights_TA: torch.Tensor,
+    experts_TA: torch.Tensor,
+    numerics: Numerics = FAST,
+) -> bool:
+    """Whether the CPU runs :func:`swiglu_experts_dense`: not on CUDA, numerics not row by row, no gradient wanted,
+    and few enough experts that running every one for every token costs at most :data:`DENSE_MAX_OVERHEAD` times
+    the chosen ones' work (a tiny model's handful of experts: a few large matmuls instead of a loop of small ones)."""
+    if x_TD.is_cuda or numerics.row_by_row or (torch.is_grad_enabled() and x_TD.requires_grad):
+        return False
+    return w_gate_up_E2ID.shape[0] <= DENSE_MAX_OVERHEAD * experts_TA.shape[1]
+
+
+def swiglu_experts_dense(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    weights_TA: torch.Tensor,
+    experts_TA: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`swiglu_experts` with every expert run for every token (batched matmuls), each token's output the sum of
+    its chosen experts' weighted outputs (the others weighted 0); equal to :func:`swiglu_experts_reference` to
+    rounding. Forward only."""
+    num_experts, two_i = w_gate_up_E2ID.shape[0], w_gate_up_E2ID.shape[1]
+    gate_up_ETI = torch.matmul(x_TD[None], w_gate_up_E2ID.transpose(1, 2))
+    gate, up = gate_up_ETI.split(two_i // 2, dim=-1)
+    y_ETD = torch.matmul(silu(gate) * up, w_down_EDI.transpose(1, 2))
+    weights_TE = x_TD.new_zeros(x_TD.shape[0], num_experts).scatter_(1, experts_TA, weights_TA.to(x_TD.dtype))
+    return torch.einsum("etd,te->td", y_ETD, weights_TE)
 
 
 def swiglu_experts_reference(
