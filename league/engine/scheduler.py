@@ -138,6 +138,8 @@ class Scheduler:
             needed = self.admission_blocks(len(leader.fill_ids), len(group)) - len(match.blocks)
             if self.blocks.num_free < needed and self.radix is not None:
                 self.radix.evict(blocks=needed)
+                match = self._match(leader)  # eviction may have dropped (part of) the prefix it matched
+                needed = self.admission_blocks(len(leader.fill_ids), len(group)) - len(match.blocks)
             if self.blocks.num_free < needed:
                 return
             self.waiting.popleft()

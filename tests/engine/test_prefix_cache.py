@@ -291,3 +291,89 @@ def test_a_pool_smaller_than_one_request_is_refused(model):
     eng = engine(model, max_total_tokens=100, context_length=90, page_size=4, max_running_requests=32)  # 25 blocks
     with pytest.raises(ValueError, match=r"need 26 cache blocks of 4 tokens; the engine has 25 \(max_total_tokens\)"):
         eng.add_request(tokens(20, 1), SamplingParams(), n=21)
+
+
+def check_blocks(eng) -> None:
+    """Every block a running request or the prefix cache holds is held (counted once per holder) and not free; no
+    request lists a block twice; every other block is free."""
+    sched = eng.scheduler
+    holders = [b for r in sched.running for b in r.blocks]
+    if sched.radix is not None:
+        holders += [b for node in sched.radix._nodes() for b in node.blocks]
+    counts = {b: holders.count(b) for b in set(holders)}
+    assert all(len(set(r.blocks)) == len(r.blocks) for r in sched.running)
+    assert all(sched.blocks.refs[b] == n for b, n in counts.items()), "a block's references"
+    free = set(sched.blocks.free)
+    assert not free & counts.keys() and len(free) == len(sched.blocks.free)
+    assert len(free) + len(counts) == sched.blocks.num_blocks
+
+
+@pytest.mark.parametrize("spec", [{}, SPEC], ids=["plain", "speculative"])
+def test_a_tight_pool_under_a_mixed_workload_keeps_its_blocks_straight(model, spec):
+    """Repeated, extended and new prompts of mixed lengths arriving over time, in a pool of about two requests at
+    their longest with few snapshot slots: after every step each block is held by exactly its holders (eviction,
+    copy on write, preemption), and every output equals the roomy engine's."""
+    base = [tokens(n, 200 + i) for i, n in enumerate([23, 9, 30, 14])]
+    prompts = [base[0], base[1], base[0] + tokens(7, 300), base[2], base[0], base[3], base[2] + tokens(5, 301)]
+    prompts += [base[0], base[2], base[0] + tokens(7, 300)]
+    params = [SamplingParams(max_new_tokens=10 + 5 * (i % 4), temperature=1.0, seed=i) for i in range(len(prompts))]
+    tight = engine(model, max_total_tokens=128, max_mamba_cache_size=3, context_length=96, **spec)
+    done = {}
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        tight.add_request(p, sp, rid=f"r{i}")
+        for _ in range(2):  # a few steps between arrivals
+            done |= {o.rid: o for o in tight.step()}
+            check_blocks(tight)
+    while tight.has_unfinished():
+        done |= {o.rid: o for o in tight.step()}
+        check_blocks(tight)
+    roomy = engine(model, disable_radix_cache=True, context_length=96, **spec)
+    want = roomy.generate(prompts, params)
+    assert results([done[f"r{i}"] for i in range(len(prompts))]) == results(want)
+    metrics = tight.cache_metrics()
+    assert metrics["evicted_blocks"] > 0 and metrics["cached_tokens"] > 0 and metrics["preemptions"] > 0
+
+
+class Memory:
+    """The scheduler's memory without a model: records the block-table rows it is given."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def copy_blocks(self, src, dst):
+        pass
+
+    def copy_states(self, src, dsts):
+        pass
+
+    def set_blocks(self, slot, blocks):
+        self.rows[slot] = list(blocks)
+
+
+def test_admission_does_not_reuse_a_prefix_its_eviction_dropped():
+    """A request matches a cached prefix, but the blocks it needs are only free once the prefix cache is evicted,
+    that prefix included: it must not keep the prefix's blocks (freed, and handed out again), and waits."""
+    from league.engine.request import Request
+    from league.engine.scheduler import Paging, Scheduler
+
+    sched = Scheduler(2, 2, 64, paging=Paging(page_size=2, num_blocks=10, snapshot_slots=range(5, 8)), memory=Memory())
+    running = Request(rid="r", prompt_ids=[9] * 5, params=SamplingParams(), seed=0)
+    running.group = [running]
+    sched.add(running)
+    sched.schedule()  # admitted: 3 blocks of its own
+    prefix = [sched.blocks.allocate() for _ in range(2)]
+    other = [sched.blocks.allocate() for _ in range(2)]
+    sched.radix.insert([1, 2, 3, 4], prefix, snapshot=sched.take_snapshot_slot())
+    sched.radix.insert([7, 7, 7, 7], other, snapshot=None)
+    for block in prefix + other:  # only the cache holds them now
+        sched.blocks.release(block)
+    assert sched.blocks.num_free == 3
+    new = Request(rid="n", prompt_ids=[1, 2, 3, 4, *range(10, 21)], params=SamplingParams(), seed=0)
+    new.group = [new]
+    sched.add(new)
+    sched.schedule()  # 15 tokens: 8 blocks, 6 beyond the cached prefix: the cache is evicted whole, 7 free
+    assert new.slot is None and sched.waiting[0] is new and sched.blocks.num_free == 7
+    running.finish_reason = "stop"
+    sched.collect_finished()
+    sched.schedule()  # room now: admitted without the prefix, every block its own
+    assert new.slot is not None and new.num_prefilled == 0 and len(set(new.blocks)) == len(new.blocks) == 8
