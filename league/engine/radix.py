@@ -11,6 +11,7 @@ Not responsible for copying states or blocks (the model runner) or for when snap
 Legend: P positions per block (the page size).
 """
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -152,12 +153,24 @@ class RadixCache:
 
     def evict(self, blocks: int = 0, snapshots: int = 0) -> None:
         """Drop least recently used leaves until ``blocks`` blocks and ``snapshots`` snapshot slots are free (or
-        the tree is empty). A block also held by a running request is freed only when that request lets it go."""
-        while self.blocks.num_free < blocks or self.snapshots.num_free < snapshots:
-            leaves = [n for n in self._nodes() if not n.children and n is not self.root]
-            if not leaves:
-                return
-            self._drop(min(leaves, key=lambda n: n.last_use))
+        the tree is empty); a parent left without children is a leaf in its turn. A block also held by a running
+        request is freed only when that request lets it go."""
+
+        def short() -> bool:
+            return self.blocks.num_free < blocks or self.snapshots.num_free < snapshots
+
+        if not short():
+            return
+        leaves = [(n.last_use, id(n), n) for n in self._nodes() if not n.children and n is not self.root]
+        heapq.heapify(leaves)
+        while short() and leaves:
+            leaf = heapq.heappop(leaves)[2]
+            if leaf.children or leaf.parent is None or leaf.parent.children.get(leaf.tokens[: self.page]) is not leaf:
+                continue  # no longer a leaf of the tree (merged into its child)
+            parent = leaf.parent
+            self._drop(leaf)
+            if parent is not self.root and not parent.children:
+                heapq.heappush(leaves, (parent.last_use, id(parent), parent))
 
     def _drop(self, leaf: Node) -> None:
         for block in leaf.blocks:
@@ -173,6 +186,7 @@ class RadixCache:
             child.tokens, child.blocks = parent.tokens + child.tokens, parent.blocks + child.blocks
             child.parent = parent.parent
             parent.parent.children[parent.tokens[: self.page]] = child
+            parent.parent, parent.children = None, {}  # merged away
 
     def flush(self) -> None:
         """Drop everything (after a weight update, or on request)."""
