@@ -205,4 +205,6 @@ def test_the_reference_optimizer_flags():
     assert "no such folder" in result.stderr  # the checks pass; this machine lacks the checkpoint
     result, config = dry_run(*ONE_RANK, "--overlap-cpu-optimizer-d2h-h2d")
     assert config["optim"]["overlap_cpu_optimizer_d2h_h2d"] is True
-    assert result.exit_code == 1 and "`--overlap-cpu-optimizer-d2h-h2d` is not available yet" in result.stderr
+    assert "no such folder" in result.stderr  # accepted (the recipe offloads its optimizer)
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--overlap-cpu-optimizer-d2h-h2d"])
+    assert result.exit_code == 1 and "it needs `--optimizer-cpu-offload`" in result.stderr

@@ -6,6 +6,7 @@ weights beside bf16 parameters.
 Not responsible for which parameters train (the caller passes them) nor for the loss.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -46,8 +47,10 @@ class OptimConfig:
     optimizer_cpu_offload: bool = False
     """Keep fp32 master weights and Adam states on the CPU and step there."""
     overlap_cpu_optimizer_d2h_h2d: bool = False
-    """With the CPU-offloaded optimizer, stream gradients to the host and parameters back on side streams during the
-    backward (the reference's name). Not available yet: the run refuses it (the copies run after the backward)."""
+    """With the CPU-offloaded optimizer, step in buckets of parameters pipelined with their copies (the reference's
+    name): every bucket's gradients stream to pinned host buffers on a side stream at once, each bucket is updated on
+    the host as soon as its gradients have arrived, and its parameters stream back on another side stream while the
+    next bucket updates. Same numbers as without it."""
     use_precision_aware_optimizer: bool = False
     """Megatron's precision-aware optimizer: low-precision (bf16) parameters stepped through fp32 master weights,
     gradients and Adam moments, at the precisions the four dtype options below name. league's optimizer always keeps
@@ -73,6 +76,11 @@ class OptimConfig:
             check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, 1, high_open=True)
         check_number("--adam-eps", self.adam_eps, 0, low_open=True)
         check_int("--lr-warmup-iters", self.lr_warmup_iters, 0)
+        if self.overlap_cpu_optimizer_d2h_h2d and not self.optimizer_cpu_offload:
+            raise ValueError(
+                "`--overlap-cpu-optimizer-d2h-h2d` overlaps the copies of the CPU-offloaded optimizer: it needs "
+                "`--optimizer-cpu-offload` (as in the reference)"
+            )
         if self.lr_decay_iters is not None:
             check_int("--lr-decay-iters", self.lr_decay_iters, 1)
         for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
@@ -102,6 +110,11 @@ def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
     return config.min_lr + (config.lr - config.min_lr) * factor
 
 
+BUCKET_ELEMENTS = 1 << 25
+"""Elements (128 MiB of fp32 masters) a bucket of the overlapped offloaded step holds at most (one parameter larger
+than that is a bucket of its own)."""
+
+
 class Optimizer:
     """AdamW over the given parameters, stepping on their device or on the CPU (offload).
 
@@ -118,12 +131,19 @@ class Optimizer:
     update are each rank's own part, and the gradient norm is the global one (the shards' squares summed over
     ``group``).
 
+    With offload and ``overlap_cpu_optimizer_d2h_h2d`` the parameters are stepped in buckets of at most
+    ``bucket_elements`` elements, one AdamW each (the same per-element arithmetic as one AdamW over all of them, so
+    the same numbers), their copies pipelined with the host's work (:meth:`_overlapped_step`); the masters and
+    gradient buffers are then pinned when CUDA is present.
+
     Args:
         params (list[tuple[str, torch.nn.Parameter]]): named trainable parameters.
         config (OptimConfig): settings.
         fused (bool, Optional): force torch's fused AdamW on or off.
             Default: ``None`` (fused when every master is on CUDA).
         group (ProcessGroup, Optional): the ranks the parameters are sharded over. Default: ``None`` (one process).
+        bucket_elements (int): the most elements a bucket of the overlapped step holds. Default:
+            :data:`BUCKET_ELEMENTS`.
     """
 
     def __init__(
@@ -132,9 +152,12 @@ class Optimizer:
         config: OptimConfig,
         fused: bool | None = None,
         group: dist.ProcessGroup | None = None,
+        bucket_elements: int = BUCKET_ELEMENTS,
     ):
         self.config, self.params, self.group = config, params, group
         self.offload = config.optimizer_cpu_offload
+        self.overlap = self.offload and config.overlap_cpu_optimizer_d2h_h2d
+        pin = self.overlap and torch.cuda.is_available()
         low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for _, p in params)
         self.use_masters = self.offload or low_precision
         self.masters = [
@@ -143,19 +166,30 @@ class Optimizer:
             else _local(p)
             for _, p in params
         ]
-        self.master_grads = [torch.empty_like(m) for m in self.masters] if self.use_masters else []
+        if pin:
+            self.masters = [m.pin_memory() for m in self.masters]
+        self.master_grads = [torch.empty_like(m, pin_memory=pin) for m in self.masters] if self.use_masters else []
         self.copy_groups = _copy_groups([p for _, p in params], self.masters)
         if fused is None:
             fused = bool(self.masters) and all(m.is_cuda for m in self.masters)
-        decay = [m for (_, p), m in zip(params, self.masters) if p.ndim >= 2]
-        no_decay = [m for (_, p), m in zip(params, self.masters) if p.ndim < 2]
-        self.inner = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            fused=fused,
-        )
+        sizes = [m.numel() for m in self.masters]
+        self.buckets = _buckets(sizes, bucket_elements) if self.overlap else [list(range(len(params)))]
+        self.inners = []
+        for bucket in self.buckets:
+            decay = [self.masters[i] for i in bucket if params[i][1].ndim >= 2]
+            no_decay = [self.masters[i] for i in bucket if params[i][1].ndim < 2]
+            groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            self.inners.append(
+                torch.optim.AdamW(
+                    [g for g in groups if g["params"]] or groups[:1],
+                    lr=config.lr,
+                    betas=(config.adam_beta1, config.adam_beta2),
+                    eps=config.adam_eps,
+                    fused=fused,
+                )
+            )
+        self._inner_of = {id(self.masters[i]): inn for bucket, inn in zip(self.buckets, self.inners) for i in bucket}
+        self._streams = None
 
     def zero_grad(self) -> None:
         for _, p in self.params:
@@ -171,16 +205,57 @@ class Optimizer:
             norm = squares.sqrt().to(norm.dtype)
         if self.config.clip_grad > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(grads, self.config.clip_grad, norm)
-        for group in self.inner.param_groups:
-            group["lr"] = lr
+        for inner in self.inners:
+            for group in inner.param_groups:
+                group["lr"] = lr
+        if self.overlap:
+            self._overlapped_step()
+            return float(norm)
         self._grads_to_masters()
-        self.inner.step()
+        self.inners[0].step()
         if self.use_masters:
             with torch.no_grad():
                 for indices in self.copy_groups:
                     params = [_local(self.params[i][1]) for i in indices]
                     torch._foreach_copy_(params, [self.masters[i] for i in indices], non_blocking=True)
         return float(norm)
+
+    def _overlapped_step(self) -> None:
+        """The offloaded step in buckets: every bucket's gradient copies to the host queued at once on a side stream
+        (each bucket's end marked by an event), then bucket by bucket: wait for its gradients, update it on the host,
+        queue its parameters' copies back on a second side stream, so that the device copies the next buckets'
+        gradients and this bucket's parameters while the host updates. The compute stream waits for the copies back
+        before anything reads the parameters. Without CUDA the same steps run one after another."""
+        on_cuda = any(p.is_cuda for _, p in self.params)
+        if on_cuda and self._streams is None:
+            self._streams = torch.cuda.Stream(), torch.cuda.Stream()
+        to_host, to_device = self._streams if on_cuda else (None, None)
+        if on_cuda:
+            to_host.wait_stream(torch.cuda.current_stream())
+        arrived = []
+        with torch.no_grad():
+            for bucket in self.buckets:
+                with torch.cuda.stream(to_host) if on_cuda else contextlib.nullcontext():
+                    with_grad = [i for i in bucket if self.params[i][1].grad is not None]
+                    grads = [_local(self.params[i][1].grad) for i in with_grad]
+                    for i in bucket:
+                        self.masters[i].grad = self.master_grads[i] if i in with_grad else None
+                    if with_grad:
+                        torch._foreach_copy_([self.master_grads[i] for i in with_grad], grads, non_blocking=True)
+                    if on_cuda:
+                        for grad in grads:  # not reused by the compute stream before the copy has read it
+                            grad.record_stream(to_host)
+                        arrived.append(torch.cuda.Event())
+                        arrived[-1].record(to_host)
+            for k, (bucket, inner) in enumerate(zip(self.buckets, self.inners)):
+                if on_cuda:
+                    arrived[k].synchronize()
+                inner.step()
+                with torch.cuda.stream(to_device) if on_cuda else contextlib.nullcontext():
+                    params = [_local(self.params[i][1]) for i in bucket]
+                    torch._foreach_copy_(params, [self.masters[i] for i in bucket], non_blocking=True)
+        if on_cuda:
+            torch.cuda.current_stream().wait_stream(to_device)
 
     def _grads_to_masters(self) -> None:
         """Each master's ``.grad``: its fp32 buffer holding its parameter's (local) gradient, the local gradient itself
@@ -208,7 +283,7 @@ class Optimizer:
         optimizer's own (no copies): :meth:`load_state_dict` after filling them in place loads them."""
         state = {}
         for (name, p), master in zip(self.params, self.masters):
-            adam = self.inner.state.get(master) or _fresh_adam_state(master)
+            adam = self._inner_of[id(master)].state.get(master) or _fresh_adam_state(master)
             state[f"master.{name}"] = _like(p, master)
             state[f"exp_avg.{name}"] = _like(p, adam["exp_avg"])
             state[f"exp_avg_sq.{name}"] = _like(p, adam["exp_avg_sq"])
@@ -219,19 +294,34 @@ class Optimizer:
         """Continue from ``state`` (laid out as :meth:`state_dict`'s): the masters (and the parameters, rounded from
         them) are copied; Adam's moments and step counts are taken as they are (no copy: a resume fills
         :meth:`state_dict`'s fresh tensors and hands them back)."""
-        index = {id(m): i for i, m in enumerate(m for group in self.inner.param_groups for m in group["params"])}
-        adam = {}
+        index = {
+            id(m): i for inner in self.inners for i, m in enumerate(m for g in inner.param_groups for m in g["params"])
+        }
+        adam = {id(inner): {} for inner in self.inners}
         with torch.no_grad():
             for (name, p), master in zip(self.params, self.masters):
                 master.copy_(_local(state[f"master.{name}"]))
                 if self.use_masters:
                     _local(p).copy_(master)
-                adam[index[id(master)]] = {
+                adam[id(self._inner_of[id(master)])][index[id(master)]] = {
                     "step": state[f"step.{name}"],
                     "exp_avg": _local(state[f"exp_avg.{name}"]),
                     "exp_avg_sq": _local(state[f"exp_avg_sq.{name}"]),
                 }
-        self.inner.load_state_dict({"state": adam, "param_groups": self.inner.state_dict()["param_groups"]})
+        for inner in self.inners:
+            inner.load_state_dict({"state": adam[id(inner)], "param_groups": inner.state_dict()["param_groups"]})
+
+
+def _buckets(sizes: list[int], most: int) -> list[list[int]]:
+    """Consecutive indices grouped into buckets of at most ``most`` elements (a larger one alone)."""
+    buckets, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if buckets[-1] and total + size > most:
+            buckets.append([])
+            total = 0
+        buckets[-1].append(i)
+        total += size
+    return buckets if buckets[0] else []
 
 
 def _fresh_adam_state(master: torch.Tensor) -> dict[str, torch.Tensor]:

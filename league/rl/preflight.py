@@ -250,11 +250,6 @@ def check_job(job: JobConfig) -> ParallelDims:
         )
     check_samples_fit("--n-samples-per-prompt", rollout.n_samples_per_prompt, job)
     check_architecture(job.architecture, *policy_architecture(job))
-    if job.optim.overlap_cpu_optimizer_d2h_h2d:
-        raise ValueError(
-            "`--overlap-cpu-optimizer-d2h-h2d` is not available yet: league's offloaded optimizer copies gradients to "
-            "the host and parameters back after the backward, not overlapped with it; leave it out"
-        )
     check_engine(job, dims.dp * dims.tp * dims.cp * dims.pp)
     if job.algo.use_rollout_routing_replay and dims.tp * dims.cp * dims.pp > 1:
         raise ValueError(

@@ -1,6 +1,8 @@
 """The optimizer's fp32 master weights: bf16 parameters keep updates smaller than their precision, on their own
 device and with CPU offload, and the two give the same parameters; its state saved and loaded continues exactly."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -130,7 +132,7 @@ def test_step_equals_for_each_adamw_on_fp32_masters(device, fused):
     ref_masters, ref_params = reference_adamw(params, grads, config, lrs)
     named = [(f"p{i}", torch.nn.Parameter(p.clone())) for i, p in enumerate(params)]
     opt = Optimizer(named, config, fused=fused)
-    assert opt.inner.defaults["fused"] == (fused or device == "cuda")
+    assert opt.inners[0].defaults["fused"] == (fused or device == "cuda")
     for step_grads, lr in zip(grads, lrs):
         for (_, p), g in zip(named, step_grads):
             p.grad = None if g is None else g.clone()
@@ -142,6 +144,44 @@ def test_step_equals_for_each_adamw_on_fp32_masters(device, fused):
         else:
             torch.testing.assert_close(master, ref, rtol=2**-21, atol=1e-2 * 2**-21)
             assert torch.equal(p.detach(), master.to(p.dtype))
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))]
+)
+def test_overlapped_offload_steps_in_buckets_with_the_same_numbers(device):
+    """``--overlap-cpu-optimizer-d2h-h2d``: the offloaded step in buckets of at most 40 elements (several buckets,
+    one parameter larger than a bucket alone), each updated as its gradients arrive and copied back while the next
+    updates, gives bitwise the masters and parameters of the reference; its state saves and loads as the one-bucket
+    optimizer's. On CUDA (pinned host buffers, side streams) it equals the offloaded step without overlap."""
+    params, grads = adamw_inputs(device)
+    config = OptimConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0, optimizer_cpu_offload=True)
+    overlapped = dataclasses.replace(config, overlap_cpu_optimizer_d2h_h2d=True)
+    lrs = [1e-2] * len(grads)
+    runs = {}
+    for name, cfg in (("plain", config), ("overlap", overlapped)):
+        named = [(f"p{i}", torch.nn.Parameter(p.clone())) for i, p in enumerate(params)]
+        opt = Optimizer(named, cfg, bucket_elements=40)
+        for step_grads, lr in zip(grads, lrs):
+            for (_, p), g in zip(named, step_grads):
+                p.grad = None if g is None else g.clone()
+            opt.step(lr)
+        runs[name] = (opt, named)
+    opt, named = runs["overlap"]
+    sizes = [[opt.masters[i].numel() for i in bucket] for bucket in opt.buckets]
+    assert len(opt.buckets) > 1 and all(sum(b) <= 40 or len(b) == 1 for b in sizes)
+    assert all(m.device.type == "cpu" for m in opt.masters)
+    ref_masters, ref_params = runs["plain"][0].masters, [p.detach() for _, p in runs["plain"][1]]
+    if device == "cpu":  # and the plain offloaded step is torch's CPU AdamW on fp32 masters
+        assert all(torch.equal(m, r) for m, r in zip(ref_masters, reference_adamw(params, grads, config, lrs)[0]))
+    assert all(torch.equal(m, r) for m, r in zip(opt.masters, ref_masters))
+    assert all(torch.equal(p.detach(), r) for (_, p), r in zip(named, ref_params))
+    plain_state, state = runs["plain"][0].state_dict(), opt.state_dict()
+    assert plain_state.keys() == state.keys() and all(torch.equal(plain_state[k], state[k]) for k in state)
+    fresh = Optimizer([(n, torch.nn.Parameter(torch.zeros_like(p))) for n, p in named], overlapped, bucket_elements=40)
+    fresh.load_state_dict({k: v.clone() for k, v in state.items()})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.masters, opt.masters))
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in state)
 
 
 def test_precision_aware_optimizer_is_fp32_adam_on_masters():
@@ -157,7 +197,7 @@ def test_precision_aware_optimizer_is_fp32_adam_on_masters():
         for (_, p), g in zip(named, step_grads):
             p.grad = None if g is None else g.clone()
         opt.step(lr)
-    assert all(s.dtype == torch.float32 for state in opt.inner.state.values() for s in state.values() if s.ndim)
+    assert all(s.dtype == torch.float32 for state in opt.inners[0].state.values() for s in state.values() if s.ndim)
     assert all(torch.equal(m, r) for m, r in zip(opt.masters, ref_masters))
     assert all(torch.equal(p.detach(), r) for (_, p), r in zip(named, ref_params))
     with pytest.raises(ValueError, match="`--exp-avg-dtype` bf16: league's optimizer keeps fp32"):
