@@ -96,7 +96,7 @@ def parallelize_qwen3_5_moe(
             raise ValueError(f"expert-parallel sizes ep {dims.ep} x etp {dims.etp} need an expert mesh")
         apply_ep(model, expert_mesh)
     if recompute:
-        apply_recompute(held_layers(model), Recompute() if recompute is True else recompute)
+        apply_recompute(held_layers(model), Recompute() if recompute is True else recompute, model)
     if mesh is not None and mesh.size() > 1:
         apply_fsdp(model, mesh, expert_mesh if experts_split else None, root=root)
     return model if root is None else root

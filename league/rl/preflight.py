@@ -153,7 +153,12 @@ def recompute_label(policy) -> str | None:
     """How the memory plan names a recompute it estimates as none (an upper bound); None for full or none."""
     if policy is None or policy.every_layer:
         return None
-    what = "selective" if policy.granularity == "selective" else f"block of {policy.num_layers} layers"
+    if policy.granularity == "selective":
+        what = "selective"
+    elif policy.method == "block":
+        what = f"block of {policy.num_layers} layers"
+    else:
+        what = f"uniform runs of {policy.num_layers} layers"
     return f"{what} recompute (estimated as none: an upper bound)"
 
 

@@ -102,10 +102,10 @@ class TrainConfig:
     recompute_granularity: str = "full"
     """``full`` (whole decoder layers) or ``selective`` (each layer's attention / GDN mixer only)."""
     recompute_method: str = "uniform"
-    """With ``full``: ``uniform`` (every layer, ``recompute_num_layers`` 1) or ``block`` (the first
-    ``recompute_num_layers`` layers of each rank's part)."""
+    """With ``full``: ``uniform`` (runs of ``recompute_num_layers`` layers, each recomputed as a unit) or ``block``
+    (the first ``recompute_num_layers`` layers of each rank's part)."""
     recompute_num_layers: int = 1
-    """Layers per unit (uniform: 1) or layers recomputed (block)."""
+    """Layers per unit (uniform; 1: every layer its own) or layers recomputed (block)."""
 
     @property
     def recompute_policy(self) -> "Recompute | None":

@@ -14,6 +14,7 @@ from league.parallel.dims import ParallelConfig, ParallelDims
 from league.parallel.launch import Ranks, make_ranks
 from league.parallel.parallelize import full_parameters, parallelize_qwen3_5_moe
 from league.parallel.pipeline import Pipeline
+from league.parallel.recompute import Recompute
 from league.rl.optim import OptimConfig
 from league.rl.trainer import AlgorithmConfig, TrainConfig, Trainer
 from tests.parallel.worlds import check
@@ -85,7 +86,7 @@ def layout(world: int, ep: int = 1, tp: int = 1, cp: int = 1, pp: int = 1, etp: 
     return make_ranks("cpu", world, ep, tp * cp, pp, etp), dims
 
 
-def parallel_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) -> tuple:
+def parallel_policy(world: int, recompute: bool | Recompute = False, seed: int = 0, **sizes) -> tuple:
     """The policy and a (different) reference model, each parallelized for the layout as a run does, and their
     pipeline stages (``(None, None)`` without pipeline parallelism)."""
     ranks, dims = layout(world, **sizes)
@@ -104,7 +105,7 @@ def sharded_policy(world: int, recompute: bool = False, seed: int = 0, **sizes) 
     return parallel_policy(world, recompute, seed, **sizes)[:2]
 
 
-def train_step(world: int, recompute: bool = False, **sizes) -> dict:
+def train_step(world: int, recompute: bool | Recompute = False, **sizes) -> dict:
     """One optimizer step (MTP, KL, entropy and TIS terms on) at one process and at the layout (``sizes``: ep, tp,
     cp, pp, etp): the metrics, the gathered gradients and the updated parameters. With pipeline stages, each rank
     compares the parameters its stage holds, and the whole-vector errors add up the stages' squared sums."""
@@ -303,6 +304,18 @@ def ep2_engine_replica_sync(world: int) -> dict:
 @check(world=2)
 def pp2_train_step(world: int) -> dict:
     return train_step(world, pp=2)
+
+
+@check(world=2)
+def ep2_uniform2_train_step(world: int) -> dict:
+    """Recompute in runs of 2 layers (FSDP2 gathers each layer's shards again inside the run's recompute)."""
+    return train_step(world, ep=2, recompute=Recompute("full", "uniform", 2))
+
+
+@check(world=2)
+def pp2_uniform2_train_step(world: int) -> dict:
+    """Runs of 2 layers within each pipeline stage's own layers."""
+    return train_step(world, pp=2, recompute=Recompute("full", "uniform", 2))
 
 
 @check(world=2)
