@@ -151,9 +151,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.in_flight = None
-        for _, _, slot in self._pending_snapshots:
-            self.scheduler.radix.snapshots.release(slot)
-        self._pending_snapshots = []
+        self.flush_cache()  # the step may have left the caches half-written
         self.scheduler.drop_running()
         return {m.rid for leader in self.scheduler.waiting for m in leader.group}
 
@@ -250,18 +248,17 @@ class LLMEngine:
 
     # the prefix cache's GDN snapshots -------------------------------------------------------------------------
 
-    def _snapshot(self, r: Request, length: int) -> int | None:
+    def _snapshot(self, r: Request, length: int) -> None:
         """Copy ``r``'s GDN states (which are after its first ``length`` tokens) into a snapshot slot now (on the
         device, behind the forward that made them); the prefix cache takes them with ``r``'s first ``length`` tokens
-        once those are all on the host and every MTP row before them is computed (:meth:`_cache_snapshots`). Returns
-        the slot (None: no cache, not at a block boundary, or no slot to be had)."""
+        once those are all on the host and every MTP row before them is computed (:meth:`_cache_snapshots`). Nothing
+        without the cache, off a block boundary, or when no snapshot slot is to be had."""
         if self.scheduler.radix is None or length % self.paging.page_size or length == 0:
-            return None
+            return
         slot = self.scheduler.take_snapshot_slot()
         if slot is not None:
             self.runner.copy_states(r.slot, [slot])
             self._pending_snapshots.append((r, length, slot))
-        return slot
 
     def _cache_snapshots(self) -> None:
         """Hand the prefix cache the snapshots that are ready (see :meth:`_snapshot`); give back those of requests
@@ -436,16 +433,16 @@ class LLMEngine:
     def _snapshot_crossings(self, reqs: list[Request], crossing, committed: list[int], accepted: list[int]) -> None:
         """After the verify: where a request's accepted tokens passed the multiple, its states there (the copy from
         before the verify stepped over the tokens up to it) wait for the prefix cache; the other copies go back."""
-        rows, slots, counts = [], [], []
+        passed = []
         for row, boundary, slot in crossing:
-            if committed[row] + accepted[row] + 1 >= boundary:
-                rows.append(row), slots.append(slot), counts.append(boundary - committed[row] - 1)
+            if committed[row] + accepted[row] + 1 >= boundary:  # the committed tokens reach the multiple
+                passed.append((row, boundary, slot))
             else:
                 self.scheduler.radix.snapshots.release(slot)
-        if rows:
-            self.runner.commit_part(rows, slots, counts)
-        for row, slot, count in zip(rows, slots, counts):
-            self._pending_snapshots.append((reqs[row], committed[row] + count + 1, slot))
+        if passed:  # each copy stepped over the tokens up to the multiple (accepted count boundary - committed - 1)
+            rows, slots = [row for row, _, _ in passed], [slot for _, _, slot in passed]
+            self.runner.commit_part(rows, slots, [boundary - committed[row] - 1 for row, boundary, _ in passed])
+        self._pending_snapshots += [(reqs[row], boundary, slot) for row, boundary, slot in passed]
 
     # appending and stopping ------------------------------------------------------------------------------
 
@@ -475,7 +472,11 @@ class LLMEngine:
         self.flush_cache()
 
     def flush_cache(self) -> None:
-        """Empty the prefix cache (its blocks and snapshots are freed once no running request holds them)."""
+        """Empty the prefix cache (its blocks and snapshots are freed once no running request holds them), and drop
+        the snapshots waiting to enter it (they were computed with what is being flushed)."""
+        for _, _, slot in self._pending_snapshots:
+            self.scheduler.radix.snapshots.release(slot)
+        self._pending_snapshots = []
         self.scheduler.flush_cache()
 
     def cache_metrics(self) -> dict:
