@@ -377,3 +377,22 @@ def test_admission_does_not_reuse_a_prefix_its_eviction_dropped():
     sched.collect_finished()
     sched.schedule()  # room now: admitted without the prefix, every block its own
     assert new.slot is not None and new.num_prefilled == 0 and len(set(new.blocks)) == len(new.blocks) == 8
+
+
+def test_a_flush_drops_the_snapshots_waiting_to_enter_the_cache(model):
+    """In a speculating engine's steps without drafts (two requests over ``speculative_max_batch`` 1), a snapshot at
+    a multiple of the interval waits for the next step's MTP row before entering the cache; a flush (a weight update)
+    drops it with the cache, so nothing computed with the old weights enters the cache after."""
+    eng = engine(model, **SPEC, speculative_max_batch=1)
+    for seed in (5, 6):
+        eng.add_request(tokens(9, seed), SamplingParams(max_new_tokens=20, temperature=0))
+    for _ in range(20):
+        eng.step()
+        if eng._pending_snapshots:
+            break
+    waiting = [length for _, length, _ in eng._pending_snapshots]
+    assert waiting and all(length % 8 == 0 for length in waiting)
+    eng.flush_cache()
+    assert not eng._pending_snapshots and eng.scheduler.radix.snapshots.num_free == len(eng.paging.snapshot_slots)
+    eng.step()
+    assert eng.cache_metrics()["cache_snapshots"] == 0
