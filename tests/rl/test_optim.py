@@ -171,6 +171,7 @@ def test_overlapped_offload_steps_in_buckets_with_the_same_numbers(device):
     sizes = [[opt.masters[i].numel() for i in bucket] for bucket in opt.buckets]
     assert len(opt.buckets) > 1 and all(sum(b) <= 40 or len(b) == 1 for b in sizes)
     assert all(m.device.type == "cpu" for m in opt.masters)
+    assert opt.inners[0].defaults["fused"] == (device == "cuda")  # offloaded from CUDA: torch's fused CPU AdamW
     ref_masters, ref_params = runs["plain"][0].masters, [p.detach() for _, p in runs["plain"][1]]
     if device == "cpu":  # and the plain offloaded step is torch's CPU AdamW on fp32 masters
         assert all(torch.equal(m, r) for m, r in zip(ref_masters, reference_adamw(params, grads, config, lrs)[0]))
