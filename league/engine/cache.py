@@ -159,10 +159,12 @@ class SlotPool:
     """A free list of cache slots."""
 
     num_slots: int
+    first: int = 0
+    """The first slot's index (the slots are ``first .. first + num_slots - 1``)."""
     free: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.free = list(range(self.num_slots - 1, -1, -1))
+        self.free = list(range(self.first + self.num_slots - 1, self.first - 1, -1))
 
     def allocate(self) -> int | None:
         return self.free.pop() if self.free else None

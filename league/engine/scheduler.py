@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from league.engine.cache import BlockPool, SlotPool
-from league.engine.radix import RadixCache
+from league.engine.radix import Match, RadixCache
 from league.engine.request import Request
 
 
@@ -70,8 +70,8 @@ class Scheduler:
         self.memory = memory
         self.radix: RadixCache | None = None
         if self.paging.radix:
-            snapshots = SlotPool(num_slots=0)
-            snapshots.free = list(reversed(self.paging.snapshot_slots))
+            slots = self.paging.snapshot_slots
+            snapshots = SlotPool(num_slots=len(slots), first=slots.start)
             self.radix = RadixCache(self.page, self.blocks, snapshots)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -149,8 +149,6 @@ class Scheduler:
             self._start(leader, match)
 
     def _match(self, leader: Request):
-        from league.engine.radix import Match
-
         if self.radix is None:
             return Match()
         limit = len(leader.fill_ids) - 1  # the last token runs, for the first token's logits

@@ -241,7 +241,7 @@ class Optimizer:
                     with_grad = [i for i in bucket if self.params[i][1].grad is not None]
                     grads = [_local(self.params[i][1].grad) for i in with_grad]
                     for i in bucket:
-                        self.masters[i].grad = self.master_grads[i] if i in with_grad else None
+                        self.masters[i].grad = self.master_grads[i] if self.params[i][1].grad is not None else None
                     if with_grad:
                         torch._foreach_copy_([self.master_grads[i] for i in with_grad], grads, non_blocking=True)
                     if on_cuda:

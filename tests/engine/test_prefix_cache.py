@@ -16,8 +16,7 @@ from league.engine.request import SamplingParams
 
 
 def tree(num_blocks=12, snapshots=(100, 101, 102), page=2):
-    pool = SlotPool(num_slots=0)
-    pool.free = list(reversed(snapshots))
+    pool = SlotPool(num_slots=len(snapshots), first=snapshots[0])  # consecutive slots
     blocks = BlockPool(num_blocks=num_blocks)
     return RadixCache(page, blocks, pool), blocks, pool
 
